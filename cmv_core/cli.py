@@ -1,0 +1,163 @@
+"""The ``cmv`` command: one subcommand per stage, plus ``run`` (local pipeline) and ``k8s``.
+
+Stage modules are imported only when their subcommand is chosen, so the clean
+image (no torch) can run ``cmv clean`` and ``cmv --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+STAGE_MODULES = {
+    "clean": "cmv_core.clean",
+    "format": "cmv_core.formatting",
+    "train": "cmv_core.training",
+    "generate": "cmv_core.generation",
+    "judge": "cmv_core.judging",
+}
+PIPELINE = ["clean", "format", "train", "generate", "judge"]
+STAGE_HELP = {
+    "clean": "raw CMV dump -> conversations with deltas and winning branches",
+    "format": "conversations -> SFT train/val/test + judge calibration pairs",
+    "train": "SFT (LoRA or full) with TRL, PEFT, DeepSpeed",
+    "generate": "replies for every test prompt, per model variant",
+    "judge": "LLM-as-judge scores, pairwise comparisons, calibration, report",
+}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("common")
+    group.add_argument("--config", help="YAML recipe (path or URI), e.g. configs/demo.yaml")
+    group.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a recipe value (repeatable), e.g. --set train.max_steps=5")
+    group.add_argument("--run-id", help="run id recorded in the manifest (default: the parent folder of --output)")
+    group.add_argument("--force", action="store_true", help="rerun even if the output's _SUCCESS matches")
+    group.add_argument("--wait-for-input", type=float, default=0, metavar="SECONDS",
+                       help="wait up to this long for the inputs' _SUCCESS before failing (for cluster Jobs)")
+    group.add_argument("--log-level", default=os.environ.get("CMV_LOG_LEVEL", "INFO"))
+
+
+def _stage_names(argv: list[str]) -> str | None:
+    for a in argv:
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmv", description="cmv-persuasion pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage, module_name in STAGE_MODULES.items():
+        p = sub.add_parser(stage, help=STAGE_HELP[stage], description=STAGE_HELP[stage])
+        # Import a stage module only when it is the one being run (or for --help of it).
+        if only == stage:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            add_common_arguments(p)
+            p.set_defaults(func=module.cli_main)
+    p = sub.add_parser("run", help="run the pipeline locally, stage after stage, as processes")
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
+    p.add_argument("--root", default="runs", help="artifact root (path or s3:// URI)")
+    p.add_argument("--run-id", default="demo")
+    p.add_argument("--stages", nargs="+", choices=PIPELINE, default=PIPELINE)
+    p.add_argument("--input", action="append", help="raw dump(s) for clean (default: the bundled sample)")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=run_local)
+    p = sub.add_parser("k8s", help="render, submit and watch the pipeline on Kubernetes")
+    if only == "k8s":
+        module = importlib.import_module("cmv_core.k8s")
+        module.add_arguments(p)
+        p.set_defaults(func=module.cli_main)
+    return parser
+
+
+def stage_uri(root: str, run_id: str, stage: str) -> str:
+    from cmv_core import storage
+
+    return storage.join(root, run_id, stage)
+
+
+def stage_argv(stage: str, root: str, run_id: str, config: str, raw_inputs: list[str]) -> list[str]:
+    """The ``cmv <stage>`` arguments for one stage of a run under ``root/run_id``."""
+    out = stage_uri(root, run_id, stage)
+    if stage == "clean":
+        args = [a for i in raw_inputs for a in ("--input", i)]
+    elif stage == "format":
+        args = ["--input", stage_uri(root, run_id, "clean")]
+    elif stage == "train":
+        args = ["--input", stage_uri(root, run_id, "format")]
+    elif stage == "generate":
+        args = ["--data", stage_uri(root, run_id, "format"), "--trained", stage_uri(root, run_id, "train")]
+    else:
+        args = ["--generations", stage_uri(root, run_id, "generate"), "--data", stage_uri(root, run_id, "format")]
+    return [stage, *args, "--output", out, "--config", config, "--run-id", run_id]
+
+
+def bundled_sample() -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "data" / "sample_cmv.jsonlist")
+
+
+def run_local(args: argparse.Namespace) -> int:
+    """Run stages as separate processes, as the cluster would run separate Jobs."""
+    raw = args.input or [bundled_sample()]
+    started = time.monotonic()
+    for stage in args.stages:
+        argv = stage_argv(stage, args.root, args.run_id, args.config, raw)
+        argv += [a for s in args.set for a in ("--set", s)]
+        if args.force:
+            argv.append("--force")
+        cmd = [sys.executable, "-m", "cmv_core.cli", *argv]
+        print(f"\n=== {stage}: {shlex.join(['cmv', *argv])}", flush=True)
+        rc = subprocess.call(cmd)
+        if rc != 0:
+            print(f"stage {stage} failed with exit code {rc}; later stages not run", file=sys.stderr)
+            return rc
+    print(f"\npipeline finished in {time.monotonic() - started:.0f} s; artifacts under {stage_uri(args.root, args.run_id, '')}")
+    if "judge" in args.stages:
+        print(f"report: {stage_uri(args.root, args.run_id, 'judge')}/report.md")
+    return 0
+
+
+def _wait_for_inputs(args: argparse.Namespace) -> None:
+    """In a cluster, a stage Job may start before its upstream Job finished: wait, bounded."""
+    from cmv_core import storage
+
+    for name in ("input", "data", "generations", "trained"):
+        value = getattr(args, name, None)
+        for uri in value if isinstance(value, list) else [value]:
+            if uri and not str(uri).startswith("embedded:"):
+                storage.wait_for_success(uri, timeout_s=args.wait_for_input)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(only=_stage_names(argv))
+    args = parser.parse_args(argv)
+    level = getattr(args, "log_level", None) or os.environ.get("CMV_LOG_LEVEL", "INFO")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from cmv_core.config import ConfigError
+    from cmv_core.storage import MissingInputError
+
+    try:
+        if getattr(args, "wait_for_input", 0) and args.command in STAGE_MODULES and args.command != "clean":
+            _wait_for_inputs(args)
+        return int(args.func(args) or 0)
+    except (ConfigError, MissingInputError, FileNotFoundError) as exc:
+        print(f"cmv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
