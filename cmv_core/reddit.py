@@ -1,0 +1,331 @@
+"""Read the CMV dump: stream lines, parse threads, rebuild comment trees, clean text.
+
+The line format and the cleaning rules are described in CMV_DATA.md. Reading
+is streaming (one line = one thread is the unit of memory); parsing and tree
+building are pure functions so they can be tested without files.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from cmv_core import storage
+from cmv_core.deltas import Comment, has_delta_token
+
+# Thread files inside an input directory. Tan et al.'s archive also holds
+# pair_task/ and op_task/ files in another line format: those are not threads.
+_THREAD_FILE = re.compile(r"\.(?:jsonlist|jsonl|json)(?:\.gz|\.bz2)?$")
+_NOT_THREADS = re.compile(r"(?:^|/)(?:pair_task|op_task)/|_pair_data\.|_op_data\.")
+
+
+# --- inputs -----------------------------------------------------------------------
+
+
+def _is_dir(uri: str) -> bool:
+    if uri.endswith("/"):
+        return True
+    if storage.is_s3(uri):
+        # a prefix, not an object
+        return not storage.exists(uri)
+    import os
+
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    return os.path.isdir(path)
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[str]:
+    """Files to read, in order: each input as given; a directory (or prefix) becomes
+    its thread files (`*.jsonlist`, `*.jsonl`, `*.json`, optionally `.gz`/`.bz2`),
+    sorted, skipping Tan et al.'s pair_task/op_task files."""
+    files: list[str] = []
+    for uri in inputs:
+        if not _is_dir(uri):
+            files.append(uri)
+            continue
+        found = [
+            storage.join(uri, rel)
+            for rel in storage.list_files(uri)
+            if _THREAD_FILE.search(rel) and not _NOT_THREADS.search(rel)
+        ]
+        if not found:
+            raise FileNotFoundError(f"no thread files (*.jsonlist[.gz|.bz2], *.jsonl...) under {uri}")
+        files.extend(found)
+    return files
+
+
+@dataclass(slots=True)
+class Line:
+    file: str
+    number: int  # 1-based
+    raw: bytes
+    error: str | None = None  # the stream itself broke here (truncated .gz/.bz2)
+
+
+def iter_lines(files: Iterable[str]) -> Iterator[Line]:
+    """Every line of every file, streamed. A compressed stream that ends early or is
+    corrupt yields one `Line` with `error` set and reading goes on with the next file."""
+    for uri in files:
+        number = 0
+        try:
+            with storage.open_read(uri, "rb") as f:
+                for raw in f:
+                    number += 1
+                    yield Line(uri, number, raw)
+        except (EOFError, OSError, zlib.error) as e:
+            yield Line(uri, number + 1, b"", error=f"{type(e).__name__}: {e}")
+
+
+# --- parsing ----------------------------------------------------------------------
+
+
+class LineRejected(ValueError):
+    """A line that cannot be used as a thread; `reason` is a stable stats key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_line(raw: bytes) -> dict[str, Any]:
+    """JSON-decode one dump line into a submission dict, or raise LineRejected."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise LineRejected("invalid_json", str(e)) from None
+    if not isinstance(obj, dict):
+        raise LineRejected("not_an_object", type(obj).__name__)
+    return obj
+
+
+def thread_id_of(sub: dict[str, Any]) -> str:
+    tid = sub.get("id")
+    if isinstance(tid, str) and tid:
+        return tid
+    name = sub.get("name")
+    if isinstance(name, str) and name.startswith("t3_") and len(name) > 3:
+        return name[3:]
+    raise LineRejected("missing_id", "submission has neither `id` nor a `t3_` name")
+
+
+def _float(x: Any) -> float | None:
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, str):
+        try:
+            return float(x)
+        except ValueError:
+            return None
+    return None
+
+
+def _str(x: Any) -> str:
+    return x if isinstance(x, str) else ""
+
+
+# --- text -------------------------------------------------------------------------
+
+
+def unescape(text: str) -> str:
+    """Undo the dump's HTML escaping once (`&gt;` `&amp;` `&lt;` `&#8710;`)."""
+    return html.unescape(text) if "&" in text else text
+
+
+_FOOTNOTE = re.compile(r"^.*Hello,? users of CMV! This is a footnote from your moderators", re.M | re.I)
+_TRAILING_JUNK = re.compile(r"(?:\n[ \t]*(?:>|_{3,}|-{3,}|\*{3,})?[ \t]*)+\Z")
+
+
+def remove_footnote(text: str) -> str:
+    """Cut the moderators' footnote (from its line to the end of the post) and the
+    rule / empty quote lines that lead into it."""
+    m = _FOOTNOTE.search(text)
+    if m is None:
+        return text
+    head = text[: m.start()]
+    return _TRAILING_JUNK.sub("", "\n" + head)[1:].rstrip()
+
+
+_BLANKS = re.compile(r"\n{3,}")
+
+
+_EDIT_START = re.compile(r"^[\s*_#~]*(?:edit|update)\s*#?\s*\d*\s*[*_]*\s*[:\-\u2013\u2014]", re.I)
+_ANNOUNCES = re.compile(
+    r"delta|changed my (?:view|mind)|view (?:has been |was |is |got )?changed|\bcmv'?d\b", re.I
+)
+
+
+def remove_delta_edits(text: str) -> str:
+    """Drop "EDIT: ..." / "Update 2: ..." blocks that announce a delta or a changed view.
+
+    A block runs from a line starting with the edit marker to the next blank
+    line. Such edits were written after the view changed, so they leak the
+    outcome into a prompt. Other edits ("EDIT: formatting") stay.
+    """
+    if not _ANNOUNCES.search(text) and not has_delta_token(text):
+        return text
+    lines = text.split("\n")
+    keep: list[str] = []
+    i = 0
+    while i < len(lines):
+        if _EDIT_START.match(lines[i]):
+            j = i
+            while j < len(lines) and lines[j].strip():
+                j += 1
+            block = "\n".join(lines[i:j])
+            if _ANNOUNCES.search(block) or has_delta_token(block):
+                i = j
+                continue
+        keep.append(lines[i])
+        i += 1
+    return _BLANKS.sub("\n\n", "\n".join(keep)).strip()
+
+
+def clean_op_text(selftext: str, *, strip_delta_edits: bool) -> str:
+    text = remove_footnote(unescape(selftext))
+    if strip_delta_edits:
+        text = remove_delta_edits(text)
+    return text.strip()
+
+
+# --- trees ------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Skipped:
+    """A comment object left out of the tree, and why (a stable stats key)."""
+
+    reason: str
+    raw: Any
+    comment_id: str | None = None
+
+
+@dataclass(slots=True)
+class Thread:
+    thread_id: str
+    title: str
+    op_author: str
+    op_text: str
+    created_utc: float | None
+    comments: list[Comment]  # real, rooted, chronological; bodies unescaped
+    skipped: list[Skipped] = field(default_factory=list)
+    more_placeholders: int = 0
+    continue_stubs: int = 0
+
+
+# Skip reasons that are expected in a healthy dump (counted, not written to rejects).
+BENIGN_SKIPS = frozenset({"more_placeholder", "continue_stub"})
+
+
+def build_thread(sub: dict[str, Any], *, strip_delta_edits: bool = True) -> Thread:
+    """Rebuild one thread from a parsed submission: real comments only, each reachable
+    from the submission through `parent_id`, sorted by `created_utc` (stable).
+
+    "more" placeholders (no body, a `children` list) and "_" stubs are counted and
+    dropped; a placeholder never replaces a real comment with the same id. A
+    comment whose parent is absent is dropped with its whole subtree.
+    """
+    thread_id = thread_id_of(sub)
+    raw_comments = sub.get("comments")
+    if raw_comments is None:
+        raw_comments = []
+    if not isinstance(raw_comments, list):
+        raise LineRejected("bad_comments", f"`comments` is {type(raw_comments).__name__}, not a list")
+
+    skipped: list[Skipped] = []
+    more = stubs = 0
+    by_id: dict[str, Comment] = {}
+    for c in raw_comments:
+        if not isinstance(c, dict):
+            skipped.append(Skipped("comment_not_an_object", c))
+            continue
+        cid = c.get("id")
+        if cid == "_":
+            stubs += 1
+            continue
+        if "body" not in c and ("children" in c or c.get("kind") == "more"):
+            more += 1
+            continue
+        if not isinstance(cid, str) or not cid:
+            skipped.append(Skipped("comment_missing_id", c))
+            continue
+        parent_id = c.get("parent_id")
+        if not isinstance(parent_id, str) or not parent_id:
+            skipped.append(Skipped("comment_missing_parent_id", c, cid))
+            continue
+        if cid in by_id:
+            skipped.append(Skipped("duplicate_comment", c, cid))
+            continue
+        body = c.get("body")
+        by_id[cid] = {
+            "id": cid,
+            "parent_id": parent_id,
+            "author": c.get("author") or "[deleted]",
+            "body": unescape(body) if isinstance(body, str) else "",
+            "created_utc": _float(c.get("created_utc")),
+        }
+
+    # Keep only comments rooted at this submission. Walk each chain up once;
+    # every id is settled once (memo), so this is linear in the comments.
+    root = "t3_" + thread_id
+    rooted: dict[str, str | None] = {}  # id -> None if rooted, else the skip reason
+    for cid in by_id:
+        chain: list[str] = []
+        on_chain: set[str] = set()
+        cur = cid
+        verdict: str | None
+        while True:
+            if cur in rooted:
+                verdict = rooted[cur] and "ancestor_missing"
+                break
+            chain.append(cur)
+            on_chain.add(cur)
+            parent = by_id[cur]["parent_id"]
+            if parent == root:
+                verdict = None
+                break
+            pid = parent[3:] if parent.startswith("t1_") else None
+            if pid is None or pid not in by_id:
+                verdict = "parent_missing"
+                break
+            if pid in on_chain:
+                verdict = "parent_cycle"
+                break
+            cur = pid
+        for i, x in enumerate(reversed(chain)):
+            # the comment where the chain broke gets the reason; its descendants inherit
+            rooted[x] = verdict if (verdict is None or i == 0) else "ancestor_missing"
+
+    comments: list[Comment] = []
+    for cid, c in by_id.items():
+        reason = rooted[cid]
+        if reason is None:
+            comments.append(c)
+        else:
+            skipped.append(Skipped(reason, c, cid))
+    comments.sort(key=_chrono_key)
+
+    return Thread(
+        thread_id=thread_id,
+        title=unescape(_str(sub.get("title"))),
+        op_author=_str(sub.get("author")) or "[deleted]",
+        op_text=clean_op_text(_str(sub.get("selftext")), strip_delta_edits=strip_delta_edits),
+        created_utc=_float(sub.get("created_utc")),
+        comments=comments,
+        skipped=skipped,
+        more_placeholders=more,
+        continue_stubs=stubs,
+    )
+
+
+def _chrono_key(c: Comment) -> float:
+    t = c["created_utc"]
+    return float("inf") if t is None else t

@@ -1,0 +1,157 @@
+"""Reading the dump: inputs, streaming, parsing, text cleaning."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+
+import pytest
+
+from cmv_core import reddit
+
+FOOTNOTE = (
+    "\n\n_____\n\n&gt; *Hello, users of CMV! This is a footnote from your moderators. We'd just like to remind "
+    "you of a couple of things.* *Happy CMVing!*"
+)
+
+
+# --- inputs and streaming ----------------------------------------------------------------------------
+
+
+def _lines(n: int, start: int = 0) -> bytes:
+    return b"".join(json.dumps({"id": f"t{i}", "comments": []}).encode() + b"\n" for i in range(start, start + n))
+
+
+def test_plain_gz_bz2_and_directories(tmp_path):
+    d = tmp_path / "cmv"
+    (d / "all").mkdir(parents=True)
+    (d / "pair_task").mkdir()
+    (d / "all" / "train_period_data.jsonlist.bz2").write_bytes(bz2.compress(_lines(2, 0)))
+    (d / "all" / "heldout_period_data.jsonlist.gz").write_bytes(gzip.compress(_lines(3, 10)))
+    (d / "pair_task" / "train_pair_data.jsonlist.bz2").write_bytes(bz2.compress(b'{"op_text": "x"}\n'))
+    (d / "README.txt").write_text("not a dump")
+    plain = tmp_path / "cmv_20161111.jsonlist"
+    plain.write_bytes(_lines(1, 20))
+
+    files = reddit.expand_inputs([str(d), str(plain)])
+    assert [f.rsplit("/", 1)[-1] for f in files] == [
+        "heldout_period_data.jsonlist.gz", "train_period_data.jsonlist.bz2", "cmv_20161111.jsonlist",
+    ]
+    got = [(ln.file.rsplit("/", 1)[-1], ln.number, json.loads(ln.raw)["id"]) for ln in reddit.iter_lines(files)]
+    assert got == [
+        ("heldout_period_data.jsonlist.gz", 1, "t10"), ("heldout_period_data.jsonlist.gz", 2, "t11"),
+        ("heldout_period_data.jsonlist.gz", 3, "t12"), ("train_period_data.jsonlist.bz2", 1, "t0"),
+        ("train_period_data.jsonlist.bz2", 2, "t1"), ("cmv_20161111.jsonlist", 1, "t20"),
+    ]
+
+
+def test_empty_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no thread files"):
+        reddit.expand_inputs([str(tmp_path)])
+
+
+def test_truncated_gzip_yields_lines_then_one_error(tmp_path):
+    data = gzip.compress(_lines(200))
+    path = tmp_path / "cut.jsonlist.gz"
+    path.write_bytes(data[: len(data) // 2])
+    lines = list(reddit.iter_lines([str(path)]))
+    assert lines[-1].error is not None and lines[-1].raw == b""
+    good = [ln for ln in lines if ln.error is None]
+    assert all(json.loads(ln.raw)["id"] == f"t{i}" for i, ln in enumerate(good[:-1]))
+    assert lines[-1].number == len(good) + 1
+
+
+# --- parsing -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (b'{"id": "abc", "comments": [', "invalid_json"),
+    (b"\xff\xfe not utf8", "invalid_json"),
+    (b"[1, 2]", "not_an_object"),
+])
+def test_parse_line_rejects(raw, reason):
+    with pytest.raises(reddit.LineRejected) as exc:
+        reddit.parse_line(raw)
+    assert exc.value.reason == reason
+
+
+def test_thread_id_from_id_or_name():
+    assert reddit.thread_id_of({"id": "5c8xdc"}) == "5c8xdc"
+    assert reddit.thread_id_of({"name": "t3_5c8xdc"}) == "5c8xdc"
+    with pytest.raises(reddit.LineRejected) as exc:
+        reddit.thread_id_of({"title": "no id"})
+    assert exc.value.reason == "missing_id"
+
+
+def test_comments_must_be_a_list():
+    with pytest.raises(reddit.LineRejected) as exc:
+        reddit.build_thread({"id": "a", "comments": {"x": 1}})
+    assert exc.value.reason == "bad_comments"
+
+
+def test_build_thread_fields():
+    t = reddit.build_thread({
+        "id": "a1", "author": "op", "title": "CMV: A &amp; B", "selftext": "Body &lt;3" + FOOTNOTE,
+        "created_utc": "1478900000.0", "created": 1, "comments": [
+            {"id": "c1", "parent_id": "t3_a1", "author": None, "body": 5, "created_utc": 3},
+        ],
+    })
+    assert (t.thread_id, t.title, t.op_author, t.op_text, t.created_utc) == (
+        "a1", "CMV: A & B", "op", "Body <3", 1478900000.0)
+    assert t.comments == [{"id": "c1", "parent_id": "t3_a1", "author": "[deleted]", "body": "", "created_utc": 3.0}]
+
+
+# --- text -------------------------------------------------------------------------------------------------------
+
+
+def test_footnote_removed_with_its_rule_and_quote():
+    text = reddit.unescape("My view.\n\nSecond paragraph." + FOOTNOTE)
+    assert reddit.remove_footnote(text) == "My view.\n\nSecond paragraph."
+    assert reddit.remove_footnote("no footnote > here") == "no footnote > here"
+
+
+def test_delta_edits_removed_other_edits_kept():
+    text = (
+        "My view is X.\n\nEdit: formatting.\n\n**EDIT 2:** My view has been changed by /u/bob, thanks!\n"
+        "More of the same edit.\n\nUPDATE - \u2206 awarded to alice\n\nClosing line."
+    )
+    assert reddit.remove_delta_edits(text) == "My view is X.\n\nEdit: formatting.\n\nClosing line."
+    assert reddit.clean_op_text(text, strip_delta_edits=False) == text
+
+
+def test_op_text_keeps_markdown_structure():
+    text = "Points:\n\n* one\n* two\n\n> a quote I agree with\n\n1. numbered"
+    assert reddit.clean_op_text(text, strip_delta_edits=True) == text
+
+
+# --- the bundled sample -------------------------------------------------------------------------------------
+
+
+def test_bundled_sample_is_in_the_raw_format(sample_dump):
+    subs = [reddit.parse_line(ln.raw) for ln in reddit.iter_lines([sample_dump])]
+    assert len(subs) >= 24
+    kinds = {"more": 0, "stub": 0, "real": 0}
+    for s in subs:
+        assert s["name"] == "t3_" + s["id"] and isinstance(s["created_utc"], float)
+        for c in s["comments"]:
+            if c["id"] == "_":
+                kinds["stub"] += 1
+            elif "body" not in c:
+                assert set(c) == {"count", "parent_id", "children", "name", "id"} and c["id"] == c["children"][0]
+                kinds["more"] += 1
+            else:
+                assert c["name"] == "t1_" + c["id"] and c["link_id"] == s["name"]
+                assert c["replies"] == "" or all(isinstance(x, str) for x in c["replies"]["data"]["children"])
+                kinds["real"] += 1
+    assert kinds["more"] >= 2 and kinds["stub"] >= 1 and kinds["real"] > 200
+
+
+def test_bundled_sample_is_reproducible(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(reddit.__file__).parent / "data" / "make_sample.py"
+    proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
