@@ -1,0 +1,637 @@
+"""``cmv k8s``: the pipeline as Kubernetes Jobs (render, submit, status).
+
+The manifests live in ``k8s/`` (kustomize): ``base/`` has one Job per stage and
+the pipeline ConfigMap; ``overlays/<name>/`` (dev, gpu, multinode) set the
+environment, each as a whole pipeline and as one kustomization per stage
+(``overlays/<name>/<stage>``), so that ``kubectl apply -k`` of one stage works
+by itself. Every value is set in one place, ``overlays/<name>/settings/
+pipeline.env``; the run id (``RUN_ID``) names the Jobs (``cmv-<stage>-<run
+id>``) and the train size (``NNODES``) sets the Indexed Job's completions and
+parallelism, both through the ``base/derive`` component.
+
+``render`` copies ``k8s/`` to a temporary folder, writes the run's settings
+into that copy's ``pipeline.env`` files (and the image registry/tag into its
+``images:``), and runs ``kubectl kustomize``: the output is exactly what a user
+gets by editing those files and running ``kubectl kustomize`` themselves.
+
+``submit`` (the ``kubernetes`` Python client) creates the pipeline ConfigMap,
+then each stage's objects in pipeline order, waits for the Job, streams its pods'
+logs, and on failure stops and reports the stage and the last lines of its
+failed pods' logs. A stage whose ``_SUCCESS`` is already in the artifact store
+(or, when the store cannot be reached from here, whose Job already completed) is
+skipped, so submitting a run again resumes it from its first unfinished stage;
+a failed Job of that stage is deleted first (Job specs are immutable).
+
+Heavy imports (``kubernetes``, ``yaml``) happen inside functions: the clean
+image has neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+STAGES = ["clean", "format", "train", "generate", "judge"]
+OVERLAYS = ["dev", "gpu", "multinode"]
+IMAGES = [f"cmv-{s}" for s in STAGES]
+STAGE_LABEL = "cmv.io/stage"
+RUN_LABEL = "cmv.io/run-id"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+# Pod hostnames of the Indexed train Job are cmv-train-<run id>-<index>: a DNS label of at most 63 characters.
+RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+ENV_LINE_RE = re.compile(r"^(\s*)([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+class K8sError(RuntimeError):
+    """A problem with the manifests, the settings or the cluster, with a message for the user."""
+
+
+# ---------------------------------------------------------------- render
+
+
+def default_k8s_dir() -> Path:
+    """The repository's ``k8s/`` next to the package (editable install), else ``./k8s``."""
+    here = Path(__file__).resolve().parents[1] / "k8s"
+    return here if (here / "base").is_dir() else Path("k8s")
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID_RE.match(run_id or ""):
+        raise K8sError(
+            f"run id {run_id!r} must be lowercase letters, digits and '-', start and end with a letter or digit, "
+            "at most 40 characters (it becomes part of Job and pod names)"
+        )
+    return run_id
+
+
+def job_name(stage: str, run_id: str) -> str:
+    return f"cmv-{stage}-{run_id}"
+
+
+def _set_env_values(text: str, values: dict[str, str]) -> tuple[str, set[str]]:
+    """Replace ``KEY=...`` lines of an env file; return the new text and the keys found."""
+    found: set[str] = set()
+    lines = []
+    for line in text.splitlines():
+        match = ENV_LINE_RE.match(line)
+        if match and match.group(2) in values:
+            found.add(match.group(2))
+            line = f"{match.group(1)}{match.group(2)}={values[match.group(2)]}"
+        lines.append(line)
+    return "\n".join(lines) + "\n", found
+
+
+def _set_images(kustomization: Path, registry: str | None, tag: str | None) -> None:
+    import yaml
+
+    doc = yaml.safe_load(kustomization.read_text())
+    if not isinstance(doc, dict) or not doc.get("images"):
+        return
+    for image in doc["images"]:
+        if registry:
+            image["newName"] = f"{registry.rstrip('/')}/{image['name']}"
+        if tag:
+            image["newTag"] = tag
+    kustomization.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def prepare_tree(
+    dest: Path,
+    overlay: str,
+    *,
+    settings: dict[str, str] | None = None,
+    registry: str | None = None,
+    tag: str | None = None,
+    k8s_dir: str | Path | None = None,
+) -> Path:
+    """Copy ``k8s/`` to ``dest`` with the run's settings written in; return the copy's overlay folder."""
+    src = Path(k8s_dir or default_k8s_dir())
+    if not (src / "overlays" / overlay / "kustomization.yaml").is_file():
+        known = sorted(p.name for p in (src / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+        raise K8sError(f"no overlay {overlay!r} under {src / 'overlays'}; known: {', '.join(known)}")
+    tree = dest / "k8s"
+    # Filled-in secret files (k8s/secrets/*.env) never travel with the copy; the pipeline settings do.
+    shutil.copytree(src, tree, ignore=lambda _dir, names: [
+        n for n in names if (n.endswith(".env") and n != "pipeline.env") or n == "__pycache__"
+    ])
+    values = {k: str(v) for k, v in (settings or {}).items()}
+    for key, value in values.items():
+        if not ENV_LINE_RE.match(f"{key}={value}") or "\n" in value:
+            raise K8sError(f"setting {key}={value!r}: a name of letters, digits and '_', a one-line value")
+    if "RUN_ID" in values:
+        check_run_id(values["RUN_ID"])
+    found: set[str] = set()
+    for env_file in sorted(tree.rglob("pipeline.env")):
+        text, keys = _set_env_values(env_file.read_text(), values)
+        env_file.write_text(text)
+        found |= keys
+    missing = {k: v for k, v in values.items() if k not in found}
+    if missing:
+        own = tree / "overlays" / overlay / "settings" / "pipeline.env"
+        with own.open("a") as f:
+            f.write("# added by cmv k8s render\n" + "".join(f"{k}={v}\n" for k, v in missing.items()))
+    if registry or tag:
+        for kustomization in tree.rglob("kustomization.yaml"):
+            _set_images(kustomization, registry, tag)
+    return tree / "overlays" / overlay
+
+
+def kustomize(path: str | Path) -> str:
+    """``kubectl kustomize PATH`` (offline; kubectl ships kustomize)."""
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        raise K8sError("rendering needs kubectl (it includes kustomize) on PATH")
+    proc = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise K8sError(f"kubectl kustomize {path} failed:\n{proc.stderr.strip()}")
+    return proc.stdout
+
+
+def run_settings(
+    run_id: str | None = None,
+    *,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    recipe: str | None = None,
+    model: str | None = None,
+    artifact_root: str | None = None,
+    raw_input: str | None = None,
+    extra: Iterable[str] = (),
+) -> dict[str, str]:
+    """The pipeline.env values for one run, from the command-line options."""
+    out: dict[str, str] = {}
+    for key, value in (
+        ("RUN_ID", run_id),
+        ("NNODES", nodes),
+        ("NPROC_PER_NODE", gpus_per_node),
+        ("CMV_RECIPE", recipe),
+        ("CMV_MODEL", model),
+        ("ARTIFACT_ROOT", artifact_root),
+        ("RAW_INPUT", raw_input),
+    ):
+        if value is not None:
+            out[key] = str(value)
+    for item in extra:
+        if "=" not in item:
+            raise K8sError(f"--setting {item!r} must look like KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    if "NNODES" in out and not (out["NNODES"].isdigit() and int(out["NNODES"]) >= 1):
+        raise K8sError(f"NNODES must be a whole number >= 1, got {out['NNODES']!r}")
+    return out
+
+
+def render(
+    overlay: str,
+    *,
+    stage: str | None = None,
+    settings: dict[str, str] | None = None,
+    registry: str | None = None,
+    tag: str | None = None,
+    k8s_dir: str | Path | None = None,
+) -> str:
+    """The manifests (YAML) of one run: the whole pipeline, or one stage's kustomization."""
+    with tempfile.TemporaryDirectory(prefix="cmv-k8s-") as tmp:
+        leaf = prepare_tree(Path(tmp), overlay, settings=settings, registry=registry, tag=tag, k8s_dir=k8s_dir)
+        if stage:
+            leaf = leaf / stage
+            if not (leaf / "kustomization.yaml").is_file():
+                raise K8sError(f"overlay {overlay!r} has no stage {stage!r}")
+        return kustomize(leaf)
+
+
+def render_objects(overlay: str, **kwargs: Any) -> list[dict]:
+    import yaml
+
+    return [doc for doc in yaml.safe_load_all(render(overlay, **kwargs)) if doc]
+
+
+@dataclass
+class Plan:
+    """The rendered run, split the way submit creates it."""
+
+    run_id: str
+    config: dict  # the pipeline ConfigMap
+    stages: dict[str, list[dict]]  # stage -> its objects (Service before Job)
+    other: list[dict] = field(default_factory=list)  # e.g. MinIO in dev: applied separately
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return dict(self.config.get("data") or {})
+
+    def job(self, stage: str) -> dict:
+        return next(o for o in self.stages[stage] if o["kind"] == "Job")
+
+    def stage_uri(self, stage: str) -> str:
+        from cmv_core import storage
+
+        return storage.join(self.settings["ARTIFACT_ROOT"], self.run_id, stage)
+
+
+def plan(objects: list[dict]) -> Plan:
+    configs = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("cmv-pipeline")]
+    if len(configs) != 1:
+        raise K8sError(f"expected one cmv-pipeline ConfigMap in the manifests, found {len(configs)}")
+    config = configs[0]
+    stages: dict[str, list[dict]] = {s: [] for s in STAGES}
+    other = []
+    for obj in objects:
+        stage = (obj["metadata"].get("labels") or {}).get(STAGE_LABEL)
+        if stage in stages:
+            stages[stage].append(obj)
+        elif obj is not config:
+            other.append(obj)
+    for stage in stages:
+        stages[stage].sort(key=lambda o: o["kind"] == "Job")  # the Service exists before the pods look it up
+    return Plan(run_id=config["data"]["RUN_ID"], config=config, stages=stages, other=other)
+
+
+# ---------------------------------------------------------------- cluster
+
+
+@dataclass
+class Cluster:
+    core: Any  # kubernetes.client.CoreV1Api
+    batch: Any  # kubernetes.client.BatchV1Api
+    namespace: str
+
+
+def connect(namespace: str | None = None, context: str | None = None) -> Cluster:
+    """API clients from the kubeconfig (``$KUBECONFIG``), or the pod's service account inside a cluster."""
+    from kubernetes import client, config
+
+    try:
+        config.load_kube_config(context=context)
+        if namespace is None:
+            _, active = config.list_kube_config_contexts()
+            namespace = (active or {}).get("context", {}).get("namespace")
+    except config.ConfigException:
+        config.load_incluster_config()
+    return Cluster(client.CoreV1Api(), client.BatchV1Api(), namespace or "default")
+
+
+def _is_status(exc: BaseException, code: int) -> bool:
+    return getattr(exc, "status", None) == code
+
+
+def create_object(cluster: Cluster, obj: dict) -> bool:
+    """Create one object; False when it already exists (names carry the run id and a content hash)."""
+    from kubernetes.client.exceptions import ApiException
+
+    kind, ns = obj["kind"], cluster.namespace
+    create: dict[str, Callable] = {
+        "ConfigMap": cluster.core.create_namespaced_config_map,
+        "Service": cluster.core.create_namespaced_service,
+        "Job": cluster.batch.create_namespaced_job,
+    }
+    if kind not in create:
+        raise K8sError(f"submit does not create {kind} objects; apply them with kubectl apply -k")
+    try:
+        create[kind](ns, obj)
+        log.info("created %s/%s", kind, obj["metadata"]["name"])
+        return True
+    except ApiException as exc:
+        if _is_status(exc, 409):
+            return False
+        raise
+
+
+def read_job(cluster: Cluster, name: str) -> Any | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return cluster.batch.read_namespaced_job(name, cluster.namespace)
+    except ApiException as exc:
+        if _is_status(exc, 404):
+            return None
+        raise
+
+
+def job_state(job: Any | None) -> str:
+    """absent, pending, running, succeeded or failed, from the Job's conditions and counts."""
+    if job is None:
+        return "absent"
+    status = job.status
+    for cond in status.conditions or []:
+        if cond.status == "True" and cond.type in ("Complete", "SuccessCriteriaMet"):
+            return "succeeded"
+        if cond.status == "True" and cond.type in ("Failed", "FailureTarget"):
+            return "failed"
+    if status.active or status.ready:
+        return "running"
+    return "pending"
+
+
+def job_failure(job: Any) -> str:
+    for cond in job.status.conditions or []:
+        if cond.status == "True" and cond.type in ("Failed", "FailureTarget"):
+            return f"{cond.reason or 'Failed'}: {cond.message or ''}".strip().rstrip(":")
+    return "failed"
+
+
+def job_pods(cluster: Cluster, name: str) -> list[Any]:
+    pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=f"{JOB_NAME_LABEL}={name}").items
+    return sorted(pods, key=lambda p: (str(p.metadata.creation_timestamp or ""), p.metadata.name))
+
+
+def delete_job(cluster: Cluster, name: str, timeout_s: float = 120, poll_s: float = 1) -> None:
+    """Delete a Job and its pods, and wait until the name is free again."""
+    from kubernetes.client import V1DeleteOptions
+
+    cluster.batch.delete_namespaced_job(name, cluster.namespace, body=V1DeleteOptions(propagation_policy="Background"))
+    deadline = time.monotonic() + timeout_s
+    while read_job(cluster, name) is not None:
+        if time.monotonic() > deadline:
+            raise K8sError(f"Job {name} was not deleted within {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+class LogStreamer:
+    """Follows the logs of a Job's pods, one thread each, printing lines prefixed with the pod's name."""
+
+    def __init__(self, cluster: Cluster, out: Callable[[str], None], container: str = "main"):
+        self.cluster, self.out, self.container = cluster, out, container
+        self.threads: dict[str, threading.Thread] = {}
+
+    def follow(self, pods: list[Any]) -> None:
+        for pod in pods:
+            name = pod.metadata.name
+            started = pod.status.phase in ("Running", "Succeeded", "Failed")
+            if started and name not in self.threads:
+                thread = threading.Thread(target=self._stream, args=(name,), daemon=True)
+                self.threads[name] = thread
+                thread.start()
+
+    def _stream(self, pod: str) -> None:
+        from kubernetes import watch
+
+        try:
+            for line in watch.Watch().stream(
+                self.cluster.core.read_namespaced_pod_log, name=pod, namespace=self.cluster.namespace,
+                container=self.container, follow=True,
+            ):
+                self.out(f"[{pod}] {line}")
+        except Exception as exc:  # a log stream is a convenience: never let it stop the submitter
+            log.debug("log stream of %s ended: %s", pod, exc)
+
+    def join(self, timeout_s: float = 10) -> None:
+        deadline = time.monotonic() + timeout_s
+        for thread in self.threads.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def tail_logs(cluster: Cluster, pod: str, lines: int, container: str = "main") -> str:
+    try:
+        return cluster.core.read_namespaced_pod_log(pod, cluster.namespace, container=container, tail_lines=lines)
+    except Exception as exc:
+        return f"(no log: {exc})"
+
+
+def wait_for_job(
+    cluster: Cluster,
+    name: str,
+    *,
+    poll_s: float = 5,
+    timeout_s: float = 0,
+    streamer: LogStreamer | None = None,
+) -> Any:
+    """Wait until the Job succeeds or fails (or timeout_s, when > 0); stream its pods' logs meanwhile."""
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+    last = None
+    while True:
+        job = read_job(cluster, name)
+        if job is None:
+            raise K8sError(f"Job {name} disappeared while waiting for it (deleted by someone?)")
+        state = job_state(job)
+        if streamer is not None:
+            streamer.follow(job_pods(cluster, name))
+        if state != last:
+            log.info("Job %s: %s", name, state)
+            last = state
+        if state in ("succeeded", "failed"):
+            if streamer is not None:
+                streamer.join()
+            return job
+        if deadline is not None and time.monotonic() > deadline:
+            raise K8sError(f"Job {name} still {state} after {timeout_s:.0f} s (left running)")
+        time.sleep(poll_s)
+
+
+# ---------------------------------------------------------------- run state
+
+
+def success_in_store(uri: str) -> bool | None:
+    """Whether ``uri/_SUCCESS`` exists; None when the store cannot be reached from here."""
+    from cmv_core import storage
+
+    try:
+        return storage.exists(storage.join(uri, storage.SUCCESS))
+    except Exception as exc:
+        log.warning("cannot check %s from here (%s: %s); relying on the Jobs' status", uri, type(exc).__name__, exc)
+        return None
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    job: str
+    state: str  # absent, pending, running, succeeded, failed
+    success: bool | None  # _SUCCESS in the artifact store (None: not checked / unreachable)
+    pods: str = ""
+
+    @property
+    def done(self) -> bool:
+        if self.success is not None:
+            return self.success
+        return self.state == "succeeded"
+
+
+def stage_status(cluster: Cluster, run: Plan, stage: str, check_store: bool = True) -> StageStatus:
+    name = run.job(stage)["metadata"]["name"]
+    job = read_job(cluster, name)
+    pods = ""
+    if job is not None:
+        s = job.status
+        pods = f"active {s.active or 0}, succeeded {s.succeeded or 0}, failed {s.failed or 0}"
+    success = success_in_store(run.stage_uri(stage)) if check_store else None
+    return StageStatus(stage, name, job_state(job), success, pods)
+
+
+def status(cluster: Cluster, run: Plan, check_store: bool = True) -> list[StageStatus]:
+    out = []
+    store_ok = check_store
+    for stage in STAGES:
+        st = stage_status(cluster, run, stage, store_ok)
+        if st.success is None:
+            store_ok = False  # unreachable once: do not wait on it for every stage
+        out.append(st)
+    return out
+
+
+# ---------------------------------------------------------------- submit
+
+
+def submit(
+    cluster: Cluster,
+    run: Plan,
+    *,
+    stages: list[str] | None = None,
+    check_store: bool = True,
+    poll_s: float = 5,
+    stage_timeout_s: float = 0,
+    tail: int = 40,
+    out: Callable[[str], None] = print,
+) -> int:
+    """Run the stages of ``run`` in order as Jobs; 0 when all finished, 1 (with a report) when one failed."""
+    stages = stages or STAGES
+    for obj in run.other:
+        log.info("not created by submit: %s/%s (apply its kustomization once, e.g. k8s/overlays/dev/minio)",
+                 obj["kind"], obj["metadata"]["name"])
+    create_object(cluster, run.config)
+    store_ok = check_store
+    for stage in stages:
+        name = run.job(stage)["metadata"]["name"]
+        # Skip what is done: its _SUCCESS is in the store (or, store unreachable, its Job completed).
+        st = stage_status(cluster, run, stage, store_ok)
+        if st.success is None and store_ok:
+            store_ok = False
+        if st.done:
+            why = "_SUCCESS present" if st.success else "Job completed"
+            out(f"=== {stage}: done ({why}), skipped")
+            continue
+        if st.state == "succeeded" or st.state == "failed":
+            # A finished Job whose output is not there: the name is taken and Job specs are immutable.
+            out(f"=== {stage}: Job {name} {st.state} earlier without a _SUCCESS; deleting it to run the stage again")
+            delete_job(cluster, name, poll_s=min(poll_s, 1))
+            st.state = "absent"
+        if st.state == "absent":
+            for obj in run.stages[stage]:
+                create_object(cluster, obj)
+            out(f"=== {stage}: Job {name} created")
+        else:
+            out(f"=== {stage}: Job {name} already {st.state}, waiting for it")
+        streamer = LogStreamer(cluster, out)
+        job = wait_for_job(cluster, name, poll_s=poll_s, timeout_s=stage_timeout_s, streamer=streamer)
+        if job_state(job) == "failed":
+            out(failure_report(cluster, stage, name, job, tail))
+            return 1
+        out(f"=== {stage}: Job {name} succeeded")
+    settings = run.settings
+    if "judge" in stages:
+        out(f"report: {run.stage_uri('judge')}/report.md")
+    else:
+        out(f"artifacts under {settings.get('ARTIFACT_ROOT', '?')}/{run.run_id}/")
+    return 0
+
+
+def failure_report(cluster: Cluster, stage: str, name: str, job: Any, tail: int) -> str:
+    lines = [f"stage {stage} FAILED: Job {name}: {job_failure(job)}"]
+    pods = job_pods(cluster, name)
+    # The last few failed pods (a multi-node Job fails on several at once), else the newest pod.
+    failed = [p for p in pods if p.status.phase == "Failed"][-3:] or pods[-1:]
+    for pod in failed:
+        lines.append(f"--- last {tail} log lines of pod {pod.metadata.name} ({pod.status.phase}):")
+        lines.append(tail_logs(cluster, pod.metadata.name, tail).rstrip("\n"))
+    lines.append(
+        f"later stages were not started; fix the cause, then submit the same run id again to resume from {stage}"
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="k8s_command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--overlay", default="dev", help=f"k8s/overlays/<name>: {', '.join(OVERLAYS)} (default: dev)")
+        p.add_argument("--run-id", help="the run (Job names cmv-<stage>-<run id>); default: the overlay's RUN_ID")
+        p.add_argument("--nodes", type=int, help="train over this many nodes (NNODES)")
+        p.add_argument("--gpus-per-node", type=int, help="GPUs and torchrun processes per train pod (NPROC_PER_NODE)")
+        p.add_argument("--recipe", help="recipe inside the image (configs/...) or s3:// URI (CMV_RECIPE)")
+        p.add_argument("--model", help="model spec (CMV_MODEL)")
+        p.add_argument("--artifact-root", help="where runs live, e.g. s3://bucket/runs (ARTIFACT_ROOT)")
+        p.add_argument("--raw-input", help="the raw dump for clean (RAW_INPUT)")
+        p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other pipeline.env value (repeatable), e.g. --setting INPUT_WAIT_S=600")
+        p.add_argument("--registry", help="image registry, e.g. registry.example.com/cmv (as in make push)")
+        p.add_argument("--tag", help="image tag (as in make push; its default is the git short revision)")
+        p.add_argument("--k8s-dir", help="the kustomize tree (default: the repository's k8s/)")
+
+    def cluster_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--namespace", help="default: the kubeconfig context's namespace, else 'default'")
+        p.add_argument("--context", help="kubeconfig context (default: the current one)")
+        p.add_argument("--no-store-check", action="store_true",
+                       help="do not look for _SUCCESS in the artifact store from here; trust the Jobs' status")
+
+    p = sub.add_parser("render", help="print the manifests of a run (kubectl apply -f - them, or inspect)")
+    common(p)
+    p.add_argument("--stage", choices=STAGES, help="only this stage's kustomization (with the ConfigMap)")
+
+    p = sub.add_parser("submit", help="run the pipeline's Jobs in order, stream logs, stop on failure, resume")
+    common(p)
+    cluster_args(p)
+    p.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES)
+    p.add_argument("--poll", type=float, default=5, help="seconds between Job status checks")
+    p.add_argument("--stage-timeout", type=float, default=0, help="give up waiting on a stage after this (0: never)")
+    p.add_argument("--tail", type=int, default=40, help="log lines shown from a failed pod")
+
+    p = sub.add_parser("status", help="each stage's Job state and _SUCCESS for a run")
+    common(p)
+    cluster_args(p)
+
+
+def _plan_from_args(args: argparse.Namespace) -> Plan:
+    settings = run_settings(
+        args.run_id, nodes=args.nodes, gpus_per_node=args.gpus_per_node, recipe=args.recipe, model=args.model,
+        artifact_root=args.artifact_root, raw_input=args.raw_input, extra=args.setting,
+    )
+    objects = render_objects(args.overlay, settings=settings, registry=args.registry, tag=args.tag,
+                             k8s_dir=args.k8s_dir)
+    return plan(objects)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    try:
+        if args.k8s_command == "render":
+            settings = run_settings(
+                args.run_id, nodes=args.nodes, gpus_per_node=args.gpus_per_node, recipe=args.recipe,
+                model=args.model, artifact_root=args.artifact_root, raw_input=args.raw_input, extra=args.setting,
+            )
+            sys.stdout.write(render(args.overlay, stage=args.stage, settings=settings, registry=args.registry,
+                                    tag=args.tag, k8s_dir=args.k8s_dir))
+            return 0
+        run = _plan_from_args(args)
+        cluster = connect(args.namespace, args.context)
+        if args.k8s_command == "status":
+            rows = status(cluster, run, check_store=not args.no_store_check)
+            _print(f"run {run.run_id} in namespace {cluster.namespace} (artifacts: {run.stage_uri('')})")
+            _print(f"{'stage':<10} {'job':<32} {'state':<10} {'_SUCCESS':<9} pods")
+            for r in rows:
+                success = {True: "yes", False: "no", None: "?"}[r.success]
+                _print(f"{r.stage:<10} {r.job:<32} {r.state:<10} {success:<9} {r.pods}")
+            return 0
+        return submit(cluster, run, stages=args.stages, check_store=not args.no_store_check, poll_s=args.poll,
+                      stage_timeout_s=args.stage_timeout, tail=args.tail, out=_print)
+    except K8sError as exc:
+        print(f"cmv k8s {args.k8s_command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,289 @@
+"""A small fake Kubernetes API server on loopback, for testing ``cmv k8s submit|status``.
+
+It implements only what the submitter uses, with real HTTP and JSON so that the
+real ``kubernetes`` client (pointed at it through a kubeconfig) talks to it:
+
+- POST   /api/v1/namespaces/{ns}/configmaps | services        create (409 if the name exists)
+- POST   /apis/batch/v1/namespaces/{ns}/jobs                    create a Job, and its pods
+- GET    /apis/batch/v1/namespaces/{ns}/jobs/{name}             the Job with a status that follows its script
+- DELETE /apis/batch/v1/namespaces/{ns}/jobs/{name}             delete it and its pods
+- GET    /api/v1/namespaces/{ns}/pods?labelSelector=k=v         list pods by label
+- GET    /api/v1/namespaces/{ns}/pods/{name}/log                 the pod's log (tailLines; follow waits for the end)
+
+Each Job runs a script chosen by its ``cmv.io/stage`` label (:class:`Script`):
+its pods are Running for ``run_s`` seconds, then Succeeded (exit 0) or Failed,
+and print ``log`` lines (``{index}`` becomes the pod's completion index). ``on_success(job)`` lets a test write the stage's
+``_SUCCESS`` the way the real stage would. Every request is recorded in
+``calls`` with a monotonic timestamp, for order and waiting assertions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+from urllib.parse import parse_qs, urlparse
+
+
+@dataclass
+class Script:
+    succeed: bool = True
+    run_s: float = 0.3
+    log: list[str] = field(default_factory=lambda: ["working", "done"])
+    exit_code: int = 1
+
+
+@dataclass
+class Call:
+    t: float
+    method: str
+    path: str
+    kind: str = ""
+    name: str = ""
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FakeK8s:
+    def __init__(self) -> None:
+        self.scripts: dict[str, Script] = {}
+        self.on_success: Callable[[dict], None] | None = None
+        self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, namespace, name) -> object
+        self.pods: dict[tuple[str, str], dict] = {}  # (namespace, name) -> pod record
+        self.calls: list[Call] = []
+        self.lock = threading.RLock()
+        self._server: ThreadingHTTPServer | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> str:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                fake._handle(self, "GET")
+
+            def do_POST(self) -> None:
+                fake._handle(self, "POST")
+
+            def do_DELETE(self) -> None:
+                fake._handle(self, "DELETE")
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    # ------------------------------------------------------------ queries for tests
+
+    def created(self, kind: str | None = None) -> list[tuple[str, str]]:
+        return [(c.kind, c.name) for c in self.calls if c.method == "POST" and (kind is None or c.kind == kind)]
+
+    def created_at(self, kind: str, name: str) -> float:
+        return next(c.t for c in self.calls if c.method == "POST" and c.kind == kind and c.name == name)
+
+    def deleted(self) -> list[str]:
+        return [c.name for c in self.calls if c.method == "DELETE"]
+
+    def finished_at(self, job_name: str) -> float:
+        job = self.objects[("Job", "cmv-test", job_name)]
+        return job["_created"] + self._script(job).run_s
+
+    # ------------------------------------------------------------ simulation
+
+    def _script(self, job: dict) -> Script:
+        stage = job["metadata"].get("labels", {}).get("cmv.io/stage", "")
+        return self.scripts.get(stage, Script())
+
+    def _job_view(self, job: dict) -> dict:
+        """The Job as the API returns it, its status computed from its script and the clock."""
+        script = self._script(job)
+        completions = job["spec"].get("completions") or 1
+        elapsed = time.monotonic() - job["_created"]
+        status: dict = {"startTime": job["metadata"]["creationTimestamp"]}
+        if elapsed < script.run_s:
+            status.update(active=completions, ready=completions)
+        elif script.succeed:
+            status.update(succeeded=completions, completionTime=_now_iso(), conditions=[
+                {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
+                {"type": "Complete", "status": "True", "reason": "CompletionsReached"},
+            ])
+            if not job.get("_success_called"):
+                job["_success_called"] = True
+                if self.on_success:
+                    self.on_success(job)
+        else:
+            status.update(failed=completions, conditions=[
+                {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded",
+                 "message": "Job has reached the specified backoff limit"},
+                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                 "message": "Job has reached the specified backoff limit"},
+            ])
+        view = {k: v for k, v in job.items() if not k.startswith("_")}
+        view["status"] = status
+        return view
+
+    def _pod_view(self, pod: dict) -> dict:
+        job = pod["_job"]
+        script = self._script(job)
+        elapsed = time.monotonic() - job["_created"]
+        if elapsed < script.run_s:
+            phase, state = "Running", {"running": {"startedAt": pod["metadata"]["creationTimestamp"]}}
+        else:
+            code = 0 if script.succeed else script.exit_code
+            phase = "Succeeded" if script.succeed else "Failed"
+            state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}}
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {k: v for k, v in pod["metadata"].items()},
+            "spec": {"containers": [{"name": "main", "image": "fake"}], "restartPolicy": "Never"},
+            "status": {"phase": phase, "containerStatuses": [{
+                "name": "main", "image": "fake", "imageID": "", "ready": phase == "Running",
+                "restartCount": 0, "state": state,
+            }]},
+        }
+
+    def _create_job(self, ns: str, job: dict) -> None:
+        job["_created"] = time.monotonic()
+        job["metadata"]["creationTimestamp"] = _now_iso()
+        job["metadata"]["uid"] = f"uid-{len(self.objects)}"
+        name = job["metadata"]["name"]
+        template_labels = dict(job["spec"]["template"]["metadata"].get("labels", {}))
+        for index in range(job["spec"].get("completions") or 1):
+            pod_name = f"{name}-{index}-{len(self.pods):05d}"
+            labels = {**template_labels, "batch.kubernetes.io/job-name": name, "job-name": name,
+                      "batch.kubernetes.io/job-completion-index": str(index)}
+            self.pods[(ns, pod_name)] = {
+                "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
+                             "creationTimestamp": job["metadata"]["creationTimestamp"]},
+                "_job": job,
+                "_index": index,
+            }
+
+    def _log(self, pod: dict) -> list[str]:
+        script = self._script(pod["_job"])
+        return [line.replace("{index}", str(pod["_index"])) for line in script.log]
+
+    # ------------------------------------------------------------ HTTP
+
+    def _send(self, h: BaseHTTPRequestHandler, code: int, body, content_type: str = "application/json") -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", content_type)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    def _status(self, h, code: int, reason: str, message: str) -> None:
+        self._send(h, code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                             "message": message, "reason": reason, "code": code})
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        url = urlparse(h.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        body = None
+        if method == "POST":
+            length = int(h.headers.get("Content-Length") or 0)
+            body = json.loads(h.rfile.read(length) or b"{}")
+        path = url.path
+        m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(configmaps|services)", path) or \
+            re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)", path)
+        with self.lock:
+            if m and method == "POST":
+                ns, plural = m.groups()
+                kind = {"configmaps": "ConfigMap", "services": "Service", "jobs": "Job"}[plural]
+                name = body["metadata"]["name"]
+                self.calls.append(Call(time.monotonic(), method, path, kind, name))
+                key = (kind, ns, name)
+                if key in self.objects:
+                    return self._status(h, 409, "AlreadyExists", f'{plural} "{name}" already exists')
+                body["metadata"]["namespace"] = ns
+                if kind == "Job":
+                    self._create_job(ns, body)
+                self.objects[key] = body
+                view = self._job_view(body) if kind == "Job" else body
+                return self._send(h, 201, view)
+            m = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/jobs/([^/]+)", path)
+            if m:
+                ns, name = m.groups()
+                self.calls.append(Call(time.monotonic(), method, path, "Job", name))
+                job = self.objects.get(("Job", ns, name))
+                if job is None:
+                    return self._status(h, 404, "NotFound", f'jobs.batch "{name}" not found')
+                if method == "GET":
+                    return self._send(h, 200, self._job_view(job))
+                if method == "DELETE":
+                    del self.objects[("Job", ns, name)]
+                    for key in [k for k, p in self.pods.items() if p["_job"] is job]:
+                        del self.pods[key]
+                    return self._send(h, 200, {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                               "status": "Success"})
+            m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods", path)
+            if m and method == "GET":
+                ns = m.group(1)
+                self.calls.append(Call(time.monotonic(), method, path, "Pod", query.get("labelSelector", "")))
+                want = dict(kv.split("=", 1) for kv in query.get("labelSelector", "").split(",") if kv)
+                items = [self._pod_view(p) for (pns, _), p in self.pods.items()
+                         if pns == ns and all(p["metadata"]["labels"].get(k) == v for k, v in want.items())]
+                return self._send(h, 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+            m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", path)
+            if m and method == "GET":
+                ns, name = m.groups()
+                self.calls.append(Call(time.monotonic(), method, path, "PodLog", name))
+                pod = self.pods.get((ns, name))
+                if pod is None:
+                    return self._status(h, 404, "NotFound", f'pods "{name}" not found')
+                job = pod["_job"]
+                follow = query.get("follow") == "true"
+        if m and method == "GET" and path.endswith("/log"):
+            if follow:  # like a real follow: the stream ends when the container does
+                remaining = job["_created"] + self._script(job).run_s - time.monotonic()
+                time.sleep(max(0.0, min(remaining, 30)))
+            lines = self._log(pod)
+            if "tailLines" in query:
+                lines = lines[-int(query["tailLines"]):]
+            return self._send(h, 200, "".join(line + "\n" for line in lines), "text/plain")
+        with self.lock:
+            self.calls.append(Call(time.monotonic(), method, path))
+        return self._status(h, 404, "NotFound", f"fake API does not implement {method} {path}")
+
+
+def kubeconfig(server: str, namespace: str = "cmv-test") -> str:
+    """A kubeconfig (YAML text) whose current context points at the fake server."""
+    return f"""apiVersion: v1
+kind: Config
+clusters:
+- name: fake
+  cluster:
+    server: {server}
+users:
+- name: fake
+  user:
+    token: fake-token
+contexts:
+- name: fake
+  context:
+    cluster: fake
+    user: fake
+    namespace: {namespace}
+current-context: fake
+"""
