@@ -53,4 +53,43 @@ clean-runs: ## delete local run artifacts
 	rm -rf $(RUN_ROOT)
 
 # --- images (k8s helper) ---
+# One image per stage (images/<stage>.Dockerfile), built from the repository root with docker or podman
+# (DOCKER=podman); `docker buildx bake -f images/docker-bake.hcl` builds them all in parallel instead.
+REGISTRY ?= localhost:5000
+TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+PLATFORM ?= linux/amd64
+DOCKER ?= docker
+STAGE_IMAGES := clean format train generate judge
+.PHONY: images push build-and-push images-constraints docker-check \
+	image-clean image-format image-train image-generate image-judge \
+	push-clean push-format push-train push-generate push-judge
+
+images: $(addprefix image-,$(STAGE_IMAGES)) ## build every stage image as REGISTRY/cmv-<stage>:TAG (vars REGISTRY, TAG = git short rev, PLATFORM, DOCKER)
+
+push: $(addprefix push-,$(STAGE_IMAGES)) ## push every stage image to REGISTRY
+
+build-and-push: ## build, then push, every stage image
+	$(MAKE) images
+	$(MAKE) push
+
+image-clean: docker-check ## build the clean image (python slim, core deps only)
+	$(DOCKER) build --platform $(PLATFORM) -f images/clean.Dockerfile -t $(REGISTRY)/cmv-clean:$(TAG) .
+image-format: docker-check ## build the format image (python slim, tokenizer, no torch)
+	$(DOCKER) build --platform $(PLATFORM) -f images/format.Dockerfile -t $(REGISTRY)/cmv-format:$(TAG) .
+image-train: docker-check ## build the train image (CUDA PyTorch base, TRL, PEFT, DeepSpeed)
+	$(DOCKER) build --platform $(PLATFORM) -f images/train.Dockerfile -t $(REGISTRY)/cmv-train:$(TAG) .
+image-generate: docker-check ## build the generate image (vLLM base)
+	$(DOCKER) build --platform $(PLATFORM) -f images/generate.Dockerfile -t $(REGISTRY)/cmv-generate:$(TAG) .
+image-judge: docker-check ## build the judge image (python slim, CPU torch, openai)
+	$(DOCKER) build --platform $(PLATFORM) -f images/judge.Dockerfile -t $(REGISTRY)/cmv-judge:$(TAG) .
+
+push-clean push-format push-train push-generate push-judge: push-%: docker-check
+	$(DOCKER) push $(REGISTRY)/cmv-$*:$(TAG)
+
+docker-check:
+	@command -v $(DOCKER) >/dev/null || { echo "make images needs $(DOCKER) (a Docker engine, buildx or podman: DOCKER=podman)" >&2; exit 1; }
+
+images-constraints: install ## re-pin images/constraints.txt to the versions installed in .venv
+	{ sed -n '1,3p' images/constraints.txt; $(PIP) freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton|cmv-persuasion)|\+|@ '; } > images/constraints.txt.new
+	mv images/constraints.txt.new images/constraints.txt
 # --- end images ---
