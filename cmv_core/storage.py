@@ -90,7 +90,12 @@ _client_cache: dict[tuple, Any] = {}
 
 def s3_client():
     # One client per endpoint and process; clients are thread-safe.
-    key = (os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"), os.getpid())
+    key = (
+        os.environ.get("AWS_ENDPOINT_URL"),
+        os.environ.get("AWS_ACCESS_KEY_ID"),
+        os.environ.get("CMV_S3_MAX_ATTEMPTS"),
+        os.getpid(),
+    )
     if key not in _client_cache:
         _client_cache[key] = _s3_client()
     return _client_cache[key]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import http.client
+import http.server
 import json
+import os
+import threading
 
 import pytest
 
@@ -115,7 +119,57 @@ def test_upload_download_dir(tmp_path, s3_bucket):
     assert dest == str(tmp_path / "dst")
 
 
-def test_s3_client_retries_with_botocore_standard_mode(s3_server):
-    cfg = storage.s3_client().meta.config
-    assert cfg.retries["mode"] == "standard"
-    assert cfg.retries["max_attempts"] >= 3
+class _FlakyProxy(http.server.BaseHTTPRequestHandler):
+    """Answers 503 SlowDown to the first ``failures`` requests, then forwards to the real S3 server."""
+
+    failures = 0
+    seen = 0
+    upstream = ""
+
+    def _handle(self):
+        cls = type(self)
+        cls.seen += 1
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if cls.seen <= cls.failures:
+            payload = b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        host, port = cls.upstream.split("//")[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port))
+        conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _handle
+
+    def log_message(self, *args):
+        pass
+
+
+def test_transient_s3_errors_are_retried(s3_bucket, monkeypatch):
+    _FlakyProxy.upstream = os.environ["AWS_ENDPOINT_URL"]
+    storage.write_text(s3_bucket + "/x.txt", "payload")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyProxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        _FlakyProxy.failures, _FlakyProxy.seen = 2, 0
+        assert storage.read_text(s3_bucket + "/x.txt") == "payload"
+        assert _FlakyProxy.seen == 3  # two 503s, retried by botocore, then success
+        monkeypatch.setenv("CMV_S3_MAX_ATTEMPTS", "2")
+        _FlakyProxy.failures, _FlakyProxy.seen = 5, 0
+        with pytest.raises(Exception, match="SlowDown|503"):
+            storage.read_text(s3_bucket + "/x.txt")
+        assert _FlakyProxy.seen == 2
+    finally:
+        server.shutdown()
