@@ -69,14 +69,15 @@ class Delta:
 def might_contain_delta(text: str) -> bool:
     """Cheap pre-filter: False means no delta token anywhere (quotes and code included).
 
-    Substring tests run at memory speed; the per-line rule below is only paid
-    for the few comments that pass this.
+    Runs on every comment of the dump. Substring tests run at memory speed (and
+    a non-ASCII needle in an ASCII string is rejected without scanning); the
+    per-line rule below is only paid for the few comments that pass this.
     """
     return (
         "\u2206" in text
         or "\u0394" in text
         or "#8710;" in text  # `&#8710;` and `&amp;#8710;`
-        or ("!" in text and _BANG_DELTA in text.lower())
+        or (("!d" in text or "!D" in text) and _BANG_DELTA in text.lower())
     )
 
 
@@ -155,22 +156,18 @@ def find_deltas(comments: Sequence[Comment], op_author: str | None) -> list[Delt
 
     A delta is a comment with a token (outside quotes/code) that replies to a
     comment (not the submission) by someone else; neither side deleted or
-    DeltaBot. It is from the OP when the awarder is the known OP, and an OP
-    delta additionally needs the rewarded comment not to be the OP's own.
-    Confirmed when a direct DeltaBot reply says "delta awarded to" the recipient.
+    DeltaBot. It is from the OP when the awarder is the known OP (so an OP
+    delta never rewards the OP's own comment). Confirmed when a direct DeltaBot
+    reply says "delta awarded to" the recipient.
     """
+    # Almost no comment has a token: filter first, index the thread only if needed.
+    candidates = [c for c in comments if might_contain_delta(c["body"])]
+    if not candidates:
+        return []
     by_id = {c["id"]: c for c in comments}
-    deltabot_replies: dict[str, list[str]] = {}
-    for c in comments:
-        if is_deltabot(c["author"]) and c["parent_id"].startswith("t1_"):
-            deltabot_replies.setdefault(c["parent_id"][3:], []).append(c["body"])
-
-    known_op = op_author if op_known(op_author) else None
-    found: list[Delta] = []
-    for c in comments:
-        if not c["parent_id"].startswith("t1_") or not _eligible_person(c):
-            continue
-        if not has_delta_token(c["body"]):
+    awards: list[tuple[Comment, Comment]] = []
+    for c in candidates:
+        if not c["parent_id"].startswith("t1_") or not _eligible_person(c) or not has_delta_token(c["body"]):
             continue
         parent = by_id.get(c["parent_id"][3:])
         if parent is None or not _eligible_person(parent):
@@ -178,7 +175,19 @@ def find_deltas(comments: Sequence[Comment], op_author: str | None) -> list[Delt
         if parent["author"] == c["author"]:  # nobody awards themselves
             continue
         # an OP answering DeltaBot never reaches here (parent is DeltaBot)
-        from_op = known_op is not None and c["author"] == known_op
+        awards.append((c, parent))
+    if not awards:
+        return []
+
+    award_names = {"t1_" + c["id"] for c, _ in awards}
+    deltabot_replies: dict[str, list[str]] = {}
+    for c in comments:
+        if c["parent_id"] in award_names and is_deltabot(c["author"]):
+            deltabot_replies.setdefault(c["parent_id"][3:], []).append(c["body"])
+
+    known_op = op_author if op_known(op_author) else None
+    found: list[Delta] = []
+    for c, parent in awards:
         replies = deltabot_replies.get(c["id"], [])
         names = [confirmed_recipient(t) for t in replies]
         confirmed = any(n is not None and _names_match(n, parent["author"]) for n in names)
@@ -188,7 +197,7 @@ def find_deltas(comments: Sequence[Comment], op_author: str | None) -> list[Delt
                 awarder=c["author"],
                 rewarded_comment_id=parent["id"],
                 recipient=parent["author"],
-                from_op=from_op,
+                from_op=known_op is not None and c["author"] == known_op,
                 confirmed=confirmed,
                 rejected_by_deltabot=bool(replies) and not confirmed,
             )
@@ -223,11 +232,14 @@ def winning_branches(deltas: Iterable[Delta], comments: Sequence[Comment]) -> li
     Several deltas to the same comment give one branch; a branch may be a
     prefix of another when the OP rewarded two comments of one chain.
     """
+    deltas = [d for d in deltas if d.from_op and d.confirmed]
+    if not deltas:
+        return []
     by_id = {c["id"]: c for c in comments}
     branches: list[Branch] = []
     seen: set[str] = set()
     for d in deltas:
-        if not (d.from_op and d.confirmed) or d.rewarded_comment_id in seen:
+        if d.rewarded_comment_id in seen:
             continue
         seen.add(d.rewarded_comment_id)
         branches.append(

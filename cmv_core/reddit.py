@@ -8,6 +8,7 @@ building are pure functions so they can be tested without files.
 from __future__ import annotations
 
 import html
+import operator
 import re
 import zlib
 from collections.abc import Iterable, Iterator
@@ -147,6 +148,8 @@ _TRAILING_JUNK = re.compile(r"(?:\n[ \t]*(?:>|_{3,}|-{3,}|\*{3,})?[ \t]*)+\Z")
 def remove_footnote(text: str) -> str:
     """Cut the moderators' footnote (from its line to the end of the post) and the
     rule / empty quote lines that lead into it."""
+    if "footnote from your moderators" not in text:  # skip the regex for most posts
+        return text
     m = _FOOTNOTE.search(text)
     if m is None:
         return text
@@ -170,7 +173,10 @@ def remove_delta_edits(text: str) -> str:
     line. Such edits were written after the view changed, so they leak the
     outcome into a prompt. Other edits ("EDIT: formatting") stay.
     """
-    if not _ANNOUNCES.search(text) and not has_delta_token(text):
+    low = text.lower()
+    if ("edit" not in low and "update" not in low) or (
+        not _ANNOUNCES.search(text) and not has_delta_token(text)
+    ):
         return text
     lines = text.split("\n")
     keep: list[str] = []
@@ -232,59 +238,126 @@ def build_thread(sub: dict[str, Any], *, strip_delta_edits: bool = True) -> Thre
     "more" placeholders (no body, a `children` list) and "_" stubs are counted and
     dropped; a placeholder never replaces a real comment with the same id. A
     comment whose parent is absent is dropped with its whole subtree.
+
+    This loop runs for every comment object of the dump, so the well-formed case
+    is a straight line of dict lookups; anything unusual takes `_odd_comment`.
     """
     thread_id = thread_id_of(sub)
     raw_comments = sub.get("comments")
     if raw_comments is None:
         raw_comments = []
-    if not isinstance(raw_comments, list):
+    if type(raw_comments) is not list:
         raise LineRejected("bad_comments", f"`comments` is {type(raw_comments).__name__}, not a list")
 
     skipped: list[Skipped] = []
-    more = stubs = 0
+    counts = {"more_placeholder": 0, "continue_stub": 0}
     by_id: dict[str, Comment] = {}
+    floats = True  # every created_utc a float: sort with a C key function
     for c in raw_comments:
-        if not isinstance(c, dict):
-            skipped.append(Skipped("comment_not_an_object", c))
-            continue
-        cid = c.get("id")
-        if cid == "_":
-            stubs += 1
-            continue
-        if "body" not in c and ("children" in c or c.get("kind") == "more"):
-            more += 1
-            continue
-        if not isinstance(cid, str) or not cid:
-            skipped.append(Skipped("comment_missing_id", c))
-            continue
-        parent_id = c.get("parent_id")
-        if not isinstance(parent_id, str) or not parent_id:
-            skipped.append(Skipped("comment_missing_parent_id", c, cid))
-            continue
+        try:
+            cid = c["id"]
+            parent_id = c["parent_id"]
+            body = c["body"]
+        except (KeyError, TypeError):
+            fields = _odd_comment(c, skipped, counts)
+            if fields is None:
+                continue
+            cid, parent_id, body = fields
+        if type(cid) is not str or type(parent_id) is not str or not cid or not parent_id or cid == "_":
+            fields = _odd_comment(c, skipped, counts)
+            if fields is None:
+                continue
+            cid, parent_id, body = fields
         if cid in by_id:
             skipped.append(Skipped("duplicate_comment", c, cid))
             continue
-        body = c.get("body")
+        if type(body) is not str:
+            body = ""
+        elif "&" in body:
+            body = html.unescape(body)
+        t = c.get("created_utc")
+        if type(t) is not float:
+            t = _float(t)
+            floats = floats and t is not None
         by_id[cid] = {
             "id": cid,
             "parent_id": parent_id,
             "author": c.get("author") or "[deleted]",
-            "body": unescape(body) if isinstance(body, str) else "",
-            "created_utc": _float(c.get("created_utc")),
+            "body": body,
+            "created_utc": t,
         }
 
-    # Keep only comments rooted at this submission. Walk each chain up once;
-    # every id is settled once (memo), so this is linear in the comments.
-    root = "t3_" + thread_id
-    rooted: dict[str, str | None] = {}  # id -> None if rooted, else the skip reason
-    for cid in by_id:
+    comments = _rooted(by_id, "t3_" + thread_id, skipped)
+    comments.sort(key=_by_time if floats else _chrono_key)
+
+    return Thread(
+        thread_id=thread_id,
+        title=unescape(_str(sub.get("title"))),
+        op_author=_str(sub.get("author")) or "[deleted]",
+        op_text=clean_op_text(_str(sub.get("selftext")), strip_delta_edits=strip_delta_edits),
+        created_utc=_float(sub.get("created_utc")),
+        comments=comments,
+        skipped=skipped,
+        more_placeholders=counts["more_placeholder"],
+        continue_stubs=counts["continue_stub"],
+    )
+
+
+def _odd_comment(c: Any, skipped: list[Skipped], counts: dict[str, int]) -> tuple[str, str, Any] | None:
+    """Classify a comment object the fast path could not take: placeholders and stubs
+    are counted, bad objects recorded in `skipped`; a real comment missing only
+    its body comes back as (id, parent_id, "")."""
+    if not isinstance(c, dict):
+        skipped.append(Skipped("comment_not_an_object", c))
+        return None
+    cid = c.get("id")
+    if cid == "_":
+        counts["continue_stub"] += 1
+        return None
+    if "body" not in c and ("children" in c or c.get("kind") == "more"):
+        counts["more_placeholder"] += 1
+        return None
+    if not isinstance(cid, str) or not cid:
+        skipped.append(Skipped("comment_missing_id", c))
+        return None
+    parent_id = c.get("parent_id")
+    if not isinstance(parent_id, str) or not parent_id:
+        skipped.append(Skipped("comment_missing_parent_id", c, cid))
+        return None
+    return cid, parent_id, c.get("body")
+
+
+def _rooted(by_id: dict[str, Comment], root: str, skipped: list[Skipped]) -> list[Comment]:
+    """The comments reachable from the submission; the others go to `skipped`.
+
+    One pass settles every comment listed after its parent (the usual order);
+    the rest walk up their chain once each (memoised, so linear overall) and
+    get a reason: `parent_missing` where the chain breaks, `parent_cycle`, and
+    `ancestor_missing` for everything below.
+    """
+    good: set[str] = set()
+    pending: list[str] = []
+    for cid, c in by_id.items():
+        p = c["parent_id"]
+        if p == root or (p[3:] in good and p.startswith("t1_")):
+            good.add(cid)
+        else:
+            pending.append(cid)
+    if not pending:
+        return list(by_id.values())
+
+    verdicts: dict[str, str] = {}  # id -> reason, for comments that are not rooted
+    for cid in pending:
         chain: list[str] = []
         on_chain: set[str] = set()
         cur = cid
         verdict: str | None
         while True:
-            if cur in rooted:
-                verdict = rooted[cur] and "ancestor_missing"
+            if cur in good:
+                verdict = None
+                break
+            if cur in verdicts:
+                verdict = "ancestor_missing"
                 break
             chain.append(cur)
             on_chain.add(cur)
@@ -301,29 +374,22 @@ def build_thread(sub: dict[str, Any], *, strip_delta_edits: bool = True) -> Thre
                 break
             cur = pid
         for i, x in enumerate(reversed(chain)):
-            # the comment where the chain broke gets the reason; its descendants inherit
-            rooted[x] = verdict if (verdict is None or i == 0) else "ancestor_missing"
+            if verdict is None:
+                good.add(x)
+            else:
+                # the comment where the chain broke gets the reason; its descendants inherit
+                verdicts[x] = verdict if i == 0 else "ancestor_missing"
 
-    comments: list[Comment] = []
+    comments = []
     for cid, c in by_id.items():
-        reason = rooted[cid]
-        if reason is None:
+        if cid in good:
             comments.append(c)
         else:
-            skipped.append(Skipped(reason, c, cid))
-    comments.sort(key=_chrono_key)
+            skipped.append(Skipped(verdicts[cid], c, cid))
+    return comments
 
-    return Thread(
-        thread_id=thread_id,
-        title=unescape(_str(sub.get("title"))),
-        op_author=_str(sub.get("author")) or "[deleted]",
-        op_text=clean_op_text(_str(sub.get("selftext")), strip_delta_edits=strip_delta_edits),
-        created_utc=_float(sub.get("created_utc")),
-        comments=comments,
-        skipped=skipped,
-        more_placeholders=more,
-        continue_stubs=stubs,
-    )
+
+_by_time = operator.itemgetter("created_utc")
 
 
 def _chrono_key(c: Comment) -> float:

@@ -81,7 +81,7 @@ def _s3_client():
 
     # botocore's own retry machinery (standard mode: exponential backoff with
     # jitter on throttling, 5xx and connection errors) instead of a hand loop.
-    cfg = Config(retries={"max_attempts": int(os.environ.get("CMV_S3_MAX_ATTEMPTS", "8")), "mode": "standard"})
+    cfg = Config(retries={"total_max_attempts": int(os.environ.get("CMV_S3_MAX_ATTEMPTS", "8")), "mode": "standard"})
     return boto3.session.Session().client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=cfg)
 
 
