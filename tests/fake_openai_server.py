@@ -1,0 +1,217 @@
+"""A scriptable OpenAI-compatible chat server on loopback, for judge tests and the judge benchmark.
+
+A real HTTP server (``http.server.ThreadingHTTPServer``, HTTP/1.1 keep-alive) that speaks
+``POST /v1/chat/completions``. A test decides each answer with a ``handler(body, n)``
+function (``n`` counts requests from 1) returning a :class:`Reply`: a normal completion
+(optionally with log-probabilities), an HTTP error (429, 500...), a delay, or a body that is not
+JSON. Every request body is recorded in ``server.requests``, so tests can assert what the
+client really sent (retries, position swaps, response_format, logprobs).
+
+Run as a script for the benchmark: ``python tests/fake_openai_server.py --latency-ms 100``
+prints ``PORT <n>`` and answers every request with a valid verdict after the latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: dict | None = None      # JSON body
+    raw: bytes | None = None      # or raw bytes (e.g. a body that is not JSON)
+    headers: dict = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+def split_tokens(text: str) -> list[str]:
+    """A toy tokenizer: digits alone, words, spaces and punctuation runs, so score digits are
+    single tokens as in real BPE vocabularies."""
+    return re.findall(r"\d|[A-Za-z_]+|\s+|[^\w\s]+", text)
+
+
+def completion(content: str, *, model: str = "fake-judge", prompt_tokens: int = 100,
+               completion_tokens: int | None = None, logprobs: list[dict] | None = None,
+               finish_reason: str = "stop") -> dict:
+    """A chat.completion body."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason,
+              "logprobs": {"content": logprobs} if logprobs is not None else None}
+    ctoks = completion_tokens if completion_tokens is not None else len(split_tokens(content))
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": ctoks,
+                      "total_tokens": prompt_tokens + ctoks}}
+
+
+def token_logprobs(content: str, distributions: dict[str, dict[str, float]]) -> list[dict]:
+    """Log-probabilities for ``content``: the token holding field F's value gets the alternatives
+    ``distributions[F]`` (value -> probability); every other token is certain."""
+    tokens = split_tokens(content)
+    out, pos = [], 0
+    value_at = {}
+    for name, dist in distributions.items():
+        m = list(re.finditer(r'"%s"\s*:\s*"?' % re.escape(name), content))[-1]
+        value_at[m.end()] = dist
+    for tok in tokens:
+        dist = value_at.get(pos)
+        if dist:
+            top = [{"token": k, "logprob": math.log(p), "bytes": list(k.encode())}
+                   for k, p in sorted(dist.items(), key=lambda kv: -kv[1])]
+            out.append({"token": tok, "logprob": math.log(dist.get(tok, 1e-9)), "bytes": list(tok.encode()),
+                        "top_logprobs": top})
+        else:
+            out.append({"token": tok, "logprob": 0.0, "bytes": list(tok.encode()),
+                        "top_logprobs": [{"token": tok, "logprob": 0.0, "bytes": list(tok.encode())}]})
+        pos += len(tok)
+    return out
+
+
+def verdict_fields(body: dict) -> dict:
+    """Field name -> allowed values, from the request's json_schema (or guessed from the prompt)."""
+    schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
+    if schema:
+        return {k: v["enum"] for k, v in schema["properties"].items() if "enum" in v}
+    system = body["messages"][0]["content"]
+    if '"winner"' in system:
+        return {"winner": ["A", "B"]}
+    return {k: list(range(1, 8)) for k in ("persuasiveness", "relevance", "civility", "fluency")
+            if f'"{k}"' in system}
+
+
+def verdict_json(fields: dict, rationale: str = "Fine.") -> str:
+    return json.dumps({"rationale": rationale, **fields})
+
+
+def default_answer(body: dict) -> dict:
+    """A valid verdict for whatever the request asks: score 5 everywhere, or winner "A"."""
+    fields = {k: (5 if isinstance(v[0], int) else "A") for k, v in verdict_fields(body).items()}
+    return completion(verdict_json(fields), model=body.get("model", "fake-judge"))
+
+
+def user_text(body: dict) -> str:
+    return "\n".join(m["content"] for m in body["messages"] if m["role"] == "user")
+
+
+class FakeOpenAI:
+    """``with FakeOpenAI(handler) as srv: ... srv.base_url ... srv.requests``."""
+
+    def __init__(self, handler: Callable[[dict, int], Reply] | None = None, latency_s: float = 0.0,
+                 record: bool = True):
+        self.handler = handler or (lambda body, n: Reply(body=default_answer(body)))
+        self.latency_s = latency_s
+        self.record = record
+        self.requests: list[dict] = []
+        self.count = 0
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.count = 0
+
+    def start(self) -> "FakeOpenAI":
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                with fake._lock:
+                    fake.count += 1
+                    n = fake.count
+                    if fake.record:
+                        fake.requests.append(body)
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    reply = Reply(status=404, body={"error": {"message": f"no route {self.path}"}})
+                else:
+                    try:
+                        reply = fake.handler(body, n)
+                    except Exception as exc:  # a broken test handler shows up as a 500 with the reason
+                        reply = Reply(status=500, body={"error": {"message": f"handler failed: {exc!r}"}},
+                                      headers={"x-should-retry": "false"})
+                delay = fake.latency_s + reply.delay_s
+                if delay:
+                    time.sleep(delay)
+                data = reply.raw if reply.raw is not None else json.dumps(reply.body or {}).encode()
+                self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                    pass
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 256
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "FakeOpenAI":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# Reusable replies for tests.
+def rate_limited(retry_after_ms: int = 10) -> Reply:
+    return Reply(status=429, body={"error": {"message": "Rate limit reached", "type": "requests"}},
+                 headers={"retry-after-ms": str(retry_after_ms)})
+
+
+def server_error(retry_after_ms: int = 10) -> Reply:
+    return Reply(status=500, body={"error": {"message": "The server had an error"}},
+                 headers={"retry-after-ms": str(retry_after_ms)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--latency-ms", type=float, default=100.0)
+    args = parser.parse_args(argv)
+    server = FakeOpenAI(latency_s=args.latency_ms / 1000.0, record=False).start()
+    print(f"PORT {server._httpd.server_address[1]}", flush=True)
+    try:
+        sys.stdin.read()  # serve until the parent closes our stdin
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

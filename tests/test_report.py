@@ -1,0 +1,144 @@
+"""Report numbers from hand-made judgment rows: intervals, rates, calibration, failures, text, plots."""
+
+from __future__ import annotations
+
+import pytest
+
+from cmv_core import report
+
+
+def single(variant, item, scores, status="ok", weighted=None):
+    return {"kind": "single", "id": f"single:{variant}:{item}", "variant": variant, "item_id": item,
+            "status": status, "scores": scores if status == "ok" else None,
+            "weighted_scores": weighted if status == "ok" else None,
+            "raw": None if status == "ok" else "garbage", "error": None if status == "ok" else "invalid JSON",
+            "attempts": 1, "cached_calls": 0, "new_calls": 1, "prompt_tokens": 100, "completion_tokens": 10,
+            "cost_usd": 0.001, "cost_usd_this_run": 0.001}
+
+
+def order(first, second, verdict, status="ok", correct=None):
+    pref = {"A": first, "B": second, "tie": "tie"}.get(verdict)
+    out = {"first": first, "second": second, "status": status, "verdict": verdict, "preferred": pref,
+           "attempts": 1, "cached_calls": 1, "new_calls": 0, "prompt_tokens": 50, "completion_tokens": 5,
+           "cost_usd": 0.0005, "cost_usd_this_run": 0.0, "error": None, "raw": None}
+    if correct is not None or first in ("winner", "loser"):
+        out["correct"] = (pref == "winner") if status == "ok" else None
+    return out
+
+
+def pair(item, a_first_verdict, b_first_verdict, status="ok"):
+    orders = [order("ft", "base", a_first_verdict), order("base", "ft", b_first_verdict)]
+    prefs = {o["preferred"] for o in orders}
+    consistent = len(prefs) == 1 if status == "ok" else None
+    pref = (prefs.pop() if consistent else "tie") if status == "ok" else None
+    outcome = {"ft": "win", "base": "loss", "tie": "tie"}.get(pref)
+    if status != "ok":
+        orders[1]["status"] = "unparseable"
+    return {"kind": "pairwise", "id": f"pairwise:ft_vs_base:{item}", "comparison": "ft_vs_base", "a": "ft",
+            "b": "base", "item_id": item, "orders": orders, "status": status, "outcome": outcome,
+            "consistent": consistent}
+
+
+def cal(pid, v_winner_first, v_loser_first, winner_words, loser_words):
+    orders = [order("winner", "loser", v_winner_first), order("loser", "winner", v_loser_first)]
+    return {"kind": "calibration", "id": f"calibration:{pid}", "pair_id": pid, "orders": orders, "status": "ok",
+            "consistent": orders[0]["preferred"] == orders[1]["preferred"],
+            "length": {"winner_words": winner_words, "loser_words": loser_words,
+                       "score": 1.0 if winner_words > loser_words else 0.0 if winner_words < loser_words else 0.5}}
+
+
+def test_bootstrap_ci_contains_mean_and_is_seeded():
+    values = [1, 2, 2, 3, 5, 6, 7, 7, 4, 4]
+    ci = report.bootstrap_mean_ci(values, n_boot=1000, seed=3)
+    mean = sum(values) / len(values)
+    assert ci[0] < mean < ci[1]
+    assert ci == report.bootstrap_mean_ci(values, n_boot=1000, seed=3)
+    assert ci != report.bootstrap_mean_ci(values, n_boot=1000, seed=4)
+    assert report.bootstrap_mean_ci([], n_boot=10) is None
+    assert report.bootstrap_mean_ci([5.0], n_boot=10) == (5.0, 5.0)
+
+
+def test_wilson_interval_bounds():
+    lo, hi = report.wilson_ci(0, 10)
+    assert lo == 0.0 and 0.2 < hi < 0.35  # not the useless [0, 0] of the normal approximation
+    lo, hi = report.wilson_ci(5, 10)
+    assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
+    assert report.wilson_ci(0, 0) is None
+
+
+def test_single_means_exclude_failures_and_histogram_counts():
+    rows = [single("ft", i, {"persuasiveness": s, "fluency": 7}, weighted={"persuasiveness": s + 0.25,
+                                                                          "fluency": None})
+            for i, s in enumerate([6, 6, 5, 7])]
+    rows.append(single("ft", 9, None, status="unparseable"))
+    rows.append(single("base", 0, {"persuasiveness": 2, "fluency": 3}))
+    out = report.summarize_single(rows, ["persuasiveness", "fluency"], n_boot=500, seed=0)
+    ft = out["variants"]["ft"]
+    assert ft["n"] == 5 and ft["n_ok"] == 4 and ft["n_failed"] == 1
+    p = ft["criteria"]["persuasiveness"]
+    assert p["mean"] == 6.0  # the failure is not scored as 0 or anything else
+    assert p["ci95"][0] <= p["mean"] <= p["ci95"][1]
+    assert p["weighted_mean"] == 6.25 and p["n_weighted"] == 4
+    assert p["histogram"] == {"1": 0, "2": 0, "3": 0, "4": 0, "5": 1, "6": 2, "7": 1}
+    assert ft["criteria"]["fluency"]["n_weighted"] == 0 and ft["criteria"]["fluency"]["weighted_mean"] is None
+    assert out["variants"]["base"]["criteria"]["persuasiveness"]["mean"] == 2.0
+
+
+def test_pairwise_rates_sum_to_one_and_inconsistency_is_a_visible_tie():
+    rows = [
+        pair(1, "A", "B"),    # ft preferred in both orders: win
+        pair(2, "A", "B"),    # win
+        pair(3, "B", "A"),    # base preferred in both: loss
+        pair(4, "A", "A"),    # first position both times: inconsistent -> tie
+        pair(5, "tie", "tie"),  # consistent tie
+        pair(6, "A", "B", status="failed"),
+    ]
+    out = report.summarize_pairwise(rows)["ft_vs_base"]
+    assert out["n"] == 5 and out["n_failed"] == 1
+    assert out["win"]["count"] == 2 and out["loss"]["count"] == 1 and out["tie"]["count"] == 2
+    assert out["win"]["rate"] + out["tie"]["rate"] + out["loss"]["rate"] == pytest.approx(1.0)
+    assert out["inconsistent"] == 1
+    assert out["position_consistency"]["rate"] == pytest.approx(4 / 5)
+    # decisive single-order verdicts: A,B,A,B,B,A,A,A -> 5 of 8 picked the first-shown reply
+    assert out["first_position_preference"]["rate"] == pytest.approx(5 / 8)
+    for key in ("win", "tie", "loss"):
+        lo, hi = out[key]["ci95"]
+        assert lo <= out[key]["rate"] <= hi
+
+
+def test_calibration_accuracy_by_order_and_length_baseline():
+    rows = [
+        cal("p1", "A", "B", 100, 50),   # right in both orders; winner longer
+        cal("p2", "A", "A", 20, 80),    # position-biased: right once
+        cal("p3", "B", "A", 40, 40),    # wrong in both; equal length counts half
+    ]
+    out = report.summarize_calibration(rows)
+    assert out["n_pairs"] == 3 and out["n_ok"] == 3
+    assert out["accuracy"]["rate"] == pytest.approx(3 / 6)
+    assert out["accuracy_winner_first"]["rate"] == pytest.approx(2 / 3)
+    assert out["accuracy_winner_second"]["rate"] == pytest.approx(1 / 3)
+    assert out["both_orders_correct"]["rate"] == pytest.approx(1 / 3)
+    assert out["position_consistency"]["rate"] == pytest.approx(2 / 3)
+    assert out["length_baseline"]["rate"] == pytest.approx(1.5 / 3)
+    assert out["references"]["tan_et_al_2016_interplay_features"] == 0.65
+    assert report.summarize_calibration([]) is None
+
+
+def test_build_report_failures_usage_markdown_and_plots():
+    rows = [single("ft", 0, {"persuasiveness": 6}), single("ft", 1, None, status="unparseable"),
+            pair(1, "A", "B"), pair(2, "A", "B", status="failed"), cal("p1", "A", "B", 10, 5)]
+    rep = report.build_report(rows, criteria=["persuasiveness"], n_boot=200,
+                              meta={"run_id": "r1", "judge_model": "m", "backend": "openai", "rubric_version": "v"})
+    assert rep["failures"]["failed_calls"] == 2
+    assert rep["failures"]["unparseable"] == 2 and rep["failures"]["excluded_judgments"] == 2
+    assert rep["failures"]["examples"][0]["raw"] == "garbage"
+    usage = rep["usage"]
+    assert usage["attempts"] == 2 + 4 + 2 and usage["new_calls"] == 2 and usage["cached_calls"] == 6
+    assert usage["prompt_tokens"] == 2 * 100 + 6 * 50
+    assert usage["cost_usd"] == pytest.approx(2 * 0.001 + 6 * 0.0005)
+    assert usage["cost_usd_this_run"] == pytest.approx(0.002)
+    md = report.render_markdown(rep, ["scores_histogram.png"])
+    assert "ft vs base" in md and "Tan et al." in md and "6.00" in md and "![scores_histogram.png]" in md
+    plots = report.render_plots(rep)
+    assert set(plots) == {"scores_histogram.png", "pairwise.png"}
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in plots.values())
