@@ -28,8 +28,9 @@ here because they change what the model learns:
   removed from comment turns unless ``keep_quotes: true`` (CMV_DATA.md). The
   OP's post keeps its quotes (they quote sources, not the other side).
 - **OP edits.** ``strip_op_edits`` (default on) removes "EDIT:"/"Update 2:"
-  paragraphs from the post: they were written after the view changed and often
-  announce the delta (a label leak).
+  paragraphs from the post: they were written after the discussion started and
+  often announce the delta (a label leak). It is broader than the clean stage's
+  ``clean.strip_delta_edits``, which removes only edits that mention a delta.
 - **Deleted content.** "[deleted]"/"[removed]" is never a target and never
   appears in a prompt: such examples are dropped and counted by reason.
 - **Duplicates.** Exact duplicates after normalization (Unicode NFKC, case,
@@ -62,6 +63,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
@@ -656,6 +658,6 @@ def cli_main(args: argparse.Namespace) -> int:
     try:
         run_format(args.input, args.output, cfg, recipes.model_spec(recipe), run_id=args.run_id, force=args.force)
     except FormatInputError as exc:
-        print(f"cmv format: error: {exc}", flush=True)
+        print(f"cmv format: error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

@@ -23,6 +23,7 @@ OP = "alice"
 TITLE = "CMV: Cats are better pets than dogs"
 POST = "Cats are clean and independent."
 POST_WITH_EDIT = POST + "\n\n**EDIT:** Changed my view, thanks u/bob! ∆ awarded.\n\nMore edit text."
+REPO = Path(__file__).resolve().parents[1]
 PROMPT = f"{DEFAULT_INSTRUCTION}\n\n{TITLE}\n\n{POST}"
 
 
@@ -351,3 +352,43 @@ def test_missing_input_manifest_is_refused(tmp_path, tiny_model_dir):
     (tmp_path / "clean").mkdir()
     with pytest.raises(storage.MissingInputError):
         run_format(str(tmp_path / "clean"), str(tmp_path / "out"), FormatConfig(), tiny_model_dir)
+
+
+# ---------------------------------------------------------------- on the bundled sample (real clean stage)
+
+
+def test_format_on_bundled_sample(clean_output, format_output, tmp_path, tiny_model_dir):
+    from cmv_core import config
+
+    tiny_recipe = config.section(config.load_recipe(str(REPO / "configs" / "tiny.yaml")), "format", FormatConfig)
+    threads = {t["thread_id"]: t for t in storage.read_jsonl(storage.join(clean_output, "conversations.jsonl.gz"))}
+    branch_ids = {f"{t['thread_id']}:{b['comment_ids'][-1]}" for t in threads.values() for b in t["winning_branches"]}
+    # Every winning branch is an example or a counted drop.
+    stats = storage.read_json(storage.join(format_output, "stats.json"))
+    examples = all_examples(format_output)
+    assert len(examples) + sum(stats["dropped"].values()) == stats["winning_branches"] == len(branch_ids)
+    assert {e["id"] for e in examples} <= branch_ids and len({e["id"] for e in examples}) == len(examples)
+    assert stats["examples_total"] == len(examples) > 0
+    split_of(format_output)  # no thread in two splits
+    for e in examples:
+        thread = threads[e["thread_id"]]
+        rewarded = next(c for c in thread["comments"] if c["id"] == e["id"].split(":")[1])
+        assert rewarded["author"] == e["metadata"]["recipient"]
+        if ">" not in rewarded["body"]:
+            assert e["messages"][-1] == {"role": "assistant", "content": rewarded["body"].strip()}
+    for p in read(format_output, "pairs.jsonl"):
+        thread = threads[p["thread_id"]]
+        assert assign_split(p["thread_id"], thread["created_utc"], tiny_recipe) == "test"
+        won = {d["rewarded_comment_id"] for d in thread["deltas"] if d["from_op"]}
+        assert not won & set(p["loser_comment_ids"]) and p["loser_author"] != p["winner_author"]
+
+    # The multi-turn view of the same data: roles alternate, user first, the recipient last.
+    out = str(tmp_path / "multi")
+    run_format(clean_output, out, FormatConfig(view="multi", test_fraction=0.3), tiny_model_dir)
+    multi = all_examples(out)
+    assert len(multi) > 0 and any(e["metadata"]["n_turns"] > 2 for e in multi)
+    for e in multi:
+        roles = [m["role"] for m in e["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2), (e["id"], roles)
+        assert all(m["content"].strip() == m["content"] and m["content"] for m in e["messages"])
+    assert read(out, "pairs.jsonl"), "the sample should give at least one matched pair at test_fraction 0.3"
