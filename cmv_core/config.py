@@ -25,7 +25,9 @@ def _set_dotted(recipe: dict, dotted: str, value: Any) -> None:
     node = recipe
     keys = dotted.split(".")
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
+        if node.get(key) is None:  # an empty YAML section ("train:") reads as null
+            node[key] = {}
+        node = node[key]
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
     node[keys[-1]] = value

@@ -169,8 +169,9 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> str:
 def load_tokenizer(spec: str, **kwargs):
     from transformers import AutoTokenizer
 
-    if spec == EMBEDDED_DEFAULT and not (cache_root() / "models" / "smollm2-135m-instruct" / "config.json").exists():
-        # The tokenizer alone does not need the (slower) weight conversion.
+    if spec in (EMBEDDED_DEFAULT, TINY_RANDOM):
+        # Both embedded models use the SmolLM2 tokenizer; read it from the GGUF file so that
+        # the tokenizer alone needs neither torch nor the (slower) weight conversion.
         gguf = smollm2_gguf_path()
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
     return AutoTokenizer.from_pretrained(resolve_model(spec), **kwargs)

@@ -50,3 +50,9 @@ def test_every_shipped_recipe_loads(path):
         module = importlib.import_module(module_name)
         cfg = config.section(recipe, name, getattr(module, cls_name))
         assert dataclasses.is_dataclass(cfg)
+
+
+def test_override_into_empty_section(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("model: x\ntrain:\n")
+    assert config.load_recipe(str(p), ["train.max_steps=3"])["train"] == {"max_steps": 3}
