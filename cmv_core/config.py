@@ -64,6 +64,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation in (int, float, bool, str) and value is not None:
         if annotation is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if annotation is float and isinstance(value, str):
+            # YAML 1.1 reads "2e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if annotation is bool and not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
