@@ -73,11 +73,12 @@ def might_contain_delta(text: str) -> bool:
     a non-ASCII needle in an ASCII string is rejected without scanning); the
     per-line rule below is only paid for the few comments that pass this.
     """
+    # one-character needles are a memchr; the longer test only runs when they hit
     return (
         "\u2206" in text
         or "\u0394" in text
-        or "#8710;" in text  # `&#8710;` and `&amp;#8710;`
-        or (("!d" in text or "!D" in text) and _BANG_DELTA in text.lower())
+        or ("#" in text and "#8710;" in text)  # `&#8710;` and `&amp;#8710;`
+        or ("!" in text and _BANG_DELTA in text.lower())
     )
 
 
@@ -151,7 +152,9 @@ def _names_match(a: str, b: str) -> bool:
 # --- deltas -----------------------------------------------------------------------
 
 
-def find_deltas(comments: Sequence[Comment], op_author: str | None) -> list[Delta]:
+def find_deltas(
+    comments: Sequence[Comment], op_author: str | None, candidates: Iterable[Comment] | None = None
+) -> list[Delta]:
     """Every delta in one thread, in the order of `comments`.
 
     A delta is a comment with a token (outside quotes/code) that replies to a
@@ -159,14 +162,22 @@ def find_deltas(comments: Sequence[Comment], op_author: str | None) -> list[Delt
     DeltaBot. It is from the OP when the awarder is the known OP (so an OP
     delta never rewards the OP's own comment). Confirmed when a direct DeltaBot
     reply says "delta awarded to" the recipient.
+
+    `candidates`: the comments whose body passed `might_contain_delta`, in the
+    order of `comments`, when the caller already looked (reddit.build_thread
+    does); candidates that are not in `comments` are ignored.
     """
     # Almost no comment has a token: filter first, index the thread only if needed.
-    candidates = [c for c in comments if might_contain_delta(c["body"])]
+    if candidates is None:
+        candidates = [c for c in comments if might_contain_delta(c["body"])]
+    candidates = list(candidates)
     if not candidates:
         return []
     by_id = {c["id"]: c for c in comments}
     awards: list[tuple[Comment, Comment]] = []
     for c in candidates:
+        if by_id.get(c["id"]) is not c:  # not in this tree (e.g. an orphan)
+            continue
         if not c["parent_id"].startswith("t1_") or not _eligible_person(c) or not has_delta_token(c["body"]):
             continue
         parent = by_id.get(c["parent_id"][3:])

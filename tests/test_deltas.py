@@ -56,6 +56,8 @@ def analyse(comments: list, op: str = "op"):
            "created_utc": 1.0, "comments": comments}
     thread = reddit.build_thread(sub)
     found = D.find_deltas(thread.comments, thread.op_author)
+    # build_thread's pre-filtered candidates must give exactly the same deltas
+    assert D.find_deltas(thread.comments, thread.op_author, thread.delta_candidates) == found
     return thread, found, D.winning_branches(found, thread.comments)
 
 
