@@ -274,13 +274,18 @@ def connect(namespace: str | None = None, context: str | None = None) -> Cluster
     """API clients from the kubeconfig (``$KUBECONFIG``), or the pod's service account inside a cluster."""
     from kubernetes import client, config
 
+    # $KUBECONFIG read now: the client reads it once, when first imported.
+    kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     try:
-        config.load_kube_config(context=context)
+        config.load_kube_config(config_file=kubeconfig, context=context)
         if namespace is None:
-            _, active = config.list_kube_config_contexts()
+            _, active = config.list_kube_config_contexts(config_file=kubeconfig)
             namespace = (active or {}).get("context", {}).get("namespace")
-    except config.ConfigException:
-        config.load_incluster_config()
+    except (config.ConfigException, OSError) as exc:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            raise K8sError(f"no cluster to talk to: kubeconfig {kubeconfig}: {exc}; and not inside a pod") from None
     return Cluster(client.CoreV1Api(), client.BatchV1Api(), namespace or "default")
 
 
@@ -396,7 +401,10 @@ class LogStreamer:
 
 def tail_logs(cluster: Cluster, pod: str, lines: int, container: str = "main") -> str:
     try:
-        return cluster.core.read_namespaced_pod_log(pod, cluster.namespace, container=container, tail_lines=lines)
+        # Raw bytes: the client's own decoding of a text/plain body is unreliable across versions.
+        resp = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, container=container, tail_lines=lines,
+                                                    _preload_content=False)
+        return resp.data.decode("utf-8", errors="replace")
     except Exception as exc:
         return f"(no log: {exc})"
 

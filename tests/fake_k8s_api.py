@@ -9,6 +9,7 @@ real ``kubernetes`` client (pointed at it through a kubeconfig) talks to it:
 - DELETE /apis/batch/v1/namespaces/{ns}/jobs/{name}             delete it and its pods
 - GET    /api/v1/namespaces/{ns}/pods?labelSelector=k=v         list pods by label
 - GET    /api/v1/namespaces/{ns}/pods/{name}/log                 the pod's log (tailLines; follow waits for the end)
+- GET    /version
 
 Each Job runs a script chosen by its ``cmv.io/stage`` label (:class:`Script`):
 its pods are Running for ``run_s`` seconds, then Succeeded (exit 0) or Failed,
@@ -110,8 +111,11 @@ class FakeK8s:
     # ------------------------------------------------------------ simulation
 
     def _script(self, job: dict) -> Script:
-        stage = job["metadata"].get("labels", {}).get("cmv.io/stage", "")
-        return self.scripts.get(stage, Script())
+        """The script a Job got when it was created (changing ``scripts`` later affects new Jobs only)."""
+        if "_script" not in job:
+            stage = job["metadata"].get("labels", {}).get("cmv.io/stage", "")
+            job["_script"] = self.scripts.get(stage, Script())
+        return job["_script"]
 
     def _job_view(self, job: dict) -> dict:
         """The Job as the API returns it, its status computed from its script and the clock."""
@@ -164,6 +168,7 @@ class FakeK8s:
 
     def _create_job(self, ns: str, job: dict) -> None:
         job["_created"] = time.monotonic()
+        self._script(job)
         job["metadata"]["creationTimestamp"] = _now_iso()
         job["metadata"]["uid"] = f"uid-{len(self.objects)}"
         name = job["metadata"]["name"]
@@ -200,11 +205,14 @@ class FakeK8s:
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         url = urlparse(h.path)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        body = None
-        if method == "POST":
-            length = int(h.headers.get("Content-Length") or 0)
-            body = json.loads(h.rfile.read(length) or b"{}")
+        length = int(h.headers.get("Content-Length") or 0)
+        raw = h.rfile.read(length) if length else b""  # read every body (DELETE has options), keep-alive needs it
+        body = json.loads(raw or b"{}")
         path = url.path
+        if path == "/version":  # the client asks once, to learn the server's version
+            with self.lock:
+                self.calls.append(Call(time.monotonic(), method, path))
+            return self._send(h, 200, {"major": "1", "minor": "37", "gitVersion": "v1.37.0", "platform": "linux/amd64"})
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(configmaps|services)", path) or \
             re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)", path)
         with self.lock:
