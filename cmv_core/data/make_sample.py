@@ -485,7 +485,7 @@ THREADS.append(thread(
           "by roughly 70-90% over the last decade, so each dollar spent on them now cuts more carbon, sooner.\n\n"
           "When cost per tonne of CO2 avoided is what matters & the clock is short, \"best tool\" should mean "
           "fastest and cheapest per tonne, and for the next decade that's mostly renewables plus existing "
-          "reactors kept open. New nuclear is a slower, costlier bet: if cost(nuclear) &gt; cost(wind + "
+          "reactors kept open. New nuclear is a slower, costlier bet: if cost(nuclear) > cost(wind + "
           "storage) for the same tonne, the money should go where it does more.",
           c("fission_fan",
             "Keeping existing reactors open is something I strongly agree with. I'll admit I was thinking of "
@@ -500,7 +500,7 @@ THREADS.append(thread(
             "problem, not a technical one.",
             c("half_life_hal",
               "\"It's political\" doesn't make it go away. Until there's a repository, every plant is a "
-              "long-term storage site near a river &lt;3")),
+              "long-term storage site near a river <3")),
           key="lose10"),
     ],
     extras=(("more", ["win10", "ghost10a"], "after", 3),)))

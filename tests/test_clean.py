@@ -1,0 +1,227 @@
+"""The clean stage end to end: schema, stats, rejects, the reject limit, reruns, determinism."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from cmv_core import clean, storage
+from cmv_core.clean import CleanConfig, run_clean
+from conftest import CONFIGS, run_cmv
+
+TINY = str(CONFIGS / "tiny.yaml")
+THREAD_KEYS = {"thread_id", "title", "op_author", "op_text", "created_utc", "comments", "deltas", "winning_branches"}
+COMMENT_KEYS = {"id", "parent_id", "author", "body", "created_utc"}
+DELTA_KEYS = {"awarding_comment_id", "awarder", "rewarded_comment_id", "recipient", "from_op", "confirmed"}
+
+
+def read_rows(directory) -> list[dict]:
+    with gzip.open(Path(directory) / "conversations.jsonl.gz", "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def read_rejects(directory) -> list[dict]:
+    with gzip.open(Path(directory) / "rejects.jsonl.gz", "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def sample_lines(sample_dump) -> list[bytes]:
+    return Path(sample_dump).read_bytes().splitlines(keepends=True)
+
+
+# --- the bundled sample through the real CLI (conftest's clean_output) ---------------------------------
+
+
+def test_schema_and_tree_invariants(clean_output, sample_dump):
+    rows = read_rows(clean_output)
+    assert [r["thread_id"] for r in rows] == [json.loads(x)["id"] for x in sample_lines(sample_dump)]  # input order
+    for r in rows:
+        assert set(r) == THREAD_KEYS
+        ids = [c["id"] for c in r["comments"]]
+        assert len(ids) == len(set(ids))
+        times = [c["created_utc"] for c in r["comments"]]
+        assert times == sorted(times)  # chronological
+        known = {"t3_" + r["thread_id"]} | {"t1_" + i for i in ids}
+        for c in r["comments"]:
+            assert set(c) == COMMENT_KEYS and c["parent_id"] in known  # every comment rooted
+        for d in r["deltas"]:
+            assert set(d) == DELTA_KEYS
+        by_id = {c["id"]: c for c in r["comments"]}
+        for b in r["winning_branches"]:
+            assert set(b) == {"recipient", "comment_ids"}
+            path = b["comment_ids"]
+            assert by_id[path[0]]["parent_id"] == "t3_" + r["thread_id"]  # top-level first
+            assert all(by_id[c]["parent_id"] == "t1_" + p for p, c in zip(path, path[1:]))
+            assert by_id[path[-1]]["author"] == b["recipient"]
+        assert "footnote from your moderators" not in r["op_text"]
+        assert "&gt;" not in r["op_text"] and all("&gt;" not in c["body"] for c in r["comments"])
+
+
+def test_exact_branches_in_the_sample(clean_output):
+    rows = {r["thread_id"]: r for r in read_rows(clean_output)}
+    branches = {tid: [b["comment_ids"] for b in r["winning_branches"]] for tid, r in rows.items()}
+    assert branches["w6jatj"] == [["dvq5ahb"], ["dk23o6e", "d3pbab2", "d6m5qzc"]]  # two challengers
+    assert branches["idlsu7"] == [["djjjida"], ["djjjida", "d7jfbhu", "dxmc25g"]]  # a branch and its extension
+    assert branches["tncucu"] == [["d9nh072", "dsi2jgc", "d4rjftl", "dc2tgej", "ddcz4ww"]]  # depth 5
+    assert branches["qcy9u2"] == [["d142l0k", "dcv60wk", "d9gi616", "dpubyyo", "dqec3v3"]]  # via a [deleted]
+    assert branches["e55xai"] == [["dhvjvt2", "dpjzqej", "dmj0jnq"]]  # "more" placeholder shares dmj0jnq
+    assert branches["b82ahm"] == [["d2qpjmg"]]  # placeholder listed after the real comment
+    assert branches["jfgp1i"] == [] and rows["jfgp1i"]["deltas"] == []  # OP deleted their account
+    assert branches["8969b0"] == []  # a debate with no delta
+    assert rows["y4s3xz"]["comments"] == []  # a thread with no comments
+    edited = rows["tp3us3"]["op_text"]
+    assert "Edit: formatting." in edited and "My view has been changed" not in edited
+
+
+def test_stats_and_comment_rejects(clean_output):
+    stats = json.loads((Path(clean_output) / "stats.json").read_text())
+    assert stats["lines"] == {"read": 30, "blank": 0, "threads_written": 30, "rejected": 0}
+    assert stats["rejected_lines_by_reason"] == {}
+    assert stats["comments"]["skipped_by_reason"] == {"ancestor_missing": 1, "parent_missing": 1}
+    assert (stats["comments"]["more_placeholders"], stats["comments"]["continue_stubs"]) == (2, 1)
+    assert stats["deltas"] == {"op_confirmed": 29, "op_unconfirmed": 4, "non_op": 3, "non_op_confirmed": 2,
+                               "rejected_by_deltabot": 4}
+    assert stats["winning_branches"] == 29 and stats["threads"]["op_deleted"] == 1
+    rejects = read_rejects(clean_output)
+    assert sorted((r["reason"], r["level"], r["thread_id"]) for r in rejects) == [
+        ("ancestor_missing", "comment", "o8asbh"), ("parent_missing", "comment", "o8asbh")]
+    orphan = next(r for r in rejects if r["reason"] == "parent_missing")
+    assert json.loads(orphan["raw"])["parent_id"] == "t1_zz99zzz" and "subreddit_id" in json.loads(orphan["raw"])
+    assert orphan["file"].endswith("sample_cmv.jsonlist") and orphan["line"] == 12
+    manifest = json.loads((Path(clean_output) / "_SUCCESS").read_text())
+    assert {f["path"] for f in manifest["files"]} == {"conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"}
+    assert manifest["summary"]["threads_written"] == 30
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_truncated_line_is_rejected_and_the_rest_unchanged(tmp_path, sample_dump):
+    lines = sample_lines(sample_dump)
+    bad = tmp_path / "bad.jsonlist"
+    bad.write_bytes(b"".join(lines[:4] + [lines[4][:500] + b"\n", b"\n", b"[1, 2]\n"] + lines[5:]))
+    run_clean([sample_dump], str(tmp_path / "good"), CleanConfig())
+    stats = run_clean([str(bad)], str(tmp_path / "bad"), CleanConfig(max_reject_fraction=0.1))
+
+    broken = json.loads(lines[4])["id"]
+    assert read_rows(tmp_path / "bad") == [r for r in read_rows(tmp_path / "good") if r["thread_id"] != broken]
+    line_rejects = [r for r in read_rejects(tmp_path / "bad") if r.get("level") != "comment"]
+    assert [(r["reason"], r["line"], r["file"]) for r in line_rejects] == [
+        ("invalid_json", 5, str(bad)), ("not_an_object", 7, str(bad))]
+    assert line_rejects[0]["raw"].encode() == lines[4][:500] and line_rejects[0]["detail"]
+    assert stats["rejected_lines_by_reason"] == {"invalid_json": 1, "not_an_object": 1}
+    assert stats["lines"] == {"read": 31, "blank": 1, "threads_written": 29, "rejected": 2}
+
+
+def test_too_many_rejects_fails_with_a_clear_message(tmp_path, sample_dump):
+    lines = sample_lines(sample_dump)
+    bad = tmp_path / "bad.jsonlist"
+    bad.write_bytes(b"".join(lines[:10] + [b'{"title": "no id", "comments": []}\n', b"{oops\n"] + lines[10:]))
+    out = tmp_path / "run" / "clean"
+    proc = run_cmv("clean", "--input", str(bad), "--output", str(out), "--config", TINY,
+                   "--set", "clean.max_reject_fraction=0.05", check=False)
+    assert proc.returncode == 1
+    assert "2 of 32 input lines (6.25%) were rejected" in proc.stderr
+    assert "max_reject_fraction=0.05" in proc.stderr and "invalid_json 1" in proc.stderr
+    assert "missing_id 1" in proc.stderr and "rejects.jsonl.gz" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl.gz", "stats.json"]  # no conversations, no _SUCCESS
+    assert [r["line"] for r in read_rejects(out) if r.get("level") != "comment"] == [11, 12]
+
+
+def test_no_thread_lines_is_an_error(tmp_path):
+    empty = tmp_path / "empty.jsonlist"
+    empty.write_bytes(b"\n\n")
+    with pytest.raises(clean.TooManyRejectsError, match="no thread lines"):
+        run_clean([str(empty)], str(tmp_path / "out"), CleanConfig())
+
+
+def test_truncated_gzip_keeps_what_was_read_and_goes_on(tmp_path, sample_dump):
+    lines = sample_lines(sample_dump)
+    data = gzip.compress(b"".join(lines[:20]))
+    cut = tmp_path / "cut.jsonlist.gz"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    rest = tmp_path / "rest.jsonlist.bz2"
+    rest.write_bytes(bz2.compress(b"".join(lines[20:])))
+    stats = run_clean([str(cut), str(rest)], str(tmp_path / "out"), CleanConfig(max_reject_fraction=0.5))
+
+    got = [r["thread_id"] for r in read_rows(tmp_path / "out")]
+    n_cut = stats["files"][0]["lines"]
+    assert 0 < n_cut < 20 and got == [json.loads(x)["id"] for x in lines[:n_cut] + lines[20:]]
+    line_rejects = [r for r in read_rejects(tmp_path / "out") if r.get("level") != "comment"]
+    assert [(r["reason"], r["file"], r["line"]) for r in line_rejects] == [("unreadable_stream", str(cut), n_cut + 1)]
+    assert "EOFError" in line_rejects[0]["detail"]
+
+
+def test_duplicate_threads_across_inputs_are_rejected(tmp_path, sample_dump):
+    again = tmp_path / "again.jsonlist.gz"
+    again.write_bytes(gzip.compress(b"".join(sample_lines(sample_dump)[:3])))
+    stats = run_clean([sample_dump, str(again)], str(tmp_path / "out"), CleanConfig(max_reject_fraction=0.1))
+    assert stats["rejected_lines_by_reason"] == {"duplicate_thread": 3}
+    line_rejects = [r for r in read_rejects(tmp_path / "out") if r.get("level") != "comment"]
+    assert [(r["file"], r["line"]) for r in line_rejects] == [(str(again), 1), (str(again), 2), (str(again), 3)]
+    assert len(read_rows(tmp_path / "out")) == 30
+
+
+# --- reruns, inputs, determinism ---------------------------------------------------------------------------
+
+
+def test_rerun_is_skipped_via_the_manifest_and_force_reruns(tmp_path, sample_dump, capsys):
+    out = str(tmp_path / "clean")
+    assert run_clean([sample_dump], out, CleanConfig()) is not None
+    before = {p.name: p.read_bytes() for p in Path(out).iterdir()}
+    assert run_clean([sample_dump], out, CleanConfig()) is None
+    assert {p.name: p.read_bytes() for p in Path(out).iterdir()} == before
+    assert run_clean([sample_dump], out, CleanConfig(max_reject_fraction=0.2)) is not None  # config changed
+    assert run_clean([sample_dump], out, CleanConfig(max_reject_fraction=0.2), force=True) is not None
+    assert (Path(out) / "conversations.jsonl.gz").read_bytes() == before["conversations.jsonl.gz"]
+
+
+def test_directory_of_compressed_files_gives_the_same_conversations(tmp_path, sample_dump):
+    lines = sample_lines(sample_dump)
+    d = tmp_path / "cmv" / "all"
+    d.mkdir(parents=True)
+    (d / "a_part.jsonlist.bz2").write_bytes(bz2.compress(b"".join(lines[:12])))
+    (d / "b_part.jsonlist.gz").write_bytes(gzip.compress(b"".join(lines[12:])))
+    (tmp_path / "cmv" / "pair_task").mkdir()
+    (tmp_path / "cmv" / "pair_task" / "train_pair_data.jsonlist").write_text('{"op_text": "not a thread"}\n')
+    run_clean([sample_dump], str(tmp_path / "plain"), CleanConfig())
+    run_clean([str(tmp_path / "cmv")], str(tmp_path / "dir"), CleanConfig())
+    assert (tmp_path / "dir" / "conversations.jsonl.gz").read_bytes() == (
+        tmp_path / "plain" / "conversations.jsonl.gz").read_bytes()
+
+
+def test_worker_processes_give_byte_identical_output(tmp_path, sample_dump, monkeypatch):
+    lines = sample_lines(sample_dump)
+    big = tmp_path / "big.jsonlist"
+    big.write_bytes(b"".join(lines[:8] + [b"{broken\n"] + lines[8:]))
+    monkeypatch.setattr(clean, "BATCH_BYTES", 40_000)  # several batches in flight
+    for workers in (1, 2):
+        run_clean([str(big)], str(tmp_path / f"w{workers}"), CleanConfig(workers=workers, max_reject_fraction=0.1))
+    for name in ("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"):
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+
+
+def test_clean_line_is_pure_and_reports_malformed_fields():
+    ok = clean.clean_line(b'{"id": "a", "author": "op", "comments": [{"id": "c", "parent_id": "t3_a", '
+                          b'"author": "x", "body": "hi", "created_utc": 1.0}]}\n')
+    assert ok.kind == "thread" and json.loads(ok.row)["comments"][0]["body"] == "hi"
+    assert ok.counts["comments_kept"] == 1 and ok.counts["threads_written"] == 1
+    odd = clean.clean_line(b'{"id": "a", "author": "op", "comments": [{"id": "c", "parent_id": "t3_a", '
+                           b'"author": 5, "body": "!delta", "created_utc": 1.0}, {"id": "d", "parent_id": "t1_c", '
+                           b'"author": 7, "body": "\\u2206", "created_utc": 2.0}]}')
+    assert (odd.kind, odd.reason) == ("reject", "malformed_thread") and "int" in odd.detail
+    assert clean.clean_line(b"  \n").kind == "blank"
+
+
+def test_s3_output(s3_bucket, sample_dump, tmp_path):
+    run_clean([sample_dump], str(tmp_path / "local"), CleanConfig())
+    run_clean([sample_dump], f"{s3_bucket}/run/clean", CleanConfig())
+    assert storage.list_files(f"{s3_bucket}/run/clean") == [
+        "_SUCCESS", "conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"]
+    assert storage.read_bytes(f"{s3_bucket}/run/clean/conversations.jsonl.gz") == gzip.decompress(
+        (tmp_path / "local" / "conversations.jsonl.gz").read_bytes())
