@@ -197,10 +197,14 @@ def _worker_init() -> None:
     gc.disable()
 
 
-def _now(fn: Callable[..., list[LineResult]], *args: Any) -> Future:
-    done: Future = Future()
-    done.set_result(fn(*args))
-    return done
+def _done(results: list[LineResult]) -> Future:
+    future: Future = Future()
+    future.set_result(results)
+    return future
+
+
+def _run_here(fn: Callable[..., list[LineResult]], *args: Any) -> Future:
+    return _done(fn(*args))
 
 
 def _batches(lines: Iterable[reddit.Line]) -> Iterator[list[reddit.Line]]:
@@ -232,13 +236,12 @@ def cleaned_lines(
     if workers > 1:
         ctx = multiprocessing.get_context("spawn")  # no fork while the writer thread runs
         pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
-    submit = pool.submit if pool is not None else _now
+    submit = pool.submit if pool is not None else _run_here
     window: deque[tuple[list[reddit.Line], Future]] = deque()
     try:
         for batch in _batches(lines):
             if batch[0].error is not None:
-                result = [LineResult("reject", reason="unreadable_stream", detail=batch[0].error)]
-                window.append((batch, _now(lambda: result)))
+                window.append((batch, _done([LineResult("reject", reason="unreadable_stream", detail=batch[0].error)])))
             else:
                 window.append((batch, submit(clean_batch, [ln.raw for ln in batch], strip_delta_edits)))
             while len(window) > (2 * workers if pool is not None else 0):
@@ -265,6 +268,9 @@ def resolve_workers(config: CleanConfig, files: list[str]) -> int:
 
 
 # --- stats --------------------------------------------------------------------------------------------
+
+
+DELTA_KINDS = ("op_confirmed", "op_unconfirmed", "non_op", "non_op_confirmed", "rejected_by_deltabot")
 
 
 def make_stats(totals: Counter[str], lines_per_file: dict[str, int], config: CleanConfig) -> dict[str, Any]:
@@ -298,9 +304,7 @@ def make_stats(totals: Counter[str], lines_per_file: dict[str, int], config: Cle
             "continue_stubs": totals["continue_stubs"],
             "skipped_by_reason": skipped,
         },
-        "deltas": {
-            k: totals[k] for k in ("op_confirmed", "op_unconfirmed", "non_op", "non_op_confirmed", "rejected_by_deltabot")
-        },
+        "deltas": {k: totals[k] for k in DELTA_KINDS},
         "winning_branches": totals["winning_branches"],
     }
 

@@ -33,12 +33,8 @@ def _is_dir(uri: str) -> bool:
     if uri.endswith("/"):
         return True
     if storage.is_s3(uri):
-        # a prefix, not an object
-        return not storage.exists(uri)
-    import os
-
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    return os.path.isdir(path)
+        return not storage.exists(uri)  # a prefix, not an object
+    return storage.local_path(uri).is_dir()
 
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
@@ -71,16 +67,17 @@ class Line:
 
 def iter_lines(files: Iterable[str]) -> Iterator[Line]:
     """Every line of every file, streamed. A compressed stream that ends early or is
-    corrupt yields one `Line` with `error` set and reading goes on with the next file."""
+    corrupt yields one `Line` with `error` set and reading goes on with the next file
+    (a file that cannot be opened at all is an error, raised)."""
     for uri in files:
         number = 0
-        try:
-            with storage.open_read(uri, "rb") as f:
+        with storage.open_read(uri, "rb") as f:
+            try:
                 for raw in f:
                     number += 1
                     yield Line(uri, number, raw)
-        except (EOFError, OSError, zlib.error) as e:
-            yield Line(uri, number + 1, b"", error=f"{type(e).__name__}: {e}")
+            except (EOFError, OSError, zlib.error) as e:
+                yield Line(uri, number + 1, b"", error=f"{type(e).__name__}: {e}")
 
 
 # --- parsing ----------------------------------------------------------------------

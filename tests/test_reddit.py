@@ -155,3 +155,15 @@ def test_bundled_sample_is_reproducible(tmp_path):
     script = Path(reddit.__file__).parent / "data" / "make_sample.py"
     proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_missing_input_is_an_error_not_a_reject(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        list(reddit.iter_lines([str(tmp_path / "nope.jsonlist")]))
+
+
+def test_not_really_gzip_is_an_unreadable_stream(tmp_path):
+    fake = tmp_path / "fake.jsonlist.gz"
+    fake.write_bytes(b'{"id": "a"}\n')
+    lines = list(reddit.iter_lines([str(fake)]))
+    assert len(lines) == 1 and "BadGzipFile" in lines[0].error
