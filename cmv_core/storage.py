@@ -226,6 +226,10 @@ def open_write(uri: str, mode: str = "wb") -> Iterator[IO]:
             bucket, key = _split_s3(uri)
             s3_client().upload_file(tmp_name, bucket, key)
         else:
+            # mkstemp creates 0600 files; give the artifact the usual umask-based mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_name, 0o666 & ~umask)
             os.replace(tmp_name, local_path(uri))
         ok = True
     finally:
