@@ -6,12 +6,13 @@ Throughput is completion tokens per second (real tokens only: padding after a
 finished reply is not counted). Target: batched >= 3x one-at-a-time.
 
     make bench-generate
-    .venv/bin/python benchmarks/bench_generate.py --prompts 16 --batch-size 16 --max-new-tokens 32
+    .venv/bin/python benchmarks/bench_generate.py --prompts 16 --batch-size 16 --max-new-tokens 64 --rounds 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -55,34 +56,44 @@ def prompts(n: int) -> list[gen.Prompt]:
     return out
 
 
-def timed(config: gen.GenerateConfig, batch: list[gen.Prompt]) -> tuple[float, int]:
-    variant = gen.Variant("base", config.variants[0]["model"])
-    with gen.open_backend([variant], config) as generate:
-        generate(variant, batch[:1], 0)  # warm-up: first-call allocations, kernel selection
-        started = time.perf_counter()
-        replies = generate(variant, batch, 0)
-        seconds = time.perf_counter() - started
-    return seconds, sum(r.completion_tokens for r in replies)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=EMBEDDED_DEFAULT)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best round of each mode counts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import torch
 
     batch = prompts(args.prompts)
+    variant = gen.Variant("base", args.model)
     common = dict(max_new_tokens=args.max_new_tokens, device="cpu", variants=[{"name": "base", "model": args.model}])
-    print(f"model {args.model}, {args.prompts} prompts, {args.max_new_tokens} new tokens max, greedy, "
-          f"CPU with {torch.get_num_threads()} threads")
-    one_s, one_tokens = timed(gen.GenerateConfig(batch_size=1, **common), batch)
-    print(f"one at a time     : {one_s:7.2f} s  {one_tokens:5d} tokens  {one_tokens / one_s:7.1f} tokens/s")
-    bat_s, bat_tokens = timed(gen.GenerateConfig(batch_size=args.batch_size, **common), batch)
-    print(f"batched (size {args.batch_size:3d}): {bat_s:7.2f} s  {bat_tokens:5d} tokens  {bat_tokens / bat_s:7.1f} tokens/s")
+    modes = {"one at a time": 1, f"batched (size {args.batch_size})": args.batch_size}
+    print(f"model {args.model}, {args.prompts} prompts, up to {args.max_new_tokens} new tokens, greedy, "
+          f"CPU with {torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds")
+    best: dict[str, tuple[float, int]] = {}
+    with contextlib.ExitStack() as stack:
+        backends = {
+            name: stack.enter_context(gen.open_backend([variant], gen.GenerateConfig(batch_size=size, **common)))
+            for name, size in modes.items()
+        }
+        for generate in backends.values():
+            generate(variant, batch[:1], 0)  # warm-up: first-call allocations, kernel selection
+        # Interleaved rounds, best of each: a machine shared with other jobs slows
+        # some rounds down, and the two modes should see the same conditions.
+        for r in range(args.rounds):
+            for name, generate in backends.items():
+                started = time.perf_counter()
+                replies = generate(variant, batch, 0)
+                seconds = time.perf_counter() - started
+                tokens = sum(x.completion_tokens for x in replies)
+                print(f"round {r + 1} {name:20s}: {seconds:7.2f} s  {tokens:5d} tokens  {tokens / seconds:7.1f} tokens/s",
+                      flush=True)
+                if name not in best or tokens / seconds > best[name][1] / best[name][0]:
+                    best[name] = (seconds, tokens)
+    (one_s, one_tokens), (bat_s, bat_tokens) = best.values()
     ratio = (bat_tokens / bat_s) / (one_tokens / one_s)
     print(f"throughput ratio batched / one-at-a-time: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
     return 0
