@@ -56,6 +56,7 @@ resume checkpoint into its own scratch directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -631,12 +632,44 @@ def lora_config(cfg: TrainConfig):
     )
 
 
+def deepspeed_dict(path: str) -> dict:
+    """The DeepSpeed JSON, minus an "auto" train_batch_size.
+
+    transformers fills "auto" while the TrainingArguments are built, before the process group exists, so it
+    computes the global batch with a world size of 1 and DeepSpeed then rejects it on every multi-process run.
+    Without the key DeepSpeed derives it itself (micro batch x accumulation x world size).
+    """
+    ds = json.loads(Path(path).read_text())
+    if ds.get("train_batch_size") == "auto":
+        del ds["train_batch_size"]
+    return ds
+
+
+def start_cpu_deepspeed_state() -> None:
+    """Process group for DeepSpeed on CPU (tests, laptops).
+
+    accelerate only knows GPU backends for DeepSpeed: on CPU it lets DeepSpeed join a gloo group but records no
+    backend and counts one process, so every gather in the Trainer breaks. Start its state with gloo instead;
+    the SFTConfig then uses this state (``use_configured_state``).
+    """
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
 def sft_config(cfg: TrainConfig, scratch: Path, *, has_eval: bool, packing_tokens: bool):
     from trl import SFTConfig
 
     import torch
 
     on_gpu = torch.cuda.is_available()
+    configured_state = bool(cfg.deepspeed) and not on_gpu
+    if configured_state:
+        start_cpu_deepspeed_state()
     return SFTConfig(
         output_dir=str(scratch / "checkpoints"),
         max_steps=cfg.max_steps,
@@ -670,13 +703,14 @@ def sft_config(cfg: TrainConfig, scratch: Path, *, has_eval: bool, packing_token
         seed=cfg.seed,
         data_seed=cfg.seed,
         dataloader_num_workers=cfg.dataloader_num_workers,
-        deepspeed=cfg.deepspeed,
+        deepspeed=deepspeed_dict(cfg.deepspeed) if cfg.deepspeed else None,
         # Packed batches carry no padding (and pad == eos for these tokenizers): count every token.
         include_num_input_tokens_seen="all" if packing_tokens else "non_padding",
         report_to="none",
         ddp_find_unused_parameters=False if cfg.method != "full" else None,
         save_only_model=False,
         disable_tqdm=not (int(os.environ.get("RANK", "0")) == 0),
+        accelerator_config={"use_configured_state": True} if configured_state else None,
     )
 
 
@@ -968,9 +1002,32 @@ def run_train(
     return summary
 
 
+@contextlib.contextmanager
+def zero3_init_disabled():
+    """Load models on this rank alone while ZeRO-3 is configured.
+
+    With ZeRO-3 on, transformers wraps every from_pretrained/from_config in ``deepspeed.zero.Init``, which
+    partitions the weights with collectives: on rank 0 alone (merging the adapter) that waits forever.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def _publish(trainer, cfg: TrainConfig, model_path: str, output: str, final_local: Path, scratch: Path,
              tokenizer) -> dict:
     """Rank 0: check what save_model wrote, merge LoRA, upload adapter/ and model/."""
+    with zero3_init_disabled():
+        return _publish_local(cfg, model_path, output, final_local, scratch, tokenizer)
+
+
+def _publish_local(cfg: TrainConfig, model_path: str, output: str, final_local: Path, scratch: Path,
+                   tokenizer) -> dict:
     for stale in ("model", "adapter"):  # a previous run's files must not survive into this manifest
         storage.delete_prefix(storage.join(output, stale))
     (final_local / "training_args.bin").unlink(missing_ok=True)  # a pickle of this run's args: not an artifact
