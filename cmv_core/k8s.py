@@ -134,13 +134,14 @@ def prepare_tree(
             raise K8sError(f"setting {key}={value!r}: a name of letters, digits and '_', a one-line value")
     if "RUN_ID" in values:
         check_run_id(values["RUN_ID"])
+    # Only the env files this overlay is built from: another overlay's values must not count as "found".
     found: set[str] = set()
-    for env_file in sorted(tree.rglob("pipeline.env")):
+    for env_file in env_files(tree / "overlays" / overlay):
         text, keys = _set_env_values(env_file.read_text(), values)
         env_file.write_text(text)
         found |= keys
     missing = {k: v for k, v in values.items() if k not in found}
-    if missing:
+    if missing:  # new keys go to the overlay's own settings, merged last
         own = tree / "overlays" / overlay / "settings" / "pipeline.env"
         with own.open("a") as f:
             f.write("# added by cmv k8s render\n" + "".join(f"{k}={v}\n" for k, v in missing.items()))
@@ -148,6 +149,25 @@ def prepare_tree(
         for kustomization in tree.rglob("kustomization.yaml"):
             _set_images(kustomization, registry, tag)
     return tree / "overlays" / overlay
+
+
+def env_files(kustomization_dir: Path, seen: set[Path] | None = None) -> list[Path]:
+    """The configMapGenerator env files a kustomization is built from, its bases' and components' included."""
+    import yaml
+
+    seen = set() if seen is None else seen
+    kdir = kustomization_dir.resolve()
+    if kdir in seen or not (kdir / "kustomization.yaml").is_file():
+        return []
+    seen.add(kdir)
+    doc = yaml.safe_load((kdir / "kustomization.yaml").read_text()) or {}
+    out: list[Path] = []
+    for ref in [*(doc.get("resources") or []), *(doc.get("components") or [])]:
+        if (kdir / ref).is_dir():
+            out += env_files(kdir / ref, seen)
+    for generator in doc.get("configMapGenerator") or []:
+        out += [kdir / e for e in generator.get("envs") or []]
+    return out
 
 
 def kustomize(path: str | Path) -> str:

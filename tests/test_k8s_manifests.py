@@ -254,6 +254,11 @@ def test_train_job_runs_torchrun_with_rank_from_the_completion_index(overlays):
     port = c["ports"][0]["containerPort"]
     config = k8s.plan(overlays["multinode"]).settings
     assert str(port) == config["MASTER_PORT"]
+    # SIGTERM contract: the trainer checkpoints and exits 143; torchrun and the pod wait long enough for it.
+    assert {"action": "Ignore", "onExitCodes": {"containerName": "main", "operator": "In", "values": [143]}} in \
+        job["spec"]["podFailurePolicy"]["rules"]
+    grace = job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"])
     anti = job["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
     assert anti["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == "kubernetes.io/hostname"
 
@@ -294,3 +299,14 @@ def test_render_cli_sets_run_images_and_stage(tmp_path):
     assert bad.returncode == 2 and "run id 'Run_1'" in bad.stderr
     missing = cmv("--overlay", "nope")
     assert missing.returncode == 2 and "no overlay 'nope'" in missing.stderr and "dev" in missing.stderr
+
+
+@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+def test_render_settings_reach_every_overlay_and_stage(overlay):
+    # A key the overlay does not have yet (gpu has no AWS_ENDPOINT_URL; dev has one) and one it has.
+    settings = {"AWS_ENDPOINT_URL": "http://store.example:9000", "RUN_ID": "set-1"}
+    for stage in (None, "train"):
+        run = k8s.plan(k8s.render_objects(overlay, stage=stage, settings=settings))
+        assert run.settings["AWS_ENDPOINT_URL"] == "http://store.example:9000" and run.run_id == "set-1"
+    # The repository's files are untouched: rendering works on a copy.
+    assert "set-1" not in (K8S / "overlays" / ("gpu" if overlay == "multinode" else overlay) / "settings" / "pipeline.env").read_text()
