@@ -38,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -648,6 +647,8 @@ def cli_main(args: argparse.Namespace) -> int:
             sys.stdout.write(render(args.overlay, stage=args.stage, settings=settings, registry=args.registry,
                                     tag=args.tag, k8s_dir=args.k8s_dir))
             return 0
+        # The store check is a convenience: a store unreachable from here should fail fast, not retry for a minute.
+        os.environ.setdefault("CMV_S3_MAX_ATTEMPTS", "2")
         run = _plan_from_args(args)
         cluster = connect(args.namespace, args.context)
         if args.k8s_command == "status":

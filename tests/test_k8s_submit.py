@@ -4,7 +4,6 @@ failed pod's last log lines, and resuming a run from its first stage without _SU
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
