@@ -92,6 +92,6 @@ docker-check:
 	@command -v $(DOCKER) >/dev/null || { echo "make images needs $(DOCKER) (a Docker engine, buildx or podman: DOCKER=podman)" >&2; exit 1; }
 
 images-constraints: install ## re-pin images/constraints.txt to the versions installed in .venv
-	{ sed -n '1,3p' images/constraints.txt; $(PIP) freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton|cmv-persuasion)|\+|@ '; } > images/constraints.txt.new
+	{ sed -n '1,3p' images/constraints.txt; $(PIP) freeze --exclude-editable | grep -viE '^(#|torch|nvidia-|triton|cmv-persuasion)|\+|@ '; } > images/constraints.txt.new
 	mv images/constraints.txt.new images/constraints.txt
 # --- end images ---
