@@ -358,9 +358,9 @@ def delete_prefix(uri: str) -> None:
 def upload_dir(local_dir: str | Path, uri: str) -> None:
     """Copy a local directory to a URI (S3 or another local directory)."""
     local_dir = Path(local_dir)
-    for p in sorted(local_dir.rglob("*")):
-        if not p.is_file():
-            continue
+    # A copied stage folder must never show its _SUCCESS before the files it lists.
+    files = sorted((p for p in local_dir.rglob("*") if p.is_file()), key=lambda p: (p.name == SUCCESS, str(p)))
+    for p in files:
         rel = str(p.relative_to(local_dir))
         dest = join(uri, rel)
         if is_s3(dest):

@@ -173,3 +173,16 @@ def test_transient_s3_errors_are_retried(s3_bucket, monkeypatch):
         assert _FlakyProxy.seen == 2
     finally:
         server.shutdown()
+
+
+def test_upload_dir_writes_success_last(tmp_path, s3_bucket, monkeypatch):
+    src = tmp_path / "stage"
+    src.mkdir()
+    for name in ("_SUCCESS", "a.jsonl", "z.jsonl"):
+        (src / name).write_text(name)
+    order = []
+    client = storage.s3_client()
+    real = client.upload_file
+    monkeypatch.setattr(client, "upload_file", lambda f, b, k, **kw: (order.append(k.rsplit("/", 1)[1]), real(f, b, k, **kw)))
+    storage.upload_dir(src, s3_bucket + "/copy")
+    assert order == ["a.jsonl", "z.jsonl", "_SUCCESS"]
