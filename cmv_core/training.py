@@ -600,6 +600,23 @@ def weights_dtype(cfg: TrainConfig) -> str:
     return "float32"
 
 
+def check_hardware(cfg: TrainConfig) -> None:
+    """Fail before any work when the recipe asks for what this machine lacks."""
+    import importlib.util
+
+    import torch
+
+    if cfg.method == "qlora" and (not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None):
+        raise ConfigError("train.method=qlora needs a CUDA GPU and the bitsandbytes package; use lora on CPU")
+    if cfg.precision != "fp32" and not torch.cuda.is_available():
+        raise ConfigError(f"train.precision={cfg.precision} needs a GPU here; use --set train.precision=fp32 on CPU")
+    flash_module = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+    module = flash_module.get(cfg.attn_implementation)
+    if module and (not torch.cuda.is_available() or importlib.util.find_spec(module) is None):
+        raise ConfigError(f"train.attn_implementation={cfg.attn_implementation} needs a GPU and the {module} "
+                          "package; use sdpa")
+
+
 def load_model(model_path: str, cfg: TrainConfig):
     """The base causal LM (4-bit for QLoRA). Call after the SFTConfig exists (ZeRO-3 partitions at load)."""
     import torch
@@ -607,10 +624,6 @@ def load_model(model_path: str, cfg: TrainConfig):
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype(weights_dtype(cfg)), "attn_implementation": cfg.attn_implementation}
     if cfg.method == "qlora":
-        import importlib.util
-
-        if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("train.method=qlora needs a CUDA GPU and the bitsandbytes package; use lora on CPU")
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
@@ -843,6 +856,7 @@ def run_train(
     or ``{"preempted": True, ...}`` when SIGTERM stopped training after a checkpoint (no ``_SUCCESS``).
     """
     cfg = config
+    check_hardware(cfg)
     if cfg.deepspeed and not cfg.deepspeed.endswith(".json"):
         cfg.deepspeed = resolve_deepspeed_config(cfg.deepspeed)
     if cfg.deepspeed and "WORLD_SIZE" not in os.environ:
@@ -865,8 +879,11 @@ def run_train(
     decision: list[Any] = [None]
     if dist.is_main_process:
         had_success = storage.exists(storage.join(output, storage.SUCCESS))
-        run = storage.begin_stage("train", output, inputs=[input], config={"train": to_dict(cfg), "model": model},
-                                  run_id=run_id, force=force)
+        # The DeepSpeed settings go in by content, not by path: the same run in another checkout or image must
+        # match its manifest and resume its checkpoints.
+        stage_config = {"train": {**to_dict(cfg), "deepspeed": deepspeed_dict(cfg.deepspeed) if cfg.deepspeed
+                                  else None}, "model": model}
+        run = storage.begin_stage("train", output, inputs=[input], config=stage_config, run_id=run_id, force=force)
         if run is None:
             decision[0] = {"skip": True}
         else:
@@ -971,7 +988,11 @@ def run_train(
         log.warning("stopped on SIGTERM at step %d; checkpoint mirrored to %s; exiting %d so the Job resumes",
                     stopper.stopped_at, checkpoints_uri(output), EXIT_PREEMPTED)
         return {"preempted": True, "step": stopper.stopped_at, "resumed_from_step": resumed_from}
-    final_eval = trainer.evaluate() if eval_ds is not None else None
+    last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last_eval is not None and last_eval["step"] == trainer.state.global_step:
+        final_eval = last_eval  # the periodic eval just ran on this very step
+    else:
+        final_eval = trainer.evaluate() if eval_ds is not None else None
 
     # Save: adapter/weights gathered from every rank (ZeRO-3 safe), then rank 0 merges, checks and uploads
     final_local = scratch / "final"
@@ -997,8 +1018,9 @@ def run_train(
         storage.finish_stage(run, summary)
         log.info("train: %d steps, final eval loss %s, %s tokens/s; wrote %s", metrics["global_step"],
                  metrics["final_eval_loss"], metrics["tokens_per_second"], output)
-        shutil.rmtree(scratch, ignore_errors=True)
     dist.wait_for_everyone()
+    if dist.is_local_main_process:
+        shutil.rmtree(scratch, ignore_errors=True)
     return summary
 
 

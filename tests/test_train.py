@@ -247,3 +247,47 @@ def test_tiny_full_finetune_with_packing(tmp_path, tiny_model_dir):
     assert trained.keys() == base.keys()
     unchanged = [k for k in base if (trained[k].float() - base[k].float()).abs().max() == 0]
     assert not unchanged, f"weights that did not train: {unchanged}"
+
+
+def test_checkpoint_selection_ignores_incomplete_foreign_and_wrong_world_size(tmp_path):
+    """Only a checkpoint with its _COMPLETE marker, from this run's inputs+config, is resumed; pruning keeps N."""
+    from cmv_core.training import list_checkpoints, newest_resumable, prune_checkpoints
+
+    out = str(tmp_path / "train")
+
+    def checkpoint(step: int, fingerprint: str | None, world_size: int = 1) -> None:
+        base = storage.join(out, "checkpoints", f"checkpoint-{step}")
+        storage.write_bytes(storage.join(base, "optimizer.pt"), b"x" * step)
+        if fingerprint is not None:
+            storage.write_json(storage.join(base, "_COMPLETE"), {"step": step, "fingerprint": fingerprint,
+                                                                  "world_size": world_size, "files": []})
+
+    checkpoint(2, "mine")
+    checkpoint(4, "mine", world_size=2)
+    checkpoint(6, "other-config")
+    checkpoint(8, None)  # killed while uploading
+    assert newest_resumable(out, "mine", world_size=1, deepspeed=False)[0] == 4
+    assert newest_resumable(out, "mine", world_size=1, deepspeed=True)[0] == 2  # ZeRO shards are per world size
+    assert newest_resumable(out, "nobody", world_size=1, deepspeed=False) is None
+
+    prune_checkpoints(out, keep=2)
+    assert {s: m is not None for s, m in list_checkpoints(out).items()} == {4: True, 6: True, 8: False}
+    checkpoint(10, "mine")
+    prune_checkpoints(out, keep=1)
+    assert list(list_checkpoints(out)) == [10]  # older complete ones and the stale incomplete one are gone
+
+
+def test_recipe_asking_for_missing_hardware_fails_early():
+    import importlib.util
+
+    import torch
+
+    from cmv_core.config import ConfigError
+    from cmv_core.training import TrainConfig, check_hardware
+
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("this machine can run QLoRA")
+    with pytest.raises(ConfigError, match="qlora needs a CUDA GPU and the bitsandbytes package"):
+        check_hardware(TrainConfig(method="qlora"))
+    with pytest.raises(ConfigError, match="unknown|must be one of"):
+        TrainConfig(method="prefix-tuning")
