@@ -163,6 +163,7 @@ def test_transient_s3_errors_are_retried(s3_bucket, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setenv("CMV_S3_MAX_ATTEMPTS", "5")
         _FlakyProxy.failures, _FlakyProxy.seen = 2, 0
         assert storage.read_text(s3_bucket + "/x.txt") == "payload"
         assert _FlakyProxy.seen == 3  # two 503s, retried by botocore, then success
