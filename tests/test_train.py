@@ -227,7 +227,6 @@ def test_tiny_lora_run_learns_and_writes_loadable_model(tmp_path, tiny_model_dir
     assert (out / "_SUCCESS").read_bytes() == before
 
 
-@pytest.mark.slow
 def test_tiny_full_finetune_with_packing(tmp_path, tiny_model_dir):
     """Full fine-tuning (every weight trains) on packed sequences; no adapter."""
     from safetensors.torch import load_file
