@@ -120,7 +120,9 @@ class TrainConfig:
     # Numerics and kernels
     precision: str = "fp32"  # fp32 | bf16 | fp16
     model_dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 weights for LoRA/DeepSpeed + bf16)
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 (needs flash-attn)
+    # sdpa | eager | flash_attention_2 (needs flash-attn) | flex_attention. With bfd packing the batch is one
+    # padding-free row: flash-attn (and flex) attend within each example only; sdpa needs a dense block mask.
+    attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     torch_compile: bool = False
     tf32: bool = True  # TensorFloat-32 matmuls on Ampere+ GPUs (ignored on CPU)
@@ -157,7 +159,7 @@ class TrainConfig:
             "precision": ("fp32", "bf16", "fp16"),
             "model_dtype": ("auto", "float32", "bfloat16", "float16"),
             "packing_strategy": ("bfd", "bfd_split", "wrapped"),
-            "attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"),
+            "attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
