@@ -726,6 +726,9 @@ def sft_config(cfg: TrainConfig, scratch: Path, *, has_eval: bool, packing_token
         save_only_model=False,
         disable_tqdm=not (int(os.environ.get("RANK", "0")) == 0),
         accelerator_config={"use_configured_state": True} if configured_state else None,
+        # Without it, accelerate on CPU counts one process per node under torchrun --nnodes N, and every node
+        # behaves as rank 0 (the multi-node Job test found this).
+        use_cpu=not on_gpu and not configured_state,
     )
 
 

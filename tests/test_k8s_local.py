@@ -210,8 +210,7 @@ def test_multinode_train_job_for_two_nodes_trains_as_two_processes(s3_bucket, fo
     metrics = storage.read_json(f"{root}/{run_id}/train/metrics.json")
     assert json.dumps(metrics)  # written once, by rank 0, for a world of 2 processes
     world = [v for k, v in _flatten(metrics).items() if k.endswith("world_size")]
-    if world:
-        assert world[0] == 2
+    assert world and world[0] == 2, f"metrics.json does not record a world of 2 processes: {world}"
 
 
 def _flatten(obj, prefix="") -> dict:
