@@ -9,7 +9,7 @@ RUN_ID ?= demo
 RECIPE ?= configs/demo.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all test-gpu bench bench-clean bench-train bench-judge bench-generate clean-runs
+.PHONY: help install demo test test-fast test-gpu bench bench-clean bench-train bench-judge bench-generate clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-22s %s\n", $$1, $$2}'
@@ -28,11 +28,11 @@ install: $(VENV)/.installed ## create .venv with every CPU extra and the test to
 demo: install ## run the whole pipeline locally on the embedded default model (minutes on CPU)
 	$(VENV)/bin/cmv run --config $(RECIPE) --root $(RUN_ROOT) --run-id $(RUN_ID)
 
-test: install ## run the default test suite (unit + integration; no slow or GPU tests)
-	$(VENV)/bin/pytest -m "not slow and not gpu" -q
+test: install ## every CPU test: unit, integration, and the slow tier (torchrun, kill/resume, Jobs executed); ~5-10 min
+	$(VENV)/bin/pytest -m "not gpu" -q --durations=15
 
-test-all: install ## every CPU test, the slow ones too
-	$(VENV)/bin/pytest -m "not gpu" -q
+test-fast: install ## unit + integration only (skips the slow tier); ~2 min
+	$(VENV)/bin/pytest -m "not slow and not gpu" -q
 
 test-gpu: install ## the GPU-marked tests (needs CUDA)
 	$(VENV)/bin/pytest -m gpu -q
