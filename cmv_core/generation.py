@@ -192,6 +192,10 @@ def trained_variant(name: str, trained: str, base_model: str, finetuned_weights:
     files = {f["path"] for f in manifest.get("files", [])}
     has_model = "model/config.json" in files
     has_adapter = "adapter/adapter_config.json" in files
+    # An adapter goes on the model it was trained from, as the train manifest records it.
+    trained_from = (manifest.get("config") or {}).get("model")
+    if isinstance(trained_from, str) and trained_from:
+        base_model = trained_from
     if finetuned_weights == "adapter" and has_adapter:
         return Variant(name, base_model, storage.join(trained, "adapter"))
     if has_model:

@@ -131,6 +131,9 @@ class FakeOpenAI:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+            # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and the
+            # client's delayed ACK add ~40 ms to every response (real servers set it too).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):  # quiet
                 pass

@@ -138,9 +138,10 @@ def test_parse_variant():
         gen.parse_variant("justaname")
 
 
-def _fake_train_output(root: Path, with_model=True, with_adapter=True) -> str:
+def _fake_train_output(root: Path, with_model=True, with_adapter=True, trained_from=None) -> str:
     out = str(root / "train")
-    run = storage.begin_stage("train", out, inputs=[], config={}, run_id="r")
+    config = {"model": trained_from} if trained_from else {}
+    run = storage.begin_stage("train", out, inputs=[], config=config, run_id="r")
     if with_model:
         storage.write_json(storage.join(out, "model", "config.json"), {})
     if with_adapter:
@@ -162,6 +163,11 @@ def test_variants_from_train_output(tmp_path):
     # Only an adapter (no merged model/): base + adapter even when merged weights are asked for.
     only_adapter = _fake_train_output(tmp_path / "x", with_model=False)
     assert gen.variants_from_args(model="m", recipe_model="r", trained=only_adapter)[1].adapter == f"{only_adapter}/adapter"
+    # The adapter goes on the model the train stage started from, whatever --model says.
+    recorded = _fake_train_output(tmp_path / "y", trained_from="embedded:trained-from")
+    assert gen.variants_from_args(
+        model="other", recipe_model="r", trained=recorded, finetuned_weights="adapter"
+    ) == [Variant("base", "other"), Variant("finetuned", "embedded:trained-from", f"{recorded}/adapter")]
     explicit = gen.variants_from_args(model=None, recipe_model="r", variant_args=["a=m1", f"b={trained}"])
     assert explicit == [Variant("a", "m1"), Variant("b", f"{trained}/model")]
     with pytest.raises(InputError, match="replaces"):
