@@ -29,7 +29,7 @@ Several processes / nodes: torchrun starts one process per GPU and each runs the
 Kubernetes training Job (an Indexed Job, one pod per node) is expected to run, as the container's main
 process (``exec``, so that it receives SIGTERM)::
 
-    exec torchrun \\
+    exec python3 -m cmv_core.torchrun \\
         --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --node_rank="$JOB_COMPLETION_INDEX" \\
         --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \\
         -m cmv_core.cli train --input s3://B/runs/R/format --output s3://B/runs/R/train \\
@@ -47,7 +47,8 @@ with these environment variables:
 - ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``: seconds torchrun waits for its workers after forwarding SIGTERM (default
   30) before SIGKILL; set it, and the pod's ``terminationGracePeriodSeconds`` above it, to more than one
   training step plus one checkpoint upload. Exit code 143 means "stopped on SIGTERM, checkpoint saved": count
-  it as a disruption, not a failure, in the pod failure policy.
+  it as a disruption, not a failure, in the pod failure policy. (``cmv_core.torchrun`` is torchrun that keeps
+  that status: plain torchrun exits 1 after forwarding SIGTERM, the same as on a crash.)
 
 Every rank must see the same ``--output`` (S3 when there is more than one node); each node downloads the
 resume checkpoint into its own scratch directory.

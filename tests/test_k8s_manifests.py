@@ -226,7 +226,7 @@ def test_job_arguments_match_the_local_runner(overlays, overlay):
         c = main_container(run.job(stage))
         args = [expand(a, env) for a in c["args"]]
         if stage == "train":
-            assert c["command"] == ["torchrun"]
+            assert c["command"] == ["python3", "-m", "cmv_core.torchrun"]
             args = args[args.index("jobs.train") + 1:]
         local = cli.stage_argv(stage, env["ARTIFACT_ROOT"], run.run_id, env["CMV_RECIPE"], [env["RAW_INPUT"]])
         assert local[0] == stage

@@ -66,8 +66,11 @@ def test_torchrun_two_processes_zero3_lora_saves_loadable_adapter(tmp_path, tiny
     assert torch.isfinite(torch.tensor(metrics["final_eval_loss"]))
 
 
-def start_training(fmt: str, out: str, max_steps: int, save_steps: int, log_path: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cmv_core.cli", "train", "--input", fmt, "--output", out, "--config", TINY,
+def start_training(fmt: str, out: str, max_steps: int, save_steps: int, log_path: Path,
+                   torchrun: bool = False) -> subprocess.Popen:
+    # torchrun: launched as the training Job launches it (cmv_core.torchrun as the main process), one worker
+    launcher = ["-m", "cmv_core.torchrun", "--nproc-per-node=1", f"--master-port={free_port()}"] if torchrun else []
+    cmd = [sys.executable, *launcher, "-m", "cmv_core.cli", "train", "--input", fmt, "--output", out, "--config", TINY,
            "--set", f"train.max_steps={max_steps}", "--set", f"train.save_steps={save_steps}",
            "--set", "train.save_total_limit=2", "--set", "train.max_length=256",
            "--set", "train.per_device_train_batch_size=2"]
@@ -140,11 +143,14 @@ def test_killed_run_resumes_from_newest_s3_checkpoint(tmp_path, s3_bucket):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_final_checkpoint_then_resume_finishes(tmp_path, s3_bucket):
-    """SIGTERM mid-run: a checkpoint of the current step is mirrored, exit code 143, no _SUCCESS; rerun finishes."""
+    """SIGTERM mid-run: a checkpoint of the current step is mirrored, exit code 143, no _SUCCESS; rerun finishes.
+
+    The signal goes to the launcher, as Kubernetes sends it to the pod's main process; it forwards it to the worker.
+    """
     fmt = write_format_output(str(tmp_path / "format"))
     out = f"{s3_bucket}/run/train"
     max_steps = 12
-    proc = start_training(fmt, out, max_steps, save_steps=4, log_path=tmp_path / "first.log")
+    proc = start_training(fmt, out, max_steps, save_steps=4, log_path=tmp_path / "first.log", torchrun=True)
     try:
         first = wait_for_checkpoint(proc, out)
         proc.send_signal(signal.SIGTERM)
