@@ -24,6 +24,12 @@ _QUOTE_LINE = re.compile(r"^[ \t]*(?:>|&gt;)")
 _CODE_LINE = re.compile(r"^(?: {4}|\t)")
 _CODE_SPAN = re.compile(r"(`+).*?\1")
 _AWARDED = re.compile(r"delta awarded to\s+(?:/?u/)?([A-Za-z0-9_\-\\]+)", re.IGNORECASE)
+# A DeltaBot reply that says the delta was rejected or taken back confirms nothing,
+# even when it names the user ("The delta awarded to /u/NAME has been removed.").
+_NOT_CONFIRMED = re.compile(
+    r"\brejected\b|has been removed|\bcan(?:not|'t) award\b|\balready awarded\b", re.IGNORECASE
+)
+_DB3_PARAMS = re.compile(r"DB3PARAMSSTART.*?(?:DB3PARAMSEND|\Z)", re.DOTALL)
 
 
 class Comment(TypedDict):
@@ -138,8 +144,10 @@ def confirmed_recipient(deltabot_text: str) -> str | None:
     with an optional hidden DB3PARAMS block). Markdown escapes in names
     (`some\\_name`) are undone.
     """
+    if "DB3PARAMSSTART" in deltabot_text:  # hidden machine-readable block: ignored
+        deltabot_text = _DB3_PARAMS.sub(" ", deltabot_text)
     m = _AWARDED.search(deltabot_text)
-    if m is None:
+    if m is None or _NOT_CONFIRMED.search(deltabot_text):
         return None
     return m.group(1).replace("\\", "")
 

@@ -101,6 +101,16 @@ def test_token_ignored(text):
     ("This delta has been rejected. The length of your comment suggests that you haven't properly "
      "explained how /u/bob changed your view (comment rule 4).", None),
     ("You cannot award OP a delta as they are the one whose view is being challenged.", None),
+    ("Confirmed: 1 delta awarded to Alice.", "Alice"),  # no /u/ at all
+    ("Confirmed: 1 delta awarded to /U/Alice.", "Alice"),
+    # rejections and removals that still name someone after "delta awarded to"
+    ("The delta awarded to /u/bob has been removed.", None),
+    ("This delta has been rejected: the delta awarded to /u/bob earlier on this comment stands.", None),
+    # the hidden DB3PARAMS block is ignored, whatever it holds
+    ("Confirmed: 1 delta awarded to /u/bob.\n\n[](HTTP://DB3PARAMSSTART\n{\"issues\": {\"rejected\": 0}}\n"
+     "DB3PARAMSEND)", "bob"),
+    ("This delta has been rejected.\n\n[](HTTP://DB3PARAMSSTART\n{\"note\": \"delta awarded to bob\"}\n"
+     "DB3PARAMSEND)", None),
 ])
 def test_confirmed_recipient(text, name):
     assert D.confirmed_recipient(text) == name
@@ -131,6 +141,49 @@ def test_confirmed_op_delta_db3_format_case_insensitive_name():
     assert branch_ids(branches) == [["c1"]]
 
 
+# Each token as the dump spells it (bodies are HTML-escaped: a typed `&#8710;` is `&amp;#8710;`).
+@pytest.mark.parametrize("raw_body", [
+    "\u2206", "\u0394 thanks", "&#8710;", "&amp;#8710;", "&amp;amp;#8710;", "!delta", "!DELTA", "ok !Delta",
+    "&gt; your point\n\nThat changed my mind \u2206",
+])
+def test_every_token_spelling_wins_the_branch(raw_body):
+    _, found, branches = analyse([
+        rc("c1", None, "alice", "argument"), rc("o1", "c1", "op", raw_body), rc("b1", "o1", "DeltaBot", old("alice")),
+    ])
+    assert summary(found) == [("o1", "c1", "alice", True, True, False)]
+    assert branch_ids(branches) == [["c1"]]
+
+
+# Quoted lines as the dump spells them (`&gt;`, once or twice escaped), code lines and code spans.
+@pytest.mark.parametrize("raw_body", [
+    "&gt; \u2206", "  &gt; !delta", "&gt;&gt; nested \u0394", "&amp;gt; &amp;#8710; still a quote",
+    "&gt; give me a &amp;#8710;\n\nNo.", "    !delta", "\t\u2206", "use `!delta` to award", "``&#8710;``",
+])
+def test_token_only_in_quote_or_code_wins_nothing_even_when_deltabot_confirms(raw_body):
+    _, found, branches = analyse([
+        rc("c1", None, "alice", "argument"), rc("o1", "c1", "op", raw_body), rc("b1", "o1", "DeltaBot", old("alice")),
+    ])
+    assert found == [] and branches == []
+
+
+@pytest.mark.parametrize("name", ["/u/alice", "u/alice", "alice", "/u/ALICE", "/U/Alice"])
+def test_confirmation_names_the_recipient_in_any_form(name):
+    _, found, branches = analyse([
+        rc("c1", None, "Alice", "argument"), rc("o1", "c1", "op", "\u2206"),
+        rc("b1", "o1", "DeltaBot", f"Confirmed: 1 delta awarded to {name}. ^[[History](/r/changemyview/wiki)]"),
+    ])
+    assert summary(found) == [("o1", "c1", "Alice", True, True, False)]
+    assert branch_ids(branches) == [["c1"]]
+
+
+def test_confirmation_text_by_someone_other_than_deltabot_does_not_count():
+    _, found, branches = analyse([
+        rc("c1", None, "alice", "x"), rc("o1", "c1", "op", "\u2206"), rc("f1", "o1", "DeltaBot_fan", old("alice")),
+    ])
+    assert summary(found) == [("o1", "c1", "alice", True, False, False)]
+    assert branches == []
+
+
 def test_unconfirmed_without_deltabot_reply():
     _, found, branches = analyse([rc("c1", None, "alice", "x"), rc("o1", "c1", "op", "\u2206")])
     assert summary(found) == [("o1", "c1", "alice", True, False, False)]
@@ -142,6 +195,7 @@ def test_unconfirmed_without_deltabot_reply():
     "how /u/alice changed your view (comment rule 4).",
     "This delta has been rejected. You have already awarded /u/alice a delta for this comment.",
     old("mallory"),  # confirms somebody else
+    "The delta awarded to /u/alice has been removed.",  # taken back: names alice, confirms nothing
 ])
 def test_deltabot_rejection_is_not_confirmation(bot_text):
     _, found, branches = analyse([
@@ -200,7 +254,10 @@ def test_deltabot_is_never_an_awarder():
     assert found == []
 
 
-@pytest.mark.parametrize("author,body", [("[deleted]", "[deleted]"), ("alice", "[removed]"), ("[deleted]", "text")])
+@pytest.mark.parametrize("author,body", [
+    ("[deleted]", "[deleted]"), ("alice", "[removed]"), ("[deleted]", "text"), ("alice", "[deleted]"),
+    ("[removed]", "[removed]"), ("alice", " [removed]\n"),
+])
 def test_deleted_or_removed_comment_is_never_a_recipient(author, body):
     _, found, branches = analyse([
         rc("c1", None, author, body), rc("o1", "c1", "op", "\u2206"), rc("b1", "o1", "DeltaBot", old("alice")),
