@@ -53,6 +53,7 @@ REJECTS = "rejects.jsonl.gz"
 STATS = "stats.json"
 BATCH_BYTES = 4 << 20  # lines sent to a worker at a time
 AUTO_SERIAL_BYTES = 64 << 20  # with workers: 0, smaller inputs are cleaned in-process
+MESSAGE_REJECTS = 3  # rejected lines named (file:line: reason) in the reject-limit error
 
 
 @dataclass
@@ -442,8 +443,12 @@ def _reject_record(line: reddit.Line, reason: str, detail: str = "", **extra: An
     return orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)
 
 
-def _check_rejects(stats: dict[str, Any], files: list[str], rejects_uri: str) -> None:
-    """Raise TooManyRejectsError when nothing was read or rejects exceed the limit."""
+def _check_rejects(
+    stats: dict[str, Any], files: list[str], rejects_uri: str, first: list[str] | None = None
+) -> None:
+    """Raise TooManyRejectsError when nothing was read or rejects exceed the limit.
+
+    `first`: "file:line: reason (detail)" for the first rejected lines, named in the message."""
     read, rejected = stats["lines"]["read"], stats["lines"]["rejected"]
     if read == 0:
         raise TooManyRejectsError(f"no thread lines found in {', '.join(files)}")
@@ -452,7 +457,9 @@ def _check_rejects(stats: dict[str, Any], files: list[str], rejects_uri: str) ->
         reasons = ", ".join(f"{k} {v}" for k, v in stats["rejected_lines_by_reason"].items())
         raise TooManyRejectsError(
             f"{rejected:,} of {read:,} input lines ({rejected / read:.2%}) were rejected, above "
-            f"clean.max_reject_fraction={limit} (reasons: {reasons}). Each rejected line is in {rejects_uri} "
+            f"clean.max_reject_fraction={limit} (reasons: {reasons}). "
+            + (f"First rejected: {'; '.join(first)}. " if first else "")
+            + f"Each rejected line is in {rejects_uri} "
             f"with its file, line number and reason. Fix the input, or raise the limit with "
             f"--set clean.max_reject_fraction=<fraction>."
         )
@@ -469,6 +476,7 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int) ->
     totals: Counter[str] = Counter()
     lines_per_file = {f: 0 for f in files}
     seen: set[str] = set()
+    first_rejects: list[str] = []  # named in the error message when the limit is exceeded
     rejects_uri = storage.join(output, REJECTS)
     with storage.open_write(rejects_uri, "wb") as rejects:
         try:
@@ -485,6 +493,9 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int) ->
                         res = LineResult("reject", reason="duplicate_thread", detail=f"{res.thread_id} read before")
                     if res.kind == "reject":
                         totals["rejected:" + res.reason] += 1
+                        if len(first_rejects) < MESSAGE_REJECTS:
+                            detail = f" ({res.detail[:120]})" if res.detail else ""
+                            first_rejects.append(f"{line.file}:{line.number}: {res.reason}{detail}")
                         rejects.write(_reject_record(line, res.reason, res.detail))
                         continue
                     seen.add(res.thread_id)
@@ -494,7 +505,7 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int) ->
                                                      comment_id=comment_id, raw=raw))
                     out.write(res.row)
                 stats = make_stats(totals, lines_per_file, config)
-                _check_rejects(stats, files, rejects_uri)
+                _check_rejects(stats, files, rejects_uri, first_rejects)
         except TooManyRejectsError as exc:
             return stats, exc
     return stats, None

@@ -77,6 +77,59 @@ def test_exact_branches_in_the_sample(clean_output):
     assert "Edit: formatting." in edited and "My view has been changed" not in edited
 
 
+# Every thread of the bundled sample (make_sample.py scenario in the comment): its winning branches and
+# its deltas as (awarding, rewarded, from_op, confirmed), exactly.
+SAMPLE_EXPECTED = {
+    "9l7cag": ([["dpmfhrw"]], [("dppsfay", "dpmfhrw", True, True)]),  # 1 basic, old format
+    "tncucu": ([["d9nh072", "dsi2jgc", "d4rjftl", "dc2tgej", "ddcz4ww"]],
+               [("dydre5g", "ddcz4ww", True, True)]),  # 2 depth 5, DB3
+    "w6jatj": ([["dvq5ahb"], ["dk23o6e", "d3pbab2", "d6m5qzc"]],
+               [("dmo98qj", "dvq5ahb", True, True), ("dqqr7wi", "d6m5qzc", True, True)]),  # 3 two challengers
+    "idlsu7": ([["djjjida"], ["djjjida", "d7jfbhu", "dxmc25g"]],
+               [("d7jfbhu", "djjjida", True, True), ("dcjl41r", "dxmc25g", True, True)]),  # 4 two in one chain
+    "l3bmnp": ([["dl44ray"]], [("dx4qtaz", "dl44ray", True, False), ("dzndkqt", "dl44ray", True, True)]),  # 5
+    "gktr4a": ([["dqtn7t5", "dx1b5fy", "d3hzio0"]],  # 6 non-OP deltas (one to the OP, rejected)
+               [("dnrj016", "ddc096e", False, False), ("d4sabct", "d3hzio0", False, True),
+                ("dv3ayyj", "d3hzio0", True, True)]),
+    "wacla6": ([["ddub73b", "dcwuwze", "dqro10z"]], [("da74pxw", "dqro10z", True, True)]),  # 7 quotes, code
+    "gjffgz": ([["dt8xprj"]], [("djudnl1", "dt8xprj", True, True)]),  # 8 DeltaBot's own ∆, OP answers it
+    "e55xai": ([["dhvjvt2", "dpjzqej", "dmj0jnq"]], [("d86p850", "dmj0jnq", True, True)]),  # 9 placeholder first
+    "b82ahm": ([["d2qpjmg"]], [("d9zleoz", "d2qpjmg", True, True)]),  # 10 placeholder after
+    "ev7a5i": ([["dglkqwa", "doamyoh", "dody9xg"]], [("dl7se2k", "dody9xg", True, True)]),  # 11 deleted/removed
+    "jfgp1i": ([], []),  # 12 OP deleted their account
+    "2j830d": ([["d6j4qbv"]], [("d10a2pt", "d6j4qbv", True, True)]),  # 13 removed post
+    "eohips": ([["dpfdnvu"]], [("dpw105x", "dpfdnvu", True, True)]),  # 14 !Delta
+    "sbh82p": ([["d3idggk"]], [("d2zqtrw", "d3idggk", True, True)]),  # 15 &amp;#8710;
+    "tp3us3": ([["dyxa4dy"]], [("dfow63r", "dyxa4dy", True, True)]),  # 16 raw &#8710;, EDIT in the post
+    "pyk3n5": ([["d1fk07j"]], [("dboie86", "d1navj5", True, False), ("d9g6vvz", "d1fk07j", True, True)]),  # 17
+    "s4gg5w": ([["dul9bvw"]], [("d2p4i1z", "dul9bvw", True, False), ("d3hbs0n", "dul9bvw", True, True)]),  # 18
+    "o8asbh": ([["dfew6zm"]], [("d8erxht", "dfew6zm", True, True)]),  # 19 shuffled order, orphans
+    "8969b0": ([], []),  # 20 no delta
+    "y4s3xz": ([], []),  # 21 no comments
+    "pt3og0": ([["db0okas"]], [("d9s9idq", "db0okas", True, True)]),  # 22 escaped underscores
+    "9mc227": ([["daoqf7v"]], [("dak05vj", "daoqf7v", True, True)]),  # 23 OP replying to self
+    "nyf4zc": ([["dn84l3q"]], [("dw4v21s", "dn84l3q", True, True)]),  # 24 top-level OP token
+    "dqjtek": ([["db2eum7", "dfdceh8", "dovyfhc", "depmgcw", "dn41ufa"]], [("do7oxmb", "dn41ufa", True, True)]),  # 25
+    "gdgrtc": ([["dvuvdsx"]], [("d7r8foc", "dvuvdsx", False, True), ("drwemjl", "dvuvdsx", True, True)]),  # 26
+    "h5kqge": ([["dyllm6j", "dj8gm41", "de5m0vl"]], [("d62yway", "de5m0vl", True, True)]),  # 27 third user wins
+    "lunj10": ([["d2m93q1"]], [("d9ecyz2", "d2m93q1", True, True)]),  # 28 "deltabot" in another case
+    "wt28kd": ([["d7i4j62"]], [("dk1obao", "d7i4j62", True, True), ("d9ysblw", "dwqueq6", True, False)]),  # 29
+    "qcy9u2": ([["d142l0k", "dcv60wk", "d9gi616", "dpubyyo", "dqec3v3"]],
+               [("dq2k9r0", "dqec3v3", True, True)]),  # 30 via an author deleted mid-branch
+}
+
+
+def test_every_sample_thread_has_exactly_its_branches_and_deltas(clean_output):
+    got = {
+        r["thread_id"]: (
+            [b["comment_ids"] for b in r["winning_branches"]],
+            [(d["awarding_comment_id"], d["rewarded_comment_id"], d["from_op"], d["confirmed"]) for d in r["deltas"]],
+        )
+        for r in read_rows(clean_output)
+    }
+    assert got == SAMPLE_EXPECTED
+
+
 def test_stats_and_comment_rejects(clean_output):
     stats = json.loads((Path(clean_output) / "stats.json").read_text())
     assert stats["lines"] == {"read": 30, "blank": 0, "threads_written": 30, "rejected": 0}
@@ -128,6 +181,8 @@ def test_too_many_rejects_fails_with_a_clear_message(tmp_path, sample_dump):
     assert "2 of 32 input lines (6.25%) were rejected" in proc.stderr
     assert "max_reject_fraction=0.05" in proc.stderr and "invalid_json 1" in proc.stderr
     assert "missing_id 1" in proc.stderr and "rejects.jsonl.gz" in proc.stderr
+    # the message itself names the file, line and reason of the rejected lines
+    assert f"{bad}:11: missing_id" in proc.stderr and f"{bad}:12: invalid_json (" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["rejects.jsonl.gz", "stats.json"]  # no conversations, no _SUCCESS
     assert [r["line"] for r in read_rejects(out) if r.get("level") != "comment"] == [11, 12]
