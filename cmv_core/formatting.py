@@ -164,7 +164,12 @@ def parse_utc(value: str) -> float:
 
 
 _QUOTE_LINE = re.compile(r"^[ \t]*>")
-_EDIT_START = re.compile(r"^[\W_]*(edit|update)\b[\s\d#.]*[:\-–—]?", re.IGNORECASE)
+# "EDIT:", "**Edit 2**:", "Update (later) -", a bare "**Edit**" line, or an all-caps "EDIT ..."; not a
+# paragraph that merely starts with the word ("Update cycles are too short.", "Edit history matters.").
+_EDIT_START = re.compile(
+    r"^[\W_]*(?:(?i:edit|update)\b[\s\d#.*_~]*(?:\([^)\n]*\)[\s*_~]*)?(?:[:\-–—]|$)|(?:EDIT|UPDATE)\b)",
+    re.M,
+)
 _BLANK_RUNS = re.compile(r"\n[ \t]*\n(?:[ \t]*\n)+")
 _WORD = re.compile(r"[a-z0-9']+")
 

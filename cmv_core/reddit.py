@@ -143,7 +143,7 @@ def unescape(text: str) -> str:
 
 
 _FOOTNOTE = re.compile(r"^.*Hello,? users of CMV! This is a footnote from your moderators", re.M | re.I)
-_TRAILING_JUNK = re.compile(r"(?:\n[ \t]*(?:>|_{3,}|-{3,}|\*{3,})?[ \t]*)+\Z")
+_TRAILING_JUNK = re.compile(r"(?:\n[ \t]*(?:(?:>|_{3,}|-{3,}|\*{3,})[ \t]*)?)+\Z")
 
 
 def remove_footnote(text: str) -> str:
@@ -161,7 +161,8 @@ def remove_footnote(text: str) -> str:
 _BLANKS = re.compile(r"\n{3,}")
 
 
-_EDIT_START = re.compile(r"^[\s*_#~]*(?:edit|update)\s*#?\s*\d*\s*[*_]*\s*[:\-\u2013\u2014]", re.I)
+# (no two adjacent quantifiers share characters: a line of spaces after "Edit" stays linear)
+_EDIT_START = re.compile(r"^[\s*_#~]*(?:edit|update)[\s#\d]*(?:[*_]+\s*)?[:\-\u2013\u2014]", re.I)
 _ANNOUNCES = re.compile(
     r"delta|changed my (?:view|mind)|view (?:has been |was |is |got )?changed|\bcmv'?d\b", re.I
 )

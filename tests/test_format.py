@@ -178,6 +178,13 @@ def test_strip_edits():
     assert strip_edits("View.\n\nEDIT: changed.\n\nmore") == "View."
     assert strip_edits("Edit 2 - thanks\n\nView.\n\nKeep this.") == "View.\n\nKeep this."
     assert strip_edits("I edited nothing.\n\nEditors are fine.") == "I edited nothing.\n\nEditors are fine."
+    # a paragraph that only starts with the word is post text, not an edit (nothing after it is cut)
+    post = "View.\n\nUpdate cycles for phones are too short.\n\nEdit history matters.\n\nEnd."
+    assert strip_edits(post) == post
+    assert strip_edits(post + "\n\n**Edit 2**: thanks all") == post
+    assert strip_edits(post + "\n\n~~Edit~~ (a day later) - \u2206 to bob\n\nmore") == post
+    assert strip_edits(post + "\n\n**Edit**\nthanks") == post
+    assert strip_edits(post + "\n\nUPDATE thanks everyone") == post
 
 
 # ---------------------------------------------------------------- filters

@@ -111,6 +111,22 @@ def test_footnote_removed_with_its_rule_and_quote():
     assert reddit.remove_footnote("no footnote > here") == "no footnote > here"
 
 
+@pytest.mark.parametrize("lead", ["\n\n", "\n\n&gt; ", "\n\n---\n\n&gt;", "\n_____\n&gt; ", "\n\n*****\n\n"])
+def test_footnote_removed_whatever_leads_into_it(lead):
+    text = "My view.\n\n&gt; a quote I keep" + lead + FOOTNOTE.split("&gt; ", 1)[1] + "\n\nmore footnote"
+    assert reddit.clean_op_text(text, strip_delta_edits=False) == "My view.\n\n> a quote I keep"
+
+
+def test_delta_edit_markers_and_a_long_run_of_spaces():
+    import time
+
+    spaces = "Edit" + " " * 400 + "and then my view changed\n\nEnd."  # no ":" or "-": not an edit marker
+    text = "View.\n\nEdit #2 - delta to bob\n\n__Update__: \u2206 given\n\nEDIT 3 **:** cmv'd\n\n" + spaces
+    started = time.monotonic()
+    assert reddit.remove_delta_edits(text) == "View.\n\n" + spaces
+    assert time.monotonic() - started < 1.0  # the marker pattern must not backtrack over the spaces
+
+
 def test_delta_edits_removed_other_edits_kept():
     text = (
         "My view is X.\n\nEdit: formatting.\n\n**EDIT 2:** My view has been changed by /u/bob, thanks!\n"
