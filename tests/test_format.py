@@ -224,6 +224,25 @@ def test_multi_turn_deleted_turns(tmp_path, tiny_model_dir):
     assert (dropped["deleted_context"], dropped["deleted_target"]) == (1, 1)
 
 
+@pytest.mark.parametrize("others", ["drop", "merge"])
+def test_branch_through_a_deleted_comment_keeps_it_out_of_every_turn(tmp_path, tiny_model_dir, others):
+    # CMV_DATA.md: a deleted comment stays in the tree (the branch runs through it) but its
+    # "[deleted]"/"[removed]" text never reaches a prompt or a target.
+    comments = [c("z1", "", "[deleted]", "[deleted]"), c("z2", "z1", OP, "I still think so."),
+                c("z3", "z2", "bob", "Here is why not."), c("z4", "z3", "carol", "[removed]"),
+                c("z5", "z4", OP, "Hm, go on."), c("z6", "z5", "bob", "Because of this."), c("z7", "z6", OP, "∆")]
+    t = thread("td", comments, [("bob", ["z1", "z2", "z3", "z4", "z5", "z6"])], [delta("z7", "z6", "bob")])
+    out = fmt(tmp_path, [t], tiny_model_dir, view="multi", others=others, test_fraction=0.0, val_fraction=0.0)
+    [example] = read(out, "train.jsonl")
+    assert example["metadata"]["comment_ids"] == ["z1", "z2", "z3", "z4", "z5", "z6"]
+    assert example["messages"] == [
+        {"role": "user", "content": f"{PROMPT}\n\nI still think so."},
+        {"role": "assistant", "content": "Here is why not."},
+        {"role": "user", "content": "Hm, go on."},
+        {"role": "assistant", "content": "Because of this."},
+    ]
+
+
 def test_token_length_filter_counts_rendered_chat(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 
