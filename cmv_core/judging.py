@@ -158,6 +158,10 @@ class JudgeCallError(RuntimeError):
     """A judge call failed after the client's own retries."""
 
 
+class JudgeConfigError(RuntimeError):
+    """The endpoint refuses every call (bad key, no access, unknown model): the stage stops."""
+
+
 class JudgeFailed(RuntimeError):
     """Too many judge calls failed for the results to mean much."""
 
@@ -406,8 +410,13 @@ class OpenAIBackend:
                                      "or use judge.backend=local")
             api_key = "EMPTY"  # self-hosted servers (vLLM) often need no key
         self.cfg = cfg
+        self._secret = api_key if api_key != "EMPTY" else None
         self.client = AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=cfg.max_retries,
                                   timeout=cfg.timeout_s)
+
+    def _redact(self, text: str) -> str:
+        """An error text without the API key (a server or proxy may echo it back)."""
+        return text.replace(self._secret, "***") if self._secret else text
 
     def params(self) -> dict:
         c = self.cfg
@@ -429,10 +438,13 @@ class OpenAIBackend:
             kwargs.update(logprobs=True, top_logprobs=c.top_logprobs)
         try:
             resp = await self.client.chat.completions.create(**kwargs)
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError):
-            raise  # configuration errors: every call would fail the same way, so stop the stage
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
+            # Configuration errors: every call would fail the same way, so stop the stage. The
+            # message is redacted and the original exception (which holds it verbatim) not chained.
+            raise JudgeConfigError(self._redact(f"judge endpoint refused the call: {type(exc).__name__}: {exc}")) \
+                from None
         except (openai.APIError, ValueError) as exc:
-            raise JudgeCallError(f"{type(exc).__name__}: {exc}") from exc
+            raise JudgeCallError(self._redact(f"{type(exc).__name__}: {exc}")) from None
         if not resp.choices:
             raise JudgeCallError("the response has no choices")
         choice = resp.choices[0]
@@ -947,7 +959,7 @@ def cli_main(args: argparse.Namespace) -> int:
     cfg = config_mod.section(recipe, "judge", JudgeConfig)
     try:
         manifest = run_judge(args.generations, args.data, args.output, cfg, run_id=args.run_id, force=args.force)
-    except (InputError, JudgeFailed, JudgeCallError, ValueError) as exc:
+    except (InputError, JudgeFailed, JudgeCallError, JudgeConfigError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     print(f"report: {storage.join(args.output, 'report.md')}")

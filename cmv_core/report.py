@@ -283,8 +283,13 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
     lines += ["", "## Usage", "",
               f"- judge calls: {usage['attempts']} ({usage['cached_calls']} from cache, "
               f"{usage['new_calls']} new this run)",
-              f"- tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion",
-              f"- cost: ${usage['cost_usd']:.4f} in all, ${usage['cost_usd_this_run']:.4f} this run", ""]
+              f"- tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion"]
+    if report.get("backend") == "openai" and "prices_usd_per_mtok" in report \
+            and not report.get("prices_usd_per_mtok"):
+        # An endpoint model with no price: $0 would read as "free"; say that it was not priced.
+        lines += [f"- cost: not computed, no price for `{report.get('judge_model')}` (set judge.prices)", ""]
+    else:
+        lines += [f"- cost: ${usage['cost_usd']:.4f} in all, ${usage['cost_usd_this_run']:.4f} this run", ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)

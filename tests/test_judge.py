@@ -357,6 +357,57 @@ def test_cli_judge_against_fake_server(tmp_path, inputs):
             assert b"sk-test-secret" not in f.read_bytes(), f
 
 
+def test_refused_key_stops_the_stage_and_is_never_echoed(tmp_path, inputs):
+    """A 401 is a configuration error: one clear line, exit 1, no _SUCCESS, and the key is redacted
+    even from a server message that echoes it back."""
+    from conftest import CONFIGS, run_cmv
+
+    gen, fmt = inputs
+    out = tmp_path / "judge"
+    secret = "sk-test-refused-4242"
+
+    def refuse(body, n):
+        return Reply(status=401, body={"error": {"message": f"Incorrect API key provided: {secret}",
+                                                 "code": "invalid_api_key"}})
+
+    with FakeOpenAI(refuse) as srv:
+        proc = run_cmv("judge", "--generations", gen, "--data", fmt, "--output", str(out),
+                       "--config", str(CONFIGS / "tiny.yaml"), "--set", "judge.backend=openai",
+                       "--set", "judge.model=gpt-4o-mini", "--set", f"judge.base_url={srv.base_url}",
+                       env={"OPENAI_API_KEY": secret}, check=False)
+        assert srv.count >= 1
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "AuthenticationError" in proc.stderr and "Incorrect API key provided: ***" in proc.stderr
+    assert secret not in proc.stdout + proc.stderr
+    assert not (out / "_SUCCESS").exists()
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+
+
+def test_call_errors_are_recorded_without_the_key(tmp_path, inputs, monkeypatch):
+    gen, fmt = inputs
+    secret = "sk-test-echoed-777"
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+
+    def handler(body, n):
+        if replies_shown(body) == ("FT reply 0",):
+            return Reply(status=400, body={"error": {"message": f"bad request from key {secret}"}})
+        return smart_judge(body, n)
+
+    out = tmp_path / "judge"
+    with FakeOpenAI(handler) as srv:
+        judging.run_judge(gen, fmt, str(out), config(srv, grade_human=False, pairwise=False, calibration=False,
+                                                     max_failed_fraction=0.5))
+    rows = {r["id"]: r for r in judgments(str(out))}
+    failed = rows["single:finetuned:t0:c0"]
+    assert failed["status"] == "error" and "bad request from key ***" in failed["error"]
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+
+
 def test_missing_api_key_is_a_clear_error(tmp_path, inputs, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)

@@ -142,3 +142,14 @@ def test_build_report_failures_usage_markdown_and_plots():
     plots = report.render_plots(rep)
     assert set(plots) == {"scores_histogram.png", "pairwise.png"}
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in plots.values())
+
+
+def test_unpriced_endpoint_model_is_not_reported_as_free():
+    rows = [single("ft", 0, {"persuasiveness": 6})]
+    meta = {"run_id": "r1", "judge_model": "my-vllm-judge", "backend": "openai", "rubric_version": "v",
+            "prices_usd_per_mtok": None}
+    md = report.render_markdown(report.build_report(rows, criteria=["persuasiveness"], n_boot=50, meta=meta))
+    assert "cost: not computed, no price for `my-vllm-judge`" in md and "$0.0000" not in md
+    meta["prices_usd_per_mtok"] = {"input": 0.15, "output": 0.60}
+    md = report.render_markdown(report.build_report(rows, criteria=["persuasiveness"], n_boot=50, meta=meta))
+    assert "cost: $0.0010 in all, $0.0010 this run" in md
