@@ -371,6 +371,53 @@ def test_resume_after_kill_is_byte_identical(tmp_path, format_dir, varied_model_
     assert len(made) == 6
 
 
+KILL_SCRIPT = """
+import dataclasses, json, os, signal, sys
+from cmv_core import generation as gen
+data, out, cfg = sys.argv[1], sys.argv[2], gen.GenerateConfig(**json.loads(sys.argv[3]))
+made = []
+def kill(variant, k):
+    made.append((variant, k))
+    if len(made) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no exception, no finally, no cleanup
+gen.run_generate(data, out, cfg, after_shard=kill)
+"""
+
+
+def test_resume_after_sigkill_writes_the_same_lines(tmp_path, format_dir, varied_model_dir):
+    """A process killed outright (SIGKILL, as the OOM killer or a node loss does) in the middle of a
+    variant: the rerun keeps its shards, makes only the rest, and writes the uninterrupted run's lines."""
+    import subprocess
+    import sys
+
+    cfg = config(
+        varied_model_dir,
+        temperature=1.0,
+        seed=11,
+        variants=[{"name": "base", "model": varied_model_dir}, {"name": "other", "model": varied_model_dir}],
+    )
+    whole = str(tmp_path / "whole")
+    gen.run_generate(format_dir, whole, cfg)
+
+    out = str(tmp_path / "killed")
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, format_dir, out, json.dumps(dataclasses.asdict(cfg))],
+        capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).resolve().parents[1]),
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not storage.exists(f"{out}/_SUCCESS") and not storage.exists(f"{out}/generations.jsonl")
+    assert [f for f in storage.list_files(f"{out}/shards") if f.endswith(".jsonl")] == [
+        "base-00000.jsonl", "base-00001.jsonl"
+    ]
+
+    made: list[tuple[str, int]] = []
+    manifest = gen.run_generate(format_dir, out, cfg, after_shard=lambda v, k: made.append((v, k)))
+    assert made == [("base", 2), ("other", 0), ("other", 1), ("other", 2)]
+    assert manifest["summary"]["shards_resumed"] == 2
+    assert storage.read_bytes(f"{out}/generations.jsonl") == storage.read_bytes(f"{whole}/generations.jsonl")
+    assert len({r["response"] for r in read_lines(f"{whole}/generations.jsonl")}) > 1
+
+
 def test_s3_input_and_output(s3_bucket, tiny_model_dir):
     data = write_format_output(f"{s3_bucket}/run/format")
     out = f"{s3_bucket}/run/generate"
