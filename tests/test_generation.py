@@ -325,15 +325,14 @@ class Killed(Exception):
     pass
 
 
-def test_resume_after_kill_is_byte_identical(tmp_path, format_dir, varied_model_dir):
-    tiny_model_dir = varied_model_dir
+def seeded_two_variant_config(model_dir: str, seed: int):
     # Seeded sampling, so "the same lines" is a real claim and not just greedy determinism.
-    cfg = config(
-        tiny_model_dir,
-        temperature=1.0,
-        seed=3,
-        variants=[{"name": "base", "model": tiny_model_dir}, {"name": "other", "model": tiny_model_dir}],
-    )
+    variants = [{"name": "base", "model": model_dir}, {"name": "other", "model": model_dir}]
+    return config(model_dir, temperature=1.0, seed=seed, variants=variants)
+
+
+def test_resume_after_kill_is_byte_identical(tmp_path, format_dir, varied_model_dir):
+    cfg = seeded_two_variant_config(varied_model_dir, seed=3)
     whole = str(tmp_path / "whole")
     gen.run_generate(format_dir, whole, cfg)
 
@@ -372,7 +371,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, format_dir, varied_model_
 
 
 KILL_SCRIPT = """
-import dataclasses, json, os, signal, sys
+import json, os, signal, sys
 from cmv_core import generation as gen
 data, out, cfg = sys.argv[1], sys.argv[2], gen.GenerateConfig(**json.loads(sys.argv[3]))
 made = []
@@ -390,12 +389,7 @@ def test_resume_after_sigkill_writes_the_same_lines(tmp_path, format_dir, varied
     import subprocess
     import sys
 
-    cfg = config(
-        varied_model_dir,
-        temperature=1.0,
-        seed=11,
-        variants=[{"name": "base", "model": varied_model_dir}, {"name": "other", "model": varied_model_dir}],
-    )
+    cfg = seeded_two_variant_config(varied_model_dir, seed=11)
     whole = str(tmp_path / "whole")
     gen.run_generate(format_dir, whole, cfg)
 
