@@ -28,16 +28,12 @@ import logging
 import multiprocessing
 import os
 import queue
-import shutil
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -45,6 +41,7 @@ import orjson
 from cmv_core import reddit, storage
 from cmv_core.config import load_recipe, section, to_dict
 from cmv_core.deltas import Delta, find_deltas, op_known, winning_branches
+from cmv_core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +67,7 @@ class CleanConfig:
     workers: int = 0
 
 
-class TooManyRejectsError(RuntimeError):
+class TooManyRejectsError(InputError):
     """More input lines were rejected than `clean.max_reject_fraction` allows (or none read)."""
 
 
@@ -89,11 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.config, args.set)
     config = section(recipe, "clean", CleanConfig)
-    try:
-        run_clean(args.input, args.output, config, run_id=args.run_id, force=args.force)
-    except TooManyRejectsError as exc:
-        print(f"cmv clean: error: {exc}", file=sys.stderr)
-        return 1
+    run_clean(args.input, args.output, config, run_id=args.run_id, force=args.force)
     return 0
 
 
@@ -192,7 +185,30 @@ def clean_batch(raws: list[bytes], strip_delta_edits: bool) -> list[LineResult]:
 # --- lines in, results out, in order ------------------------------------------------------------
 
 
-def _worker_init() -> None:
+def _die_with_parent(parent: int) -> None:
+    """A worker must not outlive the stage (SIGKILL of the stage leaves no orphans): the kernel kills
+    it when its parent dies (Linux prctl PR_SET_PDEATHSIG); elsewhere a watcher thread polls."""
+    import signal
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _worker_init(parent: int) -> None:
+    _die_with_parent(parent)
     # Parsed JSON holds no reference cycles: reference counting frees every thread,
     # and the cyclic collector would only rescan millions of short-lived dicts.
     gc.disable()
@@ -236,7 +252,7 @@ def cleaned_lines(
     pool = None
     if workers > 1:
         ctx = multiprocessing.get_context("spawn")  # no fork while the writer thread runs
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
     submit = pool.submit if pool is not None else _run_here
     window: deque[tuple[list[reddit.Line], Future]] = deque()
     try:
@@ -405,35 +421,15 @@ class BackgroundGzip:
 @contextlib.contextmanager
 def open_gzip_output(output: str, name: str) -> Iterator[BackgroundGzip]:
     """Write `<output>/<name>` through a BackgroundGzip; it appears only if the block exits
-    cleanly. Locally: a hidden temp file beside the target, then os.replace (the
-    naming storage.list_files ignores); S3: a local temp file, then one upload."""
-    if storage.is_s3(output):
-        tmp_dir = tempfile.mkdtemp(prefix="cmv-clean-")
-        path, target = Path(tmp_dir) / name, None
-    else:
-        target = storage.local_path(storage.join(output, name))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        tmp_dir, path = None, Path(tmp)
-    try:
-        with open(path, "wb") as raw:
-            writer = BackgroundGzip(raw)
-            try:
-                yield writer
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
-        if target is None:
-            storage.upload_dir(tmp_dir, output)
-        else:
-            os.replace(path, target)
-    finally:
-        if tmp_dir is not None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        elif path.exists():
-            path.unlink()
+    cleanly (storage.open_write: atomic, hashed while written, recorded for finish_stage)."""
+    with storage.open_write(storage.join(output, name), "wb", compress=False) as raw:
+        writer = BackgroundGzip(raw)
+        try:
+            yield writer
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
 
 
 def _reject_record(line: reddit.Line, reason: str, detail: str = "", **extra: Any) -> bytes:
@@ -520,6 +516,14 @@ def run_clean(
     )
     if run is None:
         return None
+    try:
+        return _run(run, inputs, output, config)
+    except BaseException:
+        storage.abort_stage(run)  # no _SUCCESS; the next attempt may take the output at once
+        raise
+
+
+def _run(run: storage.StageRun, inputs: list[str], output: str, config: CleanConfig) -> dict:
     started = time.monotonic()
 
     # Load, clean, write: batches of lines, in order

@@ -2,6 +2,11 @@
 
 Stage modules are imported only when their subcommand is chosen, so the clean
 image (no torch) can run ``cmv clean`` and ``cmv --help`` stays fast.
+
+One error path: an expected fault is a ``cmv_core.errors.CmvError`` (or an S3
+error that outlived botocore's retries), caught here once and printed as one
+line on stderr: exit 2 for bad input or settings, 1 for a failure after
+retries, 143 for SIGTERM. No traceback for any of them.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import importlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -109,6 +115,15 @@ def bundled_sample() -> str:
 
 def run_local(args: argparse.Namespace) -> int:
     """Run stages as separate processes, as the cluster would run separate Jobs."""
+    from cmv_core import storage
+    from cmv_core.config import load_recipe, validate_recipe
+
+    # Check: every stage's settings, the root and the run id, before the first stage starts
+    storage.check_run_id(args.run_id)
+    storage.check_uri(args.root)
+    for uri in args.input or []:
+        storage.check_uri(uri)
+    validate_recipe(load_recipe(args.config, args.set), args.stages)
     raw = args.input or [bundled_sample()]
     started = time.monotonic()
     for stage in args.stages:
@@ -139,24 +154,52 @@ def _wait_for_inputs(args: argparse.Namespace) -> None:
                 storage.wait_for_success(uri, timeout_s=args.wait_for_input)
 
 
+def _on_sigterm(signum, frame):
+    from cmv_core.errors import Terminated
+
+    raise Terminated("stopped by SIGTERM; no _SUCCESS written, rerun the same command to resume or start over")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(only=_stage_names(argv))
     args = parser.parse_args(argv)
     level = getattr(args, "log_level", None) or os.environ.get("CMV_LOG_LEVEL", "INFO")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cmv_core.config import ConfigError
-    from cmv_core.storage import MissingInputError
+    from botocore.exceptions import BotoCoreError, ClientError
 
+    from cmv_core import errors, storage
+
+    rerun = shlex.join(["cmv", *argv])
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if args.command in STAGE_MODULES:
+            if args.run_id is not None:
+                storage.check_run_id(args.run_id)
+            storage.check_uri(args.output)
         if getattr(args, "wait_for_input", 0) and args.command in STAGE_MODULES and args.command != "clean":
             _wait_for_inputs(args)
         return int(args.func(args) or 0)
-    except (ConfigError, MissingInputError, FileNotFoundError) as exc:
-        print(f"cmv {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except errors.CmvError as exc:
+        hint = f"; rerun: {rerun}" if exc.exit_code == errors.EXIT_FAILURE else ""
+        print(f"cmv {args.command}: error: {_one_line(exc)}{hint}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except FileNotFoundError as exc:
+        print(f"cmv {args.command}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return errors.EXIT_BAD_INPUT
+    except (BotoCoreError, ClientError) as exc:
+        print(f"cmv {args.command}: error: S3 failed after retries ({type(exc).__name__}: {_one_line(exc)}); "
+              f"no _SUCCESS written; rerun: {rerun}", file=sys.stderr, flush=True)
+        return errors.EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        storage.release_all()
 
 
 if __name__ == "__main__":

@@ -4,20 +4,39 @@ A recipe has a top-level ``model:`` and one section per stage (``clean:``,
 ``format:``, ``train:``, ``generate:``, ``judge:``). Each stage turns its
 section into its own dataclass with :func:`section`, so a typo in a key is an
 error that names the key and the file instead of a silently ignored setting.
+An unknown top-level section is an error too (``trian:`` or ``--set trian.x=1``),
+checked in :func:`load_recipe`; :func:`validate_recipe` builds every stage's
+section up front, so ``cmv run`` fails on a typo in its last stage before its
+first stage starts. The known sections are :data:`SECTIONS`: a new stage's
+section is one line there.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
 from typing import Any, TypeVar
 
 import yaml
 
+from cmv_core.errors import InputError
+
 T = TypeVar("T")
 
+# Every top-level key a recipe may have -> the dataclass ("module:Class") its section becomes,
+# or None for a plain value (``model:``).
+SECTIONS: dict[str, str | None] = {
+    "model": None,
+    "clean": "cmv_core.clean:CleanConfig",
+    "format": "cmv_core.formatting:FormatConfig",
+    "train": "cmv_core.training:TrainConfig",
+    "generate": "cmv_core.generation:GenerateConfig",
+    "judge": "cmv_core.judging:JudgeConfig",
+}
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A recipe is missing, malformed or has an unknown key."""
 
 
@@ -55,7 +74,30 @@ def load_recipe(path_or_uri: str | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(recipe, key.strip(), yaml.safe_load(raw))
+    check_sections(recipe)
     return recipe
+
+
+def check_sections(recipe: dict) -> None:
+    """Unknown top-level sections are errors listing the known ones."""
+    unknown = sorted(k for k in recipe if k not in SECTIONS and k != "_source")
+    if unknown:
+        source = recipe.get("_source", "<overrides>")
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(map(str, unknown))}; known: {', '.join(SECTIONS)}")
+
+
+def section_class(name: str) -> type:
+    module, _, cls = str(SECTIONS[name]).partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def validate_recipe(recipe: dict, sections: list[str] | tuple[str, ...] | None = None) -> None:
+    """Build every (or each named) stage section now: unknown keys, wrong types and invalid values are
+    errors before any work starts."""
+    check_sections(recipe)
+    for name in sections if sections is not None else list(SECTIONS):
+        if SECTIONS.get(name):
+            section(recipe, name, section_class(name))
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

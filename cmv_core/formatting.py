@@ -63,13 +63,13 @@ import hashlib
 import json
 import logging
 import re
-import sys
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
 from cmv_core import storage
+from cmv_core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ DROP_REASONS = (
 )
 
 
-class FormatInputError(ValueError):
+class FormatInputError(InputError):
     """The clean output is not what the format stage expects (names file, line and reason)."""
 
 
@@ -660,9 +660,5 @@ def cli_main(args: argparse.Namespace) -> int:
 
     recipe = recipes.load_recipe(args.config, args.set)
     cfg = recipes.section(recipe, "format", FormatConfig)
-    try:
-        run_format(args.input, args.output, cfg, recipes.model_spec(recipe), run_id=args.run_id, force=args.force)
-    except FormatInputError as exc:
-        print(f"cmv format: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    run_format(args.input, args.output, cfg, recipes.model_spec(recipe), run_id=args.run_id, force=args.force)
     return 0

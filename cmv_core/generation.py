@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from cmv_core import storage
+from cmv_core import errors, storage
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ VLLM_RESERVED_ENGINE_ARGS = ("model", "tokenizer", "tensor_parallel_size", "seed
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class InputError(ValueError):
+class InputError(errors.InputError):
     """Bad input or settings: reported as one clear line, exit code 2."""
 
 
@@ -146,21 +146,17 @@ def cli_main(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(getattr(args, "config", None), getattr(args, "set", None) or [])
     config = section(recipe, "generate", GenerateConfig)
-    try:
-        if args.model or args.trained or args.adapter or args.variant or not config.variants:
-            variants = variants_from_args(
-                model=args.model,
-                recipe_model=model_spec(recipe),
-                trained=args.trained,
-                adapter=args.adapter,
-                variant_args=args.variant,
-                finetuned_weights=config.finetuned_weights,
-            )
-            config = dataclasses.replace(config, variants=[dataclasses.asdict(v) for v in variants])
-        run_generate(args.data, args.output, config, run_id=args.run_id, force=args.force)
-    except InputError as exc:
-        log.error("%s", exc)
-        return 2
+    if args.model or args.trained or args.adapter or args.variant or not config.variants:
+        variants = variants_from_args(
+            model=args.model,
+            recipe_model=model_spec(recipe),
+            trained=args.trained,
+            adapter=args.adapter,
+            variant_args=args.variant,
+            finetuned_weights=config.finetuned_weights,
+        )
+        config = dataclasses.replace(config, variants=[dataclasses.asdict(v) for v in variants])
+    run_generate(args.data, args.output, config, run_id=args.run_id, force=args.force)
     return 0
 
 

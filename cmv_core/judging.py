@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from cmv_core import storage
+from cmv_core import errors, storage
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class JudgeConfig:
     prices: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
 
 
-class InputError(ValueError):
+class InputError(errors.InputError):
     """An input file line lacks what the judge needs."""
 
 
@@ -154,15 +154,15 @@ class VerdictError(ValueError):
     """A judge answer that is not a usable verdict."""
 
 
-class JudgeCallError(RuntimeError):
+class JudgeCallError(errors.StageFailed):
     """A judge call failed after the client's own retries."""
 
 
-class JudgeConfigError(RuntimeError):
+class JudgeConfigError(errors.StageFailed):
     """The endpoint refuses every call (bad key, no access, unknown model): the stage stops."""
 
 
-class JudgeFailed(RuntimeError):
+class JudgeFailed(errors.StageFailed):
     """Too many judge calls failed for the results to mean much."""
 
 
@@ -957,11 +957,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     recipe = config_mod.load_recipe(args.config, args.set)
     cfg = config_mod.section(recipe, "judge", JudgeConfig)
-    try:
-        manifest = run_judge(args.generations, args.data, args.output, cfg, run_id=args.run_id, force=args.force)
-    except (InputError, JudgeFailed, JudgeCallError, JudgeConfigError, ValueError) as exc:
-        log.error("%s", exc)
-        return 1
+    manifest = run_judge(args.generations, args.data, args.output, cfg, run_id=args.run_id, force=args.force)
     print(f"report: {storage.join(args.output, 'report.md')}")
     summary = manifest.get("summary", {})
     print(json.dumps({k: summary.get(k) for k in ("judgments", "failed_calls", "new_calls", "cached_calls",

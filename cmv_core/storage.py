@@ -11,6 +11,19 @@ byte-identical files wherever they are stored.
 
 Manifests: a stage writes its files, then last a ``_SUCCESS`` JSON manifest
 (DESIGN.md "Artifacts and the hand-off contract").
+
+The contract is checked, not just written:
+- verified hand-off: ``begin_stage`` reads each input's ``_SUCCESS`` (refusing an
+  empty, unparsable or wrong-stage one) and every later read of a file under that
+  input (``open_read``, ``read_*``, ``download_dir``) is hashed while it streams and
+  checked against the size and sha256 the manifest lists; a raw dump's fingerprint
+  is its content (sha256 while clean streams it; the ETag/checksum on S3);
+- complete, exclusive outputs: ``begin_stage`` takes the output's lease (lease.py)
+  and gives the attempt an id; every file written through this module under the
+  output is recorded (size, sha256 computed while writing, the attempt id in its S3
+  metadata); ``finish_stage`` writes ``_SUCCESS`` only when the output holds exactly
+  the files the stage declares (``STAGE_OUTPUTS``) and each required one is the one
+  this attempt wrote.
 """
 
 from __future__ import annotations
@@ -24,14 +37,19 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 from urllib.parse import urlparse
+
+from cmv_core.errors import InputError, IntegrityError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -39,20 +57,67 @@ SUCCESS = "_SUCCESS"
 _CHUNK = 8 * 1024 * 1024
 
 
-class MissingInputError(RuntimeError):
+LEASE = "_LEASE"
+
+# What each stage's output must hold (required) and may hold (optional), as
+# fnmatch patterns over the paths under the output ("*" also crosses "/").
+# finish_stage refuses a _SUCCESS over anything else. A new stage or a new
+# output file is one line here.
+STAGE_OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "clean": (("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"), ()),
+    "format": (("train.jsonl", "val.jsonl", "test.jsonl", "pairs.jsonl", "stats.json"), ()),
+    "train": (("metrics.json", "loss.png", "model/config.json"), ("model/*", "adapter/*", "checkpoints/*")),
+    "generate": (("generations.jsonl", "stats.json"), ("shards/*",)),
+    "judge": (("judgments.jsonl", "report.json", "report.md"), ("*.png", "*.json", "*.md", "*.csv", "cache/*")),
+}
+# The stages whose output each stage reads; an input manifest of another stage is refused.
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "format": ("clean",),
+    "train": ("format",),
+    "generate": ("format", "train"),
+    "judge": ("generate", "format"),
+}
+
+
+class MissingInputError(InputError):
     """An input stage directory has no ``_SUCCESS`` manifest."""
 
 
+class ManifestError(InputError):
+    """A ``_SUCCESS`` is empty, unparsable, of the wrong stage, or not a manifest."""
+
+
 # ---------------------------------------------------------------- URIs
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+KNOWN_SCHEMES = ("file", "s3")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+def check_uri(uri: str) -> str:
+    """``uri`` itself, or an InputError for a scheme this store does not speak (``ftp://``)."""
+    m = _SCHEME.match(str(uri))
+    if m and m.group(1) not in KNOWN_SCHEMES:
+        raise InputError(f"{uri}: unknown URI scheme {m.group(1)}://; use a path, file:///abs/path or s3://bucket/prefix")
+    return str(uri)
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id names one folder under the root: letters, digits, '.', '_', '-'; no '..' or '/'."""
+    if not RUN_ID_RE.match(str(run_id or "")) or ".." in str(run_id):
+        raise InputError(f"run id {run_id!r} is not valid: use letters, digits, '.', '_' and '-' "
+                         f"(no '/' or '..'), at most 100 characters")
+    return str(run_id)
+
+
 def local_path(uri: str) -> Path:
     """The filesystem path of a plain path or ``file://`` URI."""
-    uri = str(uri)
+    uri = check_uri(str(uri))
     if uri.startswith("file://"):
         return Path(urlparse(uri).path)
     if is_s3(uri):
@@ -75,13 +140,29 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+def s3_max_attempts(budget_s: float) -> int:
+    """Attempts for botocore's standard/adaptive retries so that their backoff rides out an outage of
+    ``budget_s`` seconds: the backoff before retry i is rand(0, 1) * min(0.05 * 2**i, 20) s, so keep adding
+    attempts until the expected total wait is twice the budget (the minimum then rarely falls below it)."""
+    waited, attempts = 0.0, 1
+    while waited < 2 * budget_s:
+        waited += min(0.05 * 2 ** (attempts - 1), 20.0) / 2
+        attempts += 1
+    return attempts
+
+
 def _s3_client():
     import boto3
     from botocore.config import Config
 
-    # botocore's own retry machinery (standard mode: exponential backoff with
-    # jitter on throttling, 5xx and connection errors) instead of a hand loop.
-    cfg = Config(retries={"total_max_attempts": int(os.environ.get("CMV_S3_MAX_ATTEMPTS", "8")), "mode": "standard"})
+    # botocore's own retry machinery (standard mode: exponential backoff with jitter on throttling, 5xx and
+    # connection errors; "adaptive" adds client-side rate limiting) instead of a hand loop. The budget says
+    # how long an outage a stage rides out before it gives up (CMV_S3_RETRY_BUDGET_S, default 60 s).
+    budget = float(os.environ.get("CMV_S3_RETRY_BUDGET_S", "60"))
+    attempts = int(os.environ.get("CMV_S3_MAX_ATTEMPTS") or s3_max_attempts(budget))
+    mode = os.environ.get("CMV_S3_RETRY_MODE", "standard")
+    cfg = Config(retries={"total_max_attempts": attempts, "mode": mode}, connect_timeout=5,
+                 read_timeout=float(os.environ.get("CMV_S3_READ_TIMEOUT_S", "60")))
     return boto3.session.Session().client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=cfg)
 
 
@@ -94,6 +175,8 @@ def s3_client():
         os.environ.get("AWS_ENDPOINT_URL"),
         os.environ.get("AWS_ACCESS_KEY_ID"),
         os.environ.get("CMV_S3_MAX_ATTEMPTS"),
+        os.environ.get("CMV_S3_RETRY_BUDGET_S"),
+        os.environ.get("CMV_S3_RETRY_MODE"),
         os.getpid(),
     )
     if key not in _client_cache:
@@ -138,13 +221,132 @@ def _raw_reader(uri: str) -> IO[bytes]:
     return open(local_path(uri), "rb", buffering=_CHUNK)
 
 
+def _raw_get(uri: str) -> bytes:
+    """The bytes of a file, never verified nor decompressed (manifests and leases)."""
+    with _raw_reader(str(uri)) as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------- verified hand-off
+
+
+@dataclass(frozen=True)
+class Expected:
+    size: int
+    sha256: str
+    manifest: str
+
+
+# file key -> what its upstream _SUCCESS lists; input root key -> its _SUCCESS uri
+_EXPECTED: dict[str, Expected] = {}
+_VERIFIED_ROOTS: dict[str, str] = {}
+
+
+def _key(uri: str) -> str:
+    """One spelling per file: ``s3://bucket/key`` or an absolute normalized path."""
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        return "s3://" + bucket + "/" + "/".join(p for p in key.split("/") if p)
+    return os.path.normpath(os.path.abspath(local_path(uri)))
+
+
+def _under(key: str, root_key: str) -> str | None:
+    """``key`` relative to ``root_key``, or None when it is not under it."""
+    if key.startswith(root_key.rstrip("/") + "/"):
+        return key[len(root_key.rstrip("/")) + 1:]
+    return None
+
+
+def _expected(uri: str) -> Expected | None:
+    """What a read of ``uri`` must give, when it lies under a verified input; a file there that its
+    manifest does not list is refused (it is not part of the hand-off)."""
+    if not _VERIFIED_ROOTS:
+        return None
+    key = _key(uri)
+    found = _EXPECTED.get(key)
+    if found is not None:
+        return found
+    for root, manifest in _VERIFIED_ROOTS.items():
+        rel = _under(key, root)
+        if rel is not None and rel not in (SUCCESS, LEASE):
+            raise IntegrityError(f"{uri}: not listed in {manifest}; the input does not hold this file as its stage "
+                                 f"wrote it (rerun the upstream stage)")
+    return None
+
+
+class _HashingReader(io.RawIOBase):
+    """Hashes and counts the bytes read through it; ``finish`` reads the rest, so the digest is the file's."""
+
+    def __init__(self, raw: IO[bytes]):
+        self._raw = raw
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        n = self._raw.readinto(buf)
+        if n:
+            self.hash.update(memoryview(buf)[:n])
+            self.size += n
+        return n or 0
+
+    def finish(self) -> None:
+        buf = bytearray(_CHUNK)
+        while self.readinto(buf):
+            pass
+
+
+def _check_digest(uri: str, hashed: _HashingReader, expected: Expected) -> None:
+    actual = hashed.hash.hexdigest()
+    if hashed.size != expected.size or actual != expected.sha256:
+        raise IntegrityError(
+            f"{uri}: content does not match {expected.manifest}: expected {expected.size} bytes sha256 "
+            f"{expected.sha256}, read {hashed.size} bytes sha256 {actual}. The file changed after its stage "
+            f"finished; rerun that stage (with --force)"
+        )
+
+
+@contextlib.contextmanager
+def _verified_raw(uri: str) -> Iterator[IO[bytes]]:
+    """The raw byte stream of ``uri``; hashed while read and checked at the end when it is a verified
+    input file, or recorded when it is a raw input that the running stage fingerprints."""
+    uri = str(uri)
+    expected = _expected(uri)
+    watcher = _raw_watcher(uri)
+    raw = _raw_reader(uri)
+    if expected is None and watcher is None:
+        try:
+            yield raw
+        finally:
+            raw.close()
+        return
+    hashed = _HashingReader(raw)
+    stream = io.BufferedReader(hashed, buffer_size=_CHUNK)
+    try:
+        yield stream
+    except BaseException:
+        raw.close()
+        raise
+    try:
+        hashed.finish()
+    finally:
+        raw.close()
+    if expected is not None:
+        _check_digest(uri, hashed, expected)
+    if watcher is not None:
+        watcher.read_digests[_key(uri)] = (hashed.size, hashed.hash.hexdigest())
+
+
 @contextlib.contextmanager
 def open_read(uri: str, mode: str = "rb") -> Iterator[IO]:
-    """Stream a file; ``.gz`` and ``.bz2`` are decompressed by extension."""
+    """Stream a file; ``.gz`` and ``.bz2`` are decompressed by extension. A file of a verified input is
+    checked against its manifest while it streams (IntegrityError at the end of the block on a mismatch)."""
     if mode not in ("rb", "rt", "r"):
         raise ValueError(f"open_read mode must be 'rb' or 'rt', got {mode!r}")
-    raw = _raw_reader(str(uri))
-    try:
+    with _verified_raw(str(uri)) as raw:
         name = str(uri)
         if name.endswith(".gz"):
             stream: IO = gzip.GzipFile(fileobj=raw, mode="rb")
@@ -155,8 +357,6 @@ def open_read(uri: str, mode: str = "rb") -> Iterator[IO]:
         if mode in ("rt", "r"):
             stream = io.TextIOWrapper(stream, encoding="utf-8", newline="")
         yield stream
-    finally:
-        raw.close()
 
 
 def read_bytes(uri: str) -> bytes:
@@ -186,12 +386,54 @@ def read_jsonl(uri: str) -> Iterator[dict]:
 # ---------------------------------------------------------------- writing
 
 
+class _HashingWriter(io.RawIOBase):
+    """Hashes and counts the bytes written through it to ``raw``."""
+
+    def __init__(self, raw: IO[bytes]):
+        self._raw = raw
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        n = self._raw.write(data)
+        self.size += len(data)
+        return n if n is not None else len(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+
+def artifact_mode() -> int:
+    """The mode of every artifact file: 0666 less the umask (mkstemp alone would give 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _s3_extra(uri: str) -> dict:
+    run = _run_writing(uri)
+    return {"Metadata": {"cmv-attempt": run.attempt}} if run is not None else {}
+
+
+def _publish_local(tmp: str | Path, target: Path) -> None:
+    os.chmod(tmp, artifact_mode())
+    os.replace(tmp, target)
+
+
 @contextlib.contextmanager
-def open_write(uri: str, mode: str = "wb") -> Iterator[IO]:
-    """Atomic write; the file appears only if the block exits without error."""
+def open_write(uri: str, mode: str = "wb", compress: bool = True) -> Iterator[IO]:
+    """Atomic write; the file appears only if the block exits without error.
+
+    ``compress=False``: the caller writes the final bytes itself (say its own gzip stream) even for a
+    ``.gz`` name. Under a running stage's output, the file's size and sha256 (hashed while written)
+    and this attempt's id are recorded for ``finish_stage``."""
     if mode not in ("wb", "wt", "w"):
         raise ValueError(f"open_write mode must be 'wb' or 'wt', got {mode!r}")
-    uri = str(uri)
+    uri = check_uri(str(uri))
     if is_s3(uri):
         tmp_dir = None
         fd, tmp_name = tempfile.mkstemp(prefix="cmv-upload-")
@@ -203,11 +445,14 @@ def open_write(uri: str, mode: str = "wb") -> Iterator[IO]:
     os.close(fd)
     ok = False
     try:
-        with open(tmp_name, "wb") as raw:
-            if uri.endswith(".gz"):
+        with open(tmp_name, "wb") as file:
+            raw = _HashingWriter(file)
+            if not compress:
+                stream: IO = raw
+            elif uri.endswith(".gz"):
                 # filename="" and mtime=0: the header carries no name or time,
                 # so equal content gives byte-identical files.
-                stream: IO = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=6)
+                stream = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0, compresslevel=6)
             elif uri.endswith(".bz2"):
                 stream = bz2.BZ2File(raw, mode="wb")
             else:
@@ -224,13 +469,10 @@ def open_write(uri: str, mode: str = "wb") -> Iterator[IO]:
                 stream.close()
         if is_s3(uri):
             bucket, key = _split_s3(uri)
-            s3_client().upload_file(tmp_name, bucket, key)
+            s3_client().upload_file(tmp_name, bucket, key, ExtraArgs=_s3_extra(uri) or None)
         else:
-            # mkstemp creates 0600 files; give the artifact the usual umask-based mode
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp_name, 0o666 & ~umask)
-            os.replace(tmp_name, local_path(uri))
+            _publish_local(tmp_name, local_path(uri))
+        _record_written(uri, raw.size, raw.hash.hexdigest())
         ok = True
     finally:
         if not ok or is_s3(uri):
@@ -296,16 +538,33 @@ def list_files(uri: str) -> list[str]:
     """Relative paths of every file under a directory or prefix, sorted."""
     uri = str(uri)
     if is_s3(uri):
-        return sorted(o["Rel"] for o in _s3_objects(uri) if o["Rel"])
+        return sorted(o["Rel"] for o in _s3_objects(uri) if o["Rel"] and o["Rel"].rsplit("/", 1)[-1] != LEASE)
     root = local_path(uri)
     if not root.is_dir():
         return []
     return sorted(
         str(p.relative_to(root))
         for p in root.rglob("*")
-        # in-flight atomic writes (".name.XXXX.tmp") are not files yet
-        if p.is_file() and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        # in-flight atomic writes (".name.XXXX.tmp") are not files yet; a lease is not an artifact
+        if p.is_file() and not _is_tmp(p.name) and p.name != LEASE
     )
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def sweep_tmp(uri: str) -> int:
+    """Delete the hidden ``.*.tmp`` files a dead attempt left under a local output (the caller holds its
+    lease, so none is in flight); returns how many."""
+    if is_s3(uri) or not local_path(uri).is_dir():
+        return 0
+    n = 0
+    for p in local_path(uri).rglob(".*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            n += 1
+    return n
 
 
 def size(uri: str) -> int:
@@ -327,15 +586,13 @@ def sha256(uri: str) -> str:
 @contextlib.contextmanager
 def open_read_raw(uri: str) -> Iterator[IO[bytes]]:
     """Like open_read but never decompresses (for digests and copies)."""
-    raw = _raw_reader(str(uri))
-    try:
+    with _verified_raw(str(uri)) as raw:
         yield raw
-    finally:
-        raw.close()
 
 
 def delete(uri: str) -> None:
     uri = str(uri)
+    _forget_written(uri, prefix=False)
     if is_s3(uri):
         bucket, key = _split_s3(uri)
         s3_client().delete_object(Bucket=bucket, Key=key)
@@ -346,6 +603,7 @@ def delete(uri: str) -> None:
 
 def delete_prefix(uri: str) -> None:
     uri = str(uri)
+    _forget_written(uri, prefix=True)
     if is_s3(uri):
         bucket, _ = _split_s3(uri)
         keys = [o["Key"] for o in _s3_objects(uri)]
@@ -365,15 +623,23 @@ def upload_dir(local_dir: str | Path, uri: str) -> None:
         dest = join(uri, rel)
         if is_s3(dest):
             bucket, key = _split_s3(dest)
-            s3_client().upload_file(str(p), bucket, key)
+            digest = _file_sha256(p) if _run_writing(dest) is not None else None
+            s3_client().upload_file(str(p), bucket, key, ExtraArgs=_s3_extra(dest) or None)
+            if digest is not None:
+                _record_written(dest, p.stat().st_size, digest)
         else:
             target = local_path(dest)
             if target.resolve() == p.resolve():
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.tmp")
-            shutil.copyfile(p, tmp)
-            os.replace(tmp, target)
+            h = hashlib.sha256()
+            with open(p, "rb") as src, open(tmp, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+            _publish_local(tmp, target)
+            _record_written(dest, target.stat().st_size, h.hexdigest())
 
 
 def download_dir(uri: str, local_dir: str | Path) -> str:
@@ -384,11 +650,14 @@ def download_dir(uri: str, local_dir: str | Path) -> str:
         target = local_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         src = join(uri, rel)
-        if is_s3(src):
+        expected = _expected(src)
+        if is_s3(src) and expected is None:
             bucket, key = _split_s3(src)
             s3_client().download_file(bucket, key, str(target))
         else:
-            shutil.copyfile(local_path(src), target)
+            # a verified input is hashed as it is copied
+            with open_read_raw(src) as f, open(target, "wb") as out:
+                shutil.copyfileobj(f, out, _CHUNK)
     return str(local_dir)
 
 
@@ -430,16 +699,41 @@ def _package_version() -> str:
         return "unknown"
 
 
-def require_success(stage_uri: str) -> dict:
-    """The parsed ``_SUCCESS`` of a stage directory, or a clear error."""
+def parse_manifest(data: bytes, uri: str, stage: str | tuple[str, ...] | None = None) -> dict:
+    """A ``_SUCCESS``'s content, checked: JSON, a stage manifest (stage, files with size and sha256), of
+    the expected stage; anything else is a ManifestError in one line."""
+    if not data.strip():
+        raise ManifestError(f"{uri} is empty: not a stage manifest (the stage that wrote it did not finish); "
+                            f"rerun that stage")
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        where = f" (line {exc.lineno}, column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ManifestError(f"{uri} is not valid JSON{where}: not a stage manifest; rerun the stage that writes it") \
+            from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (not isinstance(manifest, dict) or not isinstance(manifest.get("stage"), str) or not isinstance(files, list)
+            or not all(isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int)
+                       and isinstance(f.get("sha256"), str) for f in files)):
+        raise ManifestError(f"{uri} is not a stage manifest (needs stage and files with path, size and sha256)")
+    allowed = (stage,) if isinstance(stage, str) else stage
+    if allowed and manifest["stage"] not in allowed:
+        raise ManifestError(f"{uri} is the manifest of stage {manifest['stage']!r}, expected "
+                            f"{' or '.join(repr(a) for a in allowed)}: wrong input folder?")
+    return manifest
+
+
+def require_success(stage_uri: str, stage: str | tuple[str, ...] | None = None) -> dict:
+    """The parsed, checked ``_SUCCESS`` of a stage directory, or a clear error."""
     uri = join(stage_uri, SUCCESS)
     try:
-        return json.loads(read_bytes(uri))
+        data = _raw_get(uri)
     except FileNotFoundError:
         raise MissingInputError(
             f"{stage_uri} has no {SUCCESS}: the stage that writes it has not finished (or failed). "
             f"Run that stage first, or wait for it."
         ) from None
+    return parse_manifest(data, uri, stage)
 
 
 def wait_for_success(stage_uri: str, timeout_s: float, poll_s: float = 10) -> dict:
@@ -460,36 +754,92 @@ def wait_for_success(stage_uri: str, timeout_s: float, poll_s: float = 10) -> di
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
-def _input_digest(uri: str, raw: bool) -> str:
-    """Digest of a stage input: its manifest's sha256, or a cheap fingerprint of a raw file/dir."""
-    if not raw:
-        manifest_uri = join(uri, SUCCESS)
-        try:
-            return "sha256:" + hashlib.sha256(read_bytes(manifest_uri)).hexdigest()
-        except FileNotFoundError:
-            raise MissingInputError(
-                f"input {uri} has no {SUCCESS}: the stage that writes it has not finished (or failed)"
-            ) from None
-    # Raw dumps are large: fingerprint by name, size and modification time/ETag
-    # instead of hashing gigabytes on every run.
+def _verify_input(uri: str, manifest: dict) -> None:
+    """Every later read of a file under ``uri`` is checked against ``manifest``."""
+    root = _key(uri)
+    for k in [k for k in _EXPECTED if _under(k, root) is not None]:
+        del _EXPECTED[k]
+    manifest_uri = join(uri, SUCCESS)
+    _VERIFIED_ROOTS[root] = manifest_uri
+    for f in manifest["files"]:
+        _EXPECTED[_key(join(uri, f["path"]))] = Expected(f["size"], f["sha256"], manifest_uri)
+
+
+def _unverify(uri: str) -> None:
+    """``uri`` is being (re)written in this process: forget what an older manifest said of it."""
+    root = _key(uri)
+    for k in [k for k in _VERIFIED_ROOTS if k == root or _under(k, root) is not None]:
+        del _VERIFIED_ROOTS[k]
+    for k in [k for k in _EXPECTED if _under(k, root) is not None]:
+        del _EXPECTED[k]
+
+
+def _input_digest(uri: str, stage: str) -> str:
+    """A stage input's digest: the sha256 of its checked manifest (which lists every file's sha256)."""
+    manifest_uri = join(uri, SUCCESS)
+    try:
+        data = _raw_get(manifest_uri)
+    except FileNotFoundError:
+        raise MissingInputError(
+            f"input {uri} has no {SUCCESS}: the stage that writes it has not finished (or failed)"
+        ) from None
+    manifest = parse_manifest(data, manifest_uri, UPSTREAM.get(stage))
+    _verify_input(uri, manifest)
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _raw_files(uri: str) -> list[str]:
+    """The keys of a raw input's files (itself, or every file under the directory)."""
+    p = local_path(uri)
+    if not p.exists():
+        raise InputError(f"input {uri} does not exist")
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file() and not _is_tmp(q.name))
+    return [_key(str(q)) for q in files]
+
+
+def _combine(uri: str, digests: dict[str, tuple[int, str]]) -> str:
+    """One digest for a raw input from its files' (size, sha256)."""
+    keys = _raw_files(uri)
+    if len(keys) == 1 and keys[0] == _key(uri):
+        return "sha256:" + digests[keys[0]][1]
+    root = _key(uri)
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(f"{_under(k, root)}:{digests[k][0]}:{digests[k][1]}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def raw_fingerprint(uri: str, streamed: dict[str, tuple[int, str]] | None = None) -> str:
+    """A raw dump's fingerprint from its content: the sha256 of a local file (of each file of a directory),
+    taken from ``streamed`` where a stage already hashed it while reading; on S3 the store's own checksum
+    (ChecksumSHA256, else the ETag, which is a content MD5 or a digest of part digests)."""
+    uri = str(uri)
     if is_s3(uri):
+        h = hashlib.sha256()
         bucket, key = _split_s3(uri)
         try:
-            head = s3_client().head_object(Bucket=bucket, Key=key)
-            h.update(f"{key}:{head['ContentLength']}:{head.get('ETag')}".encode())
+            head = s3_client().head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            h.update(f"{key}:{head['ContentLength']}:{head.get('ChecksumSHA256') or head.get('ETag')}".encode())
         except Exception:
-            for o in _s3_objects(uri):
+            objs = list(_s3_objects(uri))
+            if not objs:
+                raise InputError(f"input {uri} does not exist") from None
+            for o in objs:
                 h.update(f"{o['Rel']}:{o['Size']}:{o.get('ETag')}".encode())
-    else:
-        p = local_path(uri)
-        if not p.exists():
-            raise FileNotFoundError(f"input {uri} does not exist")
-        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-        for q in files:
-            st = q.stat()
-            h.update(f"{q.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return "fingerprint:" + h.hexdigest()
+        return "etag:" + h.hexdigest()
+    digests = dict(streamed or {})
+    for k in _raw_files(uri):
+        if k not in digests:
+            digests[k] = (os.path.getsize(k), _file_sha256(k))
+    return _combine(uri, digests)
 
 
 @dataclass
@@ -497,9 +847,67 @@ class StageRun:
     stage: str
     run_id: str
     output: str
-    inputs: dict[str, str]
+    inputs: dict[str, str | None]  # uri -> digest; None: a raw input fingerprinted while it streams
     config: dict
     started_at: str = field(default_factory=_now)
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    # rel path -> size, sha256 and (local) the file's identity right after this attempt published it
+    written: dict[str, dict] = field(default_factory=dict)
+    read_digests: dict[str, tuple[int, str]] = field(default_factory=dict)
+    lease: Any = None
+
+
+_RUNS: dict[str, StageRun] = {}  # output key -> the attempt writing it in this process
+
+
+def _run_writing(uri: str) -> StageRun | None:
+    if not _RUNS:
+        return None
+    key = _key(uri)
+    for root, run in _RUNS.items():
+        if _under(key, root) is not None:
+            return run
+    return None
+
+
+def _raw_watcher(uri: str) -> StageRun | None:
+    """The running stage whose raw input ``uri`` is (or lies under), when its fingerprint is still open."""
+    if not _RUNS or is_s3(uri):
+        return None
+    key = _key(uri)
+    for run in _RUNS.values():
+        for raw, digest in run.inputs.items():
+            if digest is None and not is_s3(raw) and (key == _key(raw) or _under(key, _key(raw)) is not None):
+                return run
+    return None
+
+
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _record_written(uri: str, n: int, digest: str) -> None:
+    run = _run_writing(uri)
+    if run is None:
+        return
+    rel = _under(_key(uri), _key(run.output))
+    entry = {"size": n, "sha256": digest}
+    if not is_s3(uri):
+        path = local_path(uri)
+        with contextlib.suppress(OSError):  # where the filesystem keeps user xattrs, the attempt rides along
+            os.setxattr(path, "user.cmv.attempt", run.attempt.encode())
+        entry["identity"] = _identity(path)
+    run.written[rel] = entry
+
+
+def _forget_written(uri: str, prefix: bool) -> None:
+    run = _run_writing(uri)
+    if run is None:
+        return
+    rel = _under(_key(uri), _key(run.output))
+    for r in [r for r in run.written if r == rel or (prefix and (rel is None or r.startswith(rel.rstrip("/") + "/")))]:
+        del run.written[r]
 
 
 def infer_run_id(output: str) -> str:
@@ -518,47 +926,169 @@ def begin_stage(
     force: bool = False,
     raw_inputs: bool = False,
 ) -> StageRun | None:
-    """Check inputs and decide whether the stage must run.
+    """Check inputs, take the output's lease, and decide whether the stage must run.
 
-    Returns ``None`` when ``output`` already holds a ``_SUCCESS`` for the same
-    stage, inputs and config (an idempotent rerun is skipped), else a
-    :class:`StageRun` to pass to :func:`finish_stage`. A stale manifest is
-    removed first, so a run killed midway never leaves one behind.
+    Input manifests are checked (non-empty, parsable, of the upstream stage) and every file they list
+    is verified when it is read later. Returns ``None`` when ``output`` already holds a ``_SUCCESS`` for
+    the same stage, inputs and config (an idempotent rerun is skipped), else a :class:`StageRun` to pass
+    to :func:`finish_stage`. A stale manifest and a dead attempt's temp files are removed first, so a run
+    killed midway never leaves one behind.
     """
-    digests = {str(u): _input_digest(str(u), raw_inputs) for u in inputs}
+    from cmv_core import lease as lease_mod
+
+    output = check_uri(str(output))
+    if run_id is not None:
+        check_run_id(run_id)
+    for u in inputs:
+        check_uri(str(u))
+    digests: dict[str, str | None] = {
+        str(u): (None if raw_inputs and not is_s3(str(u)) else raw_fingerprint(str(u)) if raw_inputs
+                 else _input_digest(str(u), stage))
+        for u in inputs
+    }
     config = json.loads(json.dumps(config, default=str))
-    run = StageRun(stage=stage, run_id=run_id or infer_run_id(output), output=str(output), inputs=digests, config=config)
-    success_uri = join(output, SUCCESS)
+    run = StageRun(stage=stage, run_id=run_id or infer_run_id(output), output=output, inputs=digests, config=config)
+    run.lease = lease_mod.acquire(output, run.attempt)
     try:
-        existing = json.loads(read_bytes(success_uri))
-    except FileNotFoundError:
-        existing = None
-    if existing is not None:
-        same = (
-            existing.get("stage") == stage
-            and {i["uri"]: i["digest"] for i in existing.get("inputs", [])} == digests
-            and existing.get("config") == config
-        )
-        if same and not force:
-            log.info("%s: skipped, %s matches its inputs and config (use --force to rerun)", stage, success_uri)
-            return None
-        log.info("%s: %s", stage, "forced rerun" if same else "inputs or config changed, rerunning")
-        delete(success_uri)
+        _unverify(output)
+        success_uri = join(output, SUCCESS)
+        try:
+            existing = parse_manifest(_raw_get(success_uri), success_uri, stage)
+        except FileNotFoundError:
+            existing = None
+        except ManifestError as exc:
+            log.warning("%s: %s; rerunning", stage, exc)
+            existing = {}
+        if existing is not None:
+            # a skip needs the raw inputs' fingerprints now; a run takes them while it streams
+            now = {u: d if d is not None else raw_fingerprint(u) for u, d in digests.items()}
+            same = (
+                existing.get("stage") == stage
+                and {i["uri"]: i["digest"] for i in existing.get("inputs", [])} == now
+                and existing.get("config") == config
+            )
+            if same and not force:
+                log.info("%s: skipped, %s matches its inputs and config (use --force to rerun)", stage, success_uri)
+                run.lease.release()
+                return None
+            log.info("%s: %s", stage, "forced rerun" if same else "inputs or config changed, rerunning")
+            run.inputs = now
+            delete(success_uri)
+        swept = sweep_tmp(output)
+        if swept:
+            log.info("%s: removed %d temp file(s) a dead attempt left in %s", stage, swept, output)
+    except BaseException:
+        run.lease.release()
+        raise
+    _RUNS[_key(output)] = run
+    log.info("%s: attempt %s writes %s", stage, run.attempt, output)
     return run
 
 
-def finish_stage(run: StageRun, summary: dict) -> dict:
-    """Write the ``_SUCCESS`` manifest last, listing every output file."""
+def abort_stage(run: StageRun) -> None:
+    """Give up an attempt: release its lease (no _SUCCESS is written)."""
+    _RUNS.pop(_key(run.output), None)
+    if run.lease is not None:
+        run.lease.release()
+
+
+def release_all() -> None:
+    """Release every lease this process still holds (the CLI calls it on the way out)."""
+    for run in list(_RUNS.values()):
+        abort_stage(run)
+
+
+def _matches(rel: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(rel, p) for p in patterns)
+
+
+def _still_ours(run: StageRun, rel: str, entry: dict) -> str | None:
+    """Why the file at ``rel`` is not the one this attempt wrote, or None."""
+    uri = join(run.output, rel)
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        from botocore.exceptions import ClientError
+
+        try:
+            head = s3_client().head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return "written by this attempt but no longer in the store"
+            raise
+        owner = (head.get("Metadata") or {}).get("cmv-attempt")
+        if owner != run.attempt or int(head["ContentLength"]) != entry["size"]:
+            return f"replaced after this attempt wrote it (now attempt {owner}, {head['ContentLength']} bytes)"
+        return None
+    try:
+        if _identity(local_path(uri)) != entry["identity"]:
+            return "replaced or changed after this attempt wrote it"
+    except FileNotFoundError:
+        return "written by this attempt but no longer there"
+    return None
+
+
+def finish_stage(
+    run: StageRun,
+    summary: dict,
+    required: Iterable[str] | None = None,
+    optional: Iterable[str] | None = None,
+) -> dict:
+    """Write the ``_SUCCESS`` manifest last, listing every output file.
+
+    The output must hold exactly the stage's declared files (``required`` and ``optional`` patterns,
+    by default ``STAGE_OUTPUTS[run.stage]``): a required one missing, or a file no pattern declares,
+    and no ``_SUCCESS`` is written (OutputError). A file this attempt wrote is listed with the size and
+    sha256 hashed while it was written, after checking it is still that file (S3: the attempt id in its
+    metadata); only an optional file may be carried over from an earlier attempt (a cache, checkpoints),
+    and it is hashed here. Unknown stages list whatever is there."""
+    declared = STAGE_OUTPUTS.get(run.stage)
+    if required is None and declared is not None:
+        required = declared[0]
+    if optional is None:
+        optional = declared[1] if declared is not None and required == declared[0] else ()
+    required, optional = tuple(required or ()), tuple(optional)
+    present = [rel for rel in list_files(run.output) if rel != SUCCESS]
+    problems = []
+    if declared is not None or required:
+        missing = [p for p in required if not any(fnmatchcase(rel, p) for rel in present)]
+        if missing:
+            problems.append(f"missing {', '.join(missing)}")
+        foreign = [rel for rel in present if not _matches(rel, required + optional)]
+        if foreign:
+            problems.append(f"not declared by stage {run.stage}: {', '.join(foreign[:10])}"
+                            + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""))
     files = []
-    for rel in list_files(run.output):
-        if rel == SUCCESS:
+    for rel in present:
+        entry = run.written.get(rel)
+        if entry is None:
+            if (declared is not None or required) and not _matches(rel, optional):
+                problems.append(f"{rel} was not written by this attempt ({run.attempt})")
+                continue
+            uri = join(run.output, rel)
+            files.append({"path": rel, "size": size(uri), "sha256": sha256(uri)})
             continue
-        uri = join(run.output, rel)
-        files.append({"path": rel, "size": size(uri), "sha256": sha256(uri)})
+        why = _still_ours(run, rel, entry)
+        if why:
+            problems.append(f"{rel} {why}")
+            continue
+        files.append({"path": rel, "size": entry["size"], "sha256": entry["sha256"], "attempt": run.attempt})
+    for rel in run.written:
+        if rel not in present and (declared is None or _matches(rel, required + optional)):
+            if not any(p.startswith(rel + " ") for p in problems):
+                problems.append(f"{rel} was written by this attempt but is not in the store any more")
+    if problems:
+        abort_stage(run)
+        raise OutputError(f"{run.output}: no {SUCCESS} written, the output is not exactly what attempt "
+                          f"{run.attempt} of stage {run.stage} wrote: {'; '.join(problems)}. Rerun the stage")
+    if run.lease is not None:
+        run.lease.check()
+    # raw inputs: the fingerprint taken while the stage streamed them (files it did not read are hashed now)
+    inputs = {u: d if d is not None else raw_fingerprint(u, run.read_digests) for u, d in run.inputs.items()}
     manifest = {
         "stage": run.stage,
         "run_id": run.run_id,
-        "inputs": [{"uri": u, "digest": d} for u, d in run.inputs.items()],
+        "attempt": run.attempt,
+        "inputs": [{"uri": u, "digest": d} for u, d in inputs.items()],
         "config": run.config,
         "package_version": _package_version(),
         "git_revision": _git_revision(),
@@ -567,5 +1097,9 @@ def finish_stage(run: StageRun, summary: dict) -> dict:
         "files": files,
         "summary": summary,
     }
-    write_json(join(run.output, SUCCESS), manifest)
+    _RUNS.pop(_key(run.output), None)
+    try:
+        write_json(join(run.output, SUCCESS), manifest)
+    finally:
+        abort_stage(run)
     return manifest

@@ -75,6 +75,7 @@ from typing import Any
 
 from cmv_core import storage
 from cmv_core.config import ConfigError
+from cmv_core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,11 @@ EXIT_PREEMPTED = 143  # what a process killed by SIGTERM reports; here: checkpoi
 ROLES = ("system", "user", "assistant")
 
 
-class TrainDataError(ValueError):
+class TrainDataError(InputError):
     """The format stage's output is not usable for training (names file, line and reason)."""
 
 
-class LabelMaskError(RuntimeError):
+class LabelMaskError(InputError):
     """The loss mask is empty or covers prompt tokens: training would be silently wrong."""
 
 
@@ -188,11 +189,7 @@ def cli_main(args: argparse.Namespace) -> int:
     cfg = section(recipe, "train", TrainConfig)
     if cfg.deepspeed:
         cfg.deepspeed = resolve_deepspeed_config(cfg.deepspeed, recipe.get("_source"))
-    try:
-        result = run_train(args.input, args.output, cfg, model_spec(recipe), run_id=args.run_id, force=args.force)
-    except (TrainDataError, LabelMaskError) as exc:
-        print(f"cmv train: error: {exc}", flush=True)
-        return 2
+    result = run_train(args.input, args.output, cfg, model_spec(recipe), run_id=args.run_id, force=args.force)
     if result is not None and result.get("preempted"):
         return EXIT_PREEMPTED
     return 0

@@ -177,7 +177,7 @@ def test_too_many_rejects_fails_with_a_clear_message(tmp_path, sample_dump):
     out = tmp_path / "run" / "clean"
     proc = run_cmv("clean", "--input", str(bad), "--output", str(out), "--config", TINY,
                    "--set", "clean.max_reject_fraction=0.05", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input
     assert "2 of 32 input lines (6.25%) were rejected" in proc.stderr
     assert "max_reject_fraction=0.05" in proc.stderr and "invalid_json 1" in proc.stderr
     assert "missing_id 1" in proc.stderr and "rejects.jsonl.gz" in proc.stderr

@@ -69,20 +69,22 @@ def test_manifest_written_last_and_rerun_skipped(root):
         storage.require_success(upstream)
     run = storage.begin_stage("clean", upstream, inputs=[], config={"a": 1})
     storage.write_text(storage.join(upstream, "out.txt"), "data")
-    manifest = storage.finish_stage(run, {"threads": 3})
+    manifest = storage.finish_stage(run, {"threads": 3}, required=["out.txt"])
     assert manifest["run_id"] == "run1"
-    assert manifest["files"] == [{"path": "out.txt", "size": 4, "sha256": storage.sha256(storage.join(upstream, "out.txt"))}]
+    assert manifest["files"] == [{"path": "out.txt", "size": 4, "sha256": storage.sha256(storage.join(upstream, "out.txt")),
+                                  "attempt": run.attempt}]
+    assert manifest["attempt"] == run.attempt
     assert storage.require_success(upstream)["summary"] == {"threads": 3}
 
     out = storage.join(root, "run1", "format")
     run = storage.begin_stage("format", out, inputs=[upstream], config={"seed": 1})
     assert run is not None
-    storage.finish_stage(run, {})
+    storage.finish_stage(run, {}, required=[])
     # Same inputs and config: skipped. Forced, or config changed: runs, stale manifest removed first.
     assert storage.begin_stage("format", out, inputs=[upstream], config={"seed": 1}) is None
     assert storage.begin_stage("format", out, inputs=[upstream], config={"seed": 1}, force=True) is not None
     assert not storage.exists(storage.join(out, storage.SUCCESS))
-    storage.finish_stage(storage.begin_stage("format", out, inputs=[upstream], config={"seed": 1}), {})
+    storage.finish_stage(storage.begin_stage("format", out, inputs=[upstream], config={"seed": 1}), {}, required=[])
     assert storage.begin_stage("format", out, inputs=[upstream], config={"seed": 2}) is not None
     assert not storage.exists(storage.join(out, storage.SUCCESS))
 
@@ -94,11 +96,11 @@ def test_downstream_refuses_input_without_success(root):
 
 def test_upstream_change_invalidates_downstream(root):
     up = storage.join(root, "r", "clean")
-    storage.finish_stage(storage.begin_stage("clean", up, inputs=[], config={}), {"n": 1})
+    storage.finish_stage(storage.begin_stage("clean", up, inputs=[], config={}), {"n": 1}, required=[])
     down = storage.join(root, "r", "format")
-    storage.finish_stage(storage.begin_stage("format", down, inputs=[up], config={}), {})
+    storage.finish_stage(storage.begin_stage("format", down, inputs=[up], config={}), {}, required=[])
     assert storage.begin_stage("format", down, inputs=[up], config={}) is None
-    storage.finish_stage(storage.begin_stage("clean", up, inputs=[], config={}, force=True), {"n": 2})
+    storage.finish_stage(storage.begin_stage("clean", up, inputs=[], config={}, force=True), {"n": 2}, required=[])
     assert storage.begin_stage("format", down, inputs=[up], config={}) is not None
 
 

@@ -1,0 +1,245 @@
+"""An exclusive, expiring lease on a stage output: one live writer per output.
+
+``<output>/_LEASE`` holds who writes the output (attempt id, host, pid, since,
+until). Locally it is created with ``O_CREAT | O_EXCL``; on S3 with a
+conditional PUT (``If-None-Match: *``), and taken over with ``If-Match`` on the
+stale holder's ETag, so of two writers exactly one gets it. A heartbeat thread
+pushes ``until`` forward every ttl/3; a killed writer's lease expires after
+``CMV_LEASE_TTL_S`` seconds (default 60), or at once when the holder was a
+process on this host that no longer exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from cmv_core.errors import LeaseHeld
+
+log = logging.getLogger(__name__)
+
+LEASE = "_LEASE"
+
+
+def ttl_s() -> float:
+    return float(os.environ.get("CMV_LEASE_TTL_S", "60"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(holder: dict, now: float) -> bool:
+    if not isinstance(holder, dict):
+        return True
+    if float(holder.get("until", 0)) < now:
+        return True
+    if holder.get("host") == socket.gethostname():
+        pid = int(holder.get("pid", -1))
+        # this process: its earlier attempt has ended (stages run one at a time in a process)
+        return pid == os.getpid() or not _pid_alive(pid)
+    return False
+
+
+def describe(holder: dict) -> str:
+    until = time.strftime("%H:%M:%S", time.gmtime(float(holder.get("until", 0))))
+    return (f"attempt {holder.get('attempt')} (host {holder.get('host')}, pid {holder.get('pid')}, "
+            f"started {holder.get('since')}, lease until {until} UTC)")
+
+
+@dataclass
+class Lease:
+    output: str
+    uri: str
+    attempt: str
+    ttl: float
+    etag: str | None = None  # S3: the ETag of our lease object
+    lost: str | None = None  # why the lease is no longer ours
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def body(self) -> bytes:
+        now = time.time()
+        return json.dumps({
+            "attempt": self.attempt, "host": socket.gethostname(), "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "until": now + self.ttl,
+        }).encode()
+
+    def _renew(self) -> None:
+        from cmv_core import storage
+
+        if storage.is_s3(self.uri):
+            from botocore.exceptions import ClientError
+
+            bucket, key = storage._split_s3(self.uri)
+            try:
+                resp = storage.s3_client().put_object(Bucket=bucket, Key=key, Body=self.body(), IfMatch=self.etag)
+                self.etag = resp.get("ETag")
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                    self.lost = "another writer took the lease over"
+                raise
+        else:
+            path = storage.local_path(self.uri)
+            holder = json.loads(path.read_bytes())
+            if holder.get("attempt") != self.attempt:
+                self.lost = f"the lease is now held by {describe(holder)}"
+                return
+            tmp = path.with_name(f".{LEASE}.{self.attempt}.tmp")
+            tmp.write_bytes(self.body())
+            os.replace(tmp, path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            if self.lost:
+                return
+            try:
+                self._renew()
+            except Exception as exc:  # noqa: BLE001 - an outage: try again next beat
+                log.debug("lease renewal of %s failed: %s", self.uri, exc)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+        self._thread.start()
+
+    def check(self) -> None:
+        """Raise LeaseHeld when the lease is no longer this attempt's (say it expired during an outage)."""
+        from cmv_core import storage
+
+        holder = _read(self.uri)
+        if self.lost or holder is None or holder.get("attempt") != self.attempt:
+            who = describe(holder) if holder else "nobody"
+            raise LeaseHeld(f"{self.output}: this attempt ({self.attempt}) lost its lease "
+                            f"({self.lost or 'now held by ' + who}); no {storage.SUCCESS} written")
+
+    def release(self) -> None:
+        from cmv_core import storage
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            holder = _read(self.uri)
+            if holder and holder.get("attempt") == self.attempt:
+                if storage.is_s3(self.uri):
+                    bucket, key = storage._split_s3(self.uri)
+                    storage.s3_client().delete_object(Bucket=bucket, Key=key)
+                else:
+                    storage.local_path(self.uri).unlink()
+
+
+def _read(uri: str) -> dict | None:
+    from cmv_core import storage
+
+    try:
+        data = storage._raw_get(uri)
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {}
+
+
+def acquire(output: str, attempt: str) -> Lease:
+    """Take ``<output>/_LEASE`` for this attempt, or raise LeaseHeld naming the live holder."""
+    from cmv_core import storage
+
+    lease = Lease(output=output, uri=storage.join(output, LEASE), attempt=attempt, ttl=ttl_s())
+    for _ in range(5):
+        if _try_create(lease):
+            lease.start()
+            return lease
+        holder, etag = _read_with_etag(lease.uri)
+        if holder is None:
+            continue  # released meanwhile
+        if not _stale(holder, time.time()):
+            raise LeaseHeld(
+                f"{output} is being written by {describe(holder)}; a second writer is refused. Wait for it, "
+                f"or, if it is dead on another host, for its lease to expire (CMV_LEASE_TTL_S={lease.ttl:.0f})")
+        log.info("taking over the stale lease of %s from %s", output, describe(holder))
+        _remove_stale(lease.uri, etag, holder.get("attempt"))
+    raise LeaseHeld(f"{output}: could not take the lease (other writers keep taking it)")
+
+
+def _read_with_etag(uri: str) -> tuple[dict | None, str | None]:
+    from cmv_core import storage
+
+    if storage.is_s3(uri):
+        bucket, key = storage._split_s3(uri)
+        try:
+            obj = storage.s3_client().get_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            if "NoSuchKey" in str(exc) or "404" in str(exc):
+                return None, None
+            raise
+        try:
+            return json.loads(obj["Body"].read()), obj.get("ETag")
+        except ValueError:
+            return {}, obj.get("ETag")
+    return _read(uri), None
+
+
+def _try_create(lease: Lease) -> bool:
+    from cmv_core import storage
+
+    if storage.is_s3(lease.uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = storage._split_s3(lease.uri)
+        try:
+            resp = storage.s3_client().put_object(Bucket=bucket, Key=key, Body=lease.body(), IfNoneMatch="*")
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            raise
+        lease.etag = resp.get("ETag")
+        return True
+    path = storage.local_path(lease.uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(lease.body())
+    return True
+
+
+def _remove_stale(uri: str, etag: str | None, stale_attempt: str | None) -> None:
+    from cmv_core import storage
+
+    if storage.is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = storage._split_s3(uri)
+        try:
+            # only the stale holder's object: a racing taker's fresh lease survives
+            storage.s3_client().delete_object(Bucket=bucket, Key=key, **({"IfMatch": etag} if etag else {}))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412", "NoSuchKey"):
+                raise
+        return
+    path = storage.local_path(uri)
+    grave = path.with_name(f".{LEASE}.stale.{os.getpid()}.tmp")
+    try:
+        os.rename(path, grave)  # atomic: of two takers only one moves it
+    except FileNotFoundError:
+        return
+    if (_read(str(grave)) or {}).get("attempt") != stale_attempt:
+        # a racing taker's fresh lease, not the stale one: put it back (link fails if a third one exists)
+        with contextlib.suppress(FileExistsError):
+            os.link(grave, path)
+    grave.unlink()
