@@ -548,7 +548,7 @@ def _run(run: storage.StageRun, inputs: list[str], output: str, config: CleanCon
         "deltas": stats["deltas"],
         "winning_branches": stats["winning_branches"],
     }
-    storage.finish_stage(run, summary)
+    storage.finish_stage(run, summary, declared=True)
     seconds = time.monotonic() - started
     print(summary_text(stats, output, seconds), flush=True)
     log.info("clean: %d threads to %s in %.1f s with %d worker(s)", summary["threads_written"], output, seconds,

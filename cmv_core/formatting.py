@@ -626,7 +626,7 @@ def run_format(
         },
     }
     storage.write_json(storage.join(output, "stats.json"), stats)
-    manifest = storage.finish_stage(run, summary)
+    manifest = storage.finish_stage(run, summary, declared=True)
     print_summary(stats)
     return manifest
 

@@ -439,7 +439,7 @@ def run_generate(
     stats = _write_outputs(output, shards, variants, len(ranges), config, resumed=len(done))
     storage.delete_prefix(shards)
     log.info("wrote %d generations to %s", stats["generations"], storage.join(output, GENERATIONS))
-    return storage.finish_stage(run, stats)
+    return storage.finish_stage(run, stats, declared=True)
 
 
 def _stage_roots(v: Variant) -> list[str]:

@@ -943,7 +943,7 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
                "cost_usd": usage["cost_usd"], "cost_usd_this_run": usage["cost_usd_this_run"]}
     if report["calibration"]:
         summary["calibration_accuracy"] = report["calibration"]["accuracy"]["rate"]
-    return storage.finish_stage(run, summary)
+    return storage.finish_stage(run, summary, declared=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1031,25 +1031,25 @@ def finish_stage(
     run: StageRun,
     summary: dict,
     required: Iterable[str] | None = None,
-    optional: Iterable[str] | None = None,
+    optional: Iterable[str] = (),
+    *,
+    declared: bool = False,
 ) -> dict:
     """Write the ``_SUCCESS`` manifest last, listing every output file.
 
-    The output must hold exactly the stage's declared files (``required`` and ``optional`` patterns,
-    by default ``STAGE_OUTPUTS[run.stage]``): a required one missing, or a file no pattern declares,
-    and no ``_SUCCESS`` is written (OutputError). A file this attempt wrote is listed with the size and
-    sha256 hashed while it was written, after checking it is still that file (S3: the attempt id in its
-    metadata); only an optional file may be carried over from an earlier attempt (a cache, checkpoints),
-    and it is hashed here. Unknown stages list whatever is there."""
-    declared = STAGE_OUTPUTS.get(run.stage)
-    if required is None and declared is not None:
-        required = declared[0]
-    if optional is None:
-        optional = declared[1] if declared is not None and required == declared[0] else ()
+    With ``declared=True`` (``STAGE_OUTPUTS[run.stage]``) or explicit ``required``/``optional``
+    patterns, the output must hold exactly those files: a required one missing, or a file no pattern
+    declares, and no ``_SUCCESS`` is written (OutputError). A file this attempt wrote is listed with the
+    size and sha256 hashed while it was written, after checking it is still that file (S3: the attempt
+    id in its metadata); only an optional file may be carried over from an earlier attempt (a cache,
+    checkpoints), and it is hashed here. Without a declaration (test fixtures) whatever is there is listed."""
+    if declared:
+        required, optional = STAGE_OUTPUTS[run.stage]
+    strict = required is not None
     required, optional = tuple(required or ()), tuple(optional)
     present = [rel for rel in list_files(run.output) if rel != SUCCESS]
     problems = []
-    if declared is not None or required:
+    if strict:
         missing = [p for p in required if not any(fnmatchcase(rel, p) for rel in present)]
         if missing:
             problems.append(f"missing {', '.join(missing)}")
@@ -1061,7 +1061,7 @@ def finish_stage(
     for rel in present:
         entry = run.written.get(rel)
         if entry is None:
-            if (declared is not None or required) and not _matches(rel, optional):
+            if strict and not _matches(rel, optional):
                 problems.append(f"{rel} was not written by this attempt ({run.attempt})")
                 continue
             uri = join(run.output, rel)
@@ -1073,7 +1073,7 @@ def finish_stage(
             continue
         files.append({"path": rel, "size": entry["size"], "sha256": entry["sha256"], "attempt": run.attempt})
     for rel in run.written:
-        if rel not in present and (declared is None or _matches(rel, required + optional)):
+        if rel not in present and (not strict or _matches(rel, required + optional)):
             if not any(p.startswith(rel + " ") for p in problems):
                 problems.append(f"{rel} was written by this attempt but is not in the store any more")
     if problems:

@@ -1018,7 +1018,7 @@ def run_train(
             storage.delete_prefix(checkpoints_uri(output))
         summary.update({k: metrics[k] for k in ("global_step", "final_eval_loss", "tokens_seen",
                                                  "tokens_per_second", "resumed_from_step")})
-        storage.finish_stage(run, summary)
+        storage.finish_stage(run, summary, declared=True)
         log.info("train: %d steps, final eval loss %s, %s tokens/s; wrote %s", metrics["global_step"],
                  metrics["final_eval_loss"], metrics["tokens_per_second"], output)
     dist.wait_for_everyone()
