@@ -453,7 +453,8 @@ class OpenAIBackend:
             tokens = [{"token": t.token, "top": [[a.token, a.logprob] for a in (t.top_logprobs or [])]}
                       for t in choice.logprobs.content]
         usage = resp.usage
-        return {"text": choice.message.content or "", "finish_reason": choice.finish_reason, "tokens": tokens,
+        # redacted before anything stores it (cache, judgments, report): a server may echo the key
+        return {"text": self._redact(choice.message.content or ""), "finish_reason": choice.finish_reason, "tokens": tokens,
                 "prompt_tokens": usage.prompt_tokens if usage else 0,
                 "completion_tokens": usage.completion_tokens if usage else 0}
 

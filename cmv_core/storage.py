@@ -784,8 +784,39 @@ def _input_digest(uri: str, stage: str) -> str:
             f"input {uri} has no {SUCCESS}: the stage that writes it has not finished (or failed)"
         ) from None
     manifest = parse_manifest(data, manifest_uri, UPSTREAM.get(stage))
+    _check_listing(uri, manifest)
     _verify_input(uri, manifest)
     return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _sizes(uri: str) -> dict[str, int]:
+    """rel path -> size of every file under a stage directory, from one listing."""
+    if is_s3(uri):
+        return {o["Rel"]: int(o["Size"]) for o in _s3_objects(uri)
+                if o["Rel"] and o["Rel"].rsplit("/", 1)[-1] not in (SUCCESS, LEASE)}
+    root = local_path(uri)
+    return {rel: (root / rel).stat().st_size for rel in list_files(uri) if rel != SUCCESS}
+
+
+def _check_listing(uri: str, manifest: dict) -> None:
+    """The input holds exactly the files its manifest lists, at the listed sizes (one listing, no reads)."""
+    listed = {f["path"]: f["size"] for f in manifest["files"]}
+    there = _sizes(uri)
+    manifest_uri = join(uri, SUCCESS)
+    problems = []
+    missing = sorted(set(listed) - set(there))
+    if missing:
+        problems.append(f"listed but not there: {', '.join(missing[:5])}")
+    extra = sorted(set(there) - set(listed))
+    if extra:
+        problems.append(f"there but not listed: {', '.join(extra[:5])}")
+    resized = sorted(r for r in set(listed) & set(there) if listed[r] != there[r])
+    if resized:
+        problems.append("size differs from the manifest: " + ", ".join(
+            f"{r} ({there[r]} bytes, listed {listed[r]})" for r in resized[:5]))
+    if problems:
+        raise IntegrityError(f"{uri} does not match {manifest_uri}: {'; '.join(problems)}. "
+                             f"The output changed after its stage finished; rerun that stage (with --force)")
 
 
 def _file_sha256(path: str | Path) -> str:
