@@ -1,4 +1,4 @@
-"""Benchmark the clean stage against the floor "read + JSON-parse every line", in one run.
+"""Benchmark the clean and format stages against their floors "read + JSON-parse every line", in one run.
 
     python benchmarks/bench_clean.py                  # 25,000 threads (~1.5M comment objects)
     python benchmarks/bench_clean.py --threads 2000   # quick look
@@ -10,8 +10,15 @@ it once to warm the page cache, then runs, each in a fresh subprocess:
 - clean: `cmv clean --input <dump> --output <tmp> --force` (the real CLI), with
   the default `clean.workers: 0` (worker processes, one per CPU up to 4) and
   with `clean.workers=1` (everything in one process);
+- format: `cmv format` of that clean output with the tiny recipe's tokenizer,
+  beside its floor (read + JSON-parse every line of conversations.jsonl.gz);
+- clean and format again with the hand-off checks switched off (input files not
+  hashed against the upstream _SUCCESS, the raw dump not fingerprinted; a patch
+  in the benchmark's own process, there is no such switch in the stage), so the
+  cost of verification is measured, not guessed;
 and prints wall time, CPU time, peak RSS of all the processes and the ratio to
-the floor. Targets (issue 2): clean within 2x of the floor, peak RSS < 1 GiB.
+the floor. Targets (issues 2, 12): clean within 2x of the floor, peak RSS < 1 GiB,
+verification under 5% of the stage's wall time.
 """
 
 from __future__ import annotations
@@ -37,6 +44,17 @@ with storage.open_read(sys.argv[1], "rb") as f:
             orjson.loads(line)
             n += 1
 print(n)
+"""
+
+# The same CLI with the hand-off checks patched out (benchmark only).
+UNVERIFIED = """
+import sys
+from cmv_core import cli, storage
+storage._expected = lambda uri: None
+storage._raw_watcher = lambda uri: None
+storage.raw_fingerprint = lambda uri, streamed=None: "unverified"
+storage._check_listing = lambda uri, manifest: None
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 
@@ -81,6 +99,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=25000)
     ap.add_argument("--dump", default=None, help="default: benchmarks/data/synth_cmv_<threads>.jsonlist")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each; the fastest is reported")
+    ap.add_argument("--no-format", action="store_true", help="clean only")
     args = ap.parse_args()
     dump = Path(args.dump or REPO / "benchmarks" / "data" / f"synth_cmv_{args.threads}.jsonlist")
 
@@ -101,16 +120,30 @@ def main() -> int:
     floor_cmd = [py, "-c", FLOOR, str(dump)]
     out_dir = Path(tempfile.mkdtemp(prefix="cmv-bench-clean-"))
 
-    def clean_cmd(workers: int) -> list[str]:
-        return [py, "-m", "cmv_core.cli", "clean", "--input", str(dump), "--output", str(out_dir / "clean"),
+    def cli(verified: bool) -> list[str]:
+        return [py, "-m", "cmv_core.cli"] if verified else [py, "-c", UNVERIFIED]
+
+    def clean_cmd(workers: int, verified: bool = True) -> list[str]:
+        return [*cli(verified), "clean", "--input", str(dump), "--output", str(out_dir / "clean"),
                 "--force", "--log-level", "WARNING", "--set", f"clean.workers={workers}"]
 
-    runs: dict[str, list] = {"floor": [], "auto": [], "serial": []}
+    def format_cmd(verified: bool = True) -> list[str]:
+        return [*cli(verified), "format", "--input", str(out_dir / "clean"), "--output", str(out_dir / "format"),
+                "--force", "--log-level", "WARNING", "--config", str(REPO / "configs" / "tiny.yaml")]
+
+    conversations = str(out_dir / "clean" / "conversations.jsonl.gz")
+    runs: dict[str, list] = {k: [] for k in ("floor", "auto", "auto_unverified", "serial", "format_floor",
+                                             "format", "format_unverified")}
     try:
         for _ in range(args.repeat):  # interleaved, so all see the same machine load
             runs["floor"].append(run_measured(floor_cmd))
-            runs["auto"].append(run_measured(clean_cmd(0)))
+            runs["auto_unverified"].append(run_measured(clean_cmd(0, verified=False)))
             runs["serial"].append(run_measured(clean_cmd(1)))
+            runs["auto"].append(run_measured(clean_cmd(0)))  # last: format reads its verified output
+            if not args.no_format:
+                runs["format_floor"].append(run_measured([py, "-c", FLOOR, conversations]))
+                runs["format_unverified"].append(run_measured(format_cmd(verified=False)))
+                runs["format"].append(run_measured(format_cmd()))
         summary = runs["auto"][-1][2].strip()
         out_size = (out_dir / "clean" / "conversations.jsonl.gz").stat().st_size / 2**20
     finally:
@@ -125,10 +158,22 @@ def main() -> int:
           f"{os.cpu_count()} cores, load average {load:.1f} before")
     print(f"{'':40s} {'wall':>8s} {'CPU':>8s} {'peak RSS':>10s} {'wall/floor':>11s}")
     print(f"{'floor (read + orjson.loads each line)':40s} {floor_s:7.1f}s {floor_cpu:7.1f}s {floor_rss:6.0f} MiB")
-    for key, label in (("auto", "cmv clean (workers: auto)"), ("serial", "cmv clean (workers: 1)")):
+    rows = [("auto", "cmv clean (workers: auto)"), ("auto_unverified", "  same, hand-off checks off"),
+            ("serial", "cmv clean (workers: 1)")]
+    for key, label in rows:
         wall, rss, _, cpu = min(runs[key])
         print(f"{label:40s} {wall:7.1f}s {cpu:7.1f}s {rss:6.0f} MiB {wall / floor_s:10.2f}x")
-    print("targets: clean wall <= 2x floor, peak RSS < 1 GiB (all processes)")
+    verify_pct = {"clean": 100 * (min(runs["auto"])[0] / min(runs["auto_unverified"])[0] - 1)}
+    if runs["format"]:
+        ff_s, ff_rss, _, ff_cpu = min(runs["format_floor"])
+        print(f"{'format floor (read + json each line)':40s} {ff_s:7.1f}s {ff_cpu:7.1f}s {ff_rss:6.0f} MiB")
+        for key, label in (("format", "cmv format (tiny tokenizer)"), ("format_unverified", "  same, hand-off checks off")):
+            wall, rss, _, cpu = min(runs[key])
+            print(f"{label:40s} {wall:7.1f}s {cpu:7.1f}s {rss:6.0f} MiB {wall / ff_s:10.2f}x")
+        verify_pct["format"] = 100 * (min(runs["format"])[0] / min(runs["format_unverified"])[0] - 1)
+    print("verification cost (wall, checks on vs off): "
+          + ", ".join(f"{k} {v:+.1f}%" for k, v in verify_pct.items()))
+    print("targets: clean wall <= 2x floor, peak RSS < 1 GiB (all processes), verification < 5%")
     return 0
 
 

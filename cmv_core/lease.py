@@ -6,7 +6,10 @@ conditional PUT (``If-None-Match: *``), and taken over with ``If-Match`` on the
 stale holder's ETag, so of two writers exactly one gets it. A heartbeat thread
 pushes ``until`` forward every ttl/3; a killed writer's lease expires after
 ``CMV_LEASE_TTL_S`` seconds (default 60), or at once when the holder was a
-process on this host that no longer exists.
+process on this host that no longer exists. A holder on another host (a
+killed pod whose Job started a new one) is watched until its lease expires:
+renewed meanwhile, it is live and the second writer is refused; not renewed,
+it is dead and the lease is taken over, so a restarted Job resumes by itself.
 """
 
 from __future__ import annotations
@@ -165,13 +168,29 @@ def acquire(output: str, attempt: str) -> Lease:
         holder, etag = _read_with_etag(lease.uri)
         if holder is None:
             continue  # released meanwhile
-        if not _stale(holder, time.time()):
+        if not _stale(holder, time.time()) and not _dies_unrenewed(lease.uri, holder):
             raise LeaseHeld(
                 f"{output} is being written by {describe(holder)}; a second writer is refused. Wait for it, "
                 f"or, if it is dead on another host, for its lease to expire (CMV_LEASE_TTL_S={lease.ttl:.0f})")
         log.info("taking over the stale lease of %s from %s", output, describe(holder))
         _remove_stale(lease.uri, etag, holder.get("attempt"))
     raise LeaseHeld(f"{output}: could not take the lease (other writers keep taking it)")
+
+
+def _dies_unrenewed(uri: str, holder: dict) -> bool:
+    """Watch another host's lease until it expires: True when it expired without being renewed (its
+    holder is dead), False as soon as it is renewed or taken by someone else (live)."""
+    if holder.get("host") == socket.gethostname():
+        return False  # a live process here: no need to wait to know
+    until = float(holder.get("until", 0))
+    log.info("waiting until %s for the lease of %s to be renewed or to expire",
+             time.strftime("%H:%M:%S", time.gmtime(until)), describe(holder))
+    while time.time() <= until + 1:
+        time.sleep(min(1.0, max(0.05, until + 1 - time.time())))
+        now = _read(uri)
+        if not now or now.get("attempt") != holder.get("attempt") or float(now.get("until", 0)) > until:
+            return False
+    return True
 
 
 def _read_with_etag(uri: str) -> tuple[dict | None, str | None]:

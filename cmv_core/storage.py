@@ -664,6 +664,14 @@ def download_dir(uri: str, local_dir: str | Path) -> str:
 def materialize_dir(uri: str, cache_dir: str | Path | None = None) -> str:
     """A local directory holding the files under ``uri`` (S3 is downloaded)."""
     if not is_s3(uri):
+        # A verified input that a library will read by path (transformers, vLLM): hashed here, since
+        # its reads do not pass through this module.
+        for rel in list_files(uri):
+            src = join(uri, rel)
+            if _expected(src) is not None:
+                with open_read_raw(src) as f:
+                    while f.read(_CHUNK):
+                        pass
         return str(local_path(uri))
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     base = Path(cache_dir or tempfile.mkdtemp(prefix="cmv-dl-"))

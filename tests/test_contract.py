@@ -191,18 +191,30 @@ def test_second_writer_is_refused_while_the_first_lives(tmp_path, where, request
     storage.abort_stage(run)
 
 
-def test_a_lease_of_another_host_blocks_until_it_expires(s3_bucket, tmp_path):
+def test_a_lease_of_another_host_is_taken_only_when_it_expires_unrenewed(s3_bucket, tmp_path):
+    import threading
+
     for root in (s3_bucket, str(tmp_path)):
         out = storage.join(root, "r", "clean")
-        holder = {"attempt": "elsewhere", "host": "other-node", "pid": 1, "since": "t", "until": time.time() + 60}
-        storage.write_json(storage.join(out, lease.LEASE), holder)
+        uri = storage.join(out, lease.LEASE)
+        holder = {"attempt": "elsewhere", "host": "other-node", "pid": 1, "since": "t", "until": time.time() + 3}
+        storage.write_json(uri, holder)
+
+        def renew():  # a live holder on another node renews its lease
+            time.sleep(1)
+            storage.write_json(uri, {**holder, "until": time.time() + 60})
+
+        threading.Thread(target=renew).start()
         with pytest.raises(errors.LeaseHeld, match="attempt elsewhere \\(host other-node"):
             storage.begin_stage("clean", out, inputs=[], config={})
-        storage.write_json(storage.join(out, lease.LEASE), {**holder, "until": time.time() - 1})
+        # a dead holder (a killed pod): not renewed, taken over once it expires
+        storage.write_json(uri, {**holder, "until": time.time() + 2})
+        started = time.monotonic()
         run = storage.begin_stage("clean", out, inputs=[], config={})
-        assert json.loads(storage.read_bytes(storage.join(out, lease.LEASE)))["attempt"] == run.attempt
+        assert time.monotonic() - started >= 1.5
+        assert json.loads(storage.read_bytes(uri))["attempt"] == run.attempt
         storage.abort_stage(run)
-        assert not storage.exists(storage.join(out, lease.LEASE))
+        assert not storage.exists(uri)
 
 
 def _free_port() -> int:

@@ -421,7 +421,10 @@ def test_bad_generation_line_names_file_and_line(tmp_path, inputs):
     path = Path(gen) / "generations.jsonl"
     lines = path.read_text().splitlines()
     lines[2] = json.dumps({"id": "x", "thread_id": "x", "model": "base", "messages": []})
+    # rewritten by an attempt of the generate stage: an edit after _SUCCESS would be refused as tampering
+    run = storage.begin_stage("generate", gen, inputs=[fmt], config={}, run_id="t", force=True)
     path.write_text("\n".join(lines) + "\n")
+    storage.finish_stage(run, {})
     with FakeOpenAI(smart_judge) as srv:
         with pytest.raises(judging.InputError, match=r"generations.jsonl: line 3: missing field\(s\) response"):
             judging.run_judge(gen, fmt, str(tmp_path / "judge"), config(srv), force=True)
