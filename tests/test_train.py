@@ -160,8 +160,11 @@ def test_bad_lines_name_file_and_line(tmp_path):
 
 def test_bad_input_fails_cleanly_without_output(tmp_path):
     fmt = write_format_output(str(tmp_path / "format"), n_train=4, n_val=2)
+    # the bad line comes from an attempt of the format stage (an edit after _SUCCESS is refused as tampering)
+    run = storage.begin_stage("format", fmt, inputs=[], config={"bad": True}, force=True)
     with open(tmp_path / "format" / "train.jsonl", "a") as f:
         f.write('{"messages": [{"role": "user", "content": "only a prompt"}]}\n')
+    storage.finish_stage(run, {})
     out = tmp_path / "train"
     proc = run_cmv("train", "--input", fmt, "--output", str(out), "--config", TINY, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
