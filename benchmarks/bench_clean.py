@@ -46,19 +46,20 @@ with storage.open_read(sys.argv[1], "rb") as f:
 print(n)
 """
 
-# The same CLI with the hand-off checks patched out (benchmark only).
-UNVERIFIED = """
-import sys
-from cmv_core import cli, storage
+# The hand-off checks patched out (benchmark only): a sitecustomize on PYTHONPATH, so that clean's
+# spawned workers (which hash the dump's chunks) are patched too.
+UNVERIFIED_SITE = """
+import hashlib
+from cmv_core import clean, storage
 storage._expected = lambda uri: None
-storage._raw_watcher = lambda uri: None
-storage.raw_fingerprint = lambda uri, streamed=None: "unverified"
 storage._check_listing = lambda uri, manifest: None
-sys.exit(cli.main(sys.argv[1:]))
+storage.raw_fingerprint = lambda uri, streamed=None: "unverified"
+storage.record_raw_digest = lambda run, uri, digest: None
+clean.clean_batch = lambda raws, strip: ([clean.clean_line(r, strip) for r in raws], b"")
 """
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float, str, float]:
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str, float]:
     """Wall seconds, peak RSS (MiB) of the process tree, stdout, and CPU seconds (user + system,
     the process and its reaped children, i.e. the workers).
 
@@ -70,7 +71,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str, float]:
 
     started = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, env=env)
         peak = 0
         ps = psutil.Process(proc.pid)
         while True:
@@ -120,8 +121,13 @@ def main() -> int:
     floor_cmd = [py, "-c", FLOOR, str(dump)]
     out_dir = Path(tempfile.mkdtemp(prefix="cmv-bench-clean-"))
 
+    site = out_dir / "unverified-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(UNVERIFIED_SITE)
+    unverified_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
+
     def cli(verified: bool) -> list[str]:
-        return [py, "-m", "cmv_core.cli"] if verified else [py, "-c", UNVERIFIED]
+        return [py, "-m", "cmv_core.cli"]
 
     def clean_cmd(workers: int, verified: bool = True) -> list[str]:
         return [*cli(verified), "clean", "--input", str(dump), "--output", str(out_dir / "clean"),
@@ -137,12 +143,12 @@ def main() -> int:
     try:
         for _ in range(args.repeat):  # interleaved, so all see the same machine load
             runs["floor"].append(run_measured(floor_cmd))
-            runs["auto_unverified"].append(run_measured(clean_cmd(0, verified=False)))
+            runs["auto_unverified"].append(run_measured(clean_cmd(0, verified=False), unverified_env))
             runs["serial"].append(run_measured(clean_cmd(1)))
             runs["auto"].append(run_measured(clean_cmd(0)))  # last: format reads its verified output
             if not args.no_format:
                 runs["format_floor"].append(run_measured([py, "-c", FLOOR, conversations]))
-                runs["format_unverified"].append(run_measured(format_cmd(verified=False)))
+                runs["format_unverified"].append(run_measured(format_cmd(verified=False), unverified_env))
                 runs["format"].append(run_measured(format_cmd()))
         summary = runs["auto"][-1][2].strip()
         out_size = (out_dir / "clean" / "conversations.jsonl.gz").stat().st_size / 2**20

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import gc
 import gzip
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 CONVERSATIONS = "conversations.jsonl.gz"
 REJECTS = "rejects.jsonl.gz"
 STATS = "stats.json"
-BATCH_BYTES = 4 << 20  # lines sent to a worker at a time
+BATCH_BYTES = storage.RAW_CHUNK_BYTES  # lines sent to a worker at a time; also the dump's fingerprint chunks
 AUTO_SERIAL_BYTES = 64 << 20  # with workers: 0, smaller inputs are cleaned in-process
 MESSAGE_REJECTS = 3  # rejected lines named (file:line: reason) in the reject-limit error
 
@@ -178,8 +179,10 @@ def clean_line(raw: bytes, strip_delta_edits: bool = True) -> LineResult:
     )
 
 
-def clean_batch(raws: list[bytes], strip_delta_edits: bool) -> list[LineResult]:
-    return [clean_line(raw, strip_delta_edits) for raw in raws]
+def clean_batch(raws: list[bytes], strip_delta_edits: bool) -> tuple[list[LineResult], bytes]:
+    """The batch's results, and the sha256 of its bytes: the dump's fingerprint is hashed here, in the
+    workers, while it streams (storage.raw_fingerprint defines it: sha256 over line-aligned chunks)."""
+    return [clean_line(raw, strip_delta_edits) for raw in raws], hashlib.sha256(b"".join(raws)).digest()
 
 
 # --- lines in, results out, in order ------------------------------------------------------------
@@ -225,10 +228,13 @@ def _run_here(fn: Callable[..., list[LineResult]], *args: Any) -> Future:
 
 
 def _batches(lines: Iterable[reddit.Line]) -> Iterator[list[reddit.Line]]:
-    """Consecutive lines up to BATCH_BYTES; a broken-stream line is a batch of its own."""
+    """Consecutive lines of one file up to BATCH_BYTES; a broken-stream line is a batch of its own."""
     batch: list[reddit.Line] = []
     size = 0
     for line in lines:
+        if batch and line.file != batch[-1].file:
+            yield batch
+            batch, size = [], 0
         if line.error is not None:
             if batch:
                 yield batch
@@ -245,10 +251,23 @@ def _batches(lines: Iterable[reddit.Line]) -> Iterator[list[reddit.Line]]:
 
 
 def cleaned_lines(
-    lines: Iterable[reddit.Line], strip_delta_edits: bool, workers: int
+    lines: Iterable[reddit.Line], strip_delta_edits: bool, workers: int,
+    fingerprints: dict[str, storage.RawDigest] | None = None,
 ) -> Iterator[tuple[reddit.Line, LineResult]]:
     """(line, result) for every line, in input order; batches go to `workers` processes
-    (in this process when workers <= 1), at most 2 batches per worker in flight."""
+    (in this process when workers <= 1), at most 2 batches per worker in flight.
+    `fingerprints`: file -> its content digest, fed batch by batch (a broken stream: none)."""
+    def results(batch: list[reddit.Line], future: Future) -> Iterator[tuple[reddit.Line, LineResult]]:
+        out = future.result()
+        if isinstance(out, tuple):
+            out, digest = out
+            if fingerprints is not None:
+                fingerprints.setdefault(batch[0].file, storage.RawDigest()).add(sum(len(ln.raw) for ln in batch),
+                                                                                digest)
+        elif fingerprints is not None:
+            fingerprints.setdefault(batch[0].file, storage.RawDigest()).broken = True
+        return zip(batch, out)
+
     pool = None
     if workers > 1:
         ctx = multiprocessing.get_context("spawn")  # no fork while the writer thread runs
@@ -262,11 +281,9 @@ def cleaned_lines(
             else:
                 window.append((batch, submit(clean_batch, [ln.raw for ln in batch], strip_delta_edits)))
             while len(window) > (2 * workers if pool is not None else 0):
-                done_batch, future = window.popleft()
-                yield from zip(done_batch, future.result())
+                yield from results(*window.popleft())
         while window:
-            done_batch, future = window.popleft()
-            yield from zip(done_batch, future.result())
+            yield from results(*window.popleft())
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -461,7 +478,8 @@ def _check_rejects(
         )
 
 
-def _stream(files: list[str], output: str, config: CleanConfig, workers: int) -> tuple[dict, Exception | None]:
+def _stream(files: list[str], output: str, config: CleanConfig, workers: int,
+            fingerprints: dict[str, storage.RawDigest] | None = None) -> tuple[dict, Exception | None]:
     """Read every line; write conversations and rejects; returns (stats, failure).
 
     Above the reject limit the conversations are discarded (never published)
@@ -478,7 +496,7 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int) ->
         try:
             with open_gzip_output(output, CONVERSATIONS) as out:
                 lines = tqdm(reddit.iter_lines(files), unit=" threads", mininterval=2.0, desc="clean")
-                for line, res in cleaned_lines(lines, config.strip_delta_edits, workers):
+                for line, res in cleaned_lines(lines, config.strip_delta_edits, workers, fingerprints):
                     if line.error is None:
                         lines_per_file[line.file] = line.number
                     if res.kind == "blank":
@@ -532,7 +550,10 @@ def _run(run: storage.StageRun, inputs: list[str], output: str, config: CleanCon
     gc_was_enabled = gc.isenabled()
     gc.disable()  # see _worker_init; the same holds in this process
     try:
-        stats, failure = _stream(files, output, config, workers)
+        fingerprints: dict[str, storage.RawDigest] = {}
+        stats, failure = _stream(files, output, config, workers, fingerprints)
+        for uri, digest in fingerprints.items():
+            storage.record_raw_digest(run, uri, digest)
     finally:
         if gc_was_enabled:
             gc.enable()

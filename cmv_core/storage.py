@@ -312,12 +312,11 @@ def _check_digest(uri: str, hashed: _HashingReader, expected: Expected) -> None:
 @contextlib.contextmanager
 def _verified_raw(uri: str) -> Iterator[IO[bytes]]:
     """The raw byte stream of ``uri``; hashed while read and checked at the end when it is a verified
-    input file, or recorded when it is a raw input that the running stage fingerprints."""
+    input file."""
     uri = str(uri)
     expected = _expected(uri)
-    watcher = _raw_watcher(uri)
     raw = _raw_reader(uri)
-    if expected is None and watcher is None:
+    if expected is None:
         try:
             yield raw
         finally:
@@ -334,10 +333,7 @@ def _verified_raw(uri: str) -> Iterator[IO[bytes]]:
         hashed.finish()
     finally:
         raw.close()
-    if expected is not None:
-        _check_digest(uri, hashed, expected)
-    if watcher is not None:
-        watcher.read_digests[_key(uri)] = (hashed.size, hashed.hash.hexdigest())
+    _check_digest(uri, hashed, expected)
 
 
 @contextlib.contextmanager
@@ -844,16 +840,61 @@ def _raw_files(uri: str) -> list[str]:
     return [_key(str(q)) for q in files]
 
 
+RAW_CHUNK_BYTES = 4 << 20
+
+
+class RawDigest:
+    """A raw dump file's content digest: sha256 over the sha256 of each chunk of its (decompressed)
+    lines, a chunk ending at the first line end at or past RAW_CHUNK_BYTES. Chunks can be hashed
+    anywhere (clean hashes them in its workers, as they parse) and are combined here in order."""
+
+    def __init__(self) -> None:
+        self._outer = hashlib.sha256()
+        self.size = 0
+        self.broken = False  # the stream broke: no digest from the stream
+
+    def add(self, n: int, chunk_sha256: bytes) -> None:
+        self._outer.update(chunk_sha256)
+        self.size += n
+
+    def hexdigest(self) -> str:
+        return f"chunks{RAW_CHUNK_BYTES}:" + self._outer.hexdigest()
+
+
+def raw_file_digest(uri: str) -> tuple[int, str]:
+    """(size, RawDigest) of one raw file, read here (a skip check; a run hashes while it streams)."""
+    digest, chunk, n = RawDigest(), hashlib.sha256(), 0
+    try:
+        with open_read(uri, "rb") as f:
+            for line in f:
+                chunk.update(line)
+                n += len(line)
+                if n >= RAW_CHUNK_BYTES:
+                    digest.add(n, chunk.digest())
+                    chunk, n = hashlib.sha256(), 0
+    except Exception as exc:  # noqa: BLE001 - a broken stream: a digest no streamed run gives, so it reruns
+        return os.path.getsize(local_path(uri)), f"unreadable:{type(exc).__name__}:{_file_sha256(local_path(uri))}"
+    if n:
+        digest.add(n, chunk.digest())
+    return digest.size, digest.hexdigest()
+
+
+def record_raw_digest(run: StageRun, uri: str, digest: RawDigest) -> None:
+    """A raw input file's digest, hashed by the stage while it streamed it (taken by finish_stage)."""
+    if not digest.broken and not is_s3(uri):
+        run.read_digests[_key(uri)] = (digest.size, digest.hexdigest())
+
+
 def _combine(uri: str, digests: dict[str, tuple[int, str]]) -> str:
-    """One digest for a raw input from its files' (size, sha256)."""
+    """One digest for a raw input from its files' (size, digest)."""
     keys = _raw_files(uri)
     if len(keys) == 1 and keys[0] == _key(uri):
-        return "sha256:" + digests[keys[0]][1]
+        return "content:" + digests[keys[0]][1]
     root = _key(uri)
     h = hashlib.sha256()
     for k in keys:
         h.update(f"{_under(k, root)}:{digests[k][0]}:{digests[k][1]}\n".encode())
-    return "sha256:" + h.hexdigest()
+    return "content:" + h.hexdigest()
 
 
 def raw_fingerprint(uri: str, streamed: dict[str, tuple[int, str]] | None = None) -> str:
@@ -877,7 +918,7 @@ def raw_fingerprint(uri: str, streamed: dict[str, tuple[int, str]] | None = None
     digests = dict(streamed or {})
     for k in _raw_files(uri):
         if k not in digests:
-            digests[k] = (os.path.getsize(k), _file_sha256(k))
+            digests[k] = raw_file_digest(k)
     return _combine(uri, digests)
 
 
@@ -906,18 +947,6 @@ def _run_writing(uri: str) -> StageRun | None:
     for root, run in _RUNS.items():
         if _under(key, root) is not None:
             return run
-    return None
-
-
-def _raw_watcher(uri: str) -> StageRun | None:
-    """The running stage whose raw input ``uri`` is (or lies under), when its fingerprint is still open."""
-    if not _RUNS or is_s3(uri):
-        return None
-    key = _key(uri)
-    for run in _RUNS.values():
-        for raw, digest in run.inputs.items():
-            if digest is None and not is_s3(raw) and (key == _key(raw) or _under(key, _key(raw)) is not None):
-                return run
     return None
 
 

@@ -398,8 +398,13 @@ def test_raw_fingerprint_is_the_content(tmp_path, sample_dump):
     dump.write_bytes(bytes(data))
     os.utime(dump, ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
     assert _clean(str(dump), out) is not None  # content changed: rerun
+    # taken while clean streamed the dump (in its workers), equal to the one a skip check computes
     digest = storage.require_success(out)["inputs"][0]["digest"]
-    assert digest == "sha256:" + storage.sha256(str(dump))
+    assert digest == storage.raw_fingerprint(str(dump)) and digest.startswith("content:chunks")
+    assert _clean(str(dump), out) is None
+    two = str(tmp_path / "r2" / "clean")
+    run_clean([str(dump)], two, CleanConfig(workers=2))
+    assert storage.require_success(two)["inputs"][0]["digest"] == digest
 
 
 def test_dead_attempts_tmp_files_swept_and_modes_consistent(tmp_path, sample_dump):
