@@ -55,7 +55,14 @@ storage._expected = lambda uri: None
 storage._check_listing = lambda uri, manifest: None
 storage.raw_fingerprint = lambda uri, streamed=None: "unverified"
 storage.record_raw_digest = lambda run, uri, digest: None
-clean.clean_batch = lambda raws, strip: ([clean.clean_line(r, strip) for r in raws], b"")
+
+
+def clean_batch(raws, strip):
+    return [clean.clean_line(r, strip) for r in raws], b""
+
+
+clean_batch.__module__, clean_batch.__qualname__ = "cmv_core.clean", "clean_batch"
+clean.clean_batch = clean_batch
 """
 
 

@@ -182,7 +182,12 @@ def clean_line(raw: bytes, strip_delta_edits: bool = True) -> LineResult:
 def clean_batch(raws: list[bytes], strip_delta_edits: bool) -> tuple[list[LineResult], bytes]:
     """The batch's results, and the sha256 of its bytes: the dump's fingerprint is hashed here, in the
     workers, while it streams (storage.raw_fingerprint defines it: sha256 over line-aligned chunks)."""
-    return [clean_line(raw, strip_delta_edits) for raw in raws], hashlib.sha256(b"".join(raws)).digest()
+    digest = hashlib.sha256()
+    results = []
+    for raw in raws:
+        digest.update(raw)  # a thread a line: few, large updates (no joined copy of the batch)
+        results.append(clean_line(raw, strip_delta_edits))
+    return results, digest.digest()
 
 
 # --- lines in, results out, in order ------------------------------------------------------------

@@ -420,6 +420,13 @@ def test_dead_attempts_tmp_files_swept_and_modes_consistent(tmp_path, sample_dum
     assert not leftover.exists()
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes == {name: 0o644 for name in (*CLEAN_FILES, storage.SUCCESS)}
+    manifest = storage.require_success(str(out))
+    assert {f["attempt"] for f in manifest["files"]} == {manifest["attempt"]}
+    try:  # where the filesystem keeps user xattrs, each file carries the attempt that wrote it
+        tags = {name: os.getxattr(out / name, "user.cmv.attempt").decode() for name in CLEAN_FILES}
+    except OSError:
+        return
+    assert tags == {name: manifest["attempt"] for name in CLEAN_FILES}
 
 
 def test_clean_workers_die_with_a_killed_parent(tmp_path):
