@@ -449,3 +449,32 @@ def test_clean_workers_die_with_a_killed_parent(tmp_path):
     proc.wait()
     gone, alive = psutil.wait_procs(everyone, timeout=15)
     assert not alive, f"still alive after the parent's SIGKILL: {[p.cmdline() for p in alive]}"
+
+
+def test_judge_answer_echoing_the_key_is_redacted_before_it_is_stored(tmp_path, monkeypatch):
+    from fake_openai_server import FakeOpenAI, Reply, completion
+
+    from cmv_core import judging
+
+    secret = "sk-test-" + "9" * 24
+    fmt, gen = str(tmp_path / "format"), str(tmp_path / "generate")
+    prompt = [{"role": "user", "content": "CMV: x\n\nI believe x."}]
+    run = storage.begin_stage("format", fmt, inputs=[], config={}, run_id="t")
+    storage.write_jsonl(storage.join(fmt, "test.jsonl"),
+                        [{"id": "t0:c0", "thread_id": "t0", "messages": prompt + [{"role": "assistant", "content": "h"}]}])
+    storage.finish_stage(run, {})
+    run = storage.begin_stage("generate", gen, inputs=[fmt], config={}, run_id="t")
+    storage.write_jsonl(storage.join(gen, "generations.jsonl"),
+                        [{"id": "t0:c0", "thread_id": "t0", "model": "base", "messages": prompt, "response": "r",
+                          "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 1}])
+    storage.finish_stage(run, {})
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    # a 200 answer that echoes the key (and is no verdict, so it is kept as the raw answer)
+    with FakeOpenAI(lambda body, n: Reply(body=completion(f"your key is {secret}, I refuse"))) as srv:
+        cfg = judging.JudgeConfig(backend="openai", model="gpt-4o-mini", base_url=srv.base_url, max_retries=0,
+                                  parse_retries=0, calibration=False, bootstrap_samples=10, timeout_s=5.0)
+        with pytest.raises(errors.CmvError):  # every call unparseable: the stage fails, after storing them
+            judging.run_judge(gen, fmt, str(tmp_path / "judge"), cfg)
+    stored = [p for p in (tmp_path / "judge").rglob("*") if p.is_file()]
+    assert any("your key is ***" in p.read_text(errors="replace") for p in stored)
+    assert not [p for p in stored if secret in p.read_text(errors="replace")]
