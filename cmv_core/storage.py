@@ -326,6 +326,18 @@ def _verified_raw(uri: str) -> Iterator[IO[bytes]]:
     stream = io.BufferedReader(hashed, buffer_size=_CHUNK)
     try:
         yield stream
+    except Exception as exc:
+        # a reader that fails on a changed file (a parse error on the edited line) reports the change
+        try:
+            hashed.finish()
+            _check_digest(uri, hashed, expected)
+        except IntegrityError as changed:
+            raise changed from exc
+        except Exception:  # noqa: BLE001 - the reader's own error is the one to report
+            pass
+        finally:
+            raw.close()
+        raise
     except BaseException:
         raw.close()
         raise

@@ -78,6 +78,10 @@ def test_verification_while_streaming_catches_a_same_size_edit(tmp_path, sample_
     # the untouched file reads fine, fully or partly (the rest is hashed at the end of the block)
     with storage.open_read(storage.join(clean, "conversations.jsonl.gz")) as f:
         f.readline()
+    # a reader that chokes on the changed bytes is told the file changed, not just its own parse error
+    with pytest.raises(errors.IntegrityError, match="content does not match"):
+        with storage.open_read(str(stats)) as f:
+            json.loads(f.read().replace(b'"Read"', b'"Read'))
     storage.abort_stage(run)
 
 
