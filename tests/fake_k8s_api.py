@@ -8,8 +8,19 @@ real ``kubernetes`` client (pointed at it through a kubeconfig) talks to it:
 - GET    /apis/batch/v1/namespaces/{ns}/jobs/{name}             the Job with a status that follows its script
 - DELETE /apis/batch/v1/namespaces/{ns}/jobs/{name}             delete it and its pods
 - GET    /api/v1/namespaces/{ns}/pods?labelSelector=k=v         list pods by label
-- GET    /api/v1/namespaces/{ns}/pods/{name}/log                 the pod's log (tailLines; follow waits for the end)
+- GET    /api/v1/namespaces/{ns}/pods/{name}                     one pod
+- GET    /api/v1/namespaces/{ns}/pods/{name}/log                 the pod's log (tailLines, timestamps, sinceTime;
+                                                                  follow waits for the end)
 - GET    /version
+
+Fault injection, the way real API servers fail:
+
+- ``faults``: a list of :class:`Fault` (method, path pattern, status, times): the next matching requests
+  answer that status (503, 429, 500...) instead of being served;
+- ``drop_log_after``: a pod log stream with ``follow`` sends that many lines, then the connection breaks
+  (once per pod); the rest is only had by reconnecting (``sinceTime``);
+- Foreground deletion: the Job stays (with ``deletionTimestamp``) until its pods are gone,
+  ``delete_delay_s`` later, as the garbage collector does.
 
 Each Job runs a script chosen by its ``cmv.io/stage`` label (:class:`Script`):
 its pods are Running for ``run_s`` seconds, then Succeeded (exit 0) or Failed,
@@ -23,6 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +49,14 @@ class Script:
     run_s: float = 0.3
     log: list[str] = field(default_factory=lambda: ["working", "done"])
     exit_code: int = 1
+
+
+@dataclass
+class Fault:
+    method: str
+    path: str  # a regular expression searched in the request path
+    status: int = 503
+    times: int = 1
 
 
 @dataclass
@@ -59,6 +79,12 @@ class FakeK8s:
         self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, namespace, name) -> object
         self.pods: dict[tuple[str, str], dict] = {}  # (namespace, name) -> pod record
         self.calls: list[Call] = []
+        self.faults: list[Fault] = []
+        self.injected: list[tuple[str, str, int]] = []  # (method, path, status) of every fault served
+        self.drop_log_after: int | None = None
+        self.dropped: list[str] = []  # pods whose log stream was broken
+        self.delete_delay_s = 0.3
+        self.delete_bodies: list[dict] = []
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -103,6 +129,9 @@ class FakeK8s:
 
     def deleted(self) -> list[str]:
         return [c.name for c in self.calls if c.method == "DELETE"]
+
+    def job_pods_of(self, job_name: str) -> list[str]:
+        return [name for (_, name), p in self.pods.items() if p["_job"]["metadata"]["name"] == job_name]
 
     def finished_at(self, job_name: str) -> float:
         job = self.objects[("Job", "cmv-test", job_name)]
@@ -182,16 +211,35 @@ class FakeK8s:
                              "creationTimestamp": job["metadata"]["creationTimestamp"]},
                 "_job": job,
                 "_index": index,
+                "_started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
             }
 
     def _log(self, pod: dict) -> list[str]:
         script = self._script(pod["_job"])
         return [line.replace("{index}", str(pod["_index"])) for line in script.log]
 
+    def _log_stamps(self, pod: dict) -> list[str]:
+        """One RFC3339Nano timestamp per line: a few lines per second, so that a second holds several."""
+        base = pod["_started"]
+        return [(base + dt.timedelta(microseconds=250_000 * i + 7)).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
+                for i in range(len(self._log(pod)))]
+
     # ------------------------------------------------------------ HTTP
 
+    def _reap(self) -> None:
+        """The garbage collector: pods of deleted Jobs go delete_delay_s later; a Foreground-deleted Job after them."""
+        now = time.monotonic()
+        for key, pod in list(self.pods.items()):
+            job = pod["_job"]
+            since = pod.get("_deleting_at", job.get("_deleting_at"))
+            if since is not None and now - since >= self.delete_delay_s:
+                del self.pods[key]
+        for key, obj in list(self.objects.items()):
+            if key[0] == "Job" and "_deleting_at" in obj and not any(p["_job"] is obj for p in self.pods.values()):
+                del self.objects[key]
+
     def _send(self, h: BaseHTTPRequestHandler, code: int, body, content_type: str = "application/json") -> None:
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        data = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
         h.send_response(code)
         h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(data)))
@@ -209,6 +257,17 @@ class FakeK8s:
         raw = h.rfile.read(length) if length else b""  # read every body (DELETE has options), keep-alive needs it
         body = json.loads(raw or b"{}")
         path = url.path
+        with self.lock:
+            self._reap()
+            fault = next((f for f in self.faults if f.times > 0 and f.method == method and re.search(f.path, path)),
+                         None)
+            if fault is not None:
+                fault.times -= 1
+                self.injected.append((method, path, fault.status))
+                self.calls.append(Call(time.monotonic(), method, path, "Fault", str(fault.status)))
+        if fault is not None:
+            return self._status(h, fault.status, "ServiceUnavailable" if fault.status == 503 else "InternalError",
+                                f"injected fault {fault.status}")
         if path == "/version":  # the client asks once, to learn the server's version
             with self.lock:
                 self.calls.append(Call(time.monotonic(), method, path))
@@ -240,9 +299,16 @@ class FakeK8s:
                 if method == "GET":
                     return self._send(h, 200, self._job_view(job))
                 if method == "DELETE":
-                    del self.objects[("Job", ns, name)]
-                    for key in [k for k, p in self.pods.items() if p["_job"] is job]:
-                        del self.pods[key]
+                    self.delete_bodies.append(body)
+                    now = time.monotonic()
+                    if body.get("propagationPolicy") == "Foreground":  # the Job goes after its pods
+                        job.setdefault("_deleting_at", now)
+                        job["metadata"]["deletionTimestamp"] = _now_iso()
+                    else:  # Background/Orphan: the name is free now, the pods linger until collected
+                        del self.objects[("Job", ns, name)]
+                        for pod in self.pods.values():
+                            if pod["_job"] is job:
+                                pod.setdefault("_deleting_at", now)
                     return self._send(h, 200, {"kind": "Status", "apiVersion": "v1", "metadata": {},
                                                "status": "Success"})
             m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods", path)
@@ -253,6 +319,14 @@ class FakeK8s:
                 items = [self._pod_view(p) for (pns, _), p in self.pods.items()
                          if pns == ns and all(p["metadata"]["labels"].get(k) == v for k, v in want.items())]
                 return self._send(h, 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+            m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)", path)
+            if m and method == "GET":
+                ns, name = m.groups()
+                self.calls.append(Call(time.monotonic(), method, path, "Pod", name))
+                pod = self.pods.get((ns, name))
+                if pod is None:
+                    return self._status(h, 404, "NotFound", f'pods "{name}" not found')
+                return self._send(h, 200, self._pod_view(pod))
             m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", path)
             if m and method == "GET":
                 ns, name = m.groups()
@@ -263,13 +337,32 @@ class FakeK8s:
                 job = pod["_job"]
                 follow = query.get("follow") == "true"
         if m and method == "GET" and path.endswith("/log"):
+            lines = self._log(pod)
+            if query.get("timestamps") == "true":
+                lines = [f"{stamp} {line}" for stamp, line in zip(self._log_stamps(pod), lines)]
+                if "sinceTime" in query:  # whole seconds, as the API server's sinceTime
+                    lines = [ln for ln in lines if ln[:19] >= query["sinceTime"][:19]]
+            if "tailLines" in query:
+                lines = lines[-int(query["tailLines"]):]
+            body = "".join(line + "\n" for line in lines).encode()
+            with self.lock:
+                drop = follow and self.drop_log_after is not None and name not in self.dropped
+                if drop:
+                    self.dropped.append(name)
+            if drop:  # headers promise the whole log; a few lines come, then the connection breaks
+                h.send_response(200)
+                h.send_header("Content-Type", "text/plain")
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write("".join(line + "\n" for line in lines[:self.drop_log_after]).encode())
+                h.wfile.flush()
+                h.close_connection = True
+                h.connection.shutdown(socket.SHUT_RDWR)
+                return None
             if follow:  # like a real follow: the stream ends when the container does
                 remaining = job["_created"] + self._script(job).run_s - time.monotonic()
                 time.sleep(max(0.0, min(remaining, 30)))
-            lines = self._log(pod)
-            if "tailLines" in query:
-                lines = lines[-int(query["tailLines"]):]
-            return self._send(h, 200, "".join(line + "\n" for line in lines), "text/plain")
+            return self._send(h, 200, body, "text/plain")
         with self.lock:
             self.calls.append(Call(time.monotonic(), method, path))
         return self._status(h, 404, "NotFound", f"fake API does not implement {method} {path}")
