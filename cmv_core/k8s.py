@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterable
 log = logging.getLogger(__name__)
 
 STAGES = ["clean", "format", "train", "generate", "judge"]
-OVERLAYS = ["dev", "gpu", "multinode"]
+OVERLAYS = ["dev", "gpu", "multinode", "jobset"]
 IMAGES = [f"cmv-{s}" for s in STAGES]
 STAGE_LABEL = "cmv.io/stage"
 RUN_LABEL = "cmv.io/run-id"
@@ -59,6 +59,21 @@ UPSTREAM = {"clean": [], "format": ["clean"], "train": ["format"], "generate": [
 # Pod hostnames of the Indexed train Job are cmv-train-<run id>-<index>: a DNS label of at most 63 characters.
 RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 ENV_LINE_RE = re.compile(r"^(\s*)([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+WORKLOAD_KINDS = ("Job", "JobSet")
+
+
+def pod_template(workload: dict) -> dict:
+    """The pod template of a Job, or of a JobSet's (one) replicated Job."""
+    if workload["kind"] == "JobSet":
+        return workload["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]
+    return workload["spec"]["template"]
+
+
+def gang_size(workload: dict) -> int:
+    spec = workload["spec"]["replicatedJobs"][0]["template"]["spec"] if workload["kind"] == "JobSet" else workload["spec"]
+    return int(spec.get("completions") or 1)
 
 
 class K8sError(RuntimeError):
@@ -217,7 +232,22 @@ def run_settings(
         out[key.strip()] = value
     if "NNODES" in out and not (out["NNODES"].isdigit() and int(out["NNODES"]) >= 1):
         raise K8sError(f"NNODES must be a whole number >= 1, got {out['NNODES']!r}")
+    if "NPROC_PER_NODE" in out:
+        if not (out["NPROC_PER_NODE"].isdigit() and int(out["NPROC_PER_NODE"]) >= 1):
+            raise K8sError(f"NPROC_PER_NODE must be a whole number >= 1, got {out['NPROC_PER_NODE']!r}")
+        for key, value in train_pod_size(int(out["NPROC_PER_NODE"])).items():
+            out.setdefault(key, value)  # an explicit --setting TRAIN_CPU=... wins
     return out
+
+
+# Per GPU of a train pod: CPUs (data loading, NCCL proxies), memory, and /dev/shm (NCCL, DataLoader workers).
+TRAIN_PER_GPU = {"TRAIN_CPU": (8, ""), "TRAIN_MEMORY": (64, "Gi"), "TRAIN_MEMORY_LIMIT": (96, "Gi"),
+                 "TRAIN_SHM": (32, "Gi")}
+
+
+def train_pod_size(gpus: int) -> dict[str, str]:
+    """The train pod's CPU, memory and /dev/shm for ``gpus`` GPUs (pipeline.env keys, base/gpus-per-node)."""
+    return {key: f"{per * gpus}{unit}" for key, (per, unit) in TRAIN_PER_GPU.items()}
 
 
 def render(
@@ -230,13 +260,37 @@ def render(
     k8s_dir: str | Path | None = None,
 ) -> str:
     """The manifests (YAML) of one run: the whole pipeline, or one stage's kustomization."""
+    tag = tag or default_tag()
     with tempfile.TemporaryDirectory(prefix="cmv-k8s-") as tmp:
         leaf = prepare_tree(Path(tmp), overlay, settings=settings, registry=registry, tag=tag, k8s_dir=k8s_dir)
         if stage:
             leaf = leaf / stage
             if not (leaf / "kustomization.yaml").is_file():
                 raise K8sError(f"overlay {overlay!r} has no stage {stage!r}")
-        return kustomize(leaf)
+        text = kustomize(leaf)
+    check_image_tags(text)
+    return text
+
+
+def default_tag() -> str | None:
+    """``git describe --always --dirty`` of the repository, as ``make images`` tags (None outside a checkout)."""
+    repo = default_k8s_dir().resolve().parent
+    try:
+        proc = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def check_image_tags(manifests: str) -> None:
+    """Every image has an explicit tag or digest, never ``latest`` (a node may run any build under it)."""
+    bad = sorted({m.group(1) for m in re.finditer(r"^\s*-?\s*image:\s*['\"]?([^\s'\"]+)", manifests, re.M)
+                  if not re.search(r"(@sha256:[0-9a-f]{64}|:[\w][\w.-]{0,127})$", m.group(1).split("/")[-1])
+                  or m.group(1).endswith(":latest")})
+    if bad:
+        raise K8sError(f"images without a tag, or tagged latest: {', '.join(bad)}; pass --tag (the TAG of make push, "
+                       "default `git describe --always --dirty`), or render from a git checkout")
 
 
 def render_objects(overlay: str, **kwargs: Any) -> list[dict]:
@@ -294,7 +348,7 @@ def stage_settings(job: dict, values: dict[str, str], recipe: dict | None) -> di
     Not in it: how long to wait for inputs, and the recipe's path (its content counts, when readable here).
     """
     stage = job["metadata"]["labels"][STAGE_LABEL]
-    container = next(c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "main")
+    container = next(c for c in pod_template(job)["spec"]["containers"] if c["name"] == "main")
     args = [expand_vars(a, values) for a in container.get("args") or []]
     ignored = ("--wait-for-input=",) + (("--config=",) if recipe is not None else ())
     part = None if recipe is None else {k: v for k, v in recipe.items() if k not in STAGES or k == stage}
@@ -303,7 +357,7 @@ def stage_settings(job: dict, values: dict[str, str], recipe: dict | None) -> di
         "image": container.get("image"),
         "command": [expand_vars(a, values) for a in container.get("command") or []],
         "args": [a for a in args if not a.startswith(ignored)],
-        "nodes": job["spec"].get("completions") or 1,
+        "nodes": gang_size(job),
         "recipe": part,
     })
 
@@ -318,7 +372,7 @@ def settings_hash(settings: dict) -> str:
 def stamp_settings(job: dict, values: dict[str, str], recipe: dict | None) -> str:
     """Label and annotate ``job`` (and its pods) with its settings hash; return the hash."""
     digest = settings_hash(stage_settings(job, values, recipe))
-    for meta in (job["metadata"], job["spec"]["template"].setdefault("metadata", {})):
+    for meta in (job["metadata"], pod_template(job).setdefault("metadata", {})):
         meta.setdefault("labels", {})[SETTINGS_LABEL] = digest[:16]
     job["metadata"].setdefault("annotations", {})[SETTINGS_ANNOTATION] = digest
     return digest
@@ -401,7 +455,8 @@ class Plan:
         return dict(self.config.get("data") or {})
 
     def job(self, stage: str) -> dict:
-        return next(o for o in self.stages[stage] if o["kind"] == "Job")
+        """The stage's workload: its Job, or for train in the jobset overlay its JobSet."""
+        return next(o for o in self.stages[stage] if o["kind"] in WORKLOAD_KINDS)
 
     def stage_uri(self, stage: str) -> str:
         from cmv_core import storage
@@ -423,11 +478,11 @@ def plan(objects: list[dict]) -> Plan:
         elif obj is not config:
             other.append(obj)
     for stage in stages:
-        stages[stage].sort(key=lambda o: o["kind"] == "Job")  # the Service exists before the pods look it up
+        stages[stage].sort(key=lambda o: o["kind"] in WORKLOAD_KINDS)  # the Service exists before the pods look it up
     values = dict(config.get("data") or {})
     recipe = load_recipe_here(values.get("CMV_RECIPE"))
     for obj in objects:
-        if obj["kind"] == "Job" and (obj["metadata"].get("labels") or {}).get(STAGE_LABEL) in STAGES:
+        if obj["kind"] in WORKLOAD_KINDS and (obj["metadata"].get("labels") or {}).get(STAGE_LABEL) in STAGES:
             stamp_settings(obj, values, recipe)
     return Plan(run_id=values["RUN_ID"], config=config, stages=stages, other=other, recipe=recipe)
 
@@ -521,19 +576,39 @@ def create_object(cluster: Cluster, obj: dict) -> bool:
         "ConfigMap": cluster.core.create_namespaced_config_map,
         "Service": cluster.core.create_namespaced_service,
         "Job": cluster.batch.create_namespaced_job,
+        "JobSet": lambda ns_, body: cluster.custom.create_namespaced_custom_object(*JOBSET_API, ns_, "jobsets", body),
     }
     if kind not in create:
         raise K8sError(f"submit does not create {kind} objects; apply them with kubectl apply -k")
     try:
-        create[kind](ns, obj)
+        created = create[kind](ns, obj)
         log.info("created %s/%s", kind, obj["metadata"]["name"])
-        return True
+        return created or True
     except ApiException as exc:
         if not _is_status(exc, 409):
             raise
-    if kind == "Job":
-        check_same_settings(read_job(cluster, obj["metadata"]["name"]), obj)
+    if kind in WORKLOAD_KINDS:
+        check_same_settings(read_job(cluster, obj["metadata"]["name"], kind), obj)
     return False
+
+
+def owned_by(cluster: Cluster, objects: list[dict], workload: Any) -> None:
+    """Make the stage's workload the owner of its Service and of the run's ConfigMap, so that the garbage
+    collector deletes them with the last Job that uses them (ttlSecondsAfterFinished, or a delete)."""
+    meta = workload.get("metadata") if isinstance(workload, dict) else getattr(workload, "metadata", None)
+    uid = meta.get("uid") if isinstance(meta, dict) else getattr(meta, "uid", None)
+    name = meta.get("name") if isinstance(meta, dict) else getattr(meta, "name", None)
+    if not uid:
+        return
+    kind = "JobSet" if isinstance(workload, dict) and workload.get("kind") == "JobSet" else "Job"
+    ref = {"apiVersion": "jobset.x-k8s.io/v1alpha2" if kind == "JobSet" else "batch/v1", "kind": kind,
+           "name": name, "uid": uid, "blockOwnerDeletion": False}
+    patch = {"metadata": {"ownerReferences": [ref]}}  # strategic merge: added to the list, keyed by uid
+    for obj in objects:
+        if obj["kind"] == "Service":
+            cluster.core.patch_namespaced_service(obj["metadata"]["name"], cluster.namespace, patch)
+        elif obj["kind"] == "ConfigMap":
+            cluster.core.patch_namespaced_config_map(obj["metadata"]["name"], cluster.namespace, patch)
 
 
 def check_same_settings(existing: Any | None, job: dict) -> None:
@@ -548,10 +623,32 @@ def check_same_settings(existing: Any | None, job: dict) -> None:
         )
 
 
-def read_job(cluster: Cluster, name: str) -> Any | None:
+JOBSET_API = ("jobset.x-k8s.io", "v1alpha2")
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+
+
+def _jobset_as_job(obj: dict) -> Any:
+    """A JobSet read from the API in the shape :func:`job_state` and the status table read (a Job's)."""
+    from types import SimpleNamespace as NS
+
+    status = obj.get("status") or {}
+    jobs = status.get("replicatedJobsStatus") or []
+    conditions = [NS(type={"Completed": "Complete"}.get(c.get("type"), c.get("type")), status=c.get("status"),
+                     reason=c.get("reason"), message=c.get("message")) for c in status.get("conditions") or []]
+    meta = obj.get("metadata") or {}
+    return NS(metadata=NS(name=meta.get("name"), annotations=meta.get("annotations") or {}),
+              status=NS(conditions=conditions, active=sum(j.get("active", 0) for j in jobs),
+                        ready=sum(j.get("ready", 0) for j in jobs), succeeded=sum(j.get("succeeded", 0) for j in jobs),
+                        failed=sum(j.get("failed", 0) for j in jobs), restarts=status.get("restarts", 0)))
+
+
+def read_job(cluster: Cluster, name: str, kind: str = "Job") -> Any | None:
     from kubernetes.client.exceptions import ApiException
 
     try:
+        if kind == "JobSet":
+            return _jobset_as_job(cluster.custom.get_namespaced_custom_object(*JOBSET_API, cluster.namespace,
+                                                                              "jobsets", name))
         return cluster.batch.read_namespaced_job(name, cluster.namespace)
     except ApiException as exc:
         if _is_status(exc, 404):
@@ -581,12 +678,13 @@ def job_failure(job: Any) -> str:
     return "failed"
 
 
-def job_pods(cluster: Cluster, name: str) -> list[Any]:
-    pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=f"{JOB_NAME_LABEL}={name}").items
+def job_pods(cluster: Cluster, name: str, kind: str = "Job") -> list[Any]:
+    label = JOBSET_NAME_LABEL if kind == "JobSet" else JOB_NAME_LABEL
+    pods = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=f"{label}={name}").items
     return sorted(pods, key=lambda p: (str(p.metadata.creation_timestamp or ""), p.metadata.name))
 
 
-def delete_job(cluster: Cluster, name: str, timeout_s: float = 300, poll_s: float = 1) -> None:
+def delete_job(cluster: Cluster, name: str, timeout_s: float = 300, poll_s: float = 1, kind: str = "Job") -> None:
     """Delete a Job with Foreground propagation, and wait until its pods are gone and the name is free.
 
     Background deletion frees the name at once: a new train pod could then start beside a dying one with
@@ -596,13 +694,17 @@ def delete_job(cluster: Cluster, name: str, timeout_s: float = 300, poll_s: floa
     from kubernetes.client.exceptions import ApiException
 
     try:
-        cluster.batch.delete_namespaced_job(name, cluster.namespace,
-                                            body=V1DeleteOptions(propagation_policy="Foreground"))
+        if kind == "JobSet":
+            cluster.custom.delete_namespaced_custom_object(*JOBSET_API, cluster.namespace, "jobsets", name,
+                                                           body=V1DeleteOptions(propagation_policy="Foreground"))
+        else:
+            cluster.batch.delete_namespaced_job(name, cluster.namespace,
+                                                body=V1DeleteOptions(propagation_policy="Foreground"))
     except ApiException as exc:
         if not _is_status(exc, 404):
             raise
     deadline = time.monotonic() + timeout_s
-    while read_job(cluster, name) is not None or job_pods(cluster, name):
+    while read_job(cluster, name, kind) is not None or job_pods(cluster, name, kind):
         if time.monotonic() > deadline:
             raise K8sError(f"Job {name} and its pods were not gone within {timeout_s:.0f} s of deleting it")
         time.sleep(poll_s)
@@ -708,19 +810,20 @@ def wait_for_job(
     poll_s: float = 5,
     timeout_s: float = 0,
     streamer: LogStreamer | None = None,
+    kind: str = "Job",
 ) -> Any:
     """Wait until the Job succeeds or fails (or timeout_s, when > 0); stream its pods' logs meanwhile."""
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
     last = None
     while True:
-        job = read_job(cluster, name)
+        job = read_job(cluster, name, kind)
         if job is None:
-            raise K8sError(f"Job {name} disappeared while waiting for it (deleted by someone?)")
+            raise K8sError(f"{kind} {name} disappeared while waiting for it (deleted by someone?)")
         state = job_state(job)
         if streamer is not None:
-            streamer.follow(job_pods(cluster, name))
+            streamer.follow(job_pods(cluster, name, kind))
         if state != last:
-            log.info("Job %s: %s", name, state)
+            log.info("%s %s: %s", kind, name, state)
             last = state
         if state in ("succeeded", "failed"):
             if streamer is not None:
@@ -771,7 +874,7 @@ class StageStatus:
 def stage_status(cluster: Cluster, run: Plan, stage: str, check_store: bool = True) -> StageStatus:
     wanted = run.job(stage)
     name = wanted["metadata"]["name"]
-    job = read_job(cluster, name)
+    job = read_job(cluster, name, wanted["kind"])
     pods, same = "", None
     if job is not None:
         s = job.status
@@ -827,7 +930,7 @@ def submit(
     create_object(cluster, run.config)
     store_ok = check_store
     for stage in stages:
-        name = run.job(stage)["metadata"]["name"]
+        name, kind = run.job(stage)["metadata"]["name"], run.job(stage)["kind"]
         # Skip what is done: its _SUCCESS matches (or, store unreachable, its Job completed with our settings).
         st = stage_status(cluster, run, stage, store_ok)
         if st.success is None and store_ok:
@@ -839,24 +942,26 @@ def submit(
         if st.stale:
             out(f"=== {stage}: {'_SUCCESS present but ' if st.success else ''}{st.stale}; running it again")
         if st.state in ("pending", "running") and not st.same_settings:
-            check_same_settings(read_job(cluster, name), run.job(stage))
+            check_same_settings(read_job(cluster, name, kind), run.job(stage))
         if st.state in ("succeeded", "failed"):
             # A finished Job whose output is not there (or not ours): the name is taken, Job specs are immutable.
-            out(f"=== {stage}: Job {name} {st.state} earlier; deleting it (and waiting for its pods) to run again")
-            delete_job(cluster, name, poll_s=min(poll_s, 1))
+            out(f"=== {stage}: {kind} {name} {st.state} earlier; deleting it (and waiting for its pods) to run again")
+            delete_job(cluster, name, poll_s=min(poll_s, 1), kind=kind)
             st.state = "absent"
         if st.state == "absent":
             for obj in run.stages[stage]:
-                create_object(cluster, obj)
-            out(f"=== {stage}: Job {name} created")
+                created = create_object(cluster, obj)
+                if obj["kind"] in WORKLOAD_KINDS and created is not True and created:
+                    owned_by(cluster, [run.config, *run.stages[stage]], created)
+            out(f"=== {stage}: {kind} {name} created")
         else:
-            out(f"=== {stage}: Job {name} already {st.state}, waiting for it")
+            out(f"=== {stage}: {kind} {name} already {st.state}, waiting for it")
         streamer = LogStreamer(cluster, out, retry_s=min(poll_s, 1))
-        job = wait_for_job(cluster, name, poll_s=poll_s, timeout_s=stage_timeout_s, streamer=streamer)
+        job = wait_for_job(cluster, name, poll_s=poll_s, timeout_s=stage_timeout_s, streamer=streamer, kind=kind)
         if job_state(job) == "failed":
-            out(failure_report(cluster, stage, name, job, tail))
+            out(failure_report(cluster, stage, name, job, tail, kind))
             return 1
-        out(f"=== {stage}: Job {name} succeeded")
+        out(f"=== {stage}: {kind} {name} succeeded")
     settings = run.settings
     if "judge" in stages:
         out(f"report: {run.stage_uri('judge')}/report.md")
@@ -865,9 +970,9 @@ def submit(
     return 0
 
 
-def failure_report(cluster: Cluster, stage: str, name: str, job: Any, tail: int) -> str:
-    lines = [f"stage {stage} FAILED: Job {name}: {job_failure(job)}"]
-    pods = job_pods(cluster, name)
+def failure_report(cluster: Cluster, stage: str, name: str, job: Any, tail: int, kind: str = "Job") -> str:
+    lines = [f"stage {stage} FAILED: {kind} {name}: {job_failure(job)}"]
+    pods = job_pods(cluster, name, kind)
     # The last few failed pods (a multi-node Job fails on several at once), else the newest pod.
     failed = [p for p in pods if p.status.phase == "Failed"][-3:] or pods[-1:]
     for pod in failed:
@@ -897,7 +1002,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
                        help="any other pipeline.env value (repeatable), e.g. --setting INPUT_WAIT_S=600")
         p.add_argument("--registry", help="image registry, e.g. registry.example.com/cmv (as in make push)")
-        p.add_argument("--tag", help="image tag (as in make push; its default is the git short revision)")
+        p.add_argument("--tag", help="image tag (as in make push; default: `git describe --always --dirty`, as make)")
         p.add_argument("--k8s-dir", help="the kustomize tree (default: the repository's k8s/)")
 
     def cluster_args(p: argparse.ArgumentParser) -> None:

@@ -108,6 +108,9 @@ class FakeK8s:
             def do_DELETE(self) -> None:
                 fake._handle(self, "DELETE")
 
+            def do_PATCH(self) -> None:
+                fake._handle(self, "PATCH")
+
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -149,8 +152,10 @@ class FakeK8s:
     def _job_view(self, job: dict) -> dict:
         """The Job as the API returns it, its status computed from its script and the clock."""
         script = self._script(job)
-        completions = job["spec"].get("completions") or 1
+        completions = self._job_spec(job).get("completions") or 1
         elapsed = time.monotonic() - job["_created"]
+        if job.get("kind") == "JobSet":
+            return self._jobset_view(job, script, elapsed)
         status: dict = {"startTime": job["metadata"]["creationTimestamp"]}
         if elapsed < script.run_s:
             status.update(active=completions, ready=completions)
@@ -170,6 +175,29 @@ class FakeK8s:
                 {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
                  "message": "Job has reached the specified backoff limit"},
             ])
+        view = {k: v for k, v in job.items() if not k.startswith("_")}
+        view["status"] = status
+        return view
+
+    def _jobset_view(self, job: dict, script: Script, elapsed: float) -> dict:
+        rjob = job["spec"]["replicatedJobs"][0]["name"]
+        if elapsed < script.run_s:
+            status = {"replicatedJobsStatus": [{"name": rjob, "active": 1, "ready": 1, "succeeded": 0, "failed": 0,
+                                                "suspended": 0}]}
+        elif script.succeed:
+            status = {"conditions": [{"type": "Completed", "status": "True", "reason": "AllJobsCompleted",
+                                      "message": "jobset completed successfully"}],
+                      "replicatedJobsStatus": [{"name": rjob, "active": 0, "ready": 0, "succeeded": 1, "failed": 0,
+                                                "suspended": 0}]}
+            if not job.get("_success_called"):
+                job["_success_called"] = True
+                if self.on_success:
+                    self.on_success(job)
+        else:
+            status = {"conditions": [{"type": "Failed", "status": "True", "reason": "FailedJobs",
+                                      "message": "jobset failed due to reaching max number of restarts"}],
+                      "replicatedJobsStatus": [{"name": rjob, "active": 0, "ready": 0, "succeeded": 0, "failed": 1,
+                                                "suspended": 0}]}
         view = {k: v for k, v in job.items() if not k.startswith("_")}
         view["status"] = status
         return view
@@ -195,17 +223,30 @@ class FakeK8s:
             }]},
         }
 
+    @staticmethod
+    def _job_spec(job: dict) -> dict:
+        """The (first) Job spec of a Job or a JobSet."""
+        return job["spec"]["replicatedJobs"][0]["template"]["spec"] if job.get("kind") == "JobSet" else job["spec"]
+
     def _create_job(self, ns: str, job: dict) -> None:
         job["_created"] = time.monotonic()
         self._script(job)
         job["metadata"]["creationTimestamp"] = _now_iso()
         job["metadata"]["uid"] = f"uid-{len(self.objects)}"
         name = job["metadata"]["name"]
-        template_labels = dict(job["spec"]["template"]["metadata"].get("labels", {}))
-        for index in range(job["spec"].get("completions") or 1):
-            pod_name = f"{name}-{index}-{len(self.pods):05d}"
-            labels = {**template_labels, "batch.kubernetes.io/job-name": name, "job-name": name,
-                      "batch.kubernetes.io/job-completion-index": str(index)}
+        spec = self._job_spec(job)
+        template_labels = dict(spec["template"]["metadata"].get("labels", {}))
+        for index in range(spec.get("completions") or 1):
+            if job.get("kind") == "JobSet":  # <jobset>-<replicated job>-<job index>-<pod index>
+                rjob = job["spec"]["replicatedJobs"][0]["name"]
+                pod_name = f"{name}-{rjob}-0-{index}-{len(self.pods):05d}"
+                labels = {**template_labels, "jobset.sigs.k8s.io/jobset-name": name,
+                          "batch.kubernetes.io/job-name": f"{name}-{rjob}-0",
+                          "batch.kubernetes.io/job-completion-index": str(index)}
+            else:
+                pod_name = f"{name}-{index}-{len(self.pods):05d}"
+                labels = {**template_labels, "batch.kubernetes.io/job-name": name, "job-name": name,
+                          "batch.kubernetes.io/job-completion-index": str(index)}
             self.pods[(ns, pod_name)] = {
                 "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
                              "creationTimestamp": job["metadata"]["creationTimestamp"]},
@@ -235,7 +276,7 @@ class FakeK8s:
             if since is not None and now - since >= self.delete_delay_s:
                 del self.pods[key]
         for key, obj in list(self.objects.items()):
-            if key[0] == "Job" and "_deleting_at" in obj and not any(p["_job"] is obj for p in self.pods.values()):
+            if key[0] in ("Job", "JobSet") and "_deleting_at" in obj and not any(p["_job"] is obj for p in self.pods.values()):
                 del self.objects[key]
 
     def _send(self, h: BaseHTTPRequestHandler, code: int, body, content_type: str = "application/json") -> None:
@@ -273,29 +314,47 @@ class FakeK8s:
                 self.calls.append(Call(time.monotonic(), method, path))
             return self._send(h, 200, {"major": "1", "minor": "37", "gitVersion": "v1.37.0", "platform": "linux/amd64"})
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(configmaps|services)", path) or \
-            re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)", path)
+            re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)", path) or \
+            re.fullmatch(r"/apis/jobset.x-k8s.io/v1alpha2/namespaces/([^/]+)/(jobsets)", path)
+        kinds = {"configmaps": "ConfigMap", "services": "Service", "jobs": "Job", "jobsets": "JobSet"}
         with self.lock:
+            patched = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(configmaps|services)/([^/]+)", path)
+            if patched and method == "PATCH":
+                ns, plural, name = patched.groups()
+                kind = kinds[plural]
+                self.calls.append(Call(time.monotonic(), method, path, kind, name))
+                obj = self.objects.get((kind, ns, name))
+                if obj is None:
+                    return self._status(h, 404, "NotFound", f'{plural} "{name}" not found')
+                refs = obj["metadata"].setdefault("ownerReferences", [])
+                for ref in (body.get("metadata") or {}).get("ownerReferences") or []:  # merged by uid
+                    if ref["uid"] not in {r["uid"] for r in refs}:
+                        refs.append(ref)
+                return self._send(h, 200, obj)
             if m and method == "POST":
                 ns, plural = m.groups()
-                kind = {"configmaps": "ConfigMap", "services": "Service", "jobs": "Job"}[plural]
+                kind = kinds[plural]
                 name = body["metadata"]["name"]
                 self.calls.append(Call(time.monotonic(), method, path, kind, name))
                 key = (kind, ns, name)
                 if key in self.objects:
                     return self._status(h, 409, "AlreadyExists", f'{plural} "{name}" already exists')
                 body["metadata"]["namespace"] = ns
-                if kind == "Job":
+                if kind in ("Job", "JobSet"):
+                    body["kind"] = kind
                     self._create_job(ns, body)
                 self.objects[key] = body
-                view = self._job_view(body) if kind == "Job" else body
+                view = self._job_view(body) if kind in ("Job", "JobSet") else body
                 return self._send(h, 201, view)
-            m = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/jobs/([^/]+)", path)
+            m = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)/([^/]+)", path) or \
+                re.fullmatch(r"/apis/jobset.x-k8s.io/v1alpha2/namespaces/([^/]+)/(jobsets)/([^/]+)", path)
             if m:
-                ns, name = m.groups()
-                self.calls.append(Call(time.monotonic(), method, path, "Job", name))
-                job = self.objects.get(("Job", ns, name))
+                ns, plural, name = m.groups()
+                kind = kinds[plural]
+                self.calls.append(Call(time.monotonic(), method, path, kind, name))
+                job = self.objects.get((kind, ns, name))
                 if job is None:
-                    return self._status(h, 404, "NotFound", f'jobs.batch "{name}" not found')
+                    return self._status(h, 404, "NotFound", f'{plural} "{name}" not found')
                 if method == "GET":
                     return self._send(h, 200, self._job_view(job))
                 if method == "DELETE":
@@ -305,7 +364,7 @@ class FakeK8s:
                         job.setdefault("_deleting_at", now)
                         job["metadata"]["deletionTimestamp"] = _now_iso()
                     else:  # Background/Orphan: the name is free now, the pods linger until collected
-                        del self.objects[("Job", ns, name)]
+                        del self.objects[(kind, ns, name)]
                         for pod in self.pods.values():
                             if pod["_job"] is job:
                                 pod.setdefault("_deleting_at", now)

@@ -44,7 +44,7 @@ def fake(tmp_path, monkeypatch):
 def fake_manifest(server: FakeK8s, job: dict, stage: str, run_id: str) -> dict:
     """A _SUCCESS as the real stage writes it: its inputs' manifest digests, its resolved config
     (the recipe's values plus defaults the recipe does not set), the time it finished."""
-    cm_name = next(e["configMapRef"]["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    cm_name = next(e["configMapRef"]["name"] for e in k8s.pod_template(job)["spec"]["containers"][0]["envFrom"]
                    if "configMapRef" in e)
     values = next(o for (kind, _, name), o in server.objects.items() if kind == "ConfigMap" and name == cm_name)["data"]
     root = Path(values["ARTIFACT_ROOT"])
@@ -281,3 +281,26 @@ def test_every_job_carries_its_settings_hash_and_only_its_stage_changes_it(tmp_p
 
     a, b = hashes(2.0e-4), hashes(1.0e-4)
     assert [s for s in STAGES if a[s] != b[s]] == ["train"]
+
+
+def test_jobset_overlay_runs_train_as_a_jobset_and_owns_what_it_uses(fake, capsys):
+    fake.scripts["train"] = Script(log=["rank {index} finished"])
+    assert submit(fake, "--nodes", "3", overlay="jobset") == 0
+    out = capsys.readouterr().out
+    assert [k for k, n in fake.created() if n == "cmv-train-t1"] == ["JobSet"]  # no Service: JobSet makes its own
+    assert "=== train: JobSet cmv-train-t1 succeeded" in out
+    for index in range(3):
+        assert f"rank {index} finished" in out
+    # Nothing outlives the run: the ConfigMap is owned by every stage's workload, so it goes with the last one.
+    config = next(o for (kind, _, name), o in fake.objects.items() if kind == "ConfigMap")
+    owners = {(r["kind"], r["name"]) for r in config["metadata"]["ownerReferences"]}
+    assert owners == {("Job", f"cmv-{s}-t1") for s in STAGES if s != "train"} | {("JobSet", "cmv-train-t1")}
+
+
+def test_the_train_service_is_owned_by_the_train_job(fake):
+    assert submit(fake, "--stages", "train", "--setting", "INPUT_WAIT_S=5") == 0
+    service = fake.objects[("Service", "cmv-test", "cmv-train-t1")]
+    job = fake.objects[("Job", "cmv-test", "cmv-train-t1")]
+    assert service["metadata"]["ownerReferences"] == [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "cmv-train-t1", "uid": job["metadata"]["uid"],
+         "blockOwnerDeletion": False}]
