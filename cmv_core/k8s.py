@@ -168,7 +168,24 @@ def prepare_tree(
     if registry or tag:
         for kustomization in tree.rglob("kustomization.yaml"):
             _set_images(kustomization, registry, tag)
+    if values.get("KUEUE_QUEUE"):
+        _add_component(tree / "overlays" / overlay, tree / "base" / "kueue")
     return tree / "overlays" / overlay
+
+
+def _add_component(overlay_dir: Path, component: Path) -> None:
+    """List ``component`` (before base/derive) in the overlay's kustomization and in each of its stages'."""
+    import yaml
+
+    for kustomization in [overlay_dir / "kustomization.yaml", *overlay_dir.glob("*/kustomization.yaml")]:
+        doc = yaml.safe_load(kustomization.read_text())
+        if doc.get("kind") == "Component":
+            continue
+        comps = doc.setdefault("components", [])
+        rel = os.path.relpath(component, kustomization.parent)
+        at = next((i for i, c in enumerate(comps) if c.rstrip("/").endswith("base/derive")), len(comps))
+        comps.insert(at, rel)
+        kustomization.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def env_files(kustomization_dir: Path, seen: set[Path] | None = None) -> list[Path]:
