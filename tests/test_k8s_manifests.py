@@ -314,9 +314,9 @@ def test_render_cli_sets_run_images_and_stage(tmp_path):
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)
 def test_render_settings_reach_every_overlay_and_stage(overlay):
     # A key the overlay does not have yet (gpu has no AWS_ENDPOINT_URL; dev has one) and one it has.
-    settings = {"AWS_ENDPOINT_URL": "http://store.example:9000", "RUN_ID": "set-1"}
+    settings = {"AWS_ENDPOINT_URL": "http://store.example:9000", "RUN_ID": "setting-42"}
     for stage in (None, "train"):
         run = k8s.plan(k8s.render_objects(overlay, stage=stage, settings=settings))
-        assert run.settings["AWS_ENDPOINT_URL"] == "http://store.example:9000" and run.run_id == "set-1"
+        assert run.settings["AWS_ENDPOINT_URL"] == "http://store.example:9000" and run.run_id == "setting-42"
     # The repository's files are untouched: rendering works on a copy.
-    assert "set-1" not in (K8S / "overlays" / ("gpu" if overlay == "multinode" else overlay) / "settings" / "pipeline.env").read_text()
+    assert "setting-42" not in (K8S / "overlays" / ("gpu" if overlay == "multinode" else overlay) / "settings" / "pipeline.env").read_text()
