@@ -28,8 +28,8 @@ install: $(VENV)/.installed ## create .venv with every CPU extra and the test to
 demo: install ## run the whole pipeline locally on the embedded default model (minutes on CPU)
 	$(VENV)/bin/cmv run --config $(RECIPE) --root $(RUN_ROOT) --run-id $(RUN_ID)
 
-test: install ## every CPU test: unit, integration, and the slow tier (torchrun, kill/resume, Jobs executed); ~5-10 min
-	$(VENV)/bin/pytest -m "not gpu" -q --durations=15
+test: install lint-tools ## every CPU test: unit, integration, and the slow tier (torchrun, kill/resume, Jobs executed); ~5-10 min
+	CMV_REQUIRE_LINT=1 $(VENV)/bin/pytest -m "not gpu" -q --durations=15
 
 test-fast: install ## unit + integration only (skips the slow tier); ~2 min
 	$(VENV)/bin/pytest -m "not slow and not gpu" -q
@@ -96,4 +96,13 @@ docker-check: ## check that $(DOCKER) exists and its engine answers (docker info
 images-constraints: install ## re-pin images/constraints.txt to the versions installed in .venv
 	{ sed -n '1,3p' images/constraints.txt; $(PIP) freeze --exclude-editable | grep -viE '^(#|torch|nvidia-|triton|cmv-persuasion)|\+|@ '; } > images/constraints.txt.new
 	mv images/constraints.txt.new images/constraints.txt
+
+# checkov in a venv of its own: its dependencies pin boto3/packaging below the project's (tests/test_k8s_lint.py)
+LINT_VENV ?= .venv-lint
+lint-tools: $(LINT_VENV)/.installed ## install checkov (pinned, own venv) for the manifest/Dockerfile checks of make test
+$(LINT_VENV)/.installed: tests/lint-requirements.txt
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install -q -r tests/lint-requirements.txt
+	touch $@
+.PHONY: lint-tools
 # --- end images ---
