@@ -987,6 +987,48 @@ def submit(
     return 0
 
 
+def argo_template(run: Plan) -> dict:
+    from cmv_core import k8s_argo
+
+    if run.job("train")["kind"] != "JobSet":
+        raise K8sError("--engine argo runs the train stage as a JobSet: use --overlay jobset")
+    return k8s_argo.workflow_template(run)
+
+
+def submit_argo(cluster: Cluster, run: Plan, out: Callable[[str], None] = print) -> int:
+    """Create the run's ConfigMap and WorkflowTemplate (replaced when it exists), and one Workflow from it.
+
+    Nothing to keep alive here: the DAG runs in the cluster. A template of this run with other settings is
+    replaced only while no Workflow of it is running, which Argo itself does not check: say so.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    from cmv_core import k8s_argo
+
+    template = argo_template(run)
+    create_object(cluster, run.config)
+    group, version = k8s_argo.ARGO_API
+    name = template["metadata"]["name"]
+    try:
+        cluster.custom.create_namespaced_custom_object(group, version, cluster.namespace, "workflowtemplates", template)
+    except ApiException as exc:
+        if not _is_status(exc, 409):
+            raise
+        current = cluster.custom.get_namespaced_custom_object(group, version, cluster.namespace,
+                                                              "workflowtemplates", name)
+        template["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+        cluster.custom.replace_namespaced_custom_object(group, version, cluster.namespace, "workflowtemplates",
+                                                        name, template)
+        out(f"WorkflowTemplate {name} replaced with this submit's settings")
+    created = cluster.custom.create_namespaced_custom_object(group, version, cluster.namespace, "workflows",
+                                                             k8s_argo.workflow(template))
+    workflow_name = created["metadata"]["name"]
+    out(f"Workflow {workflow_name} created from WorkflowTemplate {name}: the pipeline runs in the cluster")
+    out(f"follow it: argo watch -n {cluster.namespace} {workflow_name}   (or argo logs -f ...)")
+    out(f"report, when it has finished: {run.stage_uri('judge')}/report.md")
+    return 0
+
+
 def failure_report(cluster: Cluster, stage: str, name: str, job: Any, tail: int, kind: str = "Job") -> str:
     lines = [f"stage {stage} FAILED: {kind} {name}: {job_failure(job)}"]
     pods = job_pods(cluster, name, kind)
@@ -1028,8 +1070,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--no-store-check", action="store_true",
                        help="do not look for _SUCCESS in the artifact store from here; trust the Jobs' status")
 
+    def engine(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--engine", choices=["jobs", "argo"], default="jobs",
+                       help="jobs: one Job per stage, run in order from here (default, nothing to install); "
+                            "argo: one Argo WorkflowTemplate running the whole DAG in the cluster (overlay jobset)")
+
     p = sub.add_parser("render", help="print the manifests of a run (kubectl apply -f - them, or inspect)")
     common(p)
+    engine(p)
     p.add_argument("--stage", choices=STAGES, help="only this stage's kustomization (with the ConfigMap)")
 
     p = sub.add_parser("submit", help="run the pipeline's Jobs in order, stream logs, stop on failure, resume")
@@ -1039,6 +1087,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=float, default=5, help="seconds between Job status checks")
     p.add_argument("--stage-timeout", type=float, default=0, help="give up waiting on a stage after this (0: never)")
     p.add_argument("--tail", type=int, default=40, help="log lines shown from a failed pod")
+    engine(p)
 
     p = sub.add_parser("status", help="each stage's Job state and _SUCCESS for a run")
     common(p)
@@ -1066,6 +1115,12 @@ def cli_main(args: argparse.Namespace) -> int:
                 args.run_id, nodes=args.nodes, gpus_per_node=args.gpus_per_node, recipe=args.recipe,
                 model=args.model, artifact_root=args.artifact_root, raw_input=args.raw_input, extra=args.setting,
             )
+            if args.engine == "argo":
+                import yaml
+
+                run = _plan_from_args(args)
+                sys.stdout.write(yaml.safe_dump_all([run.config, argo_template(run)], sort_keys=False))
+                return 0
             sys.stdout.write(render(args.overlay, stage=args.stage, settings=settings, registry=args.registry,
                                     tag=args.tag, k8s_dir=args.k8s_dir))
             return 0
@@ -1081,6 +1136,8 @@ def cli_main(args: argparse.Namespace) -> int:
                 success = {True: "yes", False: "no", None: "?"}[r.success]
                 _print(f"{r.stage:<10} {r.job:<32} {r.state:<10} {success:<9} {r.pods}")
             return 0
+        if args.engine == "argo":
+            return submit_argo(cluster, run, out=_print)
         return submit(cluster, run, stages=args.stages, check_store=not args.no_store_check, poll_s=args.poll,
                       stage_timeout_s=args.stage_timeout, tail=args.tail, out=_print)
     except K8sError as exc:

@@ -111,6 +111,9 @@ class FakeK8s:
             def do_PATCH(self) -> None:
                 fake._handle(self, "PATCH")
 
+            def do_PUT(self) -> None:
+                fake._handle(self, "PUT")
+
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -422,6 +425,31 @@ class FakeK8s:
                 remaining = job["_created"] + self._script(job).run_s - time.monotonic()
                 time.sleep(max(0.0, min(remaining, 30)))
             return self._send(h, 200, body, "text/plain")
+        m = re.fullmatch(r"/apis/argoproj.io/v1alpha1/namespaces/([^/]+)/(workflowtemplates|workflows)(?:/([^/]+))?",
+                         path)
+        if m:  # Argo's objects: stored, no controller behind them
+            ns, plural, name = m.groups()
+            kind = {"workflowtemplates": "WorkflowTemplate", "workflows": "Workflow"}[plural]
+            with self.lock:
+                if method == "POST" and name is None:
+                    name = body["metadata"].get("name") or body["metadata"]["generateName"] + f"{len(self.calls):05d}"
+                    body["metadata"]["name"] = name
+                self.calls.append(Call(time.monotonic(), method, path, kind, name or ""))
+                key = (kind, ns, name)
+                if method == "POST":
+                    if key in self.objects:
+                        return self._status(h, 409, "AlreadyExists", f'{plural} "{name}" already exists')
+                    body["metadata"]["resourceVersion"] = "1"
+                    self.objects[key] = body
+                    return self._send(h, 201, body)
+                if key not in self.objects:
+                    return self._status(h, 404, "NotFound", f'{plural} "{name}" not found')
+                if method == "GET":
+                    return self._send(h, 200, self.objects[key])
+                if method == "PUT":
+                    body["metadata"]["resourceVersion"] = str(int(self.objects[key]["metadata"]["resourceVersion"]) + 1)
+                    self.objects[key] = body
+                    return self._send(h, 200, body)
         with self.lock:
             self.calls.append(Call(time.monotonic(), method, path))
         return self._status(h, 404, "NotFound", f"fake API does not implement {method} {path}")
