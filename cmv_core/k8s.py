@@ -300,11 +300,14 @@ def default_tag() -> str | None:
     return proc.stdout.strip() or None if proc.returncode == 0 else None
 
 
+PLACEHOLDER_TAG = "set-a-tag"  # the gpu overlay's tag until render sets the real one
+
+
 def check_image_tags(manifests: str) -> None:
     """Every image has an explicit tag or digest, never ``latest`` (a node may run any build under it)."""
     bad = sorted({m.group(1) for m in re.finditer(r"^\s*-?\s*image:\s*['\"]?([^\s'\"]+)", manifests, re.M)
                   if not re.search(r"(@sha256:[0-9a-f]{64}|:[\w][\w.-]{0,127})$", m.group(1).split("/")[-1])
-                  or m.group(1).endswith(":latest")})
+                  or m.group(1).endswith((":latest", f":{PLACEHOLDER_TAG}"))})
     if bad:
         raise K8sError(f"images without a tag, or tagged latest: {', '.join(bad)}; pass --tag (the TAG of make push, "
                        "default `git describe --always --dirty`), or render from a git checkout")

@@ -201,10 +201,22 @@ def test_kueue_queue_label_is_one_setting():
 # ---------------------------------------------------------------- hygiene
 
 
-def test_rendering_refuses_images_without_a_tag_or_tagged_latest(monkeypatch):
+def untagged_tree(tmp_path) -> Path:
+    import shutil
+
+    tree = tmp_path / "k8s"
+    shutil.copytree(REPO / "k8s", tree)
+    settings = tree / "overlays" / "gpu" / "settings" / "kustomization.yaml"
+    settings.write_text(re.sub(r"\n  newTag: [\w.-]+", "", settings.read_text()))
+    return tree
+
+
+def test_rendering_refuses_images_without_a_tag_or_tagged_latest(monkeypatch, tmp_path):
     monkeypatch.setattr(k8s, "default_tag", lambda: None)
-    with pytest.raises(k8s.K8sError, match="images without a tag, or tagged latest: localhost:5000/cmv-clean"):
-        k8s.render("gpu")
+    with pytest.raises(k8s.K8sError, match="images without a tag, or tagged latest: localhost:5000/cmv-clean:set-a-tag"):
+        k8s.render("gpu")  # the overlay's placeholder, never rendered
+    with pytest.raises(k8s.K8sError, match="images without a tag, or tagged latest: reg.example/cmv-clean,"):
+        k8s.render("gpu", registry="reg.example", k8s_dir=untagged_tree(tmp_path))
     with pytest.raises(k8s.K8sError, match="tagged latest"):
         k8s.render("gpu", tag="latest")
     objects = k8s.render_objects("gpu", tag="abc1234")
