@@ -1147,9 +1147,11 @@ def cli_main(args: argparse.Namespace) -> int:
         print(f"cmv k8s {args.k8s_command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # the API's answer after the retries, in one line instead of a traceback
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
+        try:
+            from kubernetes.client.exceptions import ApiException
+            from urllib3.exceptions import HTTPError
+        except ImportError:
+            raise exc from None
         if not isinstance(exc, (ApiException, HTTPError)):
             raise
         print(f"cmv k8s {args.k8s_command}: error: {api_error_line(exc)}", file=sys.stderr)
