@@ -1,7 +1,7 @@
 """``cmv k8s``: the pipeline as Kubernetes Jobs (render, submit, status).
 
 The manifests live in ``k8s/`` (kustomize): ``base/`` has one Job per stage and
-the pipeline ConfigMap; ``overlays/<name>/`` (dev, gpu, multinode) set the
+the pipeline ConfigMap; ``overlays/<name>/`` (dev, gpu, multinode, jobset) set the
 environment, each as a whole pipeline and as one kustomization per stage
 (``overlays/<name>/<stage>``), so that ``kubectl apply -k`` of one stage works
 by itself. Every value is set in one place, ``overlays/<name>/settings/
@@ -15,12 +15,17 @@ into that copy's ``pipeline.env`` files (and the image registry/tag into its
 gets by editing those files and running ``kubectl kustomize`` themselves.
 
 ``submit`` (the ``kubernetes`` Python client) creates the pipeline ConfigMap,
-then each stage's objects in pipeline order, waits for the Job, streams its pods'
-logs, and on failure stops and reports the stage and the last lines of its
-failed pods' logs. A stage whose ``_SUCCESS`` is already in the artifact store
-(or, when the store cannot be reached from here, whose Job already completed) is
-skipped, so submitting a run again resumes it from its first unfinished stage;
-a failed Job of that stage is deleted first (Job specs are immutable).
+then each stage's objects in pipeline order (a Job, or the jobset overlay's train
+JobSet), waits for it, streams its pods' logs (reconnecting from ``sinceTime``),
+and on failure stops and reports the stage and the last lines of its failed
+pods' logs. Every call is retried on 429/5xx and connection errors (urllib3's
+Retry). Every workload carries a settings hash; a stage is skipped only when its
+``_SUCCESS`` is the output of this run's settings and of its upstream outputs as
+they are now (or, when the store cannot be reached from here, when its Job
+completed with the same hash), so submitting a run again resumes it from its
+first stage to redo; a finished Job of that stage is deleted first, in the
+foreground (Job specs are immutable), and a live one with another hash is an
+error. ``--engine argo`` instead creates one Argo WorkflowTemplate (k8s_argo).
 
 Heavy imports (``kubernetes``, ``yaml``) happen inside functions: the clean
 image has neither.
