@@ -291,7 +291,26 @@ def render(
                 raise K8sError(f"overlay {overlay!r} has no stage {stage!r}")
         text = kustomize(leaf)
     check_image_tags(text)
-    return text
+    return stamp_rendered(text)
+
+
+def stamp_rendered(text: str) -> str:
+    """The rendered manifests with every stage workload's settings hash (as :func:`plan` stamps them), so that
+    ``cmv k8s render | kubectl apply -f -`` makes Jobs that a later ``cmv k8s submit`` of the same settings adopts."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    config = next((d for d in docs if d.get("kind") == "ConfigMap"
+                   and d["metadata"]["name"].startswith("cmv-pipeline")), None)
+    workloads = [d for d in docs if d.get("kind") in WORKLOAD_KINDS
+                 and (d["metadata"].get("labels") or {}).get(STAGE_LABEL) in STAGES]
+    if config is None or not workloads:
+        return text
+    values = dict(config.get("data") or {})
+    recipe = load_recipe_here(values.get("CMV_RECIPE"))
+    for workload in workloads:
+        stamp_settings(workload, values, recipe)
+    return yaml.safe_dump_all(docs, sort_keys=False)
 
 
 def default_tag() -> str | None:

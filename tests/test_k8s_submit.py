@@ -304,3 +304,19 @@ def test_the_train_service_is_owned_by_the_train_job(fake):
     assert service["metadata"]["ownerReferences"] == [
         {"apiVersion": "batch/v1", "kind": "Job", "name": "cmv-train-t1", "uid": job["metadata"]["uid"],
          "blockOwnerDeletion": False}]
+
+
+def test_jobs_applied_from_cmv_k8s_render_are_adopted_by_submit(fake, capsys):
+    import yaml
+
+    fake.scripts["clean"] = Script(run_s=1.0, log=["applied by hand"])
+    text = k8s.render("gpu", stage="clean", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store)})
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert k8s.SETTINGS_ANNOTATION in job["metadata"]["annotations"]  # render | kubectl apply -f - carries it
+    cluster = k8s.connect()
+    for doc in docs:
+        k8s.create_object(cluster, doc)
+    assert submit(fake, "--stages", "clean") == 0
+    assert "=== clean: Job cmv-clean-t1 already running, waiting for it" in capsys.readouterr().out
+    assert [n for _, n in fake.created("Job")] == ["cmv-clean-t1"]
