@@ -28,8 +28,8 @@ install: $(VENV)/.installed ## create .venv with every CPU extra and the test to
 demo: install ## run the whole pipeline locally on the embedded default model (minutes on CPU)
 	$(VENV)/bin/cmv run --config $(RECIPE) --root $(RUN_ROOT) --run-id $(RUN_ID)
 
-test: install ## every CPU test: unit, integration, and the slow tier (torchrun, kill/resume, Jobs executed); ~5-10 min
-	$(VENV)/bin/pytest -m "not gpu" -q --durations=15
+test: install lint-tools ## every CPU test: unit, integration, and the slow tier (torchrun, kill/resume, Jobs executed); ~5-10 min
+	CMV_REQUIRE_LINT=1 $(VENV)/bin/pytest -m "not gpu" -q --durations=15
 
 test-fast: install ## unit + integration only (skips the slow tier); ~2 min
 	$(VENV)/bin/pytest -m "not slow and not gpu" -q
@@ -58,7 +58,8 @@ clean-runs: ## delete local run artifacts
 # One image per stage (images/<stage>.Dockerfile), built from the repository root with docker or podman
 # (DOCKER=podman); `docker buildx bake -f images/docker-bake.hcl` builds them all in parallel instead.
 REGISTRY ?= localhost:5000
-TAG ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+# The tag names the exact tree: a build from uncommitted changes is tagged <rev>-dirty, never as the commit.
+TAG ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 PLATFORM ?= linux/amd64
 DOCKER ?= docker
 STAGE_IMAGES := clean format train generate judge
@@ -66,7 +67,7 @@ STAGE_IMAGES := clean format train generate judge
 	image-clean image-format image-train image-generate image-judge \
 	push-clean push-format push-train push-generate push-judge
 
-images: $(addprefix image-,$(STAGE_IMAGES)) ## build every stage image as REGISTRY/cmv-<stage>:TAG (vars REGISTRY, TAG = git short rev, PLATFORM, DOCKER)
+images: $(addprefix image-,$(STAGE_IMAGES)) ## build every stage image as REGISTRY/cmv-<stage>:TAG (vars REGISTRY, TAG = git describe --always --dirty, PLATFORM, DOCKER)
 
 push: $(addprefix push-,$(STAGE_IMAGES)) ## push every stage image to REGISTRY
 
@@ -88,10 +89,20 @@ image-judge: docker-check ## build the judge image (python slim, CPU torch, open
 push-clean push-format push-train push-generate push-judge: push-%: docker-check
 	$(DOCKER) push $(REGISTRY)/cmv-$*:$(TAG)
 
-docker-check:
+docker-check: ## check that $(DOCKER) exists and its engine answers (docker info)
 	@command -v $(DOCKER) >/dev/null || { echo "make images needs $(DOCKER) (a Docker engine, buildx or podman: DOCKER=podman)" >&2; exit 1; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "$(DOCKER) is installed but its engine does not answer ($(DOCKER) info failed): start it, or check DOCKER_HOST / permissions" >&2; exit 1; }
 
 images-constraints: install ## re-pin images/constraints.txt to the versions installed in .venv
 	{ sed -n '1,3p' images/constraints.txt; $(PIP) freeze --exclude-editable | grep -viE '^(#|torch|nvidia-|triton|cmv-persuasion)|\+|@ '; } > images/constraints.txt.new
 	mv images/constraints.txt.new images/constraints.txt
+
+# checkov in a venv of its own: its dependencies pin boto3/packaging below the project's (tests/test_k8s_lint.py)
+LINT_VENV ?= .venv-lint
+lint-tools: $(LINT_VENV)/.installed ## install checkov (pinned, own venv) for the manifest/Dockerfile checks of make test
+$(LINT_VENV)/.installed: tests/lint-requirements.txt
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install -q -r tests/lint-requirements.txt
+	touch $@
+.PHONY: lint-tools
 # --- end images ---

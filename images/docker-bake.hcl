@@ -1,5 +1,5 @@
 # Build every stage image with BuildKit in one go (parallel, shared cache):
-#   REGISTRY=registry.example.com/cmv TAG=$(git rev-parse --short HEAD) docker buildx bake -f images/docker-bake.hcl [--push]
+#   REGISTRY=registry.example.com/cmv TAG=$(git describe --always --dirty) docker buildx bake -f images/docker-bake.hcl [--push]
 # `make images` / `make push` do the same one image at a time with plain `docker build` (works with podman too).
 
 variable "REGISTRY" {

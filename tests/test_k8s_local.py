@@ -4,7 +4,7 @@ from its Dockerfile) run as local processes against an S3-protocol server on loo
 manifests' commands run the pipeline, not just that they are valid YAML.
 
 What differs from a pod, on purpose: `python3`/`torchrun` are this venv's, the working directory is the
-repository (the image's /app), HOME and CMV_CACHE are the test's (the tiny model's cache is shared), the
+repository (the image's /app), HOME, CMV_CACHE and HF_HOME are the test's (the tiny model's cache is shared), the
 train Job's master address <job>-0.<service> is mapped to 127.0.0.1 with a free port, and each simulated
 train pod gets a TMPDIR of its own (a pod's /tmp is its own emptyDir)."""
 
@@ -74,6 +74,8 @@ def pod_process(job: dict, config: dict, secrets: dict, index: int | None = None
             path = item["valueFrom"]["fieldRef"]["fieldPath"]
             key = re.fullmatch(r"metadata\.labels\['([^']+)'\]", path).group(1)
             env[item["name"]] = labels[key]
+    if "HF_HOME" in env:  # the pod's hf-cache volume (/cache) is the test's own cache here
+        env["HF_HOME"] = os.environ.get("HF_HOME") or str(Path(env.get("HOME") or "/tmp") / ".cache" / "huggingface")
     argv = [expand(a, env) for a in (container.get("command") or entrypoint) + container.get("args", [])]
     argv[0] = {"python3": sys.executable, "torchrun": str(VENV_BIN / "torchrun")}.get(argv[0], argv[0])
     return argv, env

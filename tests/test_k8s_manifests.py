@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import crd_schema
 from cmv_core import cli, k8s
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -38,12 +39,13 @@ def build(rel: str) -> list[dict]:
 
 
 def jobs(objects: list[dict]) -> dict[str, dict]:
+    """Each stage's workload: a Job, or the jobset overlay's train JobSet."""
     return {o["metadata"]["labels"]["cmv.io/stage"]: o for o in objects
-            if o["kind"] == "Job" and "cmv.io/stage" in o["metadata"].get("labels", {})}
+            if o["kind"] in k8s.WORKLOAD_KINDS and "cmv.io/stage" in o["metadata"].get("labels", {})}
 
 
 def main_container(job: dict) -> dict:
-    return next(c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "main")
+    return next(c for c in k8s.pod_template(job)["spec"]["containers"] if c["name"] == "main")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,10 @@ def test_renders_and_validates_strict(rel):
     objects = build(rel)
     assert objects
     for obj in objects:
-        kubernetes_validate.validate(obj, SCHEMA, strict=True)
+        if (obj["apiVersion"], obj["kind"]) in crd_schema.kinds():  # JobSet: its project's published CRD
+            crd_schema.validate(obj)
+        else:
+            kubernetes_validate.validate(obj, SCHEMA, strict=True)
 
 
 def test_strict_validation_rejects_unknown_fields(overlays):
@@ -83,7 +88,8 @@ def test_stage_kustomizations_split_the_pipeline_exactly(overlays):
         for stage in k8s.STAGES:
             objects = build(f"k8s/overlays/{overlay}/{stage}")
             kinds = sorted(o["kind"] for o in objects)
-            assert kinds == (["ConfigMap", "Job", "Service"] if stage == "train" else ["ConfigMap", "Job"])
+            train = ["ConfigMap", "JobSet"] if overlay == "jobset" else ["ConfigMap", "Job", "Service"]
+            assert kinds == (train if stage == "train" else ["ConfigMap", "Job"])
             assert {o["metadata"].get("labels", {}).get("cmv.io/stage") for o in objects if o["kind"] != "ConfigMap"} == {stage}
             for o in objects:
                 parts[(o["kind"], o["metadata"]["name"])] = o
@@ -116,14 +122,16 @@ def test_run_id_and_node_count_are_each_set_in_one_place():
     literal = [p for p in K8S.rglob("*.yaml") if re.search(r"^\s*(completions|parallelism): [2-9]", p.read_text(), re.M)]
     assert not literal, f"train size written outside pipeline.env: {literal}"
     nnodes = [p.relative_to(K8S) for p in K8S.rglob("pipeline.env") if re.search(r"^NNODES=", p.read_text(), re.M)]
-    assert sorted(map(str, nnodes)) == ["base/pipeline/pipeline.env", "overlays/multinode/settings/pipeline.env"]
+    assert sorted(map(str, nnodes)) == ["base/pipeline/pipeline.env", "overlays/jobset/settings/pipeline.env",
+                                        "overlays/multinode/settings/pipeline.env"]
     # ...and from 1 to N nodes it is that one value (the gpu overlay has the same Job at NNODES=1).
     gpu = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "exp-7"})).job("train")
     assert gpu["spec"]["completions"] == 1
     def strip(job):  # what may differ: the size, multinode's anti-affinity, the ConfigMap's content hash
         spec = {**job["spec"], "completions": 0, "parallelism": 0,
                 "template": {**job["spec"]["template"], "spec": {**job["spec"]["template"]["spec"], "affinity": None}}}
-        return re.sub(r"cmv-pipeline-\w+", "cmv-pipeline", json.dumps(spec, sort_keys=True))
+        text = re.sub(r"cmv-pipeline-\w+", "cmv-pipeline", json.dumps(spec, sort_keys=True))
+        return re.sub(r"\"cmv.io/settings-hash\": \"\w+\"", "", text)  # the gang size is part of the settings
 
     assert strip(gpu) == strip(train)
 
@@ -149,13 +157,15 @@ def test_jobs_security_retries_and_resources(overlays):
         assert not [k for k in config["data"] if SECRET_WORDS.search(k)], "secrets never in the ConfigMap"
         assert not [o for o in objects if o["kind"] == "Secret"], "Secrets are created by the user, never rendered"
         for stage, job in stage_jobs.items():
-            spec, pod = job["spec"], job["spec"]["template"]["spec"]
+            spec, pod = job["spec"], k8s.pod_template(job)["spec"]
             where = f"{overlay}/{stage}"
-            assert spec["backoffLimit"] >= 1 and spec["ttlSecondsAfterFinished"] > 0, where
-            rules = spec["podFailurePolicy"]["rules"]
-            assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules, where
-            fail = [r for r in rules if r["action"] == "FailJob"]
-            assert fail and fail[0]["onExitCodes"]["values"] == [2], where  # cmv's exit code for bad input
+            assert spec["ttlSecondsAfterFinished"] > 0, where
+            if job["kind"] == "Job":  # the JobSet's retries: test_k8s_cluster.py
+                assert spec["backoffLimit"] >= 1, where
+                rules = spec["podFailurePolicy"]["rules"]
+                assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]} in rules, where
+                fail = [r for r in rules if r["action"] == "FailJob"]
+                assert fail and fail[0]["onExitCodes"]["values"] == [2], where  # cmv's exit code for bad input
             assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
             assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
             c = main_container(job)
@@ -304,9 +314,9 @@ def test_render_cli_sets_run_images_and_stage(tmp_path):
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)
 def test_render_settings_reach_every_overlay_and_stage(overlay):
     # A key the overlay does not have yet (gpu has no AWS_ENDPOINT_URL; dev has one) and one it has.
-    settings = {"AWS_ENDPOINT_URL": "http://store.example:9000", "RUN_ID": "set-1"}
+    settings = {"AWS_ENDPOINT_URL": "http://store.example:9000", "RUN_ID": "setting-42"}
     for stage in (None, "train"):
         run = k8s.plan(k8s.render_objects(overlay, stage=stage, settings=settings))
-        assert run.settings["AWS_ENDPOINT_URL"] == "http://store.example:9000" and run.run_id == "set-1"
+        assert run.settings["AWS_ENDPOINT_URL"] == "http://store.example:9000" and run.run_id == "setting-42"
     # The repository's files are untouched: rendering works on a copy.
-    assert "set-1" not in (K8S / "overlays" / ("gpu" if overlay == "multinode" else overlay) / "settings" / "pipeline.env").read_text()
+    assert "setting-42" not in (K8S / "overlays" / ("gpu" if overlay == "multinode" else overlay) / "settings" / "pipeline.env").read_text()

@@ -4,13 +4,17 @@ failed pod's last log lines, and resuming a run from its first stage without _SU
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("kubernetes")
 
-from cmv_core import cli  # noqa: E402
-from fake_k8s_api import FakeK8s, Script, kubeconfig  # noqa: E402
+from cmv_core import cli, k8s  # noqa: E402
+from fake_k8s_api import FakeK8s, Fault, Script, kubeconfig  # noqa: E402
 
 STAGES = ["clean", "format", "train", "generate", "judge"]
 
@@ -26,14 +30,31 @@ def fake(tmp_path, monkeypatch):
 
     def write_success(job: dict) -> None:  # what the real stage does last
         labels = job["metadata"]["labels"]
-        out = store / labels["cmv.io/run-id"] / labels["cmv.io/stage"]
+        stage, run_id = labels["cmv.io/stage"], labels["cmv.io/run-id"]
+        out = store / run_id / stage
         out.mkdir(parents=True, exist_ok=True)
-        (out / "_SUCCESS").write_text("{}")
+        (out / "_SUCCESS").write_text(json.dumps(fake_manifest(server, job, stage, run_id)))
 
     server.on_success = write_success
     server.store = store
     yield server
     server.stop()
+
+
+def fake_manifest(server: FakeK8s, job: dict, stage: str, run_id: str) -> dict:
+    """A _SUCCESS as the real stage writes it: its inputs' manifest digests, its resolved config
+    (the recipe's values plus defaults the recipe does not set), the time it finished."""
+    cm_name = next(e["configMapRef"]["name"] for e in k8s.pod_template(job)["spec"]["containers"][0]["envFrom"]
+                   if "configMapRef" in e)
+    values = next(o for (kind, _, name), o in server.objects.items() if kind == "ConfigMap" and name == cm_name)["data"]
+    root = Path(values["ARTIFACT_ROOT"])
+    inputs = [{"uri": values["RAW_INPUT"], "digest": "fingerprint:abc"}] if stage == "clean" else [
+        {"uri": str(root / run_id / up), "digest": "sha256:" + hashlib.sha256(
+            (root / run_id / up / "_SUCCESS").read_bytes()).hexdigest()} for up in k8s.UPSTREAM[stage]]
+    recipe = k8s.load_recipe_here(values["CMV_RECIPE"]) or {}
+    section = {"a_default_the_recipe_does_not_set": 1, **(recipe.get(stage) or {})}
+    config = {stage: section, "model": values["CMV_MODEL"]} if stage in ("format", "train") else section
+    return {"stage": stage, "run_id": run_id, "inputs": inputs, "config": config, "finished_at": time.time_ns()}
 
 
 def submit(fake, *extra: str, run_id: str = "t1", overlay: str = "gpu") -> int:
@@ -87,7 +108,7 @@ def test_resume_starts_at_the_first_stage_without_success(fake, capsys):
     assert again == [("Job", "cmv-generate-t1"), ("Job", "cmv-judge-t1")]
     assert fake.deleted() == ["cmv-generate-t1"]  # the failed Job's name is needed again
     for stage in ("clean", "format", "train"):
-        assert f"=== {stage}: done (_SUCCESS present), skipped" in out
+        assert f"=== {stage}: done (_SUCCESS matches), skipped" in out
     assert (fake.store / "t1" / "judge" / "_SUCCESS").exists()
 
 
@@ -143,3 +164,159 @@ def test_status_shows_each_stage(fake, capsys):
     assert rows["clean"][1:4] == ["cmv-clean-t1", "succeeded", "yes"]
     assert rows["format"][1:4] == ["cmv-format-t1", "failed", "no"]
     assert rows["train"][1:4] == ["cmv-train-t1", "absent", "no"]
+
+
+# ---------------------------------------------------------------- the way real clusters fail
+
+
+def test_a_503_while_waiting_is_retried_and_the_run_finishes(fake, capsys, monkeypatch):
+    monkeypatch.setenv("CMV_K8S_BACKOFF_S", "0.05")
+    fake.scripts["train"] = Script(run_s=0.6)
+    fake.faults.append(Fault("GET", r"/jobs/cmv-train-t1$", 503, times=3))
+    fake.faults.append(Fault("GET", r"/pods$", 502, times=1))
+    assert submit(fake) == 0
+    assert sorted(f[2] for f in fake.injected) == [502, 503, 503, 503]
+    assert capsys.readouterr().out.rstrip().endswith("report.md")
+
+
+def test_an_api_error_after_the_retries_is_one_line_not_a_traceback(fake, capsys, monkeypatch):
+    monkeypatch.setenv("CMV_K8S_RETRIES", "1")
+    fake.faults.append(Fault("POST", r"/configmaps$", 403, times=5))
+    assert submit(fake) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]  # one line
+    assert err.startswith("cmv k8s submit: error: API server answered 403") and "injected fault 403" in err
+    assert "Traceback" not in err
+
+
+def test_a_dropped_log_stream_is_reconnected_without_losing_or_doubling_a_line(fake, capsys):
+    lines = [f"clean line {i}" for i in range(12)]  # 4 a second: the reconnect's sinceTime second resends some
+    fake.scripts["clean"] = Script(run_s=1.0, log=lines)
+    fake.drop_log_after = 5
+    assert submit(fake, "--stages", "clean") == 0
+    out = capsys.readouterr().out
+    assert fake.dropped == [name for name in fake.job_pods_of("cmv-clean-t1")]
+    printed = [ln.split("] ", 1)[1] for ln in out.splitlines() if ln.startswith("[cmv-clean-t1-")]
+    assert printed == lines
+    since = [c for c in fake.calls if c.kind == "PodLog"]
+    assert len(since) >= 2  # the broken stream, then the reconnect
+
+
+def write_recipe(path: Path, learning_rate: float) -> str:
+    import yaml
+
+    recipe = yaml.safe_load((k8s.default_k8s_dir().parent / "configs" / "llama-3.2-1b.yaml").read_text())
+    recipe["train"]["learning_rate"] = learning_rate
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_a_changed_recipe_reruns_the_changed_stage_and_those_after_it(fake, capsys, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", 2.0e-4)
+    assert submit(fake, "--recipe", recipe) == 0
+    first_report = (fake.store / "t1" / "judge" / "_SUCCESS").read_bytes()
+    capsys.readouterr()
+    write_recipe(tmp_path / "recipe.yaml", 1.0e-4)  # same path, another train.learning_rate
+    start = len(fake.calls)
+    assert submit(fake, "--recipe", recipe) == 0
+    out = capsys.readouterr().out
+    assert "=== clean: done (_SUCCESS matches), skipped" in out
+    assert "=== format: done (_SUCCESS matches), skipped" in out
+    assert "=== train: _SUCCESS present but config changed: train.learning_rate: 0.0002 -> 0.0001; running it again" \
+        in out
+    # generate and judge read what train and generate wrote: their inputs changed, so they run again too
+    assert "=== generate: _SUCCESS present but its input " in out and "=== judge: _SUCCESS present but its input " in out
+    again = [c.name for c in fake.calls[start:] if c.method == "POST" and c.kind == "Job"]
+    assert again == ["cmv-train-t1", "cmv-generate-t1", "cmv-judge-t1"]
+    assert (fake.store / "t1" / "judge" / "_SUCCESS").read_bytes() != first_report
+    # The old Jobs were deleted in the foreground, and each new one created only once the old pods were gone.
+    assert [b.get("propagationPolicy") for b in fake.delete_bodies] == ["Foreground"] * 3
+    for name in again:
+        deletes = [c.t for c in fake.calls[start:] if c.method == "DELETE" and c.name == name]
+        pod_lists = [c.t for c in fake.calls[start:] if c.kind == "Pod" and c.name.endswith(f"={name}")]
+        created = max(c.t for c in fake.calls[start:] if c.method == "POST" and c.name == name)
+        assert deletes and created - deletes[0] >= fake.delete_delay_s
+        assert any(deletes[0] < t < created for t in pod_lists)  # it looked before creating
+    # A third submit with the same recipe skips everything.
+    start = len(fake.calls)
+    assert submit(fake, "--recipe", recipe) == 0
+    assert not [c for c in fake.calls[start:] if c.method == "POST" and c.kind == "Job"]
+
+
+def test_a_409_with_another_settings_hash_is_an_error_naming_both(fake, capsys, tmp_path):
+    fake.scripts["train"] = Script(run_s=30)
+    first = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store),
+                                                         "CMV_RECIPE": write_recipe(tmp_path / "a.yaml", 2.0e-4)}))
+    cluster = k8s.connect()
+    k8s.create_object(cluster, first.config)
+    assert k8s.create_object(cluster, first.job("train"))
+    assert not k8s.create_object(cluster, first.job("train"))  # same settings: adopted, not an error
+    theirs = first.job("train")["metadata"]["annotations"][k8s.SETTINGS_ANNOTATION][:16]
+    second = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store),
+                                                          "CMV_RECIPE": write_recipe(tmp_path / "b.yaml", 1.0e-4)}))
+    ours = second.job("train")["metadata"]["annotations"][k8s.SETTINGS_ANNOTATION][:16]
+    assert ours != theirs
+    with pytest.raises(k8s.SettingsConflict, match=f"settings hash {theirs}, this submit's is {ours}"):
+        k8s.create_object(cluster, second.job("train"))
+    # Through the CLI: the running Job is not adopted by a submit with other settings, nor deleted.
+    start = len(fake.calls)
+    assert submit(fake, "--stages", "train", "--recipe", str(tmp_path / "b.yaml")) == 2
+    err = capsys.readouterr().err
+    assert f"Job cmv-train-t1 exists with other settings (settings hash {theirs}, this submit's is {ours})" in err
+    assert not [c for c in fake.calls[start:] if c.kind == "Job" and c.method in ("POST", "DELETE")]
+
+
+def test_every_job_carries_its_settings_hash_and_only_its_stage_changes_it(tmp_path):
+    def hashes(lr: float) -> dict[str, str]:
+        run = k8s.plan(k8s.render_objects("gpu", settings={
+            "RUN_ID": "h1", "CMV_RECIPE": write_recipe(tmp_path / f"{lr}.yaml", lr)}))
+        out = {}
+        for stage in STAGES:
+            job = run.job(stage)
+            digest = job["metadata"]["annotations"][k8s.SETTINGS_ANNOTATION]
+            assert job["metadata"]["labels"][k8s.SETTINGS_LABEL] == digest[:16]
+            assert job["spec"]["template"]["metadata"]["labels"][k8s.SETTINGS_LABEL] == digest[:16]
+            out[stage] = digest
+        return out
+
+    a, b = hashes(2.0e-4), hashes(1.0e-4)
+    assert [s for s in STAGES if a[s] != b[s]] == ["train"]
+
+
+def test_jobset_overlay_runs_train_as_a_jobset_and_owns_what_it_uses(fake, capsys):
+    fake.scripts["train"] = Script(log=["rank {index} finished"])
+    assert submit(fake, "--nodes", "3", overlay="jobset") == 0
+    out = capsys.readouterr().out
+    assert [k for k, n in fake.created() if n == "cmv-train-t1"] == ["JobSet"]  # no Service: JobSet makes its own
+    assert "=== train: JobSet cmv-train-t1 succeeded" in out
+    for index in range(3):
+        assert f"rank {index} finished" in out
+    # Nothing outlives the run: the ConfigMap is owned by every stage's workload, so it goes with the last one.
+    config = next(o for (kind, _, name), o in fake.objects.items() if kind == "ConfigMap")
+    owners = {(r["kind"], r["name"]) for r in config["metadata"]["ownerReferences"]}
+    assert owners == {("Job", f"cmv-{s}-t1") for s in STAGES if s != "train"} | {("JobSet", "cmv-train-t1")}
+
+
+def test_the_train_service_is_owned_by_the_train_job(fake):
+    assert submit(fake, "--stages", "train", "--setting", "INPUT_WAIT_S=5") == 0
+    service = fake.objects[("Service", "cmv-test", "cmv-train-t1")]
+    job = fake.objects[("Job", "cmv-test", "cmv-train-t1")]
+    assert service["metadata"]["ownerReferences"] == [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "cmv-train-t1", "uid": job["metadata"]["uid"],
+         "blockOwnerDeletion": False}]
+
+
+def test_jobs_applied_from_cmv_k8s_render_are_adopted_by_submit(fake, capsys):
+    import yaml
+
+    fake.scripts["clean"] = Script(run_s=1.0, log=["applied by hand"])
+    text = k8s.render("gpu", stage="clean", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store)})
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert k8s.SETTINGS_ANNOTATION in job["metadata"]["annotations"]  # render | kubectl apply -f - carries it
+    cluster = k8s.connect()
+    for doc in docs:
+        k8s.create_object(cluster, doc)
+    assert submit(fake, "--stages", "clean") == 0
+    assert "=== clean: Job cmv-clean-t1 already running, waiting for it" in capsys.readouterr().out
+    assert [n for _, n in fake.created("Job")] == ["cmv-clean-t1"]
