@@ -156,10 +156,14 @@ def init_model(init: str, model: str, scratch: Path) -> str:
 
 def base_weight_copies() -> int:
     """Causal-LM models alive in this process (a PEFT wrapper and the model it wraps count once)."""
+    import warnings
+
     from transformers import PreTrainedModel
 
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, PreTrainedModel) and hasattr(o, "lm_head"))
+    with warnings.catch_warnings():  # isinstance() on some module objects trips deprecation shims
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, PreTrainedModel) and hasattr(o, "lm_head"))
 
 
 # ---------------------------------------------------------------- the stage
