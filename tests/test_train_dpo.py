@@ -265,3 +265,19 @@ def test_torchrun_two_processes_zero3_dpo_saves_loadable_adapter(tmp_path, tiny_
     assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
     AutoModelForCausalLM.from_pretrained(str(out / "model"))
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(out / "adapter"))
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml", "llama-3.2-1b.yaml", "llama-3.2-3b.yaml"])
+def test_shipped_recipes_have_a_dpo_section_trl_accepts(name):
+    import dataclasses
+
+    from trl import DPOConfig
+
+    from cmv_core.config import load_recipe
+    from cmv_core.dpo import dpo_enabled, dpo_section
+
+    recipe = load_recipe(str(CONFIGS / name))
+    cfg = dpo_section(recipe)
+    assert dpo_enabled(recipe) and cfg.method == "lora" and cfg.init == "train"
+    assert set(cfg.dpo_args or {}) <= {f.name for f in dataclasses.fields(DPOConfig)}
+    assert not dpo_enabled(load_recipe(str(CONFIGS / name), ["dpo.enabled=false"]))
