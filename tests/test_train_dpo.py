@@ -281,3 +281,21 @@ def test_shipped_recipes_have_a_dpo_section_trl_accepts(name):
     assert dpo_enabled(recipe) and cfg.method == "lora" and cfg.init == "train"
     assert set(cfg.dpo_args or {}) <= {f.name for f in dataclasses.fields(DPOConfig)}
     assert not dpo_enabled(load_recipe(str(CONFIGS / name), ["dpo.enabled=false"]))
+
+
+@pytest.mark.slow
+def test_cmv_run_trains_dpo_after_sft_and_the_report_compares_it(tmp_path):
+    """The local pipeline on the tiny recipe: SFT, then DPO from it, three variants generated, dpo judged."""
+    root = tmp_path / "runs"
+    proc = run_cmv("run", "--config", TINY, "--root", str(root), "--run-id", "r")
+    assert "=== dpo: cmv train --method dpo" in proc.stdout
+    dpo = storage.require_success(str(root / "r" / "dpo"))
+    assert {i["uri"] for i in dpo["inputs"]} == {str(root / "r" / "format"), str(root / "r" / "train")}
+    models = {g["model"] for g in storage.read_jsonl(str(root / "r" / "generate" / "generations.jsonl"))}
+    assert models == {"base", "finetuned", "dpo"}
+    report = json.loads((root / "r" / "judge" / "report.json").read_text())
+    text = json.dumps(report)
+    for comparison in ("dpo_vs_finetuned", "dpo_vs_base", "dpo_vs_human", "finetuned_vs_base"):
+        assert comparison in text, comparison
+    md = (root / "r" / "judge" / "report.md").read_text()
+    assert "dpo vs finetuned" in md and "dpo vs base" in md and "dpo vs human" in md
