@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +147,6 @@ def init_model(init: str, model: str, scratch: Path) -> str:
     local = scratch.parent / f"{scratch.name}-init"
     dist = PartialState()
     if dist.is_local_main_process:
-        import shutil
-
         shutil.rmtree(local, ignore_errors=True)
         storage.download_dir(uri, local)
     dist.wait_for_everyone()
@@ -240,9 +239,12 @@ def run_dpo(
         return preempted(trained, output)
 
     # Save: merged model/ (init + adapter), adapter/, metrics with the reward curves, _SUCCESS
-    return save_outputs(trainer, cfg, run, init_path, output, scratch, tokenizer, throughput, trained, extra={
+    summary = save_outputs(trainer, cfg, run, init_path, output, scratch, tokenizer, throughput, trained, extra={
         "objective": "dpo", "init": init, "reference_model": "adapter_disabled" if trainer.ref_model is None
         else "frozen_copy", "base_weight_copies": copies, "label_mask": mask_stats,
         "dpo_args": dict(cfg.dpo_args or {}), "beta": args.beta, "loss_type": list(args.loss_type),
         "train_examples": len(train_rows), "val_examples": len(val_rows), "model": model,
     })
+    if PartialState().is_local_main_process:
+        shutil.rmtree(scratch.parent / f"{scratch.name}-init", ignore_errors=True)  # an S3 init model's copy
+    return summary
