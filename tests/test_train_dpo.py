@@ -169,7 +169,7 @@ def test_full_dpo_from_base_loads_a_frozen_reference_copy(tmp_path):
 # train_resumably): test_train_distributed covers it once.)
 
 
-def start_dpo(fmt: str, init: str, out: str, log_path: Path, max_steps: int = 8, save_steps: int = 2,
+def start_dpo(fmt: str, init: str, out: str, log_path: Path, max_steps: int = 6, save_steps: int = 2,
               extra: tuple[str, ...] = ()):
     import os
     import subprocess
@@ -196,7 +196,7 @@ def test_killed_dpo_run_resumes_from_newest_s3_checkpoint_bit_identical(tmp_path
     sft = f"{s3_bucket}/run/train"
     run_cmv("train", "--input", fmt, "--output", sft, "--config", TINY, "--set", "train.max_steps=2",
             "--set", "train.max_length=256")
-    out, max_steps = f"{s3_bucket}/run/dpo", 8
+    out, max_steps = f"{s3_bucket}/run/dpo", 6
     proc = start_dpo(fmt, sft, out, tmp_path / "first.log")
     try:
         wait_for_checkpoint(proc, out)
@@ -272,10 +272,15 @@ def test_shipped_recipes_have_a_dpo_section_trl_accepts(name):
 
 
 @pytest.mark.slow
-def test_cmv_run_trains_dpo_after_sft_and_the_report_compares_it(tmp_path):
+def test_cmv_run_trains_dpo_after_sft_and_the_report_compares_it(tmp_path, clean_output, format_output):
     """The local pipeline on the tiny recipe: SFT, then DPO from it, three variants generated, dpo judged."""
+    import shutil
+
     root = tmp_path / "runs"
-    proc = run_cmv("run", "--config", TINY, "--root", str(root), "--run-id", "r")
+    for stage, done in (("clean", clean_output), ("format", format_output)):  # the same recipe's, already run
+        shutil.copytree(done, root / "r" / stage)
+    proc = run_cmv("run", "--config", TINY, "--root", str(root), "--run-id", "r", "--stages", "train", "dpo",
+                   "generate", "judge")
     assert "=== dpo: cmv train --method dpo" in proc.stdout
     dpo = storage.require_success(str(root / "r" / "dpo"))
     assert {i["uri"] for i in dpo["inputs"]} == {str(root / "r" / "format"), str(root / "r" / "train")}
