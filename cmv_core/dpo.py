@@ -165,6 +165,16 @@ def base_weight_copies() -> int:
         return sum(1 for o in gc.get_objects() if isinstance(o, PreTrainedModel) and hasattr(o, "lm_head"))
 
 
+def pairs_dropped(given: int, kept: int, uri: str, cfg: TrainConfig) -> int:
+    """TRL drops the pairs whose prompt alone fills max_length: count them, refuse when none is left."""
+    if kept == 0:
+        raise TrainDataError(f"{uri}: every pair's prompt is over dpo.max_length={cfg.max_length} tokens; raise it")
+    if kept < given:
+        log.warning("%d of %d pairs dropped: their prompt alone is over dpo.max_length=%d tokens", given - kept,
+                    given, cfg.max_length)
+    return given - kept
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -226,6 +236,7 @@ def run_dpo(
         processing_class=tokenizer, peft_config=lora_config(cfg) if cfg.method == "lora" else None,
         callbacks=[mirror, stopper, throughput],
     )
+    dropped = pairs_dropped(len(train_ds), len(trainer.train_dataset), storage.join(input, TRAIN_FILE), cfg)
     copies = base_weight_copies()
     log.info("dpo: reference = %s; %d copy(ies) of the weights in memory",
              "init weights, adapter disabled" if trainer.ref_model is None else "a frozen copy", copies)
@@ -243,7 +254,8 @@ def run_dpo(
         "objective": "dpo", "init": init, "reference_model": "adapter_disabled" if trainer.ref_model is None
         else "frozen_copy", "base_weight_copies": copies, "label_mask": mask_stats,
         "dpo_args": dict(cfg.dpo_args or {}), "beta": args.beta, "loss_type": list(args.loss_type),
-        "train_examples": len(train_rows), "val_examples": len(val_rows), "model": model,
+        "train_examples": len(train_rows), "pairs_dropped_prompt_too_long": dropped, "val_examples": len(val_rows),
+        "model": model,
     })
     if PartialState().is_local_main_process:
         shutil.rmtree(scratch.parent / f"{scratch.name}-init", ignore_errors=True)  # an S3 init model's copy

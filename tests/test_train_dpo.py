@@ -128,7 +128,7 @@ def test_dpo_after_sft_raises_margin_and_accuracy_and_writes_loadable_model(tmp_
     assert {"rewards/chosen", "rewards/rejected"} <= set(last) and "eval_rewards/chosen" in metrics["final_eval"]
     # LoRA: the reference is the same weights with the adapter disabled; one copy of them in memory
     assert metrics["reference_model"] == "adapter_disabled" and metrics["base_weight_copies"] == 1
-    assert 0 < metrics["label_mask"]["trained_fraction"] < 1
+    assert 0 < metrics["label_mask"]["trained_fraction"] < 1 and metrics["pairs_dropped_prompt_too_long"] == 0
     assert (dpo / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The adapter trained (B starts at zero) and model/ = SFT model + DPO adapter, plain transformers loads it
