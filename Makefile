@@ -42,7 +42,7 @@ bench: bench-clean ## benchmark the clean stage on a dump of the real data's siz
 bench-clean: install
 	$(PY) benchmarks/bench_clean.py
 
-bench-train: install ## training tokens/s on CPU, tiny and demo recipes, packing on/off
+bench-train: install ## training tokens/s on CPU, tiny and demo recipes: SFT packing on/off, and DPO beside SFT
 	$(PY) benchmarks/bench_train.py
 
 bench-judge: install ## 500 judgments against a local server with 100 ms latency vs the ideal

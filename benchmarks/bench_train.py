@@ -1,9 +1,12 @@
-"""Training throughput of the train stage: tokens/s, with and without packing, measured in one run.
+"""Training throughput of the train stage: tokens/s, SFT with and without packing, and DPO, in one run.
 
-CPU (``make bench-train``): the tiny and demo recipes, packing off and on, on the same synthetic
-CMV-like conversations (lengths spread like the real data's: packing has padding to remove). Each variant
-is a real ``cmv train`` process; tokens/s is the stage's own measurement (real tokens, optimizer steps
-only, first step excluded). Ratios are packed / unpacked within this one run.
+CPU (``make bench-train``): the tiny and demo recipes, SFT with packing off and on, and DPO (``cmv train
+--method dpo``, from the base model) with the same model, batch size and max_length, on the same synthetic
+CMV-like threads (lengths spread like the real data's: packing has padding to remove; each DPO pair is the
+SFT example's prompt and reply plus a second reply of the same length distribution). Each variant is a real
+``cmv train`` process; tokens/s is the stage's own measurement (real tokens, optimizer steps only, first step
+excluded); for DPO the tokens are both sequences of each pair (prompt + chosen, prompt + rejected), and each
+step also runs the reference forward (LoRA: the adapter disabled). Ratios are within this one run.
 
     make bench-train
     .venv/bin/python benchmarks/bench_train.py --steps 4 --configs tiny demo
@@ -74,19 +77,25 @@ def write_data(uri: str, n_train: int, n_val: int, mean_words: float, seed: int 
                 {"role": "user", "content": "Write a reply that changes the poster's view.\n\nCMV: " + text(rng, post)},
                 {"role": "assistant", "content": text(rng, reply)}]})
         storage.write_jsonl(storage.join(uri, f"{name}.jsonl"), rows)
+        pairs = [{"thread_id": r["thread_id"], "prompt": r["messages"][:1], "chosen": r["messages"][1:],
+                  "rejected": [{"role": "assistant", "content": text(rng, max(10, int(rng.lognormvariate(
+                      math.log(mean_words * 0.45), 0.5))))}]} for r in rows]
+        storage.write_jsonl(storage.join(uri, f"{name}_preferences.jsonl"), pairs)
     storage.finish_stage(run, {"train": n_train, "val": n_val})
     return uri
 
 
-def run_variant(fmt: str, work: Path, name: str, model: str, train: dict, timeout: float) -> dict:
-    """One ``cmv train`` process; returns its metrics.json."""
+def run_variant(fmt: str, work: Path, name: str, model: str, train: dict, timeout: float, dpo: bool = False) -> dict:
+    """One ``cmv train`` process (``--method dpo --init base`` when ``dpo``); returns its metrics.json."""
     import yaml
 
     recipe = work / f"{name}.yaml"
-    recipe.write_text(yaml.safe_dump({"model": model, "train": train}))
+    recipe.write_text(yaml.safe_dump({"model": model, "train": train, "dpo": {}} if dpo else
+                                     {"model": model, "train": train}))
     out = work / name
     cmd = [sys.executable, "-m", "cmv_core.cli", "train", "--input", fmt, "--output", str(out),
            "--config", str(recipe), "--force", "--log-level", "WARNING"]
+    cmd += ["--method", "dpo", "--init", "base"] if dpo else []
     started = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "TQDM_DISABLE": "1"})
@@ -105,26 +114,26 @@ def cpu_main(args) -> None:
     fmt = write_data(str(work / "format"), n_train=args.examples, n_val=2, mean_words=args.mean_words)
     print(f"CPU training throughput, {args.steps} optimizer steps per variant (first excluded), "
           f"{os.cpu_count()} cores; synthetic threads of ~{args.mean_words} words; data in {work}\n")
-    print(f"{'recipe':<8} {'packing':<8} {'model':<34} {'max_len':>7} {'tokens/s':>9} {'tokens':>7} "
+    print(f"{'recipe':<8} {'method':<12} {'model':<34} {'max_len':>7} {'tokens/s':>9} {'tokens':>7} "
           f"{'peak RSS':>9} {'wall s':>7}")
-    results: dict[tuple[str, bool], dict] = {}
+    results: dict[tuple[str, str], dict] = {}
     for config in args.configs:
         recipe = load_recipe(str(REPO / "configs" / f"{config}.yaml"))
-        for packing in (False, True):
-            train = {**(recipe.get("train") or {}), "max_steps": args.steps, "packing": packing,
+        for variant in ("sft", "sft-packed", "dpo"):
+            train = {**(recipe.get("train") or {}), "max_steps": args.steps, "packing": variant == "sft-packed",
                      "save_steps": 10_000, "eval_steps": None, "eval_on_start": False, "max_eval_examples": 2,
                      "keep_checkpoints": False, "logging_steps": 1}
-            m = run_variant(fmt, work, f"{config}-{'packed' if packing else 'padded'}", recipe["model"], train,
-                            args.timeout)
-            results[(config, packing)] = m
-            print(f"{config:<8} {'on' if packing else 'off':<8} {recipe['model']:<34} {train.get('max_length', 1024):>7} "
+            m = run_variant(fmt, work, f"{config}-{variant}", recipe["model"], train, args.timeout,
+                            dpo=variant == "dpo")
+            results[(config, variant)] = m
+            print(f"{config:<8} {variant:<12} {recipe['model']:<34} {train.get('max_length', 1024):>7} "
                   f"{m['tokens_per_second']:>9.1f} {m['tokens_seen']:>7} {m['peak_memory_bytes'] / 2**30:>8.2f}G "
                   f"{m['wall_s']:>7.1f}", flush=True)
     print()
     for config in args.configs:
-        off, on = results[(config, False)], results[(config, True)]
-        print(f"{config}: packing speedup {on['tokens_per_second'] / off['tokens_per_second']:.2f}x tokens/s "
-              f"({off['tokens_per_second']:.1f} -> {on['tokens_per_second']:.1f})")
+        off, on, dpo = (results[(config, v)]["tokens_per_second"] for v in ("sft", "sft-packed", "dpo"))
+        print(f"{config}: packing speedup {on / off:.2f}x tokens/s ({off:.1f} -> {on:.1f}); "
+              f"DPO / SFT (unpacked, same batch and max_length) {dpo / off:.2f}x tokens/s ({off:.1f} vs {dpo:.1f})")
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -174,19 +183,22 @@ def gpu_main(args) -> None:
             "learning_rate": 1.0e-5, "warmup_steps": 0, "save_steps": 100_000, "eval_steps": None,
             "max_eval_examples": 8, "per_device_eval_batch_size": 8, "keep_checkpoints": False, "logging_steps": 5,
             "torch_compile": args.compile, "dataloader_num_workers": 2}
+    lora = {"method": "lora", "lora_r": 64, "lora_alpha": 128, "learning_rate": 2.0e-4}
+    # (label, settings, k for MFU, DPO?). DPO: unpacked; its k adds the reference forward (2 N per token)
     variants = [
-        ("full, bfd packing", {"method": "full", "packing_strategy": "bfd"}, 6),
-        ("full, wrapped packing", {"method": "full", "packing_strategy": "wrapped"}, 6),
-        ("lora r=64, bfd packing", {"method": "lora", "packing_strategy": "bfd", "lora_r": 64, "lora_alpha": 128,
-                                    "learning_rate": 2.0e-4}, 4),
+        ("full, bfd packing", {"method": "full", "packing_strategy": "bfd"}, 6, False),
+        ("full, wrapped packing", {"method": "full", "packing_strategy": "wrapped"}, 6, False),
+        ("lora r=64, bfd packing", {**lora, "packing_strategy": "bfd"}, 4, False),
+        ("lora r=64, sft unpacked", {**lora, "packing": False, "packing_strategy": "bfd"}, 4, False),
+        ("lora r=64, dpo", {**lora, "packing": False, "packing_strategy": "bfd"}, 6, True),
     ]
     if args.only_full:
         variants = variants[:1]
     print(f"{'variant':<26} {'tokens/s':>10} {'MFU':>7} {'peak mem':>9} {'wall s':>7}   (MFU = k*N*tokens/s / peak; "
-          "k=6 full, 4 LoRA: frozen weights get no weight gradients)")
-    for label, extra, k in variants:
-        m = run_variant(fmt, work, label.split(",")[0].replace(" ", "_") + "-" + extra["packing_strategy"],
-                        str(work / "llama-3.2-1b-random"), {**base, **extra}, args.timeout)
+          "k=6 full, 4 LoRA: frozen weights get no weight gradients; LoRA DPO 6: + the reference forward)")
+    for label, extra, k, dpo in variants:
+        m = run_variant(fmt, work, label.replace(",", "").replace(" ", "_").replace("=", ""),
+                        str(work / "llama-3.2-1b-random"), {**base, **extra}, args.timeout, dpo=dpo)
         tps = m["tokens_per_second"]
         mfu = k * n_params * tps / (peak * 1e12)
         print(f"{label:<26} {tps:>10.0f} {100 * mfu:>6.1f}% {m['peak_memory_bytes'] / 2**30:>8.1f}G {m['wall_s']:>7.0f}",

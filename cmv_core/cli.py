@@ -28,7 +28,7 @@ STAGE_MODULES = {
     "generate": "cmv_core.generation",
     "judge": "cmv_core.judging",
 }
-PIPELINE = ["clean", "format", "train", "generate", "judge"]
+PIPELINE = ["clean", "format", "train", "dpo", "generate", "judge"]  # dpo: only when the recipe has a dpo: section
 STAGE_HELP = {
     "clean": "raw CMV dump -> conversations with deltas and winning branches",
     "format": "conversations -> SFT train/val/test + judge calibration pairs",
@@ -91,7 +91,7 @@ def stage_uri(root: str, run_id: str, stage: str) -> str:
     return storage.join(root, run_id, stage)
 
 
-def stage_argv(stage: str, root: str, run_id: str, config: str, raw_inputs: list[str]) -> list[str]:
+def stage_argv(stage: str, root: str, run_id: str, config: str, raw_inputs: list[str], dpo: bool = False) -> list[str]:
     """The ``cmv <stage>`` arguments for one stage of a run under ``root/run_id``."""
     out = stage_uri(root, run_id, stage)
     if stage == "clean":
@@ -100,8 +100,12 @@ def stage_argv(stage: str, root: str, run_id: str, config: str, raw_inputs: list
         args = ["--input", stage_uri(root, run_id, "clean")]
     elif stage == "train":
         args = ["--input", stage_uri(root, run_id, "format")]
+    elif stage == "dpo":  # a second train stage: DPO from the SFT output
+        stage, args = "train", ["--method", "dpo", "--input", stage_uri(root, run_id, "format"),
+                                "--init", stage_uri(root, run_id, "train")]
     elif stage == "generate":
         args = ["--data", stage_uri(root, run_id, "format"), "--trained", stage_uri(root, run_id, "train")]
+        args += ["--dpo", stage_uri(root, run_id, "dpo")] if dpo else []
     else:
         args = ["--generations", stage_uri(root, run_id, "generate"), "--data", stage_uri(root, run_id, "format")]
     return [stage, *args, "--output", out, "--config", config, "--run-id", run_id]
@@ -117,17 +121,22 @@ def run_local(args: argparse.Namespace) -> int:
     """Run stages as separate processes, as the cluster would run separate Jobs."""
     from cmv_core import storage
     from cmv_core.config import load_recipe, validate_recipe
+    from cmv_core.dpo import dpo_enabled
 
     # Check: every stage's settings, the root and the run id, before the first stage starts
     storage.check_run_id(args.run_id)
     storage.check_uri(args.root)
     for uri in args.input or []:
         storage.check_uri(uri)
-    validate_recipe(load_recipe(args.config, args.set), args.stages)
+    recipe = load_recipe(args.config, args.set)
+    dpo = dpo_enabled(recipe)
+    validate_recipe(recipe, [s for s in args.stages if s != "dpo" or dpo])
     raw = args.input or [bundled_sample()]
     started = time.monotonic()
     for stage in args.stages:
-        argv = stage_argv(stage, args.root, args.run_id, args.config, raw)
+        if stage == "dpo" and not dpo:
+            continue
+        argv = stage_argv(stage, args.root, args.run_id, args.config, raw, dpo=dpo)
         argv += [a for s in args.set for a in ("--set", s)]
         if args.force:
             argv.append("--force")

@@ -31,6 +31,7 @@ SECTIONS: dict[str, str | None] = {
     "clean": "cmv_core.clean:CleanConfig",
     "format": "cmv_core.formatting:FormatConfig",
     "train": "cmv_core.training:TrainConfig",
+    "dpo": "cmv_core.training:TrainConfig",  # read over train: (cmv_core.dpo.dpo_section)
     "generate": "cmv_core.generation:GenerateConfig",
     "judge": "cmv_core.judging:JudgeConfig",
 }

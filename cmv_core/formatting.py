@@ -52,6 +52,18 @@ here because they change what the model learns:
   challengers' texts (ties: the earliest path). Both replies are the
   challenger's comments in the path joined by a blank line (the unit that was
   matched), cleaned like training targets.
+- **Preference pairs** (train and val threads, for DPO; ``preference_pairs``):
+  the same matching as the test pairs, written in TRL's conversational
+  preference format (``prompt`` messages, ``chosen`` = the winning reply,
+  ``rejected`` = the matched losing reply, each one assistant message; plus
+  ``thread_id`` and ``metadata``) to ``train_preferences.jsonl`` and
+  ``val_preferences.jsonl``. Pairs whose prompt + reply renders over
+  ``max_tokens`` are dropped, and so are pairs where either reply carries a
+  delta token (a label leak). DPO on pairs where the winner is usually the
+  longer reply learns length: ``stats.json`` reports the reply length
+  difference (chosen - rejected, tokens: median, share chosen longer), and
+  ``preference_max_length_ratio`` (e.g. 1.5) keeps only pairs whose longer
+  reply is at most that many times the shorter, counting what it removed.
 """
 
 from __future__ import annotations
@@ -119,6 +131,8 @@ class FormatConfig:
     max_tokens: int = 2048
     min_target_tokens: int = 0
     token_batch_size: int = 256
+    preference_pairs: bool = True  # train/val preference pairs for DPO (train_preferences.jsonl, val_preferences.jsonl)
+    preference_max_length_ratio: float | None = None  # keep pairs with longer/shorter reply tokens <= this (None: all)
 
     def __post_init__(self) -> None:
         from cmv_core.config import ConfigError
@@ -145,6 +159,8 @@ class FormatConfig:
             raise ConfigError("format.val_fraction and format.test_fraction must be in [0, 1] and sum to at most 1")
         if self.max_tokens <= 0 or self.token_batch_size <= 0:
             raise ConfigError("format.max_tokens and format.token_batch_size must be positive")
+        if self.preference_max_length_ratio is not None and float(self.preference_max_length_ratio) < 1:
+            raise ConfigError("format.preference_max_length_ratio must be at least 1 (or null: no balancing)")
 
 
 def parse_utc(value: str) -> float:
@@ -428,6 +444,58 @@ def build_pairs(thread: dict, branches: list[dict], by_id: dict, cfg: FormatConf
     return pairs
 
 
+def preference_rows(pairs: list[dict], tokenizer, cfg: FormatConfig) -> tuple[list[dict], dict]:
+    """Pairs (build_pairs) -> TRL conversational preference rows, filtered by length; and their stats.
+
+    Drops, counted: a reply with a delta token, prompt + reply rendered over ``max_tokens``, then (with
+    ``preference_max_length_ratio``) a longer/shorter reply token ratio over the limit. The length difference
+    chosen - rejected (reply tokens) is reported before and after balancing.
+    """
+    from statistics import median
+
+    from cmv_core.deltas import has_delta_token
+
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    rows, dropped = [], {"delta_token": 0, "too_long": 0, "length_ratio": 0}
+    diffs_before: list[int] = []
+    for p in pairs:
+        if has_delta_token(p["winner"]) or has_delta_token(p["loser"]):
+            dropped["delta_token"] += 1
+            continue
+        chosen, rejected = [{"role": "assistant", "content": p["winner"]}], [{"role": "assistant", "content": p["loser"]}]
+        if has_template:
+            texts = [tokenizer.apply_chat_template(p["prompt"] + reply, tokenize=False) for reply in (chosen, rejected)]
+            totals = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        else:
+            totals = [len(tokenizer("\n\n".join(m["content"] for m in p["prompt"] + reply),
+                                    add_special_tokens=False)["input_ids"]) for reply in (chosen, rejected)]
+        n_chosen, n_rejected = (len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (p["winner"], p["loser"]))
+        if max(totals) > cfg.max_tokens:
+            dropped["too_long"] += 1
+            continue
+        diffs_before.append(n_chosen - n_rejected)
+        ratio = max(n_chosen, n_rejected) / max(1, min(n_chosen, n_rejected))
+        if cfg.preference_max_length_ratio is not None and ratio > float(cfg.preference_max_length_ratio):
+            dropped["length_ratio"] += 1
+            continue
+        rows.append({
+            "prompt": p["prompt"], "chosen": chosen, "rejected": rejected, "thread_id": p["thread_id"],
+            "metadata": {"pair_id": p["pair_id"], "jaccard": p["jaccard"], "chosen_author": p["winner_author"],
+                         "rejected_author": p["loser_author"], "chosen_comment_ids": p["winner_comment_ids"],
+                         "rejected_comment_ids": p["loser_comment_ids"], "chosen_tokens": n_chosen,
+                         "rejected_tokens": n_rejected, "n_tokens": totals},
+        })
+
+    def difference(diffs: list[int]) -> dict:
+        return {"n": len(diffs), "median": median(diffs) if diffs else None,
+                "share_chosen_longer": round(sum(d > 0 for d in diffs) / len(diffs), 4) if diffs else None}
+
+    kept = [r["metadata"]["chosen_tokens"] - r["metadata"]["rejected_tokens"] for r in rows]
+    return rows, {"pairs_built": len(pairs), "kept": len(rows), "dropped": dropped,
+                  "length_difference_before_balancing": difference(diffs_before),
+                  "length_difference": difference(kept)}
+
+
 # ---------------------------------------------------------------- tokens
 
 
@@ -528,6 +596,8 @@ def run_format(
     dropped: Counter = Counter({r: 0 for r in DROP_REASONS})
     candidates: list[dict] = []
     pairs: list[dict] = []
+    preference_pairs: dict[str, list[dict]] = {"train": [], "val": []}
+    threads_without_loser: Counter = Counter({"train": 0, "val": 0})
     seen_threads: set[str] = set()
     threads = threads_with_winner = branches_total = 0
     thread_splits: Counter = Counter()
@@ -560,6 +630,10 @@ def run_format(
             candidates.append(example)
         if split == "test" and branches:
             pairs.extend(build_pairs(thread, branches, by_id, cfg))
+        elif branches and cfg.preference_pairs:  # train/val: preference pairs for DPO
+            built = build_pairs(thread, branches, by_id, cfg)
+            preference_pairs[split].extend(built)
+            threads_without_loser[split] += not built
 
     # Filter: exact duplicates (first in input order wins), then length in tokens.
     unique: list[dict] = []
@@ -600,6 +674,12 @@ def run_format(
     # Write: splits, pairs, stats; _SUCCESS last (finish_stage).
     counts = {s: storage.write_jsonl(storage.join(output, f"{s}.jsonl"), kept[s]) for s in SPLITS}
     n_pairs = storage.write_jsonl(storage.join(output, "pairs.jsonl"), pairs)
+    preferences: dict[str, dict] = {}
+    if cfg.preference_pairs:
+        for name in ("train", "val"):
+            rows, preferences[name] = preference_rows(preference_pairs[name], tokenizer, cfg)
+            preferences[name]["threads_without_usable_loser"] = threads_without_loser[name]
+            storage.write_jsonl(storage.join(output, f"{name}_preferences.jsonl"), rows)
     summary = {
         "threads_read": threads,
         "threads_by_split": {s: thread_splits[s] for s in SPLITS},
@@ -609,6 +689,7 @@ def run_format(
         "examples_total": sum(counts.values()),
         "dropped": dict(dropped),
         "pairs": n_pairs,
+        "preference_pairs": {name: p["kept"] for name, p in preferences.items()},
         "view": cfg.view,
         "split": cfg.split,
     }
@@ -624,6 +705,7 @@ def run_format(
             "kept_by_split": {s: percentiles(lengths_kept[s]) for s in SPLITS},
             "kept_target": percentiles(target_kept),
         },
+        "preferences": preferences,
     }
     storage.write_json(storage.join(output, "stats.json"), stats)
     manifest = storage.finish_stage(run, summary, declared=True)
@@ -644,6 +726,11 @@ def print_summary(stats: dict) -> None:
         f"max {tok['max']} (limit {stats['max_tokens']})",
         f"  pairs (test threads): {stats['pairs']}",
     ]
+    for split, p in stats.get("preferences", {}).items():
+        diff = p["length_difference"]
+        lines.append(f"  preference pairs ({split}): {p['kept']} of {p['pairs_built']} (dropped {p['dropped']}; "
+                     f"{p['threads_without_usable_loser']} threads without a usable loser); chosen - rejected "
+                     f"tokens: median {diff['median']}, chosen longer in {diff['share_chosen_longer']}")
     print("\n".join(lines), flush=True)
 
 

@@ -131,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--trained", help="train stage output (dir or URI): adds the 'finetuned' variant")
     parser.add_argument("--adapter", help="LoRA adapter (dir or URI) on --model: adds the 'finetuned' variant")
+    parser.add_argument("--dpo", help="DPO train output (dir or URI; cmv train --method dpo): adds the 'dpo' variant")
     parser.add_argument(
         "--variant",
         action="append",
@@ -146,12 +147,13 @@ def cli_main(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(getattr(args, "config", None), getattr(args, "set", None) or [])
     config = section(recipe, "generate", GenerateConfig)
-    if args.model or args.trained or args.adapter or args.variant or not config.variants:
+    if args.model or args.trained or args.adapter or args.dpo or args.variant or not config.variants:
         variants = variants_from_args(
             model=args.model,
             recipe_model=model_spec(recipe),
             trained=args.trained,
             adapter=args.adapter,
+            dpo=args.dpo,
             variant_args=args.variant,
             finetuned_weights=config.finetuned_weights,
         )
@@ -211,16 +213,19 @@ def variants_from_args(
     adapter: str | None = None,
     variant_args: list[str] = (),
     finetuned_weights: str = "merged",
+    dpo: str | None = None,
 ) -> list[Variant]:
     """The variants a command line asks for.
 
     Explicit ``--variant``s win (a train output as MODEL is read as one).
     Otherwise ``base`` (``--model``, default the recipe's model) plus
-    ``finetuned`` when a train output or an adapter is given. A train output
-    passed as ``--model`` counts as ``--trained``; its base is the recipe's model.
+    ``finetuned`` when a train output or an adapter is given, plus ``dpo`` when a
+    DPO train output is given (its adapter goes on the model it was trained from,
+    the SFT model). A train output passed as ``--model`` counts as ``--trained``;
+    its base is the recipe's model.
     """
     if variant_args:
-        if model or trained or adapter:
+        if model or trained or adapter or dpo:
             raise InputError("--variant replaces --model/--trained/--adapter: give one or the other")
         out = []
         for text in variant_args:
@@ -242,6 +247,8 @@ def variants_from_args(
         variants.append(trained_variant("finetuned", trained, base, finetuned_weights))
     elif adapter:
         variants.append(Variant("finetuned", base, adapter))
+    if dpo:
+        variants.append(trained_variant("dpo", dpo, base, finetuned_weights))
     return variants
 
 

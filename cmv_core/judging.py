@@ -131,8 +131,12 @@ class JudgeConfig:
     single: bool = True
     grade_human: bool = True                 # also grade the human delta-winning reply
     pairwise: bool = True
+    # "finetuned" is the SFT model; "dpo" (when generated) the DPO model trained from it. A comparison whose
+    # variant no item has (no DPO in this run) is left out.
     comparisons: list[list[str]] = field(default_factory=lambda: [["finetuned", "base"],
-                                                                   ["finetuned", HUMAN]])
+                                                                   ["finetuned", HUMAN],
+                                                                   ["dpo", "finetuned"], ["dpo", "base"],
+                                                                   ["dpo", HUMAN]])
     calibration: bool = True
     max_items: int | None = None             # cap on test prompts judged (seeded sample)
     max_calibration_pairs: int | None = None  # cap on calibration pairs (seeded sample)
@@ -815,8 +819,13 @@ def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backe
                     calls.append((single_messages(item["prompt"], item["replies"][variant], cfg.criteria,
                                                   cfg.max_text_chars), sform))
     if cfg.pairwise:
+        present = {v for i in items for v in i["replies"]}
         for a, b in cfg.comparisons:
             comparison = f"{a}_vs_{b}"
+            if a not in present or b not in present:
+                log.info("pairwise %s: no replies of %s in the generations; comparison left out", comparison,
+                         " or ".join(v for v in (a, b) if v not in present))
+                continue
             for item in items:
                 if a not in item["replies"] or b not in item["replies"]:
                     skipped[comparison] = skipped.get(comparison, 0) + 1

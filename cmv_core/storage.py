@@ -65,7 +65,8 @@ LEASE = "_LEASE"
 # output file is one line here.
 STAGE_OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "clean": (("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"), ()),
-    "format": (("train.jsonl", "val.jsonl", "test.jsonl", "pairs.jsonl", "stats.json"), ()),
+    "format": (("train.jsonl", "val.jsonl", "test.jsonl", "pairs.jsonl", "stats.json"),
+               ("train_preferences.jsonl", "val_preferences.jsonl")),
     "train": (("metrics.json", "loss.png", "model/config.json"), ("model/*", "adapter/*", "checkpoints/*")),
     "generate": (("generations.jsonl", "stats.json"), ("shards/*",)),
     "judge": (("judgments.jsonl", "report.json", "report.md"), ("*.png", "*.json", "*.md", "*.csv", "cache/*")),
@@ -73,7 +74,7 @@ STAGE_OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 # The stages whose output each stage reads; an input manifest of another stage is refused.
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "format": ("clean",),
-    "train": ("format",),
+    "train": ("format", "train"),  # DPO starts from an earlier train output (the SFT model)
     "generate": ("format", "train"),
     "judge": ("generate", "format"),
 }

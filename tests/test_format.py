@@ -355,7 +355,8 @@ def test_pairs_only_for_test_threads(tmp_path, tiny_model_dir):
 def test_outputs_manifest_and_skip(tmp_path, tiny_model_dir, capsys):
     out = fmt(tmp_path, [cats_thread()], tiny_model_dir)
     assert sorted(storage.list_files(out)) == [
-        "_SUCCESS", "pairs.jsonl", "stats.json", "test.jsonl", "train.jsonl", "val.jsonl"]
+        "_SUCCESS", "pairs.jsonl", "stats.json", "test.jsonl", "train.jsonl", "train_preferences.jsonl", "val.jsonl",
+        "val_preferences.jsonl"]
     manifest = storage.read_json(storage.join(out, "_SUCCESS"))
     assert manifest["stage"] == "format" and manifest["summary"]["examples_total"] == 2
     assert "examples: train" in capsys.readouterr().out

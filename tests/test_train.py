@@ -11,17 +11,16 @@ from conftest import CONFIGS, run_cmv
 from train_fixtures import conversation, write_format_output
 
 from cmv_core import storage
-from cmv_core.training import (
+from cmv_core.chat_template import (
     SMOLLM2_TEMPLATE,
     SMOLLM2_TRAINING_TEMPLATE,
     LabelMaskError,
-    TrainDataError,
     check_label_mask,
     llama32_templates,
-    load_split,
     renders_identically,
     training_chat_template,
 )
+from cmv_core.training import TrainDataError, load_split
 
 TINY = str(CONFIGS / "tiny.yaml")
 
@@ -99,8 +98,6 @@ def test_label_mask_covers_exactly_the_assistant_tokens(tokenizer, tmp_path, fam
 
 def test_label_mask_check_rejects_empty_and_prompt_masks(tokenizer):
     import torch
-
-    from cmv_core.training import SMOLLM2_TRAINING_TEMPLATE
 
     convs = conversations(2)
     batch_ids, batch_labels = [], []
@@ -253,7 +250,7 @@ def test_tiny_full_finetune_with_packing(tmp_path, tiny_model_dir):
 
 def test_checkpoint_selection_ignores_incomplete_foreign_and_wrong_world_size(tmp_path):
     """Only a checkpoint with its _COMPLETE marker, from this run's inputs+config, is resumed; pruning keeps N."""
-    from cmv_core.training import list_checkpoints, newest_resumable, prune_checkpoints
+    from cmv_core.checkpoints import list_checkpoints, newest_resumable, prune_checkpoints
 
     out = str(tmp_path / "train")
 

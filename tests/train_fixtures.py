@@ -25,6 +25,18 @@ def conversation(i: int, rng: random.Random) -> list[dict]:
     return messages
 
 
+def preference(i: int, rng: random.Random) -> dict:
+    """One pair in TRL's conversational preference format, as the format stage writes it."""
+    topic = TOPICS[i % len(TOPICS)]
+    post = f"CMV: {topic} are overrated. " + " ".join(rng.choice(TOPICS) for _ in range(6))
+    return {
+        "prompt": [{"role": "user", "content": "Write a reply that changes the poster's view.\n\n" + post}],
+        "chosen": [{"role": "assistant", "content": f"I see why you think so about {topic}, but consider the "
+                                                    f"other side: {topic} help many people every day."}],
+        "rejected": [{"role": "assistant", "content": f"No. Wrong. {topic} {topic} {topic}, stop posting."}],
+    }
+
+
 def write_format_output(uri: str, n_train: int = 48, n_val: int = 8, seed: int = 0) -> str:
     """train.jsonl / val.jsonl (+ _SUCCESS) under ``uri``, as the format stage writes them."""
     rng = random.Random(seed)
@@ -33,5 +45,7 @@ def write_format_output(uri: str, n_train: int = 48, n_val: int = 8, seed: int =
         rows = [{"thread_id": f"t{offset + i}", "messages": conversation(offset + i, rng), "meta": {"i": i}}
                 for i in range(n)]
         storage.write_jsonl(storage.join(uri, f"{name}.jsonl"), rows)
+        pairs = [{**preference(offset + i, rng), "thread_id": f"t{offset + i}", "meta": {"i": i}} for i in range(n)]
+        storage.write_jsonl(storage.join(uri, f"{name}_preferences.jsonl"), pairs)
     storage.finish_stage(run, {"train": n_train, "val": n_val})
     return uri
