@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 RUBRIC_VERSION = "cmv-likert7-v1"
 LIKERT = [1, 2, 3, 4, 5, 6, 7]
 HUMAN = "human"  # the variant name of the human reply that won the delta (from test.jsonl)
+HUMAN_NONDELTA = "human_nondelta"  # the matched reply of an ordinary commenter that won no delta (pairs.jsonl)
 
 # Anchored descriptions (1, 4, 7) so that scores mean the same thing across replies and runs.
 CRITERIA = {
@@ -109,12 +110,17 @@ DEFAULT_PRICES = {
     "gpt-4o": {"input": 2.50, "output": 10.00},
     "gpt-4.1-mini": {"input": 0.40, "output": 1.60},
     "gpt-4.1-nano": {"input": 0.10, "output": 0.40},
+    # Batch API: half the synchronous price (OpenAI's published batch discount)
+    "gpt-4o-mini@batch": {"input": 0.075, "output": 0.30},
+    "gpt-4o@batch": {"input": 1.25, "output": 5.00},
+    "gpt-4.1-mini@batch": {"input": 0.20, "output": 0.80},
+    "gpt-4.1-nano@batch": {"input": 0.05, "output": 0.20},
 }
 
 
 @dataclass
 class JudgeConfig:
-    backend: str = "openai"                  # "openai" (any OpenAI-compatible endpoint) or "local"
+    backend: str = "openai"                  # "openai" (any OpenAI-compatible endpoint), "openai-batch" or "local"
     model: str = "gpt-4o-mini"               # judge model name, or a model spec for the local backend
     base_url: str | None = None              # default: $OPENAI_BASE_URL, else OpenAI
     api_key_env: str = "OPENAI_API_KEY"      # the key is read from this variable, never from config
@@ -123,7 +129,9 @@ class JudgeConfig:
     timeout_s: float = 60.0                  # per request
     parse_retries: int = 2                   # extra asks after an unparseable verdict
     temperature: float = 0.0
-    max_tokens: int = 400
+    max_tokens: int = 400                    # sent as token_limit_param
+    token_limit_param: str = "max_completion_tokens"  # or "max_tokens" for servers that only take that
+    api_seed: int | None = 0                 # sent as `seed` (best-effort determinism), recorded per call
     response_format: str = "json_schema"     # json_schema | json_object | none
     logprobs: bool = True                    # ask for top log-probabilities (weighted Likert score)
     top_logprobs: int = 10
@@ -131,9 +139,19 @@ class JudgeConfig:
     single: bool = True
     grade_human: bool = True                 # also grade the human delta-winning reply
     pairwise: bool = True
-    comparisons: list[list[str]] = field(default_factory=lambda: [["finetuned", "base"],
-                                                                   ["finetuned", HUMAN]])
+    comparisons: list[list[str]] = field(default_factory=lambda: [
+        ["finetuned", "base"], ["finetuned", HUMAN], ["base", HUMAN],
+        ["finetuned", HUMAN_NONDELTA], ["base", HUMAN_NONDELTA]])
+    # Which test prompts get a human reference: "depth1" keeps only winners that reply to the post
+    # itself (the judge sees all they answered); "all" also deep winners, which in the single view
+    # answer OP turns the judge never sees (unfair to the human side).
+    human_reference: str = "depth1"
+    nondelta_reference: bool = True          # add variant human_nondelta: the matched reply that won no delta
     calibration: bool = True
+    validate_instruments: bool = True        # also run the pairwise prompt and the rubric on the delta pairs
+    length_probe_items: int = 20             # prompts whose reply is judged against its own trimmed version
+    validation_split_date: str | None = None  # time-split view; default: format's test_after when split: time
+    max_cost_usd: float | None = None        # stop before planned new calls would cost more than this
     max_items: int | None = None             # cap on test prompts judged (seeded sample)
     max_calibration_pairs: int | None = None  # cap on calibration pairs (seeded sample)
     max_text_chars: int = 6000               # longer post/reply texts are cut (and marked) in prompts
@@ -160,6 +178,10 @@ class JudgeCallError(RuntimeError):
 
 class JudgeConfigError(RuntimeError):
     """The endpoint refuses every call (bad key, no access, unknown model): the stage stops."""
+
+
+class JudgeBudgetError(RuntimeError):
+    """The planned calls would cost more than judge.max_cost_usd: nothing is sent."""
 
 
 class JudgeFailed(RuntimeError):
@@ -410,6 +432,7 @@ class OpenAIBackend:
                                      "or use judge.backend=local")
             api_key = "EMPTY"  # self-hosted servers (vLLM) often need no key
         self.cfg = cfg
+        self.base_url = base_url or "https://api.openai.com/v1"
         self._secret = api_key if api_key != "EMPTY" else None
         self.client = AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=cfg.max_retries,
                                   timeout=cfg.timeout_s)
@@ -419,23 +442,18 @@ class OpenAIBackend:
         return text.replace(self._secret, "***") if self._secret else text
 
     def params(self) -> dict:
+        """Everything besides the prompt that decides the answer (part of the cache key): the
+        endpoint too, since two servers can serve different models under one name."""
         c = self.cfg
-        return {"temperature": c.temperature, "max_tokens": c.max_tokens, "response_format": c.response_format,
-                "logprobs": c.logprobs, "top_logprobs": c.top_logprobs if c.logprobs else None}
+        return {"temperature": c.temperature, c.token_limit_param: c.max_tokens, "response_format": c.response_format,
+                "logprobs": c.logprobs, "top_logprobs": c.top_logprobs if c.logprobs else None,
+                "seed": c.api_seed, "base_url": self.base_url.rstrip("/")}
 
     async def complete(self, messages: list[dict], form: dict) -> dict:
         import openai
 
         c = self.cfg
-        kwargs: dict[str, Any] = {"model": c.model, "messages": messages, "temperature": c.temperature,
-                                  "max_tokens": c.max_tokens}
-        if c.response_format == "json_schema":
-            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "verdict", "strict": True, "schema": json_schema(form)}}
-        elif c.response_format == "json_object":
-            kwargs["response_format"] = {"type": "json_object"}
-        if c.logprobs:
-            kwargs.update(logprobs=True, top_logprobs=c.top_logprobs)
+        kwargs = request_body(c, messages, form)
         try:
             resp = await self.client.chat.completions.create(**kwargs)
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
@@ -445,20 +463,47 @@ class OpenAIBackend:
                 from None
         except (openai.APIError, ValueError) as exc:
             raise JudgeCallError(self._redact(f"{type(exc).__name__}: {exc}")) from None
-        if not resp.choices:
-            raise JudgeCallError("the response has no choices")
-        choice = resp.choices[0]
-        tokens = None
-        if choice.logprobs is not None and choice.logprobs.content:
-            tokens = [{"token": t.token, "top": [[a.token, a.logprob] for a in (t.top_logprobs or [])]}
-                      for t in choice.logprobs.content]
-        usage = resp.usage
-        return {"text": choice.message.content or "", "finish_reason": choice.finish_reason, "tokens": tokens,
-                "prompt_tokens": usage.prompt_tokens if usage else 0,
-                "completion_tokens": usage.completion_tokens if usage else 0}
+        return completion_record(resp.model_dump(), c)
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def request_body(c: JudgeConfig, messages: list[dict], form: dict) -> dict:
+    """The chat.completions request for one judge call (also a Batch API line's body)."""
+    body: dict[str, Any] = {"model": c.model, "messages": messages, "temperature": c.temperature,
+                            c.token_limit_param: c.max_tokens}
+    if c.api_seed is not None:
+        body["seed"] = c.api_seed
+    if c.response_format == "json_schema":
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "verdict", "strict": True, "schema": json_schema(form)}}
+    elif c.response_format == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    if c.logprobs:
+        body.update(logprobs=True, top_logprobs=c.top_logprobs)
+    return body
+
+
+def completion_record(resp: dict, c: JudgeConfig) -> dict:
+    """What the cache keeps of a chat.completion (a dict, from the client or a Batch output line):
+    the answer, its token log-probabilities, usage, and provenance (the model snapshot that
+    answered, system_fingerprint, the seed sent); a refusal is kept as a refusal."""
+    choices = resp.get("choices") or []
+    if not choices:
+        raise JudgeCallError("the response has no choices")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    tokens = None
+    content = (choice.get("logprobs") or {}).get("content")
+    if content:
+        tokens = [{"token": t["token"], "top": [[a["token"], a["logprob"]] for a in (t.get("top_logprobs") or [])]}
+                  for t in content]
+    usage = resp.get("usage") or {}
+    return {"text": message.get("content") or "", "finish_reason": choice.get("finish_reason"), "tokens": tokens,
+            "refusal": message.get("refusal") or None,
+            "prompt_tokens": usage.get("prompt_tokens") or 0, "completion_tokens": usage.get("completion_tokens") or 0,
+            "model": resp.get("model"), "system_fingerprint": resp.get("system_fingerprint"), "seed": c.api_seed}
 
 
 class LocalBackend:
@@ -568,10 +613,15 @@ def make_backend(cfg: JudgeConfig):
 
 # ---------------------------------------------------------------- one judgment, many judgments
 
+def price_name(cfg: JudgeConfig) -> str:
+    """The price table entry: the Batch API has its own (half) prices, under "<model>@batch"."""
+    return f"{cfg.model}@batch" if cfg.backend == "openai-batch" else cfg.model
+
+
 def call_cost(cfg: JudgeConfig, prompt_tokens: int, completion_tokens: int) -> float:
     if cfg.backend == "local":
         return 0.0
-    price = cfg.prices.get(cfg.model)
+    price = cfg.prices.get(price_name(cfg))
     if price is None:
         return 0.0
     return (prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1e6
@@ -607,6 +657,12 @@ async def judge_call(messages: list[dict], form: dict, *, backend, cache: Respon
         result["cost_usd"] += cost
         result["cost_usd_this_run"] += 0.0 if cached else cost
         raw = completion["text"]
+        result.update(model=completion.get("model"), system_fingerprint=completion.get("system_fingerprint"),
+                      seed=completion.get("seed"))
+        if completion.get("refusal"):
+            # A refusal is an answer, not a format slip: asking again would get the same; counted apart.
+            return {**result, "status": "refused", "error": f"the judge refused: {completion['refusal'][:200]}",
+                    "raw": completion["refusal"]}
         try:
             verdict = parse_verdict(raw, form)
         except VerdictError as exc:
@@ -683,26 +739,49 @@ def strip_instruction(prompt: list[dict], instruction: str | None) -> list[dict]
     return out
 
 
-def load_items(generations_uri: str, test_uri: str | None, instruction: str | None = None) -> list[dict]:
+def load_items(generations_uri: str, test_uri: str | None, instruction: str | None = None,
+               human_reference: str = "all") -> list[dict]:
     """One item per test prompt: its prompt and the reply of every variant, including the human
     delta winner (variant ``human``: the first assistant turn of the test example, the one that
-    answers the same prompt). Joined on the example id that the generate stage copies."""
+    answers the same prompt). Joined on the example id that the generate stage copies.
+
+    ``human_reference: depth1`` gives the human reply only where the winning branch is a single
+    comment replying to the post (metadata.comment_ids of length 1), so that the judge sees all
+    that the human answered; deeper winners answered OP turns the prompt does not show."""
     items: dict[str, dict] = {}
     for row in _rows(generations_uri, ("thread_id", "model", "messages", "response")):
         item_id = str(row.get("id") or row["thread_id"])
         item = items.setdefault(item_id, {"item_id": item_id, "thread_id": str(row["thread_id"]),
                                           "prompt": strip_instruction(row["messages"], instruction),
-                                          "replies": {}})
+                                          "replies": {}, "finish": {}})
         item["replies"][row["model"]] = row["response"]
+        item["finish"][row["model"]] = row.get("finish_reason")
     if test_uri:
         for lineno, row in enumerate(_rows(test_uri, ("thread_id", "messages")), 1):
             reply = next((m.get("content") for m in row["messages"] if m.get("role") == "assistant"), None)
             if reply is None:
                 raise InputError(f"{test_uri}: line {lineno}: no assistant (human reply) turn")
             item = items.get(str(row.get("id") or row["thread_id"]))
-            if item is not None:
+            depth = len((row.get("metadata") or {}).get("comment_ids") or [None])
+            if item is not None and (human_reference == "all" or depth == 1):
                 item["replies"][HUMAN] = reply
+                item["finish"][HUMAN] = "stop"
     return sorted(items.values(), key=lambda i: i["item_id"])
+
+
+def add_nondelta_replies(items: list[dict], pairs: list[dict], human_reference: str = "all") -> int:
+    """Give each item the matched losing reply of its calibration pair (same thread, same winning
+    comment: the pair id is the example id) as variant ``human_nondelta``; returns how many."""
+    by_id = {p["pair_id"]: p for p in pairs}
+    n = 0
+    for item in items:
+        pair = by_id.get(item["item_id"])
+        if pair is None or (human_reference == "depth1" and len(pair.get("loser_comment_ids") or [None]) != 1):
+            continue
+        item["replies"][HUMAN_NONDELTA] = pair["loser"]
+        item["finish"][HUMAN_NONDELTA] = "stop"
+        n += 1
+    return n
 
 
 def _pair_prompt(row: dict) -> list[dict]:
@@ -731,7 +810,8 @@ def load_pairs(pairs_uri: str, instruction: str | None = None) -> list[dict]:
         if winner is None or loser is None:
             raise InputError(f"{pairs_uri}: line {lineno}: needs a winning and a losing reply")
         out.append({"pair_id": str(row.get("pair_id", row.get("id", lineno))), "thread_id": row.get("thread_id"),
-                    "prompt": strip_instruction(_pair_prompt(row), instruction), "winner": _text(winner), "loser": _text(loser)})
+                    "prompt": strip_instruction(_pair_prompt(row), instruction), "winner": _text(winner), "loser": _text(loser),
+                    "loser_comment_ids": row.get("loser_comment_ids"), "created_utc": row.get("created_utc")})
     return out
 
 
@@ -748,22 +828,42 @@ def _words(text: str) -> int:
 
 # ---------------------------------------------------------------- assembling judgments
 
+CALL_FIELDS = ("status", "attempts", "cached_calls", "new_calls", "prompt_tokens", "completion_tokens",
+               "cost_usd", "cost_usd_this_run", "model", "system_fingerprint", "seed")
+
+
 def _order_result(r: dict, first: str, second: str) -> dict:
     verdict = (r.get("verdict") or {}).get("winner")
     preferred = {"A": first, "B": second, "tie": "tie"}.get(verdict)
-    keep = {k: r[k] for k in ("status", "attempts", "cached_calls", "new_calls", "prompt_tokens",
-                              "completion_tokens", "cost_usd", "cost_usd_this_run")}
+    keep = {k: r.get(k) for k in CALL_FIELDS}
     return {"first": first, "second": second, **keep, "verdict": verdict, "preferred": preferred,
             "probs": (r.get("probs") or {}).get("winner"), "rationale": r.get("rationale"),
             "error": r.get("error"), "raw": r.get("raw") if r["status"] != "ok" else None}
 
 
-def pairwise_row(comparison: str, item: dict, a: str, b: str, ab: dict, ba: dict) -> dict:
+_PREAMBLE = re.compile(r"^\W*(?:here'?s|here is|sure\b|certainly\b|of course\b|as an ai\b|i'?d be happy|"
+                       r"below is|i can help|okay,? here)", re.I)
+
+
+def meta_preamble(text: str) -> bool:
+    """A reply that opens by talking about itself ("Here's a revised version...") instead of
+    arguing: a style flag for the length- and style-controlled preference."""
+    return bool(_PREAMBLE.match(text or ""))
+
+
+def reply_flags(item: dict, variant: str) -> dict:
+    return {"truncated": item.get("finish", {}).get(variant) == "length",
+            "preamble": meta_preamble(item["replies"][variant])}
+
+
+def pairwise_row(comparison: str, item: dict, a: str, b: str, ab: dict, ba: dict, kind: str = "pairwise") -> dict:
     orders = [_order_result(ab, a, b), _order_result(ba, b, a)]
-    row = {"kind": "pairwise", "id": f"pairwise:{comparison}:{item['item_id']}", "comparison": comparison,
+    row = {"kind": kind, "id": f"{kind}:{comparison}:{item['item_id']}", "comparison": comparison,
            "item_id": item["item_id"], "thread_id": item["thread_id"], "a": a, "b": b, "orders": orders,
            "status": "ok" if all(o["status"] == "ok" for o in orders) else "failed",
-           "outcome": None, "consistent": None}
+           "outcome": None, "consistent": None,
+           "words": {"a": _words(item["replies"][a]), "b": _words(item["replies"][b])},
+           "flags": {"a": reply_flags(item, a), "b": reply_flags(item, b)}}
     if row["status"] == "ok":
         prefs = {o["preferred"] for o in orders}
         row["consistent"] = len(prefs) == 1
@@ -772,17 +872,24 @@ def pairwise_row(comparison: str, item: dict, a: str, b: str, ab: dict, ba: dict
     return row
 
 
-def calibration_row(pair: dict, wl: dict, lw: dict) -> dict:
+def _length(pair: dict) -> dict:
+    ww, lw_ = _words(pair["winner"]), _words(pair["loser"])
+    return {"winner_words": ww, "loser_words": lw_, "score": 1.0 if ww > lw_ else 0.0 if ww < lw_ else 0.5}
+
+
+def calibration_row(pair: dict, wl: dict, lw: dict, kind: str = "calibration", instrument: str | None = None) -> dict:
     orders = [_order_result(wl, "winner", "loser"), _order_result(lw, "loser", "winner")]
     for o in orders:
         o["correct"] = o["preferred"] == "winner" if o["status"] == "ok" else None
-    ww, lw_ = _words(pair["winner"]), _words(pair["loser"])
     ok = all(o["status"] == "ok" for o in orders)
-    return {"kind": "calibration", "id": f"calibration:{pair['pair_id']}", "pair_id": pair["pair_id"],
-            "thread_id": pair["thread_id"], "orders": orders, "status": "ok" if ok else "failed",
-            "consistent": (orders[0]["preferred"] == orders[1]["preferred"]) if ok else None,
-            "length": {"winner_words": ww, "loser_words": lw_,
-                       "score": 1.0 if ww > lw_ else 0.0 if ww < lw_ else 0.5}}
+    row = {"kind": kind, "id": f"{instrument or kind}:{pair['pair_id']}", "pair_id": pair["pair_id"],
+           "thread_id": pair["thread_id"], "created_utc": pair.get("created_utc"), "orders": orders,
+           "status": "ok" if ok else "failed",
+           "consistent": (orders[0]["preferred"] == orders[1]["preferred"]) if ok else None, "length": _length(pair)}
+    if instrument:
+        row["instrument"] = instrument
+        row["id"] = f"validation:{instrument}:{pair['pair_id']}"
+    return row
 
 
 def single_row(item: dict, variant: str, r: dict, criteria: list[str]) -> dict:
@@ -790,23 +897,52 @@ def single_row(item: dict, variant: str, r: dict, criteria: list[str]) -> dict:
     weighted = {c: expected_score(r["probs"][c]) for c in criteria} if ok else None
     return {"kind": "single", "id": f"single:{variant}:{item['item_id']}", "item_id": item["item_id"],
             "thread_id": item["thread_id"], "variant": variant,
+            "truncated": item.get("finish", {}).get(variant) == "length",
             "status": r["status"], "scores": r["verdict"] if ok else None, "weighted_scores": weighted,
             "score_probs": r["probs"] if ok else None, "rationale": r.get("rationale"),
             "error": r.get("error"), "raw": r.get("raw") if not ok else None,
-            **{k: r[k] for k in ("attempts", "cached_calls", "new_calls", "prompt_tokens", "completion_tokens",
-                                 "cost_usd", "cost_usd_this_run")}}
+            **{k: r.get(k) for k in CALL_FIELDS if k != "status"}}
 
 
-def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backend,
-                   cache: ResponseCache) -> tuple[list[dict], dict]:
-    """Build every judge call, run them concurrently, and assemble judgment rows in a fixed order."""
+def validation_single_row(pair: dict, rw: dict, rl: dict, criteria: list[str]) -> dict:
+    """The rubric run on the delta winner and on its matched loser (two calls, as ``orders``)."""
+    grades = []
+    for label, r in (("winner", rw), ("loser", rl)):
+        ok = r["status"] == "ok"
+        grades.append({"reply": label, **{k: r.get(k) for k in CALL_FIELDS},
+                       "scores": r["verdict"] if ok else None,
+                       "weighted_scores": {c: expected_score(r["probs"][c]) for c in criteria} if ok else None,
+                       "error": r.get("error"), "raw": r.get("raw") if not ok else None})
+    return {"kind": "validation", "instrument": "single", "id": f"validation:single:{pair['pair_id']}",
+            "pair_id": pair["pair_id"], "thread_id": pair["thread_id"], "created_utc": pair.get("created_utc"),
+            "orders": grades, "status": "ok" if all(g["status"] == "ok" for g in grades) else "failed",
+            "length": _length(pair)}
+
+
+def trimmed(text: str, keep: float = 0.6) -> str:
+    """The first ``keep`` share of a reply's sentences (at least one, one fewer than all): the
+    same content, shorter, for the length probe."""
+    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
+    if len(sentences) < 2:
+        words = text.split()
+        return " ".join(words[:max(1, int(len(words) * keep))])
+    n = min(len(sentences) - 1, max(1, round(len(sentences) * keep)))
+    return " ".join(sentences[:n])
+
+
+def plan_calls(items: list[dict], pairs: list[dict], cfg: JudgeConfig) -> tuple[list, list, dict]:
+    """Every judge call (messages, form) and how its results map back to judgment rows."""
     calls: list[tuple[list[dict], dict]] = []
-    builders = []  # (kind, context, slice of calls) so results map back in order
+    builders = []  # (kind, context, start, n) so results map back in order
     sform = single_form(cfg.criteria)
     skipped: dict[str, int] = {}
 
+    def two(instructions, form, prompt, x, y):
+        calls.append((two_reply_messages(instructions, form, prompt, x, y, cfg.max_text_chars), form))
+        calls.append((two_reply_messages(instructions, form, prompt, y, x, cfg.max_text_chars), form))
+
     if cfg.single:
-        variants = sorted({v for i in items for v in i["replies"] if v != HUMAN or cfg.grade_human})
+        variants = sorted({v for i in items for v in i["replies"] if not v.startswith(HUMAN) or cfg.grade_human})
         for variant in variants:
             for item in items:
                 if variant in item["replies"]:
@@ -820,24 +956,88 @@ def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backe
                 if a not in item["replies"] or b not in item["replies"]:
                     skipped[comparison] = skipped.get(comparison, 0) + 1
                     continue
-                ra, rb = item["replies"][a], item["replies"][b]
                 builders.append(("pairwise", (comparison, item, a, b), len(calls), 2))
-                calls.append((two_reply_messages(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], ra, rb,
-                                                 cfg.max_text_chars), PAIRWISE_FORM))
-                calls.append((two_reply_messages(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], rb, ra,
-                                                 cfg.max_text_chars), PAIRWISE_FORM))
+                two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], item["replies"][a], item["replies"][b])
+        # The length probe: a model's reply against its own trimmed version (same content, shorter).
+        probe_variant = next((a for a, _ in cfg.comparisons if not a.startswith(HUMAN)), None)
+        probed = [i for i in items if probe_variant in i["replies"]][:max(0, cfg.length_probe_items)]
+        for item in probed:
+            full = item["replies"][probe_variant]
+            short = trimmed(full)
+            if _words(short) >= _words(full):
+                continue
+            probe_item = {**item, "replies": {"full": full, "trimmed": short},
+                          "finish": {"full": item["finish"].get(probe_variant), "trimmed": "stop"}}
+            builders.append(("length_probe", ("full_vs_trimmed", probe_item, "full", "trimmed"), len(calls), 2))
+            two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], full, short)
     for pair in pairs:
         builders.append(("calibration", (pair,), len(calls), 2))
-        calls.append((two_reply_messages(CALIBRATION_INSTRUCTIONS, CALIBRATION_FORM, pair["prompt"], pair["winner"],
-                                         pair["loser"], cfg.max_text_chars), CALIBRATION_FORM))
-        calls.append((two_reply_messages(CALIBRATION_INSTRUCTIONS, CALIBRATION_FORM, pair["prompt"], pair["loser"],
-                                         pair["winner"], cfg.max_text_chars), CALIBRATION_FORM))
+        two(CALIBRATION_INSTRUCTIONS, CALIBRATION_FORM, pair["prompt"], pair["winner"], pair["loser"])
+    if cfg.validate_instruments:
+        for pair in pairs:
+            if cfg.pairwise:
+                builders.append(("validation_pairwise", (pair,), len(calls), 2))
+                two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, pair["prompt"], pair["winner"], pair["loser"])
+            if cfg.single:
+                builders.append(("validation_single", (pair,), len(calls), 2))
+                for text in (pair["winner"], pair["loser"]):
+                    calls.append((single_messages(pair["prompt"], text, cfg.criteria, cfg.max_text_chars), sform))
+    return calls, builders, skipped
+
+
+def assemble_rows(builders: list, results: list[dict], cfg: JudgeConfig) -> list[dict]:
+    rows = []
+    for kind, ctx, start, n in builders:
+        res = results[start:start + n]
+        if kind == "single":
+            rows.append(single_row(ctx[0], ctx[1], res[0], cfg.criteria))
+        elif kind == "pairwise":
+            rows.append(pairwise_row(*ctx, res[0], res[1]))
+        elif kind == "length_probe":
+            rows.append(pairwise_row(*ctx, res[0], res[1], kind="length_probe"))
+        elif kind == "calibration":
+            rows.append(calibration_row(ctx[0], res[0], res[1]))
+        elif kind == "validation_pairwise":
+            rows.append(calibration_row(ctx[0], res[0], res[1], kind="validation", instrument="pairwise"))
+        else:
+            rows.append(validation_single_row(ctx[0], res[0], res[1], cfg.criteria))
+    return rows
+
+
+def estimate_cost(calls: list[tuple[list[dict], dict]], cfg: JudgeConfig, cache: ResponseCache | None,
+                  params: dict) -> dict:
+    """Calls not in the cache, their estimated tokens (prompt: characters / 4; completion: up to
+    max_tokens, estimated at a third) and cost at the configured price (batch price for the Batch
+    backend). Re-asks after unparseable answers come on top."""
+    new = [(m, f) for m, f in calls
+           if cache is None or cache.get(cache_key(cfg.backend, cfg.model, m, f, params)) is None]
+    prompt = sum(len(json.dumps(m, ensure_ascii=False)) // 4 for m, _ in new)
+    completion = len(new) * max(1, cfg.max_tokens // 3)
+    price = cfg.prices.get(price_name(cfg))
+    cost = None if price is None else (prompt * price["input"] + completion * price["output"]) / 1e6
+    if cfg.backend == "local":
+        cost = 0.0
+    return {"calls": len(calls), "new_calls": len(new), "cached_calls": len(calls) - len(new),
+            "est_prompt_tokens": prompt, "est_completion_tokens": completion, "est_cost_usd": cost,
+            "price": price_name(cfg) if price else None}
+
+
+def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backend,
+                   cache: ResponseCache) -> tuple[list[dict], dict]:
+    """Build every judge call, run them concurrently, and assemble judgment rows in a fixed order."""
+    calls, builders, skipped = plan_calls(items, pairs, cfg)
     for comparison, n in skipped.items():
         log.warning("pairwise %s: %d prompt(s) skipped, a side has no reply", comparison, n)
-
-    log.info("judging: %d call(s) for %d single, %d pairwise, %d calibration judgment(s)", len(calls),
-             sum(b[0] == "single" for b in builders), sum(b[0] == "pairwise" for b in builders),
-             sum(b[0] == "calibration" for b in builders))
+    counts = {}
+    for b in builders:
+        counts[b[0]] = counts.get(b[0], 0) + 1
+    log.info("judging: %d call(s) for %s", len(calls), ", ".join(f"{n} {k}" for k, n in counts.items()))
+    if cfg.max_cost_usd is not None:
+        est = estimate_cost(calls, cfg, cache, backend.params())
+        if est["est_cost_usd"] is not None and est["est_cost_usd"] > cfg.max_cost_usd:
+            raise JudgeBudgetError(f"the {est['new_calls']} new judge call(s) would cost about "
+                                   f"${est['est_cost_usd']:.2f} > judge.max_cost_usd={cfg.max_cost_usd}; nothing "
+                                   f"was sent (cmv judge --dry-run shows the plan)")
 
     async def go():
         try:
@@ -846,16 +1046,7 @@ def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backe
             await backend.aclose()
 
     results = asyncio.run(go())
-    rows = []
-    for kind, ctx, start, n in builders:
-        res = results[start:start + n]
-        if kind == "single":
-            rows.append(single_row(ctx[0], ctx[1], res[0], cfg.criteria))
-        elif kind == "pairwise":
-            rows.append(pairwise_row(*ctx, res[0], res[1]))
-        else:
-            rows.append(calibration_row(ctx[0], res[0], res[1]))
-    return rows, {"calls": len(calls), "skipped_pairwise": skipped}
+    return assemble_rows(builders, results, cfg), {"calls": len(calls), "skipped_pairwise": skipped}
 
 
 # ---------------------------------------------------------------- the stage
@@ -869,6 +1060,89 @@ def _validate(cfg: JudgeConfig) -> None:
     for comp in cfg.comparisons:
         if len(comp) != 2 or comp[0] == comp[1]:
             raise ValueError(f"judge.comparisons: each entry is two different variants, got {comp!r}")
+    if cfg.human_reference not in ("depth1", "all"):
+        raise ValueError(f"judge.human_reference must be depth1 or all, got {cfg.human_reference!r}")
+    if cfg.token_limit_param not in ("max_completion_tokens", "max_tokens"):
+        raise ValueError(f"judge.token_limit_param must be max_completion_tokens or max_tokens, "
+                         f"got {cfg.token_limit_param!r}")
+
+
+def load_inputs(generations: str, data: str, config: JudgeConfig) -> tuple[list[dict], list[dict]]:
+    """The test prompts with every variant's reply (human references included) and the sampled
+    calibration pairs."""
+    instruction = instruction_prefix(data)
+    generations_uri = _first_file(generations, ("generations.jsonl", "generations.jsonl.gz"))
+    if generations_uri is None:
+        raise InputError(f"{generations} has no generations.jsonl")
+    test_uri = _first_file(data, ("test.jsonl", "test.jsonl.gz"))
+    items = _sample(load_items(generations_uri, test_uri, instruction, config.human_reference),
+                    config.max_items, config.seed)
+    pairs_uri = _first_file(data, ("pairs.jsonl", "pairs.jsonl.gz"))
+    all_pairs = load_pairs(pairs_uri, instruction) if pairs_uri else []
+    if config.nondelta_reference:
+        add_nondelta_replies(items, all_pairs, config.human_reference)
+    pairs: list[dict] = []
+    if config.calibration:
+        if pairs_uri:
+            pairs = _sample(all_pairs, config.max_calibration_pairs, config.seed)
+        else:
+            log.warning("%s has no pairs.jsonl: no calibration", data)
+    log.info("loaded %d prompt(s) with variants %s, %d calibration pair(s)", len(items),
+             sorted({v for i in items for v in i["replies"]}), len(pairs))
+    return items, pairs
+
+
+def time_split_utc(data: str, config: JudgeConfig) -> float | None:
+    """The date of the time-split view: judge.validation_split_date, else the format stage's
+    test_after when it split by time."""
+    from cmv_core.formatting import parse_utc
+
+    when = config.validation_split_date
+    if when is None:
+        fmt = (storage.require_success(data).get("config") or {})
+        fmt = fmt.get("format", fmt)
+        if fmt.get("split") == "time":
+            when = fmt.get("test_after")
+    return parse_utc(str(when)) if when else None
+
+
+def dry_run(generations: str, data: str, output: str, config: JudgeConfig) -> dict:
+    """The plan without a single call: calls, how many are cached, estimated tokens and cost."""
+    _validate(config)
+    items, pairs = load_inputs(generations, data, config)
+    calls, _, _ = plan_calls(items, pairs, config)
+    cache_uri = config.cache or storage.join(output, "cache")
+    # Reading the cache writes nothing (a cache file is only opened on the first put).
+    cache = ResponseCache(cache_uri, config.cache_flush_every)
+    return estimate_cost(calls, config, cache, planned_params(config))
+
+
+def planned_params(cfg: JudgeConfig) -> dict:
+    """The backend's params() without building a client (the dry run needs no key or model)."""
+    if cfg.backend == "local":
+        return {"rationale_tokens": cfg.local_rationale_tokens}
+    base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    return {"temperature": cfg.temperature, cfg.token_limit_param: cfg.max_tokens,
+            "response_format": cfg.response_format, "logprobs": cfg.logprobs,
+            "top_logprobs": cfg.top_logprobs if cfg.logprobs else None, "seed": cfg.api_seed,
+            "base_url": base_url.rstrip("/")}
+
+
+HUMAN_REFERENCE_TEXT = {
+    "depth1": "only delta winners that reply to the post itself (depth 1) are used as the human reference, "
+              "and only depth-1 non-delta replies as the ordinary-commenter reference, so the judge sees "
+              "everything the human reply answered.",
+    "all": "every delta winner is used as the human reference, including deep ones that answered OP "
+           "follow-ups the judge does not see in the single view (unfair to the human side).",
+}
+
+
+def provenance(rows: list[dict], cfg: JudgeConfig) -> dict:
+    """The model snapshots and system fingerprints the endpoint reported, over every call."""
+    calls = [c for r in rows for c in (r["orders"] if "orders" in r else [r])]
+    return {"models": sorted({c["model"] for c in calls if c.get("model")}),
+            "system_fingerprints": sorted({c["system_fingerprint"] for c in calls if c.get("system_fingerprint")}),
+            "seed": cfg.api_seed if cfg.backend != "local" else None}
 
 
 def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run_id: str | None = None,
@@ -886,21 +1160,7 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
     started = time.monotonic()
 
     # Load
-    instruction = instruction_prefix(data)
-    generations_uri = _first_file(generations, ("generations.jsonl", "generations.jsonl.gz"))
-    if generations_uri is None:
-        raise InputError(f"{generations} has no generations.jsonl")
-    test_uri = _first_file(data, ("test.jsonl", "test.jsonl.gz"))
-    items = _sample(load_items(generations_uri, test_uri, instruction), config.max_items, config.seed)
-    pairs: list[dict] = []
-    if config.calibration:
-        pairs_uri = _first_file(data, ("pairs.jsonl", "pairs.jsonl.gz"))
-        if pairs_uri:
-            pairs = _sample(load_pairs(pairs_uri, instruction), config.max_calibration_pairs, config.seed)
-        else:
-            log.warning("%s has no pairs.jsonl: no calibration", data)
-    log.info("loaded %d prompt(s) with variants %s, %d calibration pair(s)", len(items),
-             sorted({v for i in items for v in i["replies"]}), len(pairs))
+    items, pairs = load_inputs(generations, data, config)
 
     # Judge (through the cache)
     cache = ResponseCache(config.cache or storage.join(output, "cache"), config.cache_flush_every)
@@ -914,7 +1174,12 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
     storage.write_jsonl(storage.join(output, "judgments.jsonl"), rows)
     meta = {"run_id": run.run_id, "rubric_version": RUBRIC_VERSION, "backend": config.backend,
             "judge_model": config.model, "n_prompts": len(items), "calls_planned": plan["calls"],
-            "skipped_pairwise": plan["skipped_pairwise"], "prices_usd_per_mtok": config.prices.get(config.model)}
+            "skipped_pairwise": plan["skipped_pairwise"], "prices_usd_per_mtok": config.prices.get(price_name(config)),
+            "comparisons": [list(c) for c in config.comparisons], "base_variant": "base", "human_variant": HUMAN,
+            "human_reference": HUMAN_REFERENCE_TEXT[config.human_reference] + (
+                f" Every text passes the same cut rule: at most {config.max_text_chars} characters, marked "
+                "'[...cut]'."),
+            "time_split_utc": time_split_utc(data, config), "provenance": provenance(rows, config)}
     report = report_mod.build_report(rows, criteria=config.criteria, meta=meta,
                                      n_boot=config.bootstrap_samples, seed=config.seed)
     plots = report_mod.render_plots(report)
@@ -950,6 +1215,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generations", required=True, help="generate stage output (dir or URI)")
     parser.add_argument("--data", required=True, help="format stage output (test.jsonl, pairs.jsonl)")
     parser.add_argument("--output", required=True, help="where judgments and the report go (dir or URI)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the number of judge calls, estimated tokens and cost, and exit (nothing is sent)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -957,9 +1224,21 @@ def cli_main(args: argparse.Namespace) -> int:
 
     recipe = config_mod.load_recipe(args.config, args.set)
     cfg = config_mod.section(recipe, "judge", JudgeConfig)
+    if getattr(args, "dry_run", False):
+        try:
+            est = dry_run(args.generations, args.data, args.output, cfg)
+        except (InputError, ValueError) as exc:
+            log.error("%s", exc)
+            return 1
+        cost = "unpriced" if est["est_cost_usd"] is None else f"${est['est_cost_usd']:.4f}"
+        print(f"dry run: {est['calls']} judge call(s), {est['new_calls']} new ({est['cached_calls']} cached); "
+              f"estimated {est['est_prompt_tokens']} prompt + {est['est_completion_tokens']} completion tokens; "
+              f"estimated cost {cost} (re-asks after unparseable answers not included)")
+        print(json.dumps(est))
+        return 0
     try:
         manifest = run_judge(args.generations, args.data, args.output, cfg, run_id=args.run_id, force=args.force)
-    except (InputError, JudgeFailed, JudgeCallError, JudgeConfigError, ValueError) as exc:
+    except (InputError, JudgeFailed, JudgeCallError, JudgeConfigError, JudgeBudgetError, ValueError) as exc:
         log.error("%s", exc)
         return 1
     print(f"report: {storage.join(args.output, 'report.md')}")
