@@ -152,6 +152,7 @@ class JudgeConfig:
     length_probe_items: int = 20             # prompts whose reply is judged against its own trimmed version
     validation_split_date: str | None = None  # time-split view; default: format's test_after when split: time
     max_cost_usd: float | None = None        # stop before planned new calls would cost more than this
+    batch_poll_s: float = 30.0               # openai-batch: seconds between polls of a running batch
     max_items: int | None = None             # cap on test prompts judged (seeded sample)
     max_calibration_pairs: int | None = None  # cap on calibration pairs (seeded sample)
     max_text_chars: int = 6000               # longer post/reply texts are cut (and marked) in prompts
@@ -362,6 +363,7 @@ class ResponseCache:
         self.uri = uri
         self.flush_every = flush_every
         self.entries: dict[str, dict] = {}
+        self.batch_loaded: set[str] = set()  # keys the Batch backend put in this run, not yet read
         self._pending: list[dict] = []
         self._lock = threading.Lock()
         self._name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -399,6 +401,13 @@ class ResponseCache:
                 self._file = open(path, "a", encoding="utf-8")
             self._file.write(line + "\n")
             self._file.flush()
+
+    def take_batch_loaded(self, key: str) -> bool:
+        with self._lock:
+            if key in self.batch_loaded:
+                self.batch_loaded.discard(key)
+                return True
+            return False
 
     def _flush_shard(self) -> None:
         if self._pending:
@@ -603,12 +612,121 @@ class LocalBackend:
         return None
 
 
+class BatchBackend(OpenAIBackend):
+    """OpenAI's Batch API (half price, results within 24 h) for the same requests.
+
+    ``prefetch`` runs before the ordinary call path: each round writes the asks the cache cannot
+    answer to a JSONL file (``custom_id`` = cache key, body = the synchronous request), uploads
+    it (``files.create(purpose="batch")``), creates a batch on ``/v1/chat/completions`` with
+    ``completion_window="24h"``, polls it with progress and loads every answer into the cache;
+    asks that follow an unparseable answer go in the next round. The batch id is stored under the
+    cache before the first poll, so a stage killed while the batch runs resumes by polling that
+    batch, never by submitting it again. Afterwards every judge call is answered from the cache;
+    ``complete`` is only reached for a request the batch failed, and reports that failure."""
+
+    def __init__(self, cfg: JudgeConfig):
+        super().__init__(cfg)
+        self.errors: dict[str, str] = {}
+        self.stats = {"batches": 0, "resumed": 0, "requests": 0, "rounds": 0}
+
+    async def complete(self, messages: list[dict], form: dict) -> dict:
+        key = cache_key(key_backend(self.cfg), self.cfg.model, messages, form, self.params())
+        raise JudgeCallError(self.errors.get(key, "no answer from the batch for this request"))
+
+    def _state_uri(self, cache: ResponseCache) -> str:
+        return storage.join(cache.uri, "batch_state.json")
+
+    async def prefetch(self, calls: list[tuple[list[dict], dict]], cache: ResponseCache) -> None:
+        import openai
+
+        params = self.params()
+        try:
+            for round_no in range(1, self.cfg.parse_retries + 3):
+                state_uri = self._state_uri(cache)
+                if storage.exists(state_uri):
+                    state = storage.read_json(state_uri)
+                    log.info("batch %s of an earlier run is still open: polling it, not resubmitting",
+                             state["batch_id"])
+                    self.stats["resumed"] += 1
+                    await self._finish(state, cache)
+                    continue
+                todo: dict[str, list[dict]] = {}
+                for messages, form in calls:
+                    nxt = next_uncached(messages, form, cache, self.cfg, params)
+                    if nxt is not None and nxt[1] not in self.errors:
+                        todo.setdefault(nxt[1], request_body(self.cfg, nxt[0], form))
+                if not todo:
+                    return
+                lines = [json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
+                                     "body": body}, ensure_ascii=False) for key, body in todo.items()]
+                upload = await self.client.files.create(
+                    file=(f"cmv-judge-{round_no}.jsonl", ("\n".join(lines) + "\n").encode("utf-8")),
+                    purpose="batch")
+                batch = await self.client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                                         completion_window="24h",
+                                                         metadata={"source": "cmv-persuasion judge"})
+                state = {"batch_id": batch.id, "input_file_id": upload.id, "requests": len(todo),
+                         "round": round_no, "submitted_at": time.time()}
+                storage.write_json(state_uri, state)  # before the first poll: a killed stage resumes here
+                self.stats["batches"] += 1
+                self.stats["requests"] += len(todo)
+                log.info("batch %s submitted: %d request(s) (round %d)", batch.id, len(todo), round_no)
+                await self._finish(state, cache)
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
+            raise JudgeConfigError(self._redact(f"batch endpoint refused the call: {type(exc).__name__}: {exc}")) \
+                from None
+        except openai.APIError as exc:
+            raise JudgeCallError(self._redact(f"batch: {type(exc).__name__}: {exc}")) from None
+
+    async def _finish(self, state: dict, cache: ResponseCache) -> None:
+        """Poll the batch to an end state, load its answers into the cache, forget the state."""
+        from tqdm import tqdm
+
+        self.stats["rounds"] += 1
+        bar = tqdm(total=state["requests"], desc=f"batch {state['batch_id']}", unit="req", mininterval=2.0)
+        try:
+            while True:
+                batch = await self.client.batches.retrieve(state["batch_id"])
+                counts = batch.request_counts
+                if counts is not None:
+                    bar.n = counts.completed + counts.failed
+                    bar.refresh()
+                if batch.status in ("completed", "failed", "expired", "cancelled"):
+                    break
+                await asyncio.sleep(self.cfg.batch_poll_s)
+        finally:
+            bar.close()
+        if batch.status == "failed":
+            errors = getattr(batch, "errors", None)
+            raise JudgeCallError(f"batch {batch.id} failed: {errors}")
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            content = await self.client.files.content(file_id)
+            for line in content.content.decode("utf-8").splitlines():
+                if not line.strip():
+                    continue
+                entry = json.loads(line)
+                key, response = entry.get("custom_id"), entry.get("response") or {}
+                if response.get("status_code") == 200 and not entry.get("error"):
+                    cache.put(key, completion_record(response["body"], self.cfg))
+                    cache.batch_loaded.add(key)
+                else:
+                    err = entry.get("error") or (response.get("body") or {}).get("error") or response
+                    self.errors[key] = self._redact(f"batch request failed: {json.dumps(err)[:300]}")
+        storage.delete(self._state_uri(cache))
+        log.info("batch %s %s: answers loaded into the cache (%d failed request(s) so far)", batch.id,
+                 batch.status, len(self.errors))
+
+
 def make_backend(cfg: JudgeConfig):
     if cfg.backend == "openai":
         return OpenAIBackend(cfg)
+    if cfg.backend == "openai-batch":
+        return BatchBackend(cfg)
     if cfg.backend == "local":
         return LocalBackend(cfg)
-    raise ValueError(f"judge.backend must be 'openai' or 'local', got {cfg.backend!r}")
+    raise ValueError(f"judge.backend must be 'openai', 'openai-batch' or 'local', got {cfg.backend!r}")
 
 
 # ---------------------------------------------------------------- one judgment, many judgments
@@ -627,6 +745,45 @@ def call_cost(cfg: JudgeConfig, prompt_tokens: int, completion_tokens: int) -> f
     return (prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1e6
 
 
+def key_backend(cfg: JudgeConfig) -> str:
+    """The backend name in cache keys: the Batch API answers exactly as the synchronous endpoint
+    does, so both share one cache."""
+    return "openai" if cfg.backend == "openai-batch" else cfg.backend
+
+
+def reask(messages: list[dict], raw: str, error: str, attempt: int, form: dict) -> list[dict]:
+    """The follow-up after an unusable answer: the judge sees it and what was wrong."""
+    return list(messages) + [
+        {"role": "assistant", "content": raw},
+        # The attempt number keeps each re-ask (and its cache key) distinct from the last.
+        {"role": "user", "content": f"Attempt {attempt} could not be used: {error}. Answer again "
+                                    f"with only the JSON object, of this form: {form_shape(form)}"}]
+
+
+def next_uncached(messages: list[dict], form: dict, cache: ResponseCache, cfg: JudgeConfig,
+                  params: dict) -> tuple[list[dict], str] | None:
+    """The next ask of a call that the cache cannot answer (its messages and key), replaying the
+    re-ask sequence from cached answers; None when the call is settled (parsed, refused, or out
+    of re-asks). The Batch backend plans each round with this."""
+    convo = list(messages)
+    for attempt in range(1, cfg.parse_retries + 2):
+        key = cache_key(key_backend(cfg), cfg.model, convo, form, params)
+        completion = cache.get(key)
+        if completion is None:
+            return convo, key
+        if completion.get("refusal"):
+            return None
+        try:
+            parse_verdict(completion["text"], form)
+            return None
+        except VerdictError as exc:
+            error = str(exc)
+            if completion.get("finish_reason") == "length":
+                error += " (the answer hit max_tokens)"
+            convo = reask(messages, completion["text"], error, attempt, form)
+    return None
+
+
 async def judge_call(messages: list[dict], form: dict, *, backend, cache: ResponseCache,
                      cfg: JudgeConfig) -> dict:
     """Ask until the verdict parses (at most 1 + parse_retries asks), through the cache.
@@ -639,10 +796,12 @@ async def judge_call(messages: list[dict], form: dict, *, backend, cache: Respon
     convo = list(messages)
     raw = error = None
     for attempt in range(1, cfg.parse_retries + 2):
-        key = cache_key(cfg.backend, cfg.model, convo, form, backend.params())
+        key = cache_key(key_backend(cfg), cfg.model, convo, form, backend.params())
         completion = cache.get(key)
-        cached = completion is not None
-        if not cached:
+        # An answer the Batch backend loaded into the cache in this run is new in this run (for the
+        # first call that reads it, as if that call had asked).
+        cached = completion is not None and not cache.take_batch_loaded(key)
+        if completion is None:
             try:
                 completion = await backend.complete(convo, form)
             except JudgeCallError as exc:
@@ -669,11 +828,7 @@ async def judge_call(messages: list[dict], form: dict, *, backend, cache: Respon
             error = str(exc)
             if completion.get("finish_reason") == "length":
                 error += " (the answer hit max_tokens)"
-            convo = list(messages) + [
-                {"role": "assistant", "content": raw},
-                # The attempt number keeps each re-ask (and its cache key) distinct from the last.
-                {"role": "user", "content": f"Attempt {attempt} could not be used: {error}. Answer again "
-                                            f"with only the JSON object, of this form: {form_shape(form)}"}]
+            convo = reask(messages, raw, error, attempt, form)
             continue
         probs = {name: choice_probabilities(completion.get("tokens"), name, allowed, verdict[name])
                  for name, allowed in form.items()}
@@ -1010,7 +1165,7 @@ def estimate_cost(calls: list[tuple[list[dict], dict]], cfg: JudgeConfig, cache:
     max_tokens, estimated at a third) and cost at the configured price (batch price for the Batch
     backend). Re-asks after unparseable answers come on top."""
     new = [(m, f) for m, f in calls
-           if cache is None or cache.get(cache_key(cfg.backend, cfg.model, m, f, params)) is None]
+           if cache is None or cache.get(cache_key(key_backend(cfg), cfg.model, m, f, params)) is None]
     prompt = sum(len(json.dumps(m, ensure_ascii=False)) // 4 for m, _ in new)
     completion = len(new) * max(1, cfg.max_tokens // 3)
     price = cfg.prices.get(price_name(cfg))
@@ -1041,6 +1196,8 @@ def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backe
 
     async def go():
         try:
+            if hasattr(backend, "prefetch"):
+                await backend.prefetch(calls, cache)
             return await run_calls(calls, backend=backend, cache=cache, cfg=cfg)
         finally:
             await backend.aclose()
