@@ -1294,6 +1294,31 @@ HUMAN_REFERENCE_TEXT = {
 }
 
 
+def stage_seconds(manifest: dict) -> float | None:
+    import datetime as dt
+
+    try:
+        return (dt.datetime.fromisoformat(manifest["finished_at"])
+                - dt.datetime.fromisoformat(manifest["started_at"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def training_seconds(generations: str) -> float | None:
+    """How long the train stage behind these generations ran (its manifest, found through the
+    generate stage's inputs), to print beside the judge's own time; None when not found."""
+    try:
+        for inp in storage.require_success(generations).get("inputs") or []:
+            uri = inp.get("uri") if isinstance(inp, dict) else inp
+            if uri and storage.exists(storage.join(uri, "_SUCCESS")):
+                manifest = storage.require_success(uri)
+                if manifest.get("stage") == "train":
+                    return stage_seconds(manifest)
+    except Exception:  # noqa: BLE001 - a missing or foreign manifest only means "not known"
+        return None
+    return None
+
+
 def provenance(rows: list[dict], cfg: JudgeConfig) -> dict:
     """The model snapshots and system fingerprints the endpoint reported, over every call."""
     calls = [c for r in rows for c in (r["orders"] if "orders" in r else [r])]
@@ -1336,7 +1361,8 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
             "human_reference": HUMAN_REFERENCE_TEXT[config.human_reference] + (
                 f" Every text passes the same cut rule: at most {config.max_text_chars} characters, marked "
                 "'[...cut]'."),
-            "time_split_utc": time_split_utc(data, config), "provenance": provenance(rows, config)}
+            "time_split_utc": time_split_utc(data, config), "provenance": provenance(rows, config),
+            "judge_seconds": round(time.monotonic() - started, 1), "train_seconds": training_seconds(generations)}
     report = report_mod.build_report(rows, criteria=config.criteria, meta=meta,
                                      n_boot=config.bootstrap_samples, seed=config.seed)
     plots = report_mod.render_plots(report)
@@ -1351,6 +1377,9 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
              "this run, %.1f s", len(rows), usage["attempts"], usage["cached_calls"], usage["new_calls"],
              failures["failed_calls"], usage["prompt_tokens"], usage["completion_tokens"],
              usage["cost_usd_this_run"], time.monotonic() - started)
+    train_s = meta["train_seconds"]
+    print(f"judge time {meta['judge_seconds']:.0f} s" + (f" (training took {train_s:.0f} s)" if train_s else ""),
+          flush=True)
     total_calls = sum(len(r.get("orders", [r])) for r in rows)
     if total_calls and failures["failed_calls"] / total_calls > config.max_failed_fraction:
         raise JudgeFailed(f"{failures['failed_calls']} of {total_calls} judge calls failed "
@@ -1359,6 +1388,7 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
 
     # Finish: _SUCCESS last
     summary = {"judgments": len(rows), "failed_calls": failures["failed_calls"],
+               "judge_seconds": meta["judge_seconds"], "train_seconds": meta["train_seconds"],
                "excluded_judgments": failures["excluded_judgments"], "calls": usage["attempts"],
                "cached_calls": usage["cached_calls"], "new_calls": usage["new_calls"],
                "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],

@@ -711,11 +711,15 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
     for ex in fail["examples"]:
         lines.append(f"  - `{ex['id']}` {ex['status']}: {ex['error']}; raw: `{ex['raw'][:120]!r}`")
     usage = report["usage"]
-    lines += ["", "## Usage", "",
+    timing = ""
+    if report.get("judge_seconds") is not None:
+        timing = f"- time: judging {report['judge_seconds']:.0f} s (up to the report)" + (
+            f", training {report['train_seconds']:.0f} s" if report.get("train_seconds") else "")
+    lines += ["", "## Usage", ""] + ([timing] if timing else []) + [
               f"- judge calls: {usage['attempts']} ({usage['cached_calls']} from cache, "
               f"{usage['new_calls']} new this run)",
               f"- tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion"]
-    if report.get("backend") == "openai" and "prices_usd_per_mtok" in report \
+    if report.get("backend") in ("openai", "openai-batch") and "prices_usd_per_mtok" in report \
             and not report.get("prices_usd_per_mtok"):
         # An endpoint model with no price: $0 would read as "free"; say that it was not priced.
         lines += [f"- cost: not computed, no price for `{report.get('judge_model')}` (set judge.prices)", ""]
