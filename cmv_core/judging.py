@@ -1,21 +1,34 @@
 """The judge stage: score generated replies with an LLM judge and write the report.
 
-Three kinds of judgment, all from one rubric version:
+Kinds of judgment, all from one rubric version:
 
-- single: each reply (every generated variant, and the human reply that won the delta) graded
-  1-7 on each criterion of ``CRITERIA`` with a short rationale;
-- pairwise: the fine-tuned reply against the base model's and against the human winner,
-  each pair judged in both orders; when the orders disagree the pair is a tie and is
-  counted as inconsistent;
+- single: each reply (every generated variant, and the human references) graded 1-7 on each
+  criterion of ``CRITERIA`` with a short rationale;
+- pairwise: each ``comparisons`` pair (default: finetuned vs base, each model vs the human delta
+  winner, each model vs the matched non-delta reply of an ordinary commenter), each judged in
+  both orders; when the orders disagree the pair is a tie and is counted as inconsistent;
 - calibration: on the format stage's ``pairs.jsonl`` the judge picks which of two human
-  replies won the delta (both orders), reported beside a length baseline on the same pairs.
+  replies won the delta (both orders), reported beside a length baseline on the same pairs;
+- validation (``validate_instruments``, on by default): the pairwise prompt and the rubric that
+  produce the headline numbers are run on the same delta pairs, so that every instrument is
+  scored against real outcomes;
+- length probe (``length_probe_items``): a model's reply against its own trimmed version, for
+  P(prefer longer | same content).
+
+Human references are fair by default (``human_reference: depth1``): only delta winners that
+reply to the post itself, so that the judge sees everything the human reply answered.
 
 Backends: any OpenAI-compatible chat endpoint (``openai.AsyncOpenAI``: its own retries with
-backoff on 429/5xx/timeouts, bounded concurrency here) and a local in-process model that
-fills the verdict JSON itself and reads the score digit from next-token probabilities.
-Every judge call goes through a persistent cache under the output, so a rerun or a resumed
-run repeats no call. A verdict that cannot be parsed is asked again, then recorded as a
-failure and excluded from every score.
+backoff on 429/5xx/timeouts, bounded concurrency here), OpenAI's Batch API
+(``backend: openai-batch``, half price; a killed stage resumes by polling its batch), and a
+local in-process model that fills the verdict JSON itself and reads the score digit from
+next-token probabilities. Every judge call goes through a persistent cache under the output
+(keyed by endpoint, model, prompt, parameters and rubric), so a rerun or a resumed run repeats
+no call. A verdict that cannot be parsed is asked again, then recorded as a failure and
+excluded from every score; a refusal is recorded as a refusal. ``cmv judge --dry-run`` prints
+the plan (calls, estimated tokens and cost) and sends nothing; ``max_cost_usd`` stops the stage
+before it would spend more. The returned model snapshot, system fingerprint and seed are kept
+per call and summarised in the report.
 """
 
 from __future__ import annotations
@@ -157,6 +170,7 @@ class JudgeConfig:
     max_calibration_pairs: int | None = None  # cap on calibration pairs (seeded sample)
     max_text_chars: int = 6000               # longer post/reply texts are cut (and marked) in prompts
     local_rationale_tokens: int = 0          # local backend: greedy rationale tokens before scores
+    local_batch_size: int = 8                # local backend: calls answered together (1 = one at a time)
     max_failed_fraction: float = 0.2         # more failed calls than this fails the stage
     cache: str | None = None                 # cache URI (default: <output>/cache)
     cache_flush_every: int = 50              # S3 cache: entries per uploaded shard
@@ -540,12 +554,165 @@ class LocalBackend:
         self.model.eval()
         self._lock = threading.Lock()  # one forward pass at a time: torch already uses every core
         self._prefixes: dict[tuple[int, ...], Any] = {}  # KV cache of each system prompt (one per kind)
+        self._queue: list = []
+        self._draining = False
 
     def params(self) -> dict:
         return {"rationale_tokens": self.cfg.local_rationale_tokens}
 
     async def complete(self, messages: list[dict], form: dict) -> dict:
-        return await asyncio.to_thread(self._complete, messages, form)
+        if self.cfg.local_batch_size <= 1:
+            return await asyncio.to_thread(self._complete, messages, form)
+        # Micro-batching: calls in flight at once (run_calls keeps `concurrency` of them) are
+        # queued and answered together, one forward pass per step for the whole batch.
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((messages, form, fut))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while True:
+                for _ in range(3):  # let the coroutines whose answers just came enqueue their next call
+                    await asyncio.sleep(0)
+                if not self._queue:
+                    return
+                key = json.dumps(self._queue[0][1], sort_keys=True)
+                batch = [q for q in self._queue if json.dumps(q[1], sort_keys=True) == key][:self.cfg.local_batch_size]
+                for q in batch:
+                    self._queue.remove(q)
+                try:
+                    results = await asyncio.to_thread(self._complete_batch, [(m, f) for m, f, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting call
+                    for _, _, fut in batch:
+                        fut.set_exception(exc)
+                    continue
+                for (_, _, fut), res in zip(batch, results):
+                    fut.set_result(res)
+        finally:
+            self._draining = False
+
+    def _complete_batch(self, batch: list[tuple[list[dict], dict]]) -> list[dict]:
+        """Several calls of one form at once: the same answers as ``_complete`` (up to float
+        rounding), one forward pass per step for all of them.
+
+        Rows are [system prompt (shared KV cache) | left padding | rest of the prompt | answer];
+        padding, and the tokens a row feeds after its rationale has ended, are masked out, and
+        position ids count only a row's real tokens."""
+        from transformers import DynamicCache
+
+        torch = self.torch
+        form = batch[0][1]
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(m, add_generation_prompt=True,
+                                                                            tokenize=False),
+                                         add_special_tokens=False) for m, _ in batch]
+        prefixes = {self._system_prefix(m, ids) for (m, _), ids in zip(batch, prompts)}
+        prefix = prefixes.pop() if len(prefixes) == 1 else ()
+        if len(batch) == 1 or not prefix:
+            # Without a shared unmasked prefix a left-padded row would start with no key to attend
+            # to: one at a time instead.
+            return [self._complete(m, f) for m, f in batch]
+        with self._lock, torch.inference_mode():
+            B = len(batch)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            if prefix:
+                if prefix not in self._prefixes:
+                    self._prefixes[prefix] = DynamicCache(config=self.model.config)
+                    self.model(input_ids=torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True)
+                kv = copy.deepcopy(self._prefixes[prefix])
+                kv.batch_repeat_interleave(B)
+            else:
+                kv = DynamicCache(config=self.model.config)
+            mask = torch.ones((B, len(prefix)), dtype=torch.long)
+            count = torch.full((B,), len(prefix), dtype=torch.long)  # real tokens per row so far
+            rests = [ids[len(prefix):] for ids in prompts]
+            width = max(len(r) for r in rests)
+            last = {"logits": None}
+            texts = [[] for _ in range(B)]
+            tokens: list[list[dict]] = [[] for _ in range(B)]
+            n_out = [0] * B
+
+            def feed(rows: list[list[int]], active: list[bool]) -> None:
+                k = max(len(r) for r in rows)
+                ids = torch.full((B, k), pad, dtype=torch.long)
+                new_mask = torch.zeros((B, k), dtype=torch.long)
+                for i, r in enumerate(rows):
+                    if r and active[i]:
+                        ids[i, k - len(r):] = torch.tensor(r)  # right-aligned: the last column is real
+                        new_mask[i, k - len(r):] = 1
+                nonlocal mask, count
+                pos = count[:, None] + torch.cumsum(new_mask, dim=1) - 1
+                pos = torch.where(new_mask.bool(), pos, torch.zeros_like(pos))
+                mask = torch.cat([mask, new_mask], dim=1)
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True)
+                logits = out.logits[:, -1]
+                if last["logits"] is None:
+                    last["logits"] = logits.clone()
+                else:
+                    upd = torch.tensor(active) & new_mask.any(dim=1)
+                    last["logits"][upd] = logits[upd]
+                count = count + new_mask.sum(dim=1)
+
+            def emit(i: int, text: str, n_ids: int, top=None) -> None:
+                texts[i].append(text)
+                tokens[i].append({"token": text, "top": top or []})
+                n_out[i] += n_ids
+
+            everyone = [True] * B
+            feed([r for r in rests] if width else [[pad]] * B, [bool(r) for r in rests] if width else everyone)
+            head0 = self._ids('{"rationale": "')
+            feed([head0] * B, everyone)
+            for i in range(B):
+                emit(i, '{"rationale": "', len(head0))
+            active = list(everyone)
+            for _ in range(self.cfg.local_rationale_tokens):
+                step = []
+                for i in range(B):
+                    if not active[i]:
+                        step.append([pad])
+                        continue
+                    next_id = int(last["logits"][i].argmax())
+                    piece = self.tokenizer.decode([next_id])
+                    if next_id == self.tokenizer.eos_token_id or any(ch in piece for ch in '"\\') or \
+                            any(ord(ch) < 32 for ch in piece):
+                        active[i] = False
+                        step.append([pad])
+                        continue
+                    emit(i, piece, 1)
+                    step.append([next_id])
+                if not any(active):
+                    break
+                feed(step, active)
+            for f, (name, allowed) in enumerate(form.items()):
+                quoted = isinstance(allowed[0], str)
+                head = (f'", "{name}": ' if f == 0 else f', "{name}": ') + ('"' if quoted else "")
+                head_ids = self._ids(head)
+                feed([head_ids] * B, everyone)
+                first_ids = [self._ids(str(a))[0] for a in allowed]
+                if len(set(first_ids)) != len(first_ids):
+                    raise RuntimeError(f"{self.cfg.model}: values {allowed} share a first token")
+                logprobs = torch.log_softmax(last["logits"].float(), dim=-1)
+                values = []
+                for i in range(B):
+                    emit(i, head, len(head_ids))
+                    scores = [float(logprobs[i, t]) for t in first_ids]
+                    best = allowed[max(range(len(allowed)), key=lambda k: scores[k])]
+                    values.append(self._ids(str(best)))
+                    emit(i, str(best), len(values[-1]), top=[[str(a), sc] for a, sc in zip(allowed, scores)])
+                feed(values, everyone)
+                if quoted:
+                    q = self._ids('"')
+                    feed([q] * B, everyone)
+                    for i in range(B):
+                        emit(i, '"', len(q))
+            out = []
+            for i in range(B):
+                tokens[i].append({"token": "}", "top": []})
+                out.append({"text": "".join(texts[i]) + "}", "finish_reason": "stop", "tokens": tokens[i],
+                            "prompt_tokens": len(prompts[i]), "completion_tokens": n_out[i] + 1})
+            return out
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)

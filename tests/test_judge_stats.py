@@ -252,3 +252,39 @@ def test_provenance_refusals_token_param_and_base_url_in_cache_key(tmp_path):
             judging.run_judge(gen, fmt, out, cfg(other, calibration=False, pairwise=False, max_failed_fraction=0.9),
                               force=True)
             assert other.count == first
+
+
+def test_local_judge_batches_calls_with_the_same_answers(tiny_model_dir):
+    """Micro-batched local judging (one forward pass per step for many prompts) gives the same
+    verdict texts and token counts as one call at a time, and the same probabilities up to float
+    rounding, for prompts of different lengths and both forms."""
+    import asyncio
+
+    post = [{"role": "user", "content": "CMV: x is y.\n\nBecause z."}]
+    sform = judging.single_form(CRITS)
+    calls = []
+    for i in range(6):
+        calls.append((judging.single_messages(post, "Reply " + "word " * (i * 7 + 1), CRITS, 1000), sform))
+        calls.append((judging.two_reply_messages(judging.PAIRWISE_INSTRUCTIONS, judging.PAIRWISE_FORM, post,
+                                                 "A " * (i + 1), "B " * (9 - i), 1000), judging.PAIRWISE_FORM))
+    answers = {}
+    for batch_size in (1, 4):
+        backend = judging.LocalBackend(JudgeConfig(backend="local", model=tiny_model_dir, local_rationale_tokens=3,
+                                                   local_batch_size=batch_size))
+        sizes = []
+        original = backend._complete_batch
+        backend._complete_batch = lambda batch: (sizes.append(len(batch)), original(batch))[1]
+
+        async def go():
+            return await asyncio.gather(*(backend.complete(m, f) for m, f in calls))
+
+        answers[batch_size] = asyncio.run(go())
+        if batch_size > 1:
+            assert max(sizes) == 4 and sum(sizes) == len(calls)  # really batched, every call answered once
+    for one, many in zip(answers[1], answers[4]):
+        assert one["text"] == many["text"] and one["completion_tokens"] == many["completion_tokens"]
+        assert one["prompt_tokens"] == many["prompt_tokens"]
+        for a, b in zip(one["tokens"], many["tokens"]):
+            assert a["token"] == b["token"]
+            assert [v for v, _ in a["top"]] == [v for v, _ in b["top"]]
+            assert [lp for _, lp in a["top"]] == pytest.approx([lp for _, lp in b["top"]], abs=1e-4)
