@@ -474,7 +474,11 @@ def conclusion_lines(report: dict, criteria: list[str]) -> list[str]:
     judge_text, beats = _judge_line(report)
     crit = criteria[0] if criteria else None
     lc = (report.get("length_control") or {}).get("model") or {}
-    for comp, p in report["pairwise"].items():
+    # in the order the comparisons were asked for (the first is the headline), then any others
+    asked = [f"{a}_vs_{b}" for a, b in report.get("comparisons") or []]
+    order = [c for c in asked if c in report["pairwise"]] + [c for c in report["pairwise"] if c not in asked]
+    for comp in order:
+        p = report["pairwise"][comp]
         a, b = p["a"], p["b"]
         pref = p["preference"]
         n_threads = pref["n_threads"]
@@ -551,7 +555,7 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
     if report.get("human_reference"):
         lines.append(f"- human reference: {report['human_reference']}")
     prov = report.get("provenance") or {}
-    if prov:
+    if prov.get("models"):
         lines.append("- judge provenance (as returned): model " + ", ".join(f"`{m}`" for m in prov.get("models") or [])
                      + "; system_fingerprint " + (", ".join(f"`{f}`" for f in prov.get("system_fingerprints") or [])
                                                    or "none") + f"; seed {prov.get('seed')}")
