@@ -620,7 +620,8 @@ class LocalBackend:
             if prefix:
                 if prefix not in self._prefixes:
                     self._prefixes[prefix] = DynamicCache(config=self.model.config)
-                    self.model(input_ids=torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True)
+                    self.model(input_ids=torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True,
+                               logits_to_keep=1)
                 kv = copy.deepcopy(self._prefixes[prefix])
                 kv.batch_repeat_interleave(B)
             else:
@@ -646,7 +647,10 @@ class LocalBackend:
                 pos = count[:, None] + torch.cumsum(new_mask, dim=1) - 1
                 pos = torch.where(new_mask.bool(), pos, torch.zeros_like(pos))
                 mask = torch.cat([mask, new_mask], dim=1)
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True)
+                # only the last position's logits: the vocabulary projection of every prompt token
+                # would cost about as much as the rest of this small model
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True,
+                                 logits_to_keep=1)
                 logits = out.logits[:, -1]
                 if last["logits"] is None:
                     last["logits"] = logits.clone()
@@ -739,7 +743,8 @@ class LocalBackend:
             if prefix:
                 if prefix not in self._prefixes:
                     self._prefixes[prefix] = DynamicCache(config=self.model.config)
-                    self.model(input_ids=torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True)
+                    self.model(input_ids=torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True,
+                               logits_to_keep=1)
                 kv = copy.deepcopy(self._prefixes[prefix])
             else:
                 kv = DynamicCache(config=self.model.config)
@@ -747,7 +752,7 @@ class LocalBackend:
             pieces: list[dict] = []
 
             def feed(ids: list[int], text: str | None = None, top=None) -> None:
-                out = self.model(input_ids=torch.tensor([ids]), cache=kv, use_cache=True)
+                out = self.model(input_ids=torch.tensor([ids]), cache=kv, use_cache=True, logits_to_keep=1)
                 state["logits"] = out.logits[0, -1]
                 if text is not None:
                     pieces.append({"token": text, "top": top or []})
