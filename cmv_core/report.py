@@ -504,6 +504,9 @@ def conclusion_lines(report: dict, criteria: list[str]) -> list[str]:
             if g and g["ci95"][0] <= 0.5 <= g["ci95"][1]:
                 verdict += ", but not at equal length: the preference is explained by reply length"
             verdict += "."
+        if g and g.get("one_sided_length"):
+            verdict += (f" ({a}'s replies are always on one side in length here, so the equal-length value "
+                        "rests on the length effect measured in the other comparisons.)")
         lines.append(f"{line}. Conclusion: {verdict}")
     if judge_text:
         tail = "" if beats else (" The judge has not been shown to know more than reply length about which "

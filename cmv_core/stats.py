@@ -260,7 +260,10 @@ def length_controlled_preference(rows: Sequence[dict[str, Any]], *, features: Se
     for i, g in enumerate(groups):
         b0, se0 = float(fit["coef"][i]), float(math.sqrt(max(fit["cov"][i, i], 0.0)))
         mine = [r for r in rows if r["group"] == g]
+        lengths = [float(r.get("length", 0.0)) for r in mine]
         by_group[g] = {"n": len(mine), "n_threads": len({r["thread"] for r in mine}),
+                       # one side always longer: this comparison alone cannot tell length from quality
+                       "one_sided_length": all(x > 0 for x in lengths) or all(x < 0 for x in lengths),
                        "raw": sum(float(r["y"]) for r in mine) / len(mine),
                        "estimate": float(sigmoid(b0)),
                        "ci95": (float(sigmoid(b0 - Z95 * se0)), float(sigmoid(b0 + Z95 * se0))),

@@ -105,6 +105,7 @@ def test_a_judge_that_prefers_the_longer_reply_is_length_controlled_away(tmp_pat
     assert "**finetuned vs base**" in head and "P(finetuned preferred) 1.00" in head
     assert "not at equal length: the preference is explained by reply length" in head
     assert "has not been shown to know more than reply length" in head
+    assert "always on one side in length here" in head and lc["one_sided_length"]
     # every instrument was scored on the delta pairs, with a length-only model beside it
     assert set(rep["instruments"]) == {"forced_choice", "pairwise", "single"}
     for block in rep["instruments"].values():

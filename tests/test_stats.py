@@ -130,7 +130,8 @@ def test_length_controlled_preference_removes_a_pure_length_judge():
                              "length": math.tanh(diff / 40), "first": shown_first, "truncated": 0})
     out = stats.length_controlled_preference(rows, features=["length", "first", "truncated"])
     base = out["by_group"]["ft_vs_base"]
-    assert base["raw"] == 1.0
+    assert base["raw"] == 1.0 and base["one_sided_length"]
+    assert not out["by_group"]["ft_vs_human"]["one_sided_length"]
     assert base["estimate"] == pytest.approx(0.5, abs=0.1)
     assert out["by_group"]["ft_vs_human"]["estimate"] == pytest.approx(0.5, abs=0.1)
     assert out["coef"]["length"] > 2 and out["dropped"] == ["truncated"]
