@@ -23,7 +23,9 @@ _BANG_DELTA = "!delta"  # any case
 _QUOTE_LINE = re.compile(r"^[ \t]*(?:>|&gt;)")
 _CODE_LINE = re.compile(r"^(?: {4}|\t)")
 _CODE_SPAN = re.compile(r"(`+).*?\1")
-_AWARDED = re.compile(r"delta awarded to\s+(?:/?u/)?([A-Za-z0-9_\-\\]+)", re.IGNORECASE)
+# "delta awarded to" (2014-2016 and DB3) and "point awarded to" (the earliest DeltaBot, 2013:
+# "Confirmed - 1 point awarded to /u/NAME").
+_AWARDED = re.compile(r"(?:delta|point) awarded to\s+(?:/?u/)?([A-Za-z0-9_\-\\]+)", re.IGNORECASE)
 # A DeltaBot reply that says the delta was rejected or taken back confirms nothing,
 # even when it names the user ("The delta awarded to /u/NAME has been removed.").
 _NOT_CONFIRMED = re.compile(
@@ -139,7 +141,8 @@ def _eligible_person(comment: Mapping) -> bool:
 def confirmed_recipient(deltabot_text: str) -> str | None:
     """The user a DeltaBot reply confirms a delta for, or None (rejections, other text).
 
-    Handles the old format ("Confirmed: 1 delta awarded to /u/NAME. ^[[History]...")
+    Handles the 2013 wordings ("Confirmed - 1 delta awarded to /u/NAME", "Confirmed - 1 point
+    awarded to /u/NAME"), the old format ("Confirmed: 1 delta awarded to /u/NAME. ^[[History]...")
     and DB3's ("... awarded to /u/NAME ([1∆](/r/changemyview/wiki/user/NAME))."
     with an optional hidden DB3PARAMS block). Markdown escapes in names
     (`some\\_name`) are undone.

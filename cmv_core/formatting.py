@@ -31,6 +31,13 @@ here because they change what the model learns:
   paragraphs from the post: they were written after the discussion started and
   often announce the delta (a label leak). It is broader than the clean stage's
   ``clean.strip_delta_edits``, which removes only edits that mention a delta.
+- **Delta leaks in comments** (``strip_comment_delta_edits``, default on). A
+  challenger's "EDIT: thanks for the ∆" (and the OP's earlier awards inside a
+  branch) were written after the outcome: edit blocks that announce a delta or
+  a changed view are removed from every comment turn, pair reply and human
+  reference, and so is any remaining line holding a delta token; DeltaBot's
+  comments never join a turn. The clean stage keeps comment bodies as they
+  were (delta detection reads them); this is where they stop.
 - **Deleted content.** "[deleted]"/"[removed]" is never a target and never
   appears in a prompt: such examples are dropped and counted by reason.
 - **Duplicates.** Exact duplicates after normalization (Unicode NFKC, case,
@@ -122,6 +129,7 @@ class FormatConfig:
     others: str = "drop"  # multi-turn: drop | merge (other users' comments join the user side)
     keep_quotes: bool = False
     strip_op_edits: bool = True
+    strip_comment_delta_edits: bool = True  # delta-announcing edits and ∆ lines out of every comment turn
     dedupe: str = "messages"  # messages | target | off
     split: str = "hash"  # hash | time
     seed: int = 0
@@ -216,7 +224,21 @@ def strip_edits(text: str) -> str:
     return tidy("\n\n".join(kept))
 
 
+def strip_delta_leaks(text: str) -> str:
+    """Remove what announces a delta from a comment: edit blocks that mention a delta or a changed
+    view, then every line that still holds a delta token (outside quotes and code, CMV_DATA.md)."""
+    from cmv_core.deltas import has_delta_token, might_contain_delta
+    from cmv_core.reddit import remove_delta_edits
+
+    text = remove_delta_edits(text)
+    if not might_contain_delta(text):
+        return text
+    return tidy("\n".join(line for line in text.split("\n") if not has_delta_token(line)))
+
+
 def comment_text(body: str, cfg: FormatConfig) -> str:
+    if cfg.strip_comment_delta_edits:
+        body = strip_delta_leaks(body)
     return tidy(body) if cfg.keep_quotes else strip_quotes(body)
 
 
@@ -294,7 +316,7 @@ def branch_turns(thread: dict, comments: list[dict], recipient: str, cfg: Format
             if is_deleted(c["body"]):
                 return [], "deleted_context"
             turns.append(("user", comment_text(c["body"], cfg)))
-        elif cfg.others == "merge" and not is_deleted(c["body"]):
+        elif cfg.others == "merge" and not is_deleted(c["body"]) and c["author"].lower() != "deltabot":
             turns.append(("user", comment_text(c["body"], cfg)))
     if not turns[-1][1]:
         return [], "empty_target"

@@ -1,21 +1,34 @@
 """The judge stage: score generated replies with an LLM judge and write the report.
 
-Three kinds of judgment, all from one rubric version:
+Kinds of judgment, all from one rubric version:
 
-- single: each reply (every generated variant, and the human reply that won the delta) graded
-  1-7 on each criterion of ``CRITERIA`` with a short rationale;
-- pairwise: the fine-tuned reply against the base model's and against the human winner,
-  each pair judged in both orders; when the orders disagree the pair is a tie and is
-  counted as inconsistent;
+- single: each reply (every generated variant, and the human references) graded 1-7 on each
+  criterion of ``CRITERIA`` with a short rationale;
+- pairwise: each ``comparisons`` pair (default: finetuned vs base, each model vs the human delta
+  winner, each model vs the matched non-delta reply of an ordinary commenter), each judged in
+  both orders; when the orders disagree the pair is a tie and is counted as inconsistent;
 - calibration: on the format stage's ``pairs.jsonl`` the judge picks which of two human
-  replies won the delta (both orders), reported beside a length baseline on the same pairs.
+  replies won the delta (both orders), reported beside a length baseline on the same pairs;
+- validation (``validate_instruments``, on by default): the pairwise prompt and the rubric that
+  produce the headline numbers are run on the same delta pairs, so that every instrument is
+  scored against real outcomes;
+- length probe (``length_probe_items``): a model's reply against its own trimmed version, for
+  P(prefer longer | same content).
+
+Human references are fair by default (``human_reference: depth1``): only delta winners that
+reply to the post itself, so that the judge sees everything the human reply answered.
 
 Backends: any OpenAI-compatible chat endpoint (``openai.AsyncOpenAI``: its own retries with
-backoff on 429/5xx/timeouts, bounded concurrency here) and a local in-process model that
-fills the verdict JSON itself and reads the score digit from next-token probabilities.
-Every judge call goes through a persistent cache under the output, so a rerun or a resumed
-run repeats no call. A verdict that cannot be parsed is asked again, then recorded as a
-failure and excluded from every score.
+backoff on 429/5xx/timeouts, bounded concurrency here), OpenAI's Batch API
+(``backend: openai-batch``, half price; a killed stage resumes by polling its batch), and a
+local in-process model that fills the verdict JSON itself and reads the score digit from
+next-token probabilities. Every judge call goes through a persistent cache under the output
+(keyed by endpoint, model, prompt, parameters and rubric), so a rerun or a resumed run repeats
+no call. A verdict that cannot be parsed is asked again, then recorded as a failure and
+excluded from every score; a refusal is recorded as a refusal. ``cmv judge --dry-run`` prints
+the plan (calls, estimated tokens and cost) and sends nothing; ``max_cost_usd`` stops the stage
+before it would spend more. The returned model snapshot, system fingerprint and seed are kept
+per call and summarised in the report.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from cmv_core import errors, storage
 
@@ -44,6 +57,7 @@ log = logging.getLogger(__name__)
 RUBRIC_VERSION = "cmv-likert7-v1"
 LIKERT = [1, 2, 3, 4, 5, 6, 7]
 HUMAN = "human"  # the variant name of the human reply that won the delta (from test.jsonl)
+HUMAN_NONDELTA = "human_nondelta"  # the matched reply of an ordinary commenter that won no delta (pairs.jsonl)
 
 # Anchored descriptions (1, 4, 7) so that scores mean the same thing across replies and runs.
 CRITERIA = {
@@ -109,12 +123,17 @@ DEFAULT_PRICES = {
     "gpt-4o": {"input": 2.50, "output": 10.00},
     "gpt-4.1-mini": {"input": 0.40, "output": 1.60},
     "gpt-4.1-nano": {"input": 0.10, "output": 0.40},
+    # Batch API: half the synchronous price (OpenAI's published batch discount)
+    "gpt-4o-mini@batch": {"input": 0.075, "output": 0.30},
+    "gpt-4o@batch": {"input": 1.25, "output": 5.00},
+    "gpt-4.1-mini@batch": {"input": 0.20, "output": 0.80},
+    "gpt-4.1-nano@batch": {"input": 0.05, "output": 0.20},
 }
 
 
 @dataclass
 class JudgeConfig:
-    backend: str = "openai"                  # "openai" (any OpenAI-compatible endpoint) or "local"
+    backend: str = "openai"                  # "openai" (any OpenAI-compatible endpoint), "openai-batch" or "local"
     model: str = "gpt-4o-mini"               # judge model name, or a model spec for the local backend
     base_url: str | None = None              # default: $OPENAI_BASE_URL, else OpenAI
     api_key_env: str = "OPENAI_API_KEY"      # the key is read from this variable, never from config
@@ -123,7 +142,9 @@ class JudgeConfig:
     timeout_s: float = 60.0                  # per request
     parse_retries: int = 2                   # extra asks after an unparseable verdict
     temperature: float = 0.0
-    max_tokens: int = 400
+    max_tokens: int = 400                    # sent as token_limit_param
+    token_limit_param: str = "max_completion_tokens"  # or "max_tokens" for servers that only take that
+    api_seed: int | None = 0                 # sent as `seed` (best-effort determinism), recorded per call
     response_format: str = "json_schema"     # json_schema | json_object | none
     logprobs: bool = True                    # ask for top log-probabilities (weighted Likert score)
     top_logprobs: int = 10
@@ -133,15 +154,26 @@ class JudgeConfig:
     pairwise: bool = True
     # "finetuned" is the SFT model; "dpo" (when generated) the DPO model trained from it. A comparison whose
     # variant no item has (no DPO in this run) is left out.
-    comparisons: list[list[str]] = field(default_factory=lambda: [["finetuned", "base"],
-                                                                   ["finetuned", HUMAN],
-                                                                   ["dpo", "finetuned"], ["dpo", "base"],
-                                                                   ["dpo", HUMAN]])
+    comparisons: list[list[str]] = field(default_factory=lambda: [
+        ["finetuned", "base"], ["finetuned", HUMAN], ["base", HUMAN],
+        ["finetuned", HUMAN_NONDELTA], ["base", HUMAN_NONDELTA],
+        ["dpo", "finetuned"], ["dpo", "base"], ["dpo", HUMAN]])
+    # Which test prompts get a human reference: "depth1" keeps only winners that reply to the post
+    # itself (the judge sees all they answered); "all" also deep winners, which in the single view
+    # answer OP turns the judge never sees (unfair to the human side).
+    human_reference: str = "depth1"
+    nondelta_reference: bool = True          # add variant human_nondelta: the matched reply that won no delta
     calibration: bool = True
+    validate_instruments: bool = True        # also run the pairwise prompt and the rubric on the delta pairs
+    length_probe_items: int = 20             # prompts whose reply is judged against its own trimmed version
+    validation_split_date: str | None = None  # time-split view; default: format's test_after when split: time
+    max_cost_usd: float | None = None        # stop before planned new calls would cost more than this
+    batch_poll_s: float = 30.0               # openai-batch: seconds between polls of a running batch
     max_items: int | None = None             # cap on test prompts judged (seeded sample)
     max_calibration_pairs: int | None = None  # cap on calibration pairs (seeded sample)
     max_text_chars: int = 6000               # longer post/reply texts are cut (and marked) in prompts
     local_rationale_tokens: int = 0          # local backend: greedy rationale tokens before scores
+    local_batch_size: int = 8                # local backend: calls answered together (1 = one at a time)
     max_failed_fraction: float = 0.2         # more failed calls than this fails the stage
     cache: str | None = None                 # cache URI (default: <output>/cache)
     cache_flush_every: int = 50              # S3 cache: entries per uploaded shard
@@ -164,6 +196,10 @@ class JudgeCallError(errors.StageFailed):
 
 class JudgeConfigError(errors.StageFailed):
     """The endpoint refuses every call (bad key, no access, unknown model): the stage stops."""
+
+
+class JudgeBudgetError(errors.StageFailed):
+    """The planned calls would cost more than judge.max_cost_usd: nothing is sent."""
 
 
 class JudgeFailed(errors.StageFailed):
@@ -344,6 +380,7 @@ class ResponseCache:
         self.uri = uri
         self.flush_every = flush_every
         self.entries: dict[str, dict] = {}
+        self.batch_loaded: set[str] = set()  # keys the Batch backend put in this run, not yet read
         self._pending: list[dict] = []
         self._lock = threading.Lock()
         self._name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -382,6 +419,13 @@ class ResponseCache:
             self._file.write(line + "\n")
             self._file.flush()
 
+    def take_batch_loaded(self, key: str) -> bool:
+        with self._lock:
+            if key in self.batch_loaded:
+                self.batch_loaded.discard(key)
+                return True
+            return False
+
     def _flush_shard(self) -> None:
         if self._pending:
             storage.write_jsonl(storage.join(self.uri, f"{self._name}-{self._shard:05d}.jsonl"), self._pending)
@@ -414,6 +458,7 @@ class OpenAIBackend:
                                      "or use judge.backend=local")
             api_key = "EMPTY"  # self-hosted servers (vLLM) often need no key
         self.cfg = cfg
+        self.base_url = base_url or "https://api.openai.com/v1"
         self._secret = api_key if api_key != "EMPTY" else None
         self.client = AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=cfg.max_retries,
                                   timeout=cfg.timeout_s)
@@ -423,25 +468,23 @@ class OpenAIBackend:
         return text.replace(self._secret, "***") if self._secret else text
 
     def params(self) -> dict:
+        """Everything besides the prompt that decides the answer (part of the cache key): the
+        endpoint too, since two servers can serve different models under one name."""
         c = self.cfg
-        return {"temperature": c.temperature, "max_tokens": c.max_tokens, "response_format": c.response_format,
-                "logprobs": c.logprobs, "top_logprobs": c.top_logprobs if c.logprobs else None}
+        return {"temperature": c.temperature, c.token_limit_param: c.max_tokens, "response_format": c.response_format,
+                "logprobs": c.logprobs, "top_logprobs": c.top_logprobs if c.logprobs else None,
+                "seed": c.api_seed, "base_url": self.base_url.rstrip("/")}
 
     async def complete(self, messages: list[dict], form: dict) -> dict:
         import openai
 
         c = self.cfg
-        kwargs: dict[str, Any] = {"model": c.model, "messages": messages, "temperature": c.temperature,
-                                  "max_tokens": c.max_tokens}
-        if c.response_format == "json_schema":
-            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "verdict", "strict": True, "schema": json_schema(form)}}
-        elif c.response_format == "json_object":
-            kwargs["response_format"] = {"type": "json_object"}
-        if c.logprobs:
-            kwargs.update(logprobs=True, top_logprobs=c.top_logprobs)
+        kwargs = request_body(c, messages, form)
         try:
-            resp = await self.client.chat.completions.create(**kwargs)
+            # The raw body, not the client's pydantic objects: building those was most of the
+            # client's CPU per call, which bounds throughput at high concurrency.
+            raw = await self.client.chat.completions.with_raw_response.create(**kwargs)
+            resp = json.loads(raw.content)
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
             # Configuration errors: every call would fail the same way, so stop the stage. The
             # message is redacted and the original exception (which holds it verbatim) not chained.
@@ -449,21 +492,50 @@ class OpenAIBackend:
                 from None
         except (openai.APIError, ValueError) as exc:
             raise JudgeCallError(self._redact(f"{type(exc).__name__}: {exc}")) from None
-        if not resp.choices:
-            raise JudgeCallError("the response has no choices")
-        choice = resp.choices[0]
-        tokens = None
-        if choice.logprobs is not None and choice.logprobs.content:
-            tokens = [{"token": t.token, "top": [[a.token, a.logprob] for a in (t.top_logprobs or [])]}
-                      for t in choice.logprobs.content]
-        usage = resp.usage
-        # redacted before anything stores it (cache, judgments, report): a server may echo the key
-        return {"text": self._redact(choice.message.content or ""), "finish_reason": choice.finish_reason, "tokens": tokens,
-                "prompt_tokens": usage.prompt_tokens if usage else 0,
-                "completion_tokens": usage.completion_tokens if usage else 0}
+        if not isinstance(resp, dict):
+            raise JudgeCallError("the response is not a JSON object")
+        return completion_record(resp, c, redact=self._redact)
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+def request_body(c: JudgeConfig, messages: list[dict], form: dict) -> dict:
+    """The chat.completions request for one judge call (also a Batch API line's body)."""
+    body: dict[str, Any] = {"model": c.model, "messages": messages, "temperature": c.temperature,
+                            c.token_limit_param: c.max_tokens}
+    if c.api_seed is not None:
+        body["seed"] = c.api_seed
+    if c.response_format == "json_schema":
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "verdict", "strict": True, "schema": json_schema(form)}}
+    elif c.response_format == "json_object":
+        body["response_format"] = {"type": "json_object"}
+    if c.logprobs:
+        body.update(logprobs=True, top_logprobs=c.top_logprobs)
+    return body
+
+
+def completion_record(resp: dict, c: JudgeConfig, redact: Callable[[str], str] = str) -> dict:
+    """What the cache keeps of a chat.completion (a dict, from the client or a Batch output line):
+    the answer, its token log-probabilities, usage, and provenance (the model snapshot that
+    answered, system_fingerprint, the seed sent); a refusal is kept as a refusal."""
+    choices = resp.get("choices") or []
+    if not choices:
+        raise JudgeCallError("the response has no choices")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    tokens = None
+    content = (choice.get("logprobs") or {}).get("content")
+    if content:
+        tokens = [{"token": t["token"], "top": [[a["token"], a["logprob"]] for a in (t.get("top_logprobs") or [])]}
+                  for t in content]
+    usage = resp.get("usage") or {}
+    # redacted before anything stores it (cache, judgments, report): a server may echo the key
+    return {"text": redact(message.get("content") or ""), "finish_reason": choice.get("finish_reason"),
+            "tokens": tokens, "refusal": redact(message.get("refusal") or "") or None,
+            "prompt_tokens": usage.get("prompt_tokens") or 0, "completion_tokens": usage.get("completion_tokens") or 0,
+            "model": resp.get("model"), "system_fingerprint": resp.get("system_fingerprint"), "seed": c.api_seed}
 
 
 class LocalBackend:
@@ -486,12 +558,169 @@ class LocalBackend:
         self.model.eval()
         self._lock = threading.Lock()  # one forward pass at a time: torch already uses every core
         self._prefixes: dict[tuple[int, ...], Any] = {}  # KV cache of each system prompt (one per kind)
+        self._queue: list = []
+        self._draining = False
 
     def params(self) -> dict:
         return {"rationale_tokens": self.cfg.local_rationale_tokens}
 
     async def complete(self, messages: list[dict], form: dict) -> dict:
-        return await asyncio.to_thread(self._complete, messages, form)
+        if self.cfg.local_batch_size <= 1:
+            return await asyncio.to_thread(self._complete, messages, form)
+        # Micro-batching: calls in flight at once (run_calls keeps `concurrency` of them) are
+        # queued and answered together, one forward pass per step for the whole batch.
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((messages, form, fut))
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while True:
+                for _ in range(3):  # let the coroutines whose answers just came enqueue their next call
+                    await asyncio.sleep(0)
+                if not self._queue:
+                    return
+                key = json.dumps(self._queue[0][1], sort_keys=True)
+                batch = [q for q in self._queue if json.dumps(q[1], sort_keys=True) == key][:self.cfg.local_batch_size]
+                for q in batch:
+                    self._queue.remove(q)
+                try:
+                    results = await asyncio.to_thread(self._complete_batch, [(m, f) for m, f, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - handed to every waiting call
+                    for _, _, fut in batch:
+                        fut.set_exception(exc)
+                    continue
+                for (_, _, fut), res in zip(batch, results):
+                    fut.set_result(res)
+        finally:
+            self._draining = False
+
+    def _complete_batch(self, batch: list[tuple[list[dict], dict]]) -> list[dict]:
+        """Several calls of one form at once: the same answers as ``_complete`` (up to float
+        rounding), one forward pass per step for all of them.
+
+        Rows are [system prompt (shared KV cache) | left padding | rest of the prompt | answer];
+        padding, and the tokens a row feeds after its rationale has ended, are masked out, and
+        position ids count only a row's real tokens."""
+        from transformers import DynamicCache
+
+        torch = self.torch
+        form = batch[0][1]
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(m, add_generation_prompt=True,
+                                                                            tokenize=False),
+                                         add_special_tokens=False) for m, _ in batch]
+        prefixes = {self._system_prefix(m, ids) for (m, _), ids in zip(batch, prompts)}
+        prefix = prefixes.pop() if len(prefixes) == 1 else ()
+        if len(batch) == 1 or not prefix:
+            # Without a shared unmasked prefix a left-padded row would start with no key to attend
+            # to: one at a time instead.
+            return [self._complete(m, f) for m, f in batch]
+        with self._lock, torch.inference_mode():
+            B = len(batch)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            if prefix:
+                if prefix not in self._prefixes:
+                    self._prefixes[prefix] = DynamicCache(config=self.model.config)
+                    self.model(input_ids=torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True,
+                               logits_to_keep=1)
+                kv = copy.deepcopy(self._prefixes[prefix])
+                kv.batch_repeat_interleave(B)
+            else:
+                kv = DynamicCache(config=self.model.config)
+            mask = torch.ones((B, len(prefix)), dtype=torch.long)
+            count = torch.full((B,), len(prefix), dtype=torch.long)  # real tokens per row so far
+            rests = [ids[len(prefix):] for ids in prompts]
+            width = max(len(r) for r in rests)
+            last = {"logits": None}
+            texts = [[] for _ in range(B)]
+            tokens: list[list[dict]] = [[] for _ in range(B)]
+            n_out = [0] * B
+
+            def feed(rows: list[list[int]], active: list[bool]) -> None:
+                k = max(len(r) for r in rows)
+                ids = torch.full((B, k), pad, dtype=torch.long)
+                new_mask = torch.zeros((B, k), dtype=torch.long)
+                for i, r in enumerate(rows):
+                    if r and active[i]:
+                        ids[i, k - len(r):] = torch.tensor(r)  # right-aligned: the last column is real
+                        new_mask[i, k - len(r):] = 1
+                nonlocal mask, count
+                pos = count[:, None] + torch.cumsum(new_mask, dim=1) - 1
+                pos = torch.where(new_mask.bool(), pos, torch.zeros_like(pos))
+                mask = torch.cat([mask, new_mask], dim=1)
+                # only the last position's logits: the vocabulary projection of every prompt token
+                # would cost about as much as the rest of this small model
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True,
+                                 logits_to_keep=1)
+                logits = out.logits[:, -1]
+                if last["logits"] is None:
+                    last["logits"] = logits.clone()
+                else:
+                    upd = torch.tensor(active) & new_mask.any(dim=1)
+                    last["logits"][upd] = logits[upd]
+                count = count + new_mask.sum(dim=1)
+
+            def emit(i: int, text: str, n_ids: int, top=None) -> None:
+                texts[i].append(text)
+                tokens[i].append({"token": text, "top": top or []})
+                n_out[i] += n_ids
+
+            everyone = [True] * B
+            feed([r for r in rests] if width else [[pad]] * B, [bool(r) for r in rests] if width else everyone)
+            head0 = self._ids('{"rationale": "')
+            feed([head0] * B, everyone)
+            for i in range(B):
+                emit(i, '{"rationale": "', len(head0))
+            active = list(everyone)
+            for _ in range(self.cfg.local_rationale_tokens):
+                step = []
+                for i in range(B):
+                    if not active[i]:
+                        step.append([pad])
+                        continue
+                    next_id = int(last["logits"][i].argmax())
+                    piece = self.tokenizer.decode([next_id])
+                    if next_id == self.tokenizer.eos_token_id or any(ch in piece for ch in '"\\') or \
+                            any(ord(ch) < 32 for ch in piece):
+                        active[i] = False
+                        step.append([pad])
+                        continue
+                    emit(i, piece, 1)
+                    step.append([next_id])
+                if not any(active):
+                    break
+                feed(step, active)
+            for f, (name, allowed) in enumerate(form.items()):
+                quoted = isinstance(allowed[0], str)
+                head = (f'", "{name}": ' if f == 0 else f', "{name}": ') + ('"' if quoted else "")
+                head_ids = self._ids(head)
+                feed([head_ids] * B, everyone)
+                first_ids = [self._ids(str(a))[0] for a in allowed]
+                if len(set(first_ids)) != len(first_ids):
+                    raise RuntimeError(f"{self.cfg.model}: values {allowed} share a first token")
+                logprobs = torch.log_softmax(last["logits"].float(), dim=-1)
+                values = []
+                for i in range(B):
+                    emit(i, head, len(head_ids))
+                    scores = [float(logprobs[i, t]) for t in first_ids]
+                    best = allowed[max(range(len(allowed)), key=lambda k: scores[k])]
+                    values.append(self._ids(str(best)))
+                    emit(i, str(best), len(values[-1]), top=[[str(a), sc] for a, sc in zip(allowed, scores)])
+                feed(values, everyone)
+                if quoted:
+                    q = self._ids('"')
+                    feed([q] * B, everyone)
+                    for i in range(B):
+                        emit(i, '"', len(q))
+            out = []
+            for i in range(B):
+                tokens[i].append({"token": "}", "top": []})
+                out.append({"text": "".join(texts[i]) + "}", "finish_reason": "stop", "tokens": tokens[i],
+                            "prompt_tokens": len(prompts[i]), "completion_tokens": n_out[i] + 1})
+            return out
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -518,7 +747,8 @@ class LocalBackend:
             if prefix:
                 if prefix not in self._prefixes:
                     self._prefixes[prefix] = DynamicCache(config=self.model.config)
-                    self.model(input_ids=torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True)
+                    self.model(input_ids=torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True,
+                               logits_to_keep=1)
                 kv = copy.deepcopy(self._prefixes[prefix])
             else:
                 kv = DynamicCache(config=self.model.config)
@@ -526,7 +756,7 @@ class LocalBackend:
             pieces: list[dict] = []
 
             def feed(ids: list[int], text: str | None = None, top=None) -> None:
-                out = self.model(input_ids=torch.tensor([ids]), cache=kv, use_cache=True)
+                out = self.model(input_ids=torch.tensor([ids]), cache=kv, use_cache=True, logits_to_keep=1)
                 state["logits"] = out.logits[0, -1]
                 if text is not None:
                     pieces.append({"token": text, "top": top or []})
@@ -563,23 +793,176 @@ class LocalBackend:
         return None
 
 
+class BatchBackend(OpenAIBackend):
+    """OpenAI's Batch API (half price, results within 24 h) for the same requests.
+
+    ``prefetch`` runs before the ordinary call path: each round writes the asks the cache cannot
+    answer to a JSONL file (``custom_id`` = cache key, body = the synchronous request), uploads
+    it (``files.create(purpose="batch")``), creates a batch on ``/v1/chat/completions`` with
+    ``completion_window="24h"``, polls it with progress and loads every answer into the cache;
+    asks that follow an unparseable answer go in the next round. The batch id is stored under the
+    cache before the first poll, so a stage killed while the batch runs resumes by polling that
+    batch, never by submitting it again. Afterwards every judge call is answered from the cache;
+    ``complete`` is only reached for a request the batch failed, and reports that failure."""
+
+    def __init__(self, cfg: JudgeConfig):
+        super().__init__(cfg)
+        self.errors: dict[str, str] = {}
+        self.stats = {"batches": 0, "resumed": 0, "requests": 0, "rounds": 0}
+
+    async def complete(self, messages: list[dict], form: dict) -> dict:
+        key = cache_key(key_backend(self.cfg), self.cfg.model, messages, form, self.params())
+        raise JudgeCallError(self.errors.get(key, "no answer from the batch for this request"))
+
+    def _state_uri(self, cache: ResponseCache) -> str:
+        return storage.join(cache.uri, "batch_state.json")
+
+    async def prefetch(self, calls: list[tuple[list[dict], dict]], cache: ResponseCache) -> None:
+        import openai
+
+        params = self.params()
+        try:
+            for round_no in range(1, self.cfg.parse_retries + 3):
+                state_uri = self._state_uri(cache)
+                if storage.exists(state_uri):
+                    state = storage.read_json(state_uri)
+                    log.info("batch %s of an earlier run is still open: polling it, not resubmitting",
+                             state["batch_id"])
+                    self.stats["resumed"] += 1
+                    await self._finish(state, cache)
+                    continue
+                todo: dict[str, list[dict]] = {}
+                for messages, form in calls:
+                    nxt = next_uncached(messages, form, cache, self.cfg, params)
+                    if nxt is not None and nxt[1] not in self.errors:
+                        todo.setdefault(nxt[1], request_body(self.cfg, nxt[0], form))
+                if not todo:
+                    return
+                lines = [json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
+                                     "body": body}, ensure_ascii=False) for key, body in todo.items()]
+                upload = await self.client.files.create(
+                    file=(f"cmv-judge-{round_no}.jsonl", ("\n".join(lines) + "\n").encode("utf-8")),
+                    purpose="batch")
+                batch = await self.client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                                         completion_window="24h",
+                                                         metadata={"source": "cmv-persuasion judge"})
+                state = {"batch_id": batch.id, "input_file_id": upload.id, "requests": len(todo),
+                         "round": round_no, "submitted_at": time.time()}
+                storage.write_json(state_uri, state)  # before the first poll: a killed stage resumes here
+                self.stats["batches"] += 1
+                self.stats["requests"] += len(todo)
+                log.info("batch %s submitted: %d request(s) (round %d)", batch.id, len(todo), round_no)
+                await self._finish(state, cache)
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
+            raise JudgeConfigError(self._redact(f"batch endpoint refused the call: {type(exc).__name__}: {exc}")) \
+                from None
+        except openai.APIError as exc:
+            raise JudgeCallError(self._redact(f"batch: {type(exc).__name__}: {exc}")) from None
+
+    async def _finish(self, state: dict, cache: ResponseCache) -> None:
+        """Poll the batch to an end state, load its answers into the cache, forget the state."""
+        from tqdm import tqdm
+
+        self.stats["rounds"] += 1
+        bar = tqdm(total=state["requests"], desc=f"batch {state['batch_id']}", unit="req", mininterval=2.0)
+        try:
+            while True:
+                batch = await self.client.batches.retrieve(state["batch_id"])
+                counts = batch.request_counts
+                if counts is not None:
+                    bar.n = counts.completed + counts.failed
+                    bar.refresh()
+                if batch.status in ("completed", "failed", "expired", "cancelled"):
+                    break
+                await asyncio.sleep(self.cfg.batch_poll_s)
+        finally:
+            bar.close()
+        if batch.status == "failed":
+            errors = getattr(batch, "errors", None)
+            raise JudgeCallError(f"batch {batch.id} failed: {errors}")
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            content = await self.client.files.content(file_id)
+            for line in content.content.decode("utf-8").splitlines():
+                if not line.strip():
+                    continue
+                entry = json.loads(line)
+                key, response = entry.get("custom_id"), entry.get("response") or {}
+                if response.get("status_code") == 200 and not entry.get("error"):
+                    cache.put(key, completion_record(response["body"], self.cfg, redact=self._redact))
+                    cache.batch_loaded.add(key)
+                else:
+                    err = entry.get("error") or (response.get("body") or {}).get("error") or response
+                    self.errors[key] = self._redact(f"batch request failed: {json.dumps(err)[:300]}")
+        storage.delete(self._state_uri(cache))
+        log.info("batch %s %s: answers loaded into the cache (%d failed request(s) so far)", batch.id,
+                 batch.status, len(self.errors))
+
+
 def make_backend(cfg: JudgeConfig):
     if cfg.backend == "openai":
         return OpenAIBackend(cfg)
+    if cfg.backend == "openai-batch":
+        return BatchBackend(cfg)
     if cfg.backend == "local":
         return LocalBackend(cfg)
-    raise ValueError(f"judge.backend must be 'openai' or 'local', got {cfg.backend!r}")
+    raise ValueError(f"judge.backend must be 'openai', 'openai-batch' or 'local', got {cfg.backend!r}")
 
 
 # ---------------------------------------------------------------- one judgment, many judgments
 
+def price_name(cfg: JudgeConfig) -> str:
+    """The price table entry: the Batch API has its own (half) prices, under "<model>@batch"."""
+    return f"{cfg.model}@batch" if cfg.backend == "openai-batch" else cfg.model
+
+
 def call_cost(cfg: JudgeConfig, prompt_tokens: int, completion_tokens: int) -> float:
     if cfg.backend == "local":
         return 0.0
-    price = cfg.prices.get(cfg.model)
+    price = cfg.prices.get(price_name(cfg))
     if price is None:
         return 0.0
     return (prompt_tokens * price["input"] + completion_tokens * price["output"]) / 1e6
+
+
+def key_backend(cfg: JudgeConfig) -> str:
+    """The backend name in cache keys: the Batch API answers exactly as the synchronous endpoint
+    does, so both share one cache."""
+    return "openai" if cfg.backend == "openai-batch" else cfg.backend
+
+
+def reask(messages: list[dict], raw: str, error: str, attempt: int, form: dict) -> list[dict]:
+    """The follow-up after an unusable answer: the judge sees it and what was wrong."""
+    return list(messages) + [
+        {"role": "assistant", "content": raw},
+        # The attempt number keeps each re-ask (and its cache key) distinct from the last.
+        {"role": "user", "content": f"Attempt {attempt} could not be used: {error}. Answer again "
+                                    f"with only the JSON object, of this form: {form_shape(form)}"}]
+
+
+def next_uncached(messages: list[dict], form: dict, cache: ResponseCache, cfg: JudgeConfig,
+                  params: dict) -> tuple[list[dict], str] | None:
+    """The next ask of a call that the cache cannot answer (its messages and key), replaying the
+    re-ask sequence from cached answers; None when the call is settled (parsed, refused, or out
+    of re-asks). The Batch backend plans each round with this."""
+    convo = list(messages)
+    for attempt in range(1, cfg.parse_retries + 2):
+        key = cache_key(key_backend(cfg), cfg.model, convo, form, params)
+        completion = cache.get(key)
+        if completion is None:
+            return convo, key
+        if completion.get("refusal"):
+            return None
+        try:
+            parse_verdict(completion["text"], form)
+            return None
+        except VerdictError as exc:
+            error = str(exc)
+            if completion.get("finish_reason") == "length":
+                error += " (the answer hit max_tokens)"
+            convo = reask(messages, completion["text"], error, attempt, form)
+    return None
 
 
 async def judge_call(messages: list[dict], form: dict, *, backend, cache: ResponseCache,
@@ -594,10 +977,12 @@ async def judge_call(messages: list[dict], form: dict, *, backend, cache: Respon
     convo = list(messages)
     raw = error = None
     for attempt in range(1, cfg.parse_retries + 2):
-        key = cache_key(cfg.backend, cfg.model, convo, form, backend.params())
+        key = cache_key(key_backend(cfg), cfg.model, convo, form, backend.params())
         completion = cache.get(key)
-        cached = completion is not None
-        if not cached:
+        # An answer the Batch backend loaded into the cache in this run is new in this run (for the
+        # first call that reads it, as if that call had asked).
+        cached = completion is not None and not cache.take_batch_loaded(key)
+        if completion is None:
             try:
                 completion = await backend.complete(convo, form)
             except JudgeCallError as exc:
@@ -612,17 +997,19 @@ async def judge_call(messages: list[dict], form: dict, *, backend, cache: Respon
         result["cost_usd"] += cost
         result["cost_usd_this_run"] += 0.0 if cached else cost
         raw = completion["text"]
+        result.update(model=completion.get("model"), system_fingerprint=completion.get("system_fingerprint"),
+                      seed=completion.get("seed"))
+        if completion.get("refusal"):
+            # A refusal is an answer, not a format slip: asking again would get the same; counted apart.
+            return {**result, "status": "refused", "error": f"the judge refused: {completion['refusal'][:200]}",
+                    "raw": completion["refusal"]}
         try:
             verdict = parse_verdict(raw, form)
         except VerdictError as exc:
             error = str(exc)
             if completion.get("finish_reason") == "length":
                 error += " (the answer hit max_tokens)"
-            convo = list(messages) + [
-                {"role": "assistant", "content": raw},
-                # The attempt number keeps each re-ask (and its cache key) distinct from the last.
-                {"role": "user", "content": f"Attempt {attempt} could not be used: {error}. Answer again "
-                                            f"with only the JSON object, of this form: {form_shape(form)}"}]
+            convo = reask(messages, raw, error, attempt, form)
             continue
         probs = {name: choice_probabilities(completion.get("tokens"), name, allowed, verdict[name])
                  for name, allowed in form.items()}
@@ -688,26 +1075,49 @@ def strip_instruction(prompt: list[dict], instruction: str | None) -> list[dict]
     return out
 
 
-def load_items(generations_uri: str, test_uri: str | None, instruction: str | None = None) -> list[dict]:
+def load_items(generations_uri: str, test_uri: str | None, instruction: str | None = None,
+               human_reference: str = "all") -> list[dict]:
     """One item per test prompt: its prompt and the reply of every variant, including the human
     delta winner (variant ``human``: the first assistant turn of the test example, the one that
-    answers the same prompt). Joined on the example id that the generate stage copies."""
+    answers the same prompt). Joined on the example id that the generate stage copies.
+
+    ``human_reference: depth1`` gives the human reply only where the winning branch is a single
+    comment replying to the post (metadata.comment_ids of length 1), so that the judge sees all
+    that the human answered; deeper winners answered OP turns the prompt does not show."""
     items: dict[str, dict] = {}
     for row in _rows(generations_uri, ("thread_id", "model", "messages", "response")):
         item_id = str(row.get("id") or row["thread_id"])
         item = items.setdefault(item_id, {"item_id": item_id, "thread_id": str(row["thread_id"]),
                                           "prompt": strip_instruction(row["messages"], instruction),
-                                          "replies": {}})
+                                          "replies": {}, "finish": {}})
         item["replies"][row["model"]] = row["response"]
+        item["finish"][row["model"]] = row.get("finish_reason")
     if test_uri:
         for lineno, row in enumerate(_rows(test_uri, ("thread_id", "messages")), 1):
             reply = next((m.get("content") for m in row["messages"] if m.get("role") == "assistant"), None)
             if reply is None:
                 raise InputError(f"{test_uri}: line {lineno}: no assistant (human reply) turn")
             item = items.get(str(row.get("id") or row["thread_id"]))
-            if item is not None:
+            depth = len((row.get("metadata") or {}).get("comment_ids") or [None])
+            if item is not None and (human_reference == "all" or depth == 1):
                 item["replies"][HUMAN] = reply
+                item["finish"][HUMAN] = "stop"
     return sorted(items.values(), key=lambda i: i["item_id"])
+
+
+def add_nondelta_replies(items: list[dict], pairs: list[dict], human_reference: str = "all") -> int:
+    """Give each item the matched losing reply of its calibration pair (same thread, same winning
+    comment: the pair id is the example id) as variant ``human_nondelta``; returns how many."""
+    by_id = {p["pair_id"]: p for p in pairs}
+    n = 0
+    for item in items:
+        pair = by_id.get(item["item_id"])
+        if pair is None or (human_reference == "depth1" and len(pair.get("loser_comment_ids") or [None]) != 1):
+            continue
+        item["replies"][HUMAN_NONDELTA] = pair["loser"]
+        item["finish"][HUMAN_NONDELTA] = "stop"
+        n += 1
+    return n
 
 
 def _pair_prompt(row: dict) -> list[dict]:
@@ -736,7 +1146,8 @@ def load_pairs(pairs_uri: str, instruction: str | None = None) -> list[dict]:
         if winner is None or loser is None:
             raise InputError(f"{pairs_uri}: line {lineno}: needs a winning and a losing reply")
         out.append({"pair_id": str(row.get("pair_id", row.get("id", lineno))), "thread_id": row.get("thread_id"),
-                    "prompt": strip_instruction(_pair_prompt(row), instruction), "winner": _text(winner), "loser": _text(loser)})
+                    "prompt": strip_instruction(_pair_prompt(row), instruction), "winner": _text(winner), "loser": _text(loser),
+                    "loser_comment_ids": row.get("loser_comment_ids"), "created_utc": row.get("created_utc")})
     return out
 
 
@@ -753,22 +1164,42 @@ def _words(text: str) -> int:
 
 # ---------------------------------------------------------------- assembling judgments
 
+CALL_FIELDS = ("status", "attempts", "cached_calls", "new_calls", "prompt_tokens", "completion_tokens",
+               "cost_usd", "cost_usd_this_run", "model", "system_fingerprint", "seed")
+
+
 def _order_result(r: dict, first: str, second: str) -> dict:
     verdict = (r.get("verdict") or {}).get("winner")
     preferred = {"A": first, "B": second, "tie": "tie"}.get(verdict)
-    keep = {k: r[k] for k in ("status", "attempts", "cached_calls", "new_calls", "prompt_tokens",
-                              "completion_tokens", "cost_usd", "cost_usd_this_run")}
+    keep = {k: r.get(k) for k in CALL_FIELDS}
     return {"first": first, "second": second, **keep, "verdict": verdict, "preferred": preferred,
             "probs": (r.get("probs") or {}).get("winner"), "rationale": r.get("rationale"),
             "error": r.get("error"), "raw": r.get("raw") if r["status"] != "ok" else None}
 
 
-def pairwise_row(comparison: str, item: dict, a: str, b: str, ab: dict, ba: dict) -> dict:
+_PREAMBLE = re.compile(r"^\W*(?:here'?s|here is|sure\b|certainly\b|of course\b|as an ai\b|i'?d be happy|"
+                       r"below is|i can help|okay,? here)", re.I)
+
+
+def meta_preamble(text: str) -> bool:
+    """A reply that opens by talking about itself ("Here's a revised version...") instead of
+    arguing: a style flag for the length- and style-controlled preference."""
+    return bool(_PREAMBLE.match(text or ""))
+
+
+def reply_flags(item: dict, variant: str) -> dict:
+    return {"truncated": item.get("finish", {}).get(variant) == "length",
+            "preamble": meta_preamble(item["replies"][variant])}
+
+
+def pairwise_row(comparison: str, item: dict, a: str, b: str, ab: dict, ba: dict, kind: str = "pairwise") -> dict:
     orders = [_order_result(ab, a, b), _order_result(ba, b, a)]
-    row = {"kind": "pairwise", "id": f"pairwise:{comparison}:{item['item_id']}", "comparison": comparison,
+    row = {"kind": kind, "id": f"{kind}:{comparison}:{item['item_id']}", "comparison": comparison,
            "item_id": item["item_id"], "thread_id": item["thread_id"], "a": a, "b": b, "orders": orders,
            "status": "ok" if all(o["status"] == "ok" for o in orders) else "failed",
-           "outcome": None, "consistent": None}
+           "outcome": None, "consistent": None,
+           "words": {"a": _words(item["replies"][a]), "b": _words(item["replies"][b])},
+           "flags": {"a": reply_flags(item, a), "b": reply_flags(item, b)}}
     if row["status"] == "ok":
         prefs = {o["preferred"] for o in orders}
         row["consistent"] = len(prefs) == 1
@@ -777,17 +1208,24 @@ def pairwise_row(comparison: str, item: dict, a: str, b: str, ab: dict, ba: dict
     return row
 
 
-def calibration_row(pair: dict, wl: dict, lw: dict) -> dict:
+def _length(pair: dict) -> dict:
+    ww, lw_ = _words(pair["winner"]), _words(pair["loser"])
+    return {"winner_words": ww, "loser_words": lw_, "score": 1.0 if ww > lw_ else 0.0 if ww < lw_ else 0.5}
+
+
+def calibration_row(pair: dict, wl: dict, lw: dict, kind: str = "calibration", instrument: str | None = None) -> dict:
     orders = [_order_result(wl, "winner", "loser"), _order_result(lw, "loser", "winner")]
     for o in orders:
         o["correct"] = o["preferred"] == "winner" if o["status"] == "ok" else None
-    ww, lw_ = _words(pair["winner"]), _words(pair["loser"])
     ok = all(o["status"] == "ok" for o in orders)
-    return {"kind": "calibration", "id": f"calibration:{pair['pair_id']}", "pair_id": pair["pair_id"],
-            "thread_id": pair["thread_id"], "orders": orders, "status": "ok" if ok else "failed",
-            "consistent": (orders[0]["preferred"] == orders[1]["preferred"]) if ok else None,
-            "length": {"winner_words": ww, "loser_words": lw_,
-                       "score": 1.0 if ww > lw_ else 0.0 if ww < lw_ else 0.5}}
+    row = {"kind": kind, "id": f"{instrument or kind}:{pair['pair_id']}", "pair_id": pair["pair_id"],
+           "thread_id": pair["thread_id"], "created_utc": pair.get("created_utc"), "orders": orders,
+           "status": "ok" if ok else "failed",
+           "consistent": (orders[0]["preferred"] == orders[1]["preferred"]) if ok else None, "length": _length(pair)}
+    if instrument:
+        row["instrument"] = instrument
+        row["id"] = f"validation:{instrument}:{pair['pair_id']}"
+    return row
 
 
 def single_row(item: dict, variant: str, r: dict, criteria: list[str]) -> dict:
@@ -795,23 +1233,52 @@ def single_row(item: dict, variant: str, r: dict, criteria: list[str]) -> dict:
     weighted = {c: expected_score(r["probs"][c]) for c in criteria} if ok else None
     return {"kind": "single", "id": f"single:{variant}:{item['item_id']}", "item_id": item["item_id"],
             "thread_id": item["thread_id"], "variant": variant,
+            "truncated": item.get("finish", {}).get(variant) == "length",
             "status": r["status"], "scores": r["verdict"] if ok else None, "weighted_scores": weighted,
             "score_probs": r["probs"] if ok else None, "rationale": r.get("rationale"),
             "error": r.get("error"), "raw": r.get("raw") if not ok else None,
-            **{k: r[k] for k in ("attempts", "cached_calls", "new_calls", "prompt_tokens", "completion_tokens",
-                                 "cost_usd", "cost_usd_this_run")}}
+            **{k: r.get(k) for k in CALL_FIELDS if k != "status"}}
 
 
-def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backend,
-                   cache: ResponseCache) -> tuple[list[dict], dict]:
-    """Build every judge call, run them concurrently, and assemble judgment rows in a fixed order."""
+def validation_single_row(pair: dict, rw: dict, rl: dict, criteria: list[str]) -> dict:
+    """The rubric run on the delta winner and on its matched loser (two calls, as ``orders``)."""
+    grades = []
+    for label, r in (("winner", rw), ("loser", rl)):
+        ok = r["status"] == "ok"
+        grades.append({"reply": label, **{k: r.get(k) for k in CALL_FIELDS},
+                       "scores": r["verdict"] if ok else None,
+                       "weighted_scores": {c: expected_score(r["probs"][c]) for c in criteria} if ok else None,
+                       "error": r.get("error"), "raw": r.get("raw") if not ok else None})
+    return {"kind": "validation", "instrument": "single", "id": f"validation:single:{pair['pair_id']}",
+            "pair_id": pair["pair_id"], "thread_id": pair["thread_id"], "created_utc": pair.get("created_utc"),
+            "orders": grades, "status": "ok" if all(g["status"] == "ok" for g in grades) else "failed",
+            "length": _length(pair)}
+
+
+def trimmed(text: str, keep: float = 0.6) -> str:
+    """The first ``keep`` share of a reply's sentences (at least one, one fewer than all): the
+    same content, shorter, for the length probe."""
+    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
+    if len(sentences) < 2:
+        words = text.split()
+        return " ".join(words[:max(1, int(len(words) * keep))])
+    n = min(len(sentences) - 1, max(1, round(len(sentences) * keep)))
+    return " ".join(sentences[:n])
+
+
+def plan_calls(items: list[dict], pairs: list[dict], cfg: JudgeConfig) -> tuple[list, list, dict]:
+    """Every judge call (messages, form) and how its results map back to judgment rows."""
     calls: list[tuple[list[dict], dict]] = []
-    builders = []  # (kind, context, slice of calls) so results map back in order
+    builders = []  # (kind, context, start, n) so results map back in order
     sform = single_form(cfg.criteria)
     skipped: dict[str, int] = {}
 
+    def two(instructions, form, prompt, x, y):
+        calls.append((two_reply_messages(instructions, form, prompt, x, y, cfg.max_text_chars), form))
+        calls.append((two_reply_messages(instructions, form, prompt, y, x, cfg.max_text_chars), form))
+
     if cfg.single:
-        variants = sorted({v for i in items for v in i["replies"] if v != HUMAN or cfg.grade_human})
+        variants = sorted({v for i in items for v in i["replies"] if not v.startswith(HUMAN) or cfg.grade_human})
         for variant in variants:
             for item in items:
                 if variant in item["replies"]:
@@ -830,32 +1297,36 @@ def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backe
                 if a not in item["replies"] or b not in item["replies"]:
                     skipped[comparison] = skipped.get(comparison, 0) + 1
                     continue
-                ra, rb = item["replies"][a], item["replies"][b]
                 builders.append(("pairwise", (comparison, item, a, b), len(calls), 2))
-                calls.append((two_reply_messages(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], ra, rb,
-                                                 cfg.max_text_chars), PAIRWISE_FORM))
-                calls.append((two_reply_messages(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], rb, ra,
-                                                 cfg.max_text_chars), PAIRWISE_FORM))
+                two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], item["replies"][a], item["replies"][b])
+        # The length probe: a model's reply against its own trimmed version (same content, shorter).
+        probe_variant = next((a for a, _ in cfg.comparisons if not a.startswith(HUMAN)), None)
+        probed = [i for i in items if probe_variant in i["replies"]][:max(0, cfg.length_probe_items)]
+        for item in probed:
+            full = item["replies"][probe_variant]
+            short = trimmed(full)
+            if _words(short) >= _words(full):
+                continue
+            probe_item = {**item, "replies": {"full": full, "trimmed": short},
+                          "finish": {"full": item["finish"].get(probe_variant), "trimmed": "stop"}}
+            builders.append(("length_probe", ("full_vs_trimmed", probe_item, "full", "trimmed"), len(calls), 2))
+            two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], full, short)
     for pair in pairs:
         builders.append(("calibration", (pair,), len(calls), 2))
-        calls.append((two_reply_messages(CALIBRATION_INSTRUCTIONS, CALIBRATION_FORM, pair["prompt"], pair["winner"],
-                                         pair["loser"], cfg.max_text_chars), CALIBRATION_FORM))
-        calls.append((two_reply_messages(CALIBRATION_INSTRUCTIONS, CALIBRATION_FORM, pair["prompt"], pair["loser"],
-                                         pair["winner"], cfg.max_text_chars), CALIBRATION_FORM))
-    for comparison, n in skipped.items():
-        log.warning("pairwise %s: %d prompt(s) skipped, a side has no reply", comparison, n)
+        two(CALIBRATION_INSTRUCTIONS, CALIBRATION_FORM, pair["prompt"], pair["winner"], pair["loser"])
+    if cfg.validate_instruments:
+        for pair in pairs:
+            if cfg.pairwise:
+                builders.append(("validation_pairwise", (pair,), len(calls), 2))
+                two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, pair["prompt"], pair["winner"], pair["loser"])
+            if cfg.single:
+                builders.append(("validation_single", (pair,), len(calls), 2))
+                for text in (pair["winner"], pair["loser"]):
+                    calls.append((single_messages(pair["prompt"], text, cfg.criteria, cfg.max_text_chars), sform))
+    return calls, builders, skipped
 
-    log.info("judging: %d call(s) for %d single, %d pairwise, %d calibration judgment(s)", len(calls),
-             sum(b[0] == "single" for b in builders), sum(b[0] == "pairwise" for b in builders),
-             sum(b[0] == "calibration" for b in builders))
 
-    async def go():
-        try:
-            return await run_calls(calls, backend=backend, cache=cache, cfg=cfg)
-        finally:
-            await backend.aclose()
-
-    results = asyncio.run(go())
+def assemble_rows(builders: list, results: list[dict], cfg: JudgeConfig) -> list[dict]:
     rows = []
     for kind, ctx, start, n in builders:
         res = results[start:start + n]
@@ -863,9 +1334,62 @@ def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backe
             rows.append(single_row(ctx[0], ctx[1], res[0], cfg.criteria))
         elif kind == "pairwise":
             rows.append(pairwise_row(*ctx, res[0], res[1]))
-        else:
+        elif kind == "length_probe":
+            rows.append(pairwise_row(*ctx, res[0], res[1], kind="length_probe"))
+        elif kind == "calibration":
             rows.append(calibration_row(ctx[0], res[0], res[1]))
-    return rows, {"calls": len(calls), "skipped_pairwise": skipped}
+        elif kind == "validation_pairwise":
+            rows.append(calibration_row(ctx[0], res[0], res[1], kind="validation", instrument="pairwise"))
+        else:
+            rows.append(validation_single_row(ctx[0], res[0], res[1], cfg.criteria))
+    return rows
+
+
+def estimate_cost(calls: list[tuple[list[dict], dict]], cfg: JudgeConfig, cache: ResponseCache | None,
+                  params: dict) -> dict:
+    """Calls not in the cache, their estimated tokens (prompt: characters / 4; completion: up to
+    max_tokens, estimated at a third) and cost at the configured price (batch price for the Batch
+    backend). Re-asks after unparseable answers come on top."""
+    new = [(m, f) for m, f in calls
+           if cache is None or cache.get(cache_key(key_backend(cfg), cfg.model, m, f, params)) is None]
+    prompt = sum(len(json.dumps(m, ensure_ascii=False)) // 4 for m, _ in new)
+    completion = len(new) * max(1, cfg.max_tokens // 3)
+    price = cfg.prices.get(price_name(cfg))
+    cost = None if price is None else (prompt * price["input"] + completion * price["output"]) / 1e6
+    if cfg.backend == "local":
+        cost = 0.0
+    return {"calls": len(calls), "new_calls": len(new), "cached_calls": len(calls) - len(new),
+            "est_prompt_tokens": prompt, "est_completion_tokens": completion, "est_cost_usd": cost,
+            "price": price_name(cfg) if price else None}
+
+
+def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backend,
+                   cache: ResponseCache) -> tuple[list[dict], dict]:
+    """Build every judge call, run them concurrently, and assemble judgment rows in a fixed order."""
+    calls, builders, skipped = plan_calls(items, pairs, cfg)
+    for comparison, n in skipped.items():
+        log.warning("pairwise %s: %d prompt(s) skipped, a side has no reply", comparison, n)
+    counts = {}
+    for b in builders:
+        counts[b[0]] = counts.get(b[0], 0) + 1
+    log.info("judging: %d call(s) for %s", len(calls), ", ".join(f"{n} {k}" for k, n in counts.items()))
+    if cfg.max_cost_usd is not None:
+        est = estimate_cost(calls, cfg, cache, backend.params())
+        if est["est_cost_usd"] is not None and est["est_cost_usd"] > cfg.max_cost_usd:
+            raise JudgeBudgetError(f"the {est['new_calls']} new judge call(s) would cost about "
+                                   f"${est['est_cost_usd']:.2f} > judge.max_cost_usd={cfg.max_cost_usd}; nothing "
+                                   f"was sent (cmv judge --dry-run shows the plan)")
+
+    async def go():
+        try:
+            if hasattr(backend, "prefetch"):
+                await backend.prefetch(calls, cache)
+            return await run_calls(calls, backend=backend, cache=cache, cfg=cfg)
+        finally:
+            await backend.aclose()
+
+    results = asyncio.run(go())
+    return assemble_rows(builders, results, cfg), {"calls": len(calls), "skipped_pairwise": skipped}
 
 
 # ---------------------------------------------------------------- the stage
@@ -873,12 +1397,120 @@ def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backe
 def _validate(cfg: JudgeConfig) -> None:
     unknown = [c for c in cfg.criteria if c not in CRITERIA]
     if unknown or not cfg.criteria:
-        raise ValueError(f"judge.criteria: unknown {unknown}; known: {list(CRITERIA)}")
+        raise errors.InputError(f"judge.criteria: unknown {unknown}; known: {list(CRITERIA)}")
     if cfg.response_format not in ("json_schema", "json_object", "none"):
-        raise ValueError(f"judge.response_format must be json_schema, json_object or none, got {cfg.response_format!r}")
+        raise errors.InputError(f"judge.response_format must be json_schema, json_object or none, got {cfg.response_format!r}")
     for comp in cfg.comparisons:
         if len(comp) != 2 or comp[0] == comp[1]:
-            raise ValueError(f"judge.comparisons: each entry is two different variants, got {comp!r}")
+            raise errors.InputError(f"judge.comparisons: each entry is two different variants, got {comp!r}")
+    if cfg.human_reference not in ("depth1", "all"):
+        raise errors.InputError(f"judge.human_reference must be depth1 or all, got {cfg.human_reference!r}")
+    if cfg.token_limit_param not in ("max_completion_tokens", "max_tokens"):
+        raise errors.InputError(f"judge.token_limit_param must be max_completion_tokens or max_tokens, "
+                         f"got {cfg.token_limit_param!r}")
+
+
+def load_inputs(generations: str, data: str, config: JudgeConfig) -> tuple[list[dict], list[dict]]:
+    """The test prompts with every variant's reply (human references included) and the sampled
+    calibration pairs."""
+    instruction = instruction_prefix(data)
+    generations_uri = _first_file(generations, ("generations.jsonl", "generations.jsonl.gz"))
+    if generations_uri is None:
+        raise InputError(f"{generations} has no generations.jsonl")
+    test_uri = _first_file(data, ("test.jsonl", "test.jsonl.gz"))
+    items = _sample(load_items(generations_uri, test_uri, instruction, config.human_reference),
+                    config.max_items, config.seed)
+    pairs_uri = _first_file(data, ("pairs.jsonl", "pairs.jsonl.gz"))
+    all_pairs = load_pairs(pairs_uri, instruction) if pairs_uri else []
+    if config.nondelta_reference:
+        add_nondelta_replies(items, all_pairs, config.human_reference)
+    pairs: list[dict] = []
+    if config.calibration:
+        if pairs_uri:
+            pairs = _sample(all_pairs, config.max_calibration_pairs, config.seed)
+        else:
+            log.warning("%s has no pairs.jsonl: no calibration", data)
+    log.info("loaded %d prompt(s) with variants %s, %d calibration pair(s)", len(items),
+             sorted({v for i in items for v in i["replies"]}), len(pairs))
+    return items, pairs
+
+
+def time_split_utc(data: str, config: JudgeConfig) -> float | None:
+    """The date of the time-split view: judge.validation_split_date, else the format stage's
+    test_after when it split by time."""
+    from cmv_core.formatting import parse_utc
+
+    when = config.validation_split_date
+    if when is None:
+        fmt = (storage.require_success(data).get("config") or {})
+        fmt = fmt.get("format", fmt)
+        if fmt.get("split") == "time":
+            when = fmt.get("test_after")
+    return parse_utc(str(when)) if when else None
+
+
+def dry_run(generations: str, data: str, output: str, config: JudgeConfig) -> dict:
+    """The plan without a single call: calls, how many are cached, estimated tokens and cost."""
+    _validate(config)
+    items, pairs = load_inputs(generations, data, config)
+    calls, _, _ = plan_calls(items, pairs, config)
+    cache_uri = config.cache or storage.join(output, "cache")
+    # Reading the cache writes nothing (a cache file is only opened on the first put).
+    cache = ResponseCache(cache_uri, config.cache_flush_every)
+    return estimate_cost(calls, config, cache, planned_params(config))
+
+
+def planned_params(cfg: JudgeConfig) -> dict:
+    """The backend's params() without building a client (the dry run needs no key or model)."""
+    if cfg.backend == "local":
+        return {"rationale_tokens": cfg.local_rationale_tokens}
+    base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    return {"temperature": cfg.temperature, cfg.token_limit_param: cfg.max_tokens,
+            "response_format": cfg.response_format, "logprobs": cfg.logprobs,
+            "top_logprobs": cfg.top_logprobs if cfg.logprobs else None, "seed": cfg.api_seed,
+            "base_url": base_url.rstrip("/")}
+
+
+HUMAN_REFERENCE_TEXT = {
+    "depth1": "only delta winners that reply to the post itself (depth 1) are used as the human reference, "
+              "and only depth-1 non-delta replies as the ordinary-commenter reference, so the judge sees "
+              "everything the human reply answered.",
+    "all": "every delta winner is used as the human reference, including deep ones that answered OP "
+           "follow-ups the judge does not see in the single view (unfair to the human side).",
+}
+
+
+def stage_seconds(manifest: dict) -> float | None:
+    import datetime as dt
+
+    try:
+        return (dt.datetime.fromisoformat(manifest["finished_at"])
+                - dt.datetime.fromisoformat(manifest["started_at"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def training_seconds(generations: str) -> float | None:
+    """How long the train stage behind these generations ran (its manifest, found through the
+    generate stage's inputs), to print beside the judge's own time; None when not found."""
+    try:
+        for inp in storage.require_success(generations).get("inputs") or []:
+            uri = inp.get("uri") if isinstance(inp, dict) else inp
+            if uri and storage.exists(storage.join(uri, "_SUCCESS")):
+                manifest = storage.require_success(uri)
+                if manifest.get("stage") == "train":
+                    return stage_seconds(manifest)
+    except Exception:  # noqa: BLE001 - a missing or foreign manifest only means "not known"
+        return None
+    return None
+
+
+def provenance(rows: list[dict], cfg: JudgeConfig) -> dict:
+    """The model snapshots and system fingerprints the endpoint reported, over every call."""
+    calls = [c for r in rows for c in (r["orders"] if "orders" in r else [r])]
+    return {"models": sorted({c["model"] for c in calls if c.get("model")}),
+            "system_fingerprints": sorted({c["system_fingerprint"] for c in calls if c.get("system_fingerprint")}),
+            "seed": cfg.api_seed if cfg.backend != "local" else None}
 
 
 def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run_id: str | None = None,
@@ -896,21 +1528,7 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
     started = time.monotonic()
 
     # Load
-    instruction = instruction_prefix(data)
-    generations_uri = _first_file(generations, ("generations.jsonl", "generations.jsonl.gz"))
-    if generations_uri is None:
-        raise InputError(f"{generations} has no generations.jsonl")
-    test_uri = _first_file(data, ("test.jsonl", "test.jsonl.gz"))
-    items = _sample(load_items(generations_uri, test_uri, instruction), config.max_items, config.seed)
-    pairs: list[dict] = []
-    if config.calibration:
-        pairs_uri = _first_file(data, ("pairs.jsonl", "pairs.jsonl.gz"))
-        if pairs_uri:
-            pairs = _sample(load_pairs(pairs_uri, instruction), config.max_calibration_pairs, config.seed)
-        else:
-            log.warning("%s has no pairs.jsonl: no calibration", data)
-    log.info("loaded %d prompt(s) with variants %s, %d calibration pair(s)", len(items),
-             sorted({v for i in items for v in i["replies"]}), len(pairs))
+    items, pairs = load_inputs(generations, data, config)
 
     # Judge (through the cache)
     cache = ResponseCache(config.cache or storage.join(output, "cache"), config.cache_flush_every)
@@ -924,7 +1542,13 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
     storage.write_jsonl(storage.join(output, "judgments.jsonl"), rows)
     meta = {"run_id": run.run_id, "rubric_version": RUBRIC_VERSION, "backend": config.backend,
             "judge_model": config.model, "n_prompts": len(items), "calls_planned": plan["calls"],
-            "skipped_pairwise": plan["skipped_pairwise"], "prices_usd_per_mtok": config.prices.get(config.model)}
+            "skipped_pairwise": plan["skipped_pairwise"], "prices_usd_per_mtok": config.prices.get(price_name(config)),
+            "comparisons": [list(c) for c in config.comparisons], "base_variant": "base", "human_variant": HUMAN,
+            "human_reference": HUMAN_REFERENCE_TEXT[config.human_reference] + (
+                f" Every text passes the same cut rule: at most {config.max_text_chars} characters, marked "
+                "'[...cut]'."),
+            "time_split_utc": time_split_utc(data, config), "provenance": provenance(rows, config),
+            "judge_seconds": round(time.monotonic() - started, 1), "train_seconds": training_seconds(generations)}
     report = report_mod.build_report(rows, criteria=config.criteria, meta=meta,
                                      n_boot=config.bootstrap_samples, seed=config.seed)
     plots = report_mod.render_plots(report)
@@ -939,6 +1563,9 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
              "this run, %.1f s", len(rows), usage["attempts"], usage["cached_calls"], usage["new_calls"],
              failures["failed_calls"], usage["prompt_tokens"], usage["completion_tokens"],
              usage["cost_usd_this_run"], time.monotonic() - started)
+    train_s = meta["train_seconds"]
+    print(f"judge time {meta['judge_seconds']:.0f} s" + (f" (training took {train_s:.0f} s)" if train_s else ""),
+          flush=True)
     total_calls = sum(len(r.get("orders", [r])) for r in rows)
     if total_calls and failures["failed_calls"] / total_calls > config.max_failed_fraction:
         raise JudgeFailed(f"{failures['failed_calls']} of {total_calls} judge calls failed "
@@ -947,6 +1574,7 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
 
     # Finish: _SUCCESS last
     summary = {"judgments": len(rows), "failed_calls": failures["failed_calls"],
+               "judge_seconds": meta["judge_seconds"], "train_seconds": meta["train_seconds"],
                "excluded_judgments": failures["excluded_judgments"], "calls": usage["attempts"],
                "cached_calls": usage["cached_calls"], "new_calls": usage["new_calls"],
                "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
@@ -960,6 +1588,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generations", required=True, help="generate stage output (dir or URI)")
     parser.add_argument("--data", required=True, help="format stage output (test.jsonl, pairs.jsonl)")
     parser.add_argument("--output", required=True, help="where judgments and the report go (dir or URI)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the number of judge calls, estimated tokens and cost, and exit (nothing is sent)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -967,6 +1597,14 @@ def cli_main(args: argparse.Namespace) -> int:
 
     recipe = config_mod.load_recipe(args.config, args.set)
     cfg = config_mod.section(recipe, "judge", JudgeConfig)
+    if getattr(args, "dry_run", False):
+        est = dry_run(args.generations, args.data, args.output, cfg)
+        cost = "unpriced" if est["est_cost_usd"] is None else f"${est['est_cost_usd']:.4f}"
+        print(f"dry run: {est['calls']} judge call(s), {est['new_calls']} new ({est['cached_calls']} cached); "
+              f"estimated {est['est_prompt_tokens']} prompt + {est['est_completion_tokens']} completion tokens; "
+              f"estimated cost {cost} (re-asks after unparseable answers not included)")
+        print(json.dumps(est))
+        return 0
     manifest = run_judge(args.generations, args.data, args.output, cfg, run_id=args.run_id, force=args.force)
     print(f"report: {storage.join(args.output, 'report.md')}")
     summary = manifest.get("summary", {})

@@ -3,7 +3,9 @@
 Input rows are the lines of ``judgments.jsonl`` written by ``cmv_core.judging`` (one row per
 single-answer grade, per pairwise comparison with both orders inside, per calibration pair).
 Nothing here calls a judge or touches storage; plots are returned as PNG bytes so the caller
-decides where they go. numpy and matplotlib are imported inside functions (stage images that
+decides where they go. The statistics are in ``cmv_core.stats``: the unit of resampling is the
+thread (examples of one thread share a prompt), comparisons are paired on the same items, and
+``conclusion_lines`` states in words what the numbers support, or that they cannot tell. numpy and matplotlib are imported inside functions (stage images that
 only import the module for its constants must not need them).
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import math
 from typing import Any, Iterable
+
+from cmv_core import stats
 
 # Published numbers for the CMV pair task (see shared/CMV_DATA.md), shown beside the judge's
 # own calibration accuracy so readers know how far to trust the judge.
@@ -63,35 +67,77 @@ def _mean(values: list[float]) -> float | None:
 
 # ---------------------------------------------------------------- sections
 
+def _thread(r: dict) -> str:
+    return str(r.get("thread_id") or r.get("item_id") or r.get("pair_id") or r["id"])
+
+
 def summarize_single(rows: list[dict], criteria: list[str], *, n_boot: int, seed: int) -> dict:
-    """Per variant and criterion: mean with bootstrap CI of parsed scores (and of the
-    probability-weighted scores where the judge gave log-probabilities), plus a histogram."""
+    """Per variant and criterion: the mean of per-thread means with a thread-cluster bootstrap
+    interval, of parsed scores (and of the probability-weighted scores where the judge gave
+    log-probabilities), plus a histogram of the parsed scores."""
     variants: dict[str, dict] = {}
     for variant in sorted({r["variant"] for r in rows}):
         vrows = [r for r in rows if r["variant"] == variant]
         ok = [r for r in vrows if r["status"] == "ok"]
         per_crit = {}
         for ci, crit in enumerate(criteria):
-            scores = [r["scores"][crit] for r in ok if r["scores"].get(crit) is not None]
-            weighted = [r["weighted_scores"][crit] for r in ok
-                        if (r.get("weighted_scores") or {}).get(crit) is not None]
+            scored = [r for r in ok if r["scores"].get(crit) is not None]
+            wrows = [r for r in ok if (r.get("weighted_scores") or {}).get(crit) is not None]
+            parsed = stats.cluster_bootstrap_ci([r["scores"][crit] for r in scored], [_thread(r) for r in scored],
+                                                n_boot=n_boot, seed=seed + ci)
+            weighted = stats.cluster_bootstrap_ci([r["weighted_scores"][crit] for r in wrows],
+                                                  [_thread(r) for r in wrows], n_boot=n_boot, seed=seed + ci)
             per_crit[crit] = {
-                "n": len(scores),
-                "mean": _mean(scores),
-                "ci95": bootstrap_mean_ci(scores, n_boot=n_boot, seed=seed + ci),
-                "n_weighted": len(weighted),
-                "weighted_mean": _mean(weighted),
-                "weighted_ci95": bootstrap_mean_ci(weighted, n_boot=n_boot, seed=seed + ci),
-                "histogram": {str(k): sum(1 for s in scores if s == k) for k in LIKERT},
+                "n": len(scored),
+                "n_threads": parsed["n_threads"],
+                "mean": parsed["estimate"],
+                "ci95": parsed["ci95"],
+                "n_weighted": len(wrows),
+                "weighted_mean": weighted["estimate"],
+                "weighted_ci95": weighted["ci95"],
+                "histogram": {str(k): sum(1 for r in scored if r["scores"][crit] == k) for k in LIKERT},
             }
         variants[variant] = {"n": len(vrows), "n_ok": len(ok), "n_failed": len(vrows) - len(ok),
                              "criteria": per_crit}
     return {"criteria": list(criteria), "variants": variants}
 
 
-def summarize_pairwise(rows: list[dict]) -> dict:
+def _score_of(r: dict, crit: str) -> float | None:
+    """The probability-weighted score where the judge gave one, else the parsed digit."""
+    if r["status"] != "ok":
+        return None
+    w = (r.get("weighted_scores") or {}).get(crit)
+    return w if w is not None else r["scores"].get(crit)
+
+
+def summarize_single_differences(rows: list[dict], criteria: list[str], comparisons: list[tuple[str, str]], *,
+                                 n_boot: int, seed: int) -> dict:
+    """Per comparison (a, b) and criterion: the paired per-thread difference of a's and b's scores
+    on the same prompts (probability-weighted where available), interval and sign-flip p-value.
+    Prompts where either side failed are excluded from both and counted."""
+    by_variant: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_variant.setdefault(r["variant"], {})[str(r["item_id"])] = r
+    out: dict[str, dict] = {}
+    for a, b in comparisons:
+        if a not in by_variant or b not in by_variant:
+            continue
+        ra, rb = by_variant[a], by_variant[b]
+        clusters = {i: _thread(r) for i, r in {**rb, **ra}.items()}
+        per = {}
+        for ci, crit in enumerate(criteria):
+            per[crit] = stats.paired_difference({i: _score_of(r, crit) for i, r in ra.items()},
+                                                {i: _score_of(r, crit) for i, r in rb.items()}, clusters,
+                                                n_boot=n_boot, seed=seed + ci)
+        out[f"{a}_vs_{b}"] = {"a": a, "b": b, "criteria": per}
+    return out
+
+
+def summarize_pairwise(rows: list[dict], *, n_boot: int = 2000, seed: int = 0) -> dict:
     """Win/tie/loss of side ``a`` per comparison. A pair whose two orders disagree counts as a
-    tie (MT-Bench's convention) and is also counted as inconsistent, so it is never hidden."""
+    tie (MT-Bench's convention) and is also counted as inconsistent, so it is never hidden.
+    ``preference`` is P(a beats b) = win + tie/2, thread-weighted, with a thread-cluster interval
+    and a sign-flip p-value against 1/2; failed pairs are excluded and counted."""
     out: dict[str, dict] = {}
     for comp in sorted({r["comparison"] for r in rows}):
         crows = [r for r in rows if r["comparison"] == comp]
@@ -110,22 +156,89 @@ def summarize_pairwise(rows: list[dict]) -> dict:
             # Share of decisive single-order verdicts that picked the first-shown reply: 0.5 is unbiased.
             "first_position_preference": _rate(sum(1 for o in orders if o["verdict"] == "A"),
                                                len(orders)),
+            "preference": stats.preference([r["outcome"] for r in crows], [_thread(r) for r in crows],
+                                           n_boot=n_boot, seed=seed),
         }
     return out
 
 
-def summarize_calibration(rows: list[dict]) -> dict | None:
-    """Judge accuracy at telling the delta-winning human reply from its matched loser,
-    per presentation order and overall, beside a length baseline on the same pairs."""
+def _order_score(o: dict) -> float | None:
+    """1 when an order picked the delta winner, 0 the loser, 1/2 a tie; None when it failed."""
+    if o["status"] != "ok":
+        return None
+    return {"winner": 1.0, "loser": 0.0, "tie": 0.5}.get(o["preferred"])
+
+
+def _order_p_winner(o: dict) -> float | None:
+    """P(delta winner) from one order's verdict probabilities (a tie's probability counts half)."""
+    probs = o.get("probs")
+    if o["status"] != "ok" or not probs:
+        return None
+    letter = "A" if o["first"] == "winner" else "B"
+    return probs.get(letter, 0.0) + 0.5 * probs.get("tie", 0.0)
+
+
+def pair_units(rows: list[dict]) -> list[dict]:
+    """One unit per calibration pair with both orders judged: the pair's score (mean over the
+    two orders), P(winner) averaged over both orders where probabilities exist, the length
+    baseline's score, the word-count difference and the thread. Failed pairs are left out."""
+    units = []
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        scores = [_order_score(o) for o in r["orders"]]
+        probs = [_order_p_winner(o) for o in r["orders"]]
+        units.append({"pair_id": r["pair_id"], "thread": _thread(r), "score": sum(scores) / len(scores),
+                      "p_winner": sum(probs) / len(probs) if all(p is not None for p in probs) else None,
+                      "length": r["length"]["score"],
+                      "length_diff": r["length"]["winner_words"] - r["length"]["loser_words"],
+                      "created_utc": r.get("created_utc")})
+    return units
+
+
+def _accuracy_block(units: list[dict], *, n_boot: int, seed: int, folds: int = 5) -> dict:
+    """Accuracy (pair = unit, tie = 1/2) with a thread-cluster interval; Brier of P(winner); the
+    simple length baseline (longer wins) and a cross-validated length-only logistic model on the
+    same pairs, each with a paired exact test of the judge against it."""
+    threads = [u["thread"] for u in units]
+    scores = [u["score"] for u in units]
+    acc = stats.cluster_bootstrap_ci(scores, threads, n_boot=n_boot, seed=seed)
+    cv = stats.cv_length_model([u["length_diff"] for u in units], threads, folds=folds, seed=seed)
+    cv_scores = [1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5 for p in cv]
+    probs = [u["p_winner"] for u in units if u["p_winner"] is not None]
+    return {
+        "n_pairs": len(units), "n_threads": acc["n_threads"],
+        "accuracy": acc["estimate"], "accuracy_ci95": acc["ci95"],
+        "brier": stats.brier(probs) if len(probs) == len(units) and units else None,
+        "n_with_probabilities": len(probs),
+        "length_baseline": stats._mean([u["length"] for u in units]),
+        "vs_length": stats.paired_accuracy_test(scores, [u["length"] for u in units], threads,
+                                                n_boot=n_boot, seed=seed) if units else None,
+        "length_cv_accuracy": stats._mean(cv_scores),
+        # P(winner) from the length model: its Brier score is comparable to the judge's
+        "length_cv_brier": stats.brier(cv) if cv else None,
+        "vs_length_cv": stats.paired_accuracy_test(scores, cv_scores, threads, n_boot=n_boot, seed=seed)
+        if units else None,
+    }
+
+
+def summarize_calibration(rows: list[dict], *, n_boot: int = 2000, seed: int = 0) -> dict | None:
+    """Judge accuracy at telling the delta-winning human reply from its matched loser, with the
+    pair as the unit (both orders averaged; interval over threads), per presentation order,
+    beside a length baseline on the same pairs with an exact paired test."""
     if not rows:
         return None
     ok = [r for r in rows if r["status"] == "ok"]
     judged = [o for r in ok for o in r["orders"]]
     by_first = {first: [o for o in judged if o["first"] == first] for first in ("winner", "loser")}
-    length_scores = [r["length"]["score"] for r in rows]
+    units = pair_units(rows)
+    block = _accuracy_block(units, n_boot=n_boot, seed=seed)
+    correct = sum(1 for o in judged if o["correct"])
     return {
         "n_pairs": len(rows), "n_ok": len(ok), "n_failed": len(rows) - len(ok),
-        "accuracy": _rate(sum(1 for o in judged if o["correct"]), len(judged)),
+        # the rate equals the share of correct orders; the interval resamples threads of pairs
+        "accuracy": {"rate": block["accuracy"], "count": correct, "n_orders": len(judged),
+                     "ci95": block["accuracy_ci95"]},
         "accuracy_winner_first": _rate(sum(1 for o in by_first["winner"] if o["correct"]),
                                        len(by_first["winner"])),
         "accuracy_winner_second": _rate(sum(1 for o in by_first["loser"] if o["correct"]),
@@ -133,10 +246,132 @@ def summarize_calibration(rows: list[dict]) -> dict | None:
         "both_orders_correct": _rate(sum(1 for r in ok if all(o["correct"] for o in r["orders"])),
                                      len(ok)),
         "position_consistency": _rate(sum(1 for r in ok if r["consistent"]), len(ok)),
-        # Longer reply (in words) wins; equal length counts half. Computed on every sampled pair.
-        "length_baseline": _rate(sum(length_scores), len(length_scores)),
+        # Longer reply (in words) wins; equal length counts half. On the same (judged) pairs.
+        "length_baseline": _rate(sum(u["length"] for u in units), len(units)),
+        "vs_length": block["vs_length"],
+        "brier": block["brier"],
         "references": dict(REFERENCE_ACCURACY),
     }
+
+
+def _single_units(rows: list[dict], criteria: list[str]) -> list[dict]:
+    """Validation rows of the single-answer rubric: winner and loser graded separately; one unit
+    per pair where both grades parsed, with the score differences per criterion."""
+    units = []
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        w, l_ = r["orders"]
+        diff = {c: w["scores"][c] - l_["scores"][c] for c in criteria}
+        wdiff = {c: (_score_of(w, c) - _score_of(l_, c)) for c in criteria}
+        units.append({"pair_id": r["pair_id"], "thread": _thread(r), "diff": diff, "weighted_diff": wdiff,
+                      "length": r["length"]["score"],
+                      "length_diff": r["length"]["winner_words"] - r["length"]["loser_words"],
+                      "created_utc": r.get("created_utc"), "p_winner": None,
+                      # accuracy of the rubric: the reply with the higher (weighted) persuasiveness
+                      "score": 1.0 if wdiff[criteria[0]] > 0 else 0.0 if wdiff[criteria[0]] < 0 else 0.5})
+    return units
+
+
+def summarize_instruments(calibration_rows: list[dict], validation_rows: list[dict], criteria: list[str], *,
+                          n_boot: int, seed: int, split_utc: float | None = None) -> dict:
+    """Every judge instrument scored against real deltas on the same kind of pairs: the
+    forced-choice calibration prompt, the pairwise prompt behind the headline preference, and the
+    single-answer rubric behind the Likert scores. Per instrument: accuracy (tie = 1/2), Brier of
+    P(winner) (both orders averaged), AUC of the score difference (rubric), and the gain over a
+    cross-validated length-only logistic model on the same pairs. With ``split_utc``, the same
+    accuracy before and after that date (pretraining exposure)."""
+    out: dict[str, dict] = {}
+    sources = {"forced_choice": (pair_units(calibration_rows), calibration_rows),
+               "pairwise": (pair_units([r for r in validation_rows if r["instrument"] == "pairwise"]),
+                            [r for r in validation_rows if r["instrument"] == "pairwise"]),
+               "single": (_single_units([r for r in validation_rows if r["instrument"] == "single"], criteria),
+                          [r for r in validation_rows if r["instrument"] == "single"])}
+    for name, (units, rows) in sources.items():
+        if not rows:
+            continue
+        block = _accuracy_block(units, n_boot=n_boot, seed=seed)
+        block["n_failed"] = len(rows) - len(units)
+        if name == "single":
+            block["auc"] = {c: stats.paired_auc([u["diff"][c] for u in units]) for c in criteria}
+            block["auc_weighted"] = {c: stats.paired_auc([u["weighted_diff"][c] for u in units]) for c in criteria}
+            block["accuracy_criterion"] = criteria[0]
+        if split_utc is not None:
+            before = [u for u in units if u["created_utc"] is not None and u["created_utc"] < split_utc]
+            after = [u for u in units if u["created_utc"] is not None and u["created_utc"] >= split_utc]
+            block["time_split"] = {
+                "split_utc": split_utc,
+                "before": {"n_pairs": len(before), "accuracy": stats._mean([u["score"] for u in before])},
+                "after": {"n_pairs": len(after), "accuracy": stats._mean([u["score"] for u in after])}}
+        out[name] = block
+    return out
+
+
+# ---------------------------------------------------------------- length control, scale
+
+def length_control_rows(rows: list[dict]) -> list[dict]:
+    """One row per judged order of every pairwise comparison, for the length-controlled model:
+    y (side a preferred = 1, tie = 1/2), tanh(word difference / sd) with sd over all pairs,
+    shown-first (+1 when a was shown first), and differences of the truncated and meta-preamble
+    flags."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("words")]
+    diffs = [r["words"]["a"] - r["words"]["b"] for r in ok]
+    if not diffs:
+        return []
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs)) or 1.0
+    out = []
+    for r, d in zip(ok, diffs):
+        flags = r.get("flags") or {}
+        trunc = float(bool((flags.get("a") or {}).get("truncated"))) - float(bool((flags.get("b") or {}).get("truncated")))
+        pre = float(bool((flags.get("a") or {}).get("preamble"))) - float(bool((flags.get("b") or {}).get("preamble")))
+        for o in r["orders"]:
+            y = 1.0 if o["preferred"] == r["a"] else 0.0 if o["preferred"] == r["b"] else 0.5
+            out.append({"group": r["comparison"], "thread": _thread(r), "y": y, "length": math.tanh(d / sd),
+                        "shown_first": 1.0 if o["first"] == r["a"] else -1.0, "truncated": trunc,
+                        "preamble": pre})
+    return out
+
+
+LC_FEATURES = ("length", "shown_first", "truncated", "preamble")
+
+
+def summarize_length_control(pairwise_rows: list[dict], probe_rows: list[dict], *, n_boot: int,
+                             seed: int) -> dict:
+    """The preference at equal length and style per comparison, beside the raw one, and the
+    length probe: P(the judge prefers the longer of two versions of the same reply)."""
+    lc = stats.length_controlled_preference(length_control_rows(pairwise_rows), features=list(LC_FEATURES))
+    probe = stats.preference([r["outcome"] for r in probe_rows], [_thread(r) for r in probe_rows],
+                             n_boot=n_boot, seed=seed) if probe_rows else None
+    return {"model": lc, "probe_prefer_longer": probe}
+
+
+def summarize_scale(pairwise_rows: list[dict], *, base: str, reference: str, n_boot: int, seed: int) -> dict:
+    """Bradley-Terry strengths over every pairwise verdict (one comparison per pair, a tie = 1/2),
+    anchored at ``base`` = 0, and for each other model the share of the base-to-human-winner gap it
+    closes, with thread-cluster bootstrap intervals."""
+    ok = [r for r in pairwise_rows if r["status"] == "ok"]
+    comps = [(r["a"], r["b"], stats.OUTCOME_SCORE[r["outcome"]]) for r in ok]
+    threads = [_thread(r) for r in ok]
+    players = sorted({p for a, b, _ in comps for p in (a, b)})
+    out: dict[str, Any] = {"base": base, "reference": reference, "players": players, "models": {}}
+    if not comps:
+        return out
+    models = [p for p in players if p not in (base, reference) and not p.startswith(HUMAN_PREFIX)]
+    first = None
+    for i, m in enumerate(models or [None]):
+        fit = stats.bradley_terry_bootstrap(comps, threads, model=m or base, base=base, reference=reference,
+                                            n_boot=min(n_boot, 500), seed=seed + i)
+        first = first or fit
+        if m is not None:
+            out["models"][m] = {"gap_closed": fit["gap_closed"], "gap_closed_ci95": fit["gap_closed_ci95"]}
+    out["strengths"] = first["strengths"]
+    out["strengths_ci95"] = first["strengths_ci95"]
+    out["n_comparisons"], out["n_threads"] = first["n_comparisons"], first["n_threads"]
+    return out
+
+
+HUMAN_PREFIX = "human"
 
 
 def summarize_failures(rows: list[dict], max_examples: int = 5) -> dict:
@@ -152,6 +387,7 @@ def summarize_failures(rows: list[dict], max_examples: int = 5) -> dict:
         "failed_calls": len(failed_calls),
         "unparseable": sum(1 for _, c in failed_calls if c["status"] == "unparseable"),
         "errors": sum(1 for _, c in failed_calls if c["status"] == "error"),
+        "refusals": sum(1 for _, c in failed_calls if c["status"] == "refused"),
         "by_kind": by_kind,
         "excluded_judgments": sum(1 for r in rows if r["status"] != "ok"),
         "examples": [{"id": r["id"], "status": c["status"], "error": c.get("error"),
@@ -170,18 +406,118 @@ def summarize_usage(rows: list[dict]) -> dict:
     return total
 
 
+def summarize_truncation(rows: list[dict]) -> dict:
+    """Generated replies that hit the token limit (finish_reason "length"), per variant."""
+    seen: dict[str, set] = {}
+    for r in rows:
+        if r["kind"] == "single" and r.get("truncated"):
+            seen.setdefault(r["variant"], set()).add(r["item_id"])
+    return {v: len(ids) for v, ids in sorted(seen.items())}
+
+
 def build_report(rows: list[dict], *, criteria: list[str], meta: dict, n_boot: int = 2000,
                  seed: int = 0) -> dict:
     """The whole report.json object."""
-    kinds = {k: [r for r in rows if r["kind"] == k] for k in ("single", "pairwise", "calibration")}
-    return {
+    kinds = {k: [r for r in rows if r["kind"] == k]
+             for k in ("single", "pairwise", "calibration", "validation", "length_probe")}
+    comparisons = [tuple(c) for c in meta.get("comparisons") or
+                   sorted({(r["a"], r["b"]) for r in kinds["pairwise"]})]
+    report = {
         **meta,
         "single": summarize_single(kinds["single"], criteria, n_boot=n_boot, seed=seed),
-        "pairwise": summarize_pairwise(kinds["pairwise"]),
-        "calibration": summarize_calibration(kinds["calibration"]),
+        "single_differences": summarize_single_differences(kinds["single"], criteria, comparisons,
+                                                           n_boot=n_boot, seed=seed),
+        "pairwise": summarize_pairwise(kinds["pairwise"], n_boot=n_boot, seed=seed),
+        "calibration": summarize_calibration(kinds["calibration"], n_boot=n_boot, seed=seed),
+        "instruments": summarize_instruments(kinds["calibration"], kinds["validation"], criteria,
+                                             n_boot=n_boot, seed=seed, split_utc=meta.get("time_split_utc")),
+        "length_control": summarize_length_control(kinds["pairwise"], kinds["length_probe"], n_boot=n_boot,
+                                                    seed=seed),
+        "scale": summarize_scale(kinds["pairwise"], base=meta.get("base_variant", "base"),
+                                 reference=meta.get("human_variant", "human"), n_boot=n_boot, seed=seed),
+        "truncated_generations": summarize_truncation(rows),
         "failures": summarize_failures(rows),
         "usage": summarize_usage(rows),
     }
+    report["conclusion"] = conclusion_lines(report, criteria)
+    return report
+
+
+# ---------------------------------------------------------------- conclusion
+
+MIN_THREADS = 10  # fewer threads than this: the report says the data cannot tell
+ALPHA = 0.05
+
+
+def _sig(p: float | None) -> str:
+    return "n/a" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}")
+
+
+def _judge_line(report: dict) -> tuple[str | None, bool | None]:
+    """'judge agreement with real deltas 58% [52, 64] vs length 55% (p = 0.03)' and whether the
+    judge beats the length baseline on the same pairs (None: no calibration)."""
+    cal = report.get("calibration")
+    if not cal or not cal["vs_length"] or cal["accuracy"]["rate"] is None:
+        return None, None
+    vs = cal["vs_length"]
+    lo, hi = cal["accuracy"]["ci95"]
+    beats = vs["p_value"] < ALPHA and vs["difference"] > 0
+    text = (f"judge agreement with real deltas {100 * cal['accuracy']['rate']:.0f}% [{100 * lo:.0f}, "
+            f"{100 * hi:.0f}] vs length {100 * vs['second']:.0f}% on the same {vs['n']} pairs "
+            f"(exact paired test p = {_sig(vs['p_value'])})")
+    return text, beats
+
+
+def conclusion_lines(report: dict, criteria: list[str]) -> list[str]:
+    """What the numbers support, in words, one line per comparison, then what limits them."""
+    lines: list[str] = []
+    judge_text, beats = _judge_line(report)
+    crit = criteria[0] if criteria else None
+    lc = (report.get("length_control") or {}).get("model") or {}
+    # in the order the comparisons were asked for (the first is the headline), then any others
+    asked = [f"{a}_vs_{b}" for a, b in report.get("comparisons") or []]
+    order = [c for c in asked if c in report["pairwise"]] + [c for c in report["pairwise"] if c not in asked]
+    for comp in order:
+        p = report["pairwise"][comp]
+        a, b = p["a"], p["b"]
+        pref = p["preference"]
+        n_threads = pref["n_threads"]
+        parts = []
+        diff = (report["single_differences"].get(comp) or {}).get("criteria", {}).get(crit) if crit else None
+        if diff and diff["estimate"] is not None:
+            parts.append(f"{diff['estimate']:+.2f} {crit} {_ci(diff['ci95'])} (p = {_sig(diff['p_value'])})")
+        if pref["estimate"] is not None:
+            parts.append(f"P({a} preferred) {pref['estimate']:.2f} {_ci(pref['ci95'])} (p = {_sig(pref['p_value'])})")
+        g = (lc.get("by_group") or {}).get(comp)
+        if g:
+            parts.append(f"at equal length {g['estimate']:.2f} {_ci(g['ci95'])}")
+        parts.append(f"{n_threads} thread{'s' if n_threads != 1 else ''}")
+        line = f"**{a} vs {b}**: " + ", ".join(parts)
+        if n_threads < MIN_THREADS:
+            verdict = f"{n_threads} thread(s) are too few to tell {a} from {b} (at least {MIN_THREADS} needed)."
+        elif pref["p_value"] is None or pref["p_value"] >= ALPHA:
+            verdict = f"the data cannot tell {a} from {b} apart."
+        else:
+            better = a if pref["estimate"] > 0.5 else b
+            worse = b if better == a else a
+            verdict = f"the judge prefers {better} over {worse}"
+            if g and g["ci95"][0] <= 0.5 <= g["ci95"][1]:
+                verdict += ", but not at equal length: the preference is explained by reply length"
+            verdict += "."
+        if g and g.get("one_sided_length"):
+            verdict += (f" ({a}'s replies are always on one side in length here, so the equal-length value "
+                        "rests on the length effect measured in the other comparisons.)")
+        lines.append(f"{line}. Conclusion: {verdict}")
+    if judge_text:
+        tail = "" if beats else (" The judge has not been shown to know more than reply length about which "
+                                 "reply earns a delta: read its verdicts as length-driven until it does.")
+        lines.append(judge_text[0].upper() + judge_text[1:] + "." + tail)
+    elif report["pairwise"]:
+        lines.append("The judge was not validated on real delta pairs (no calibration): its verdicts are "
+                     "unvalidated.")
+    if not lines:
+        lines.append("Nothing was compared: the data cannot tell anything yet.")
+    return lines
 
 
 # ---------------------------------------------------------------- markdown
@@ -194,6 +530,13 @@ def _ci(ci: Iterable[float] | None, digits: int = 2) -> str:
     return "n/a" if ci is None else "[" + ", ".join(f"{v:.{digits}f}" for v in ci) + "]"
 
 
+def _vs(v: dict | None) -> str:
+    if not v:
+        return "n/a"
+    return (f"difference {v['difference']:+.2f} {_ci(v['difference_ci95'])}, discordant pairs "
+            f"{v['discordant_first_better']} judge / {v['discordant_second_better']} length, p = {_sig(v['p_value'])}")
+
+
 def _pct(r: dict) -> str:
     if r["rate"] is None:
         return "n/a"
@@ -203,13 +546,23 @@ def _pct(r: dict) -> str:
 
 def render_markdown(report: dict, plots: list[str] = ()) -> str:
     """A readable report.md: what was judged, by whom, how well the judge can be trusted."""
-    lines = [
-        "# CMV persuasion: judge report", "",
+    lines = ["# CMV persuasion: judge report", ""]
+    lines += [f"- {c}" for c in report.get("conclusion") or []] + [""]
+    lines += [
         f"- judge: `{report.get('judge_model')}` via `{report.get('backend')}` backend, "
         f"rubric `{report.get('rubric_version')}`",
-        f"- run: `{report.get('run_id')}`; scores are 1-7 Likert; intervals are 95% "
-        "(bootstrap for means, Wilson for rates)", "",
+        f"- run: `{report.get('run_id')}`; scores are 1-7 Likert; intervals are 95%: means and "
+        "preferences resample threads (a thread's examples share a prompt), per-order rates are Wilson; "
+        "p-values are sign-flip tests over threads or exact paired (McNemar) tests",
     ]
+    if report.get("human_reference"):
+        lines.append(f"- human reference: {report['human_reference']}")
+    prov = report.get("provenance") or {}
+    if prov.get("models"):
+        lines.append("- judge provenance (as returned): model " + ", ".join(f"`{m}`" for m in prov.get("models") or [])
+                     + "; system_fingerprint " + (", ".join(f"`{f}`" for f in prov.get("system_fingerprints") or [])
+                                                   or "none") + f"; seed {prov.get('seed')}")
+    lines.append("")
     cal = report.get("calibration")
     lines += ["## How far to trust the judge (calibration on human pairs)", ""]
     if cal:
@@ -223,16 +576,19 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
             f"| correct in both orders | {_pct(cal['both_orders_correct'])} |",
             f"| position consistency | {_pct(cal['position_consistency'])} |",
             f"| length baseline on these pairs (longer wins) | {_pct(cal['length_baseline'])} |",
+            f"| judge vs length, exact paired test on the same pairs | "
+            f"{_vs(cal['vs_length'])} |",
+            f"| Brier score of P(winner), both orders averaged | {_f(cal['brier'], 3)} |",
             f"| Tan et al. 2016 (interplay features, reference) | "
             f"{100 * cal['references']['tan_et_al_2016_interplay_features']:.0f}% |",
             f"| length baseline (literature, reference) | "
             f"{100 * cal['references']['length_baseline_literature']:.0f}% |",
             f"| pairs judged / failed | {cal['n_ok']} / {cal['n_failed']} |", "",
         ]
-        if cal["accuracy"]["rate"] is not None and cal["length_baseline"]["rate"] is not None \
-                and cal["accuracy"]["rate"] <= cal["length_baseline"]["rate"]:
-            lines += ["**The judge does not beat the length baseline on these pairs: read its "
-                      "persuasiveness verdicts with caution.**", ""]
+        vs = cal["vs_length"]
+        if vs and not (vs["p_value"] < ALPHA and vs["difference"] > 0):
+            lines += ["**The judge is not shown to beat the length baseline on these pairs (paired test "
+                      f"p = {_sig(vs['p_value'])}): read its persuasiveness verdicts with caution.**", ""]
     else:
         lines += ["Not run.", ""]
 
@@ -259,6 +615,43 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
     else:
         lines += ["Not run.", ""]
 
+    inst = report.get("instruments") or {}
+    if inst:
+        lines += ["## Every instrument on real delta pairs", "",
+                  "Each instrument judged the delta winner and its matched loser (pair = unit, both orders "
+                  "averaged, tie = 1/2). The length model is a logistic model on tanh(word difference / sd), "
+                  "cross-validated by thread on the same pairs.", "",
+                  "| instrument | pairs | accuracy | Brier | length CV accuracy | gain over length CV (p) | "
+                  "AUC of score difference |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, b in inst.items():
+            gain = b["vs_length_cv"]
+            gain_txt = "n/a" if not gain else f"{gain['difference']:+.2f} {_ci(gain['difference_ci95'])} " \
+                                              f"(p = {_sig(gain['p_value'])})"
+            aucs = b.get("auc_weighted") or {}
+            auc_txt = ", ".join(f"{c} {_f(v)}" for c, v in aucs.items()) if aucs else "-"
+            lines.append(f"| {name} | {b['n_pairs']} ({b['n_failed']} failed) | {_f(b['accuracy'])} "
+                         f"{_ci(b['accuracy_ci95'])} | {_f(b['brier'], 3)} | {_f(b['length_cv_accuracy'])} | "
+                         f"{gain_txt} | {auc_txt} |")
+        splits = {n: b["time_split"] for n, b in inst.items() if "time_split" in b}
+        if splits:
+            lines += ["", "Time split (threads before/after the format stage's date; the judge may have "
+                      "read the earlier ones in pretraining):", ""]
+            for n, t in splits.items():
+                lines.append(f"- {n}: before {_f(t['before']['accuracy'])} ({t['before']['n_pairs']} pairs), "
+                             f"after {_f(t['after']['accuracy'])} ({t['after']['n_pairs']} pairs)")
+        lines.append("")
+
+    diffs = report.get("single_differences") or {}
+    if diffs:
+        lines += ["## Paired score differences (a - b on the same prompts; per-thread means)", "",
+                  "| comparison | criterion | difference | p | threads | excluded |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for d in diffs.values():
+            for crit, v in d["criteria"].items():
+                lines.append(f"| {d['a']} - {d['b']} | {crit} | {_f(v['estimate'])} {_ci(v['ci95'])} | "
+                             f"{_sig(v['p_value'])} | {v['n_threads']} | {v['n_excluded']} |")
+        lines.append("")
+
     lines += ["## Pairwise (each pair judged in both orders; disagreement counts as a tie)", ""]
     if report["pairwise"]:
         lines += ["| comparison | n | win | tie | loss | inconsistent | position consistency | "
@@ -268,23 +661,72 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
             lines.append(f"| {p['a']} vs {p['b']} | {p['n']} | {_pct(p['win'])} | {_pct(p['tie'])} | "
                          f"{_pct(p['loss'])} | {p['inconsistent']} | {_pct(p['position_consistency'])} | "
                          f"{_pct(p['first_position_preference'])} | {p['n_failed']} |")
+        lines += ["", "| comparison | P(a preferred) = win + tie/2 | p (vs 1/2) | at equal length and style | threads |",
+                  "| --- | --- | --- | --- | --- |"]
+        by_group = ((report.get("length_control") or {}).get("model") or {}).get("by_group") or {}
+        for comp, p in report["pairwise"].items():
+            pr, g = p["preference"], by_group.get(comp)
+            lc_txt = f"{g['estimate']:.2f} {_ci(g['ci95'])}" if g else "n/a"
+            lines.append(f"| {p['a']} vs {p['b']} | {_f(pr['estimate'])} {_ci(pr['ci95'])} | "
+                         f"{_sig(pr['p_value'])} | {lc_txt} | {pr['n_threads']} |")
         lines.append("")
     else:
         lines += ["Not run.", ""]
 
+    lc = report.get("length_control") or {}
+    if (lc.get("model") or {}).get("coef"):
+        m = lc["model"]
+        lines += ["## Length and style control", "",
+                  "A logistic model of each pairwise verdict (per order) with an intercept per comparison and "
+                  "shared terms for tanh(word difference / sd), the reply shown first, truncated replies and "
+                  "meta preambles (\"Here's a revised version...\"); standard errors clustered by thread. "
+                  "The preference at equal length is the intercept's.", "",
+                  "- coefficients: " + ", ".join(f"{k} {v:+.2f} (SE {m['coef_se'][k]:.2f})"
+                                                 for k, v in m["coef"].items())
+                  + (f"; not estimable here (constant): {', '.join(m['dropped'])}" if m["dropped"] else "")]
+        probe = lc.get("probe_prefer_longer")
+        if probe and probe["estimate"] is not None:
+            lines.append(f"- length probe (the same reply in full vs trimmed): P(prefer longer | same content) "
+                         f"{probe['estimate']:.2f} {_ci(probe['ci95'])}, {probe['n_threads']} threads")
+        lines.append("")
+
+    scale = report.get("scale") or {}
+    if scale.get("strengths"):
+        lines += ["## A scale anchored on people (Bradley-Terry over every pairwise verdict)", "",
+                  f"Strengths on the logit scale, `{scale['base']}` = 0; share of gap closed = "
+                  f"(model - {scale['base']}) / ({scale['reference']} - {scale['base']}).", "",
+                  "| variant | strength |", "| --- | --- |"]
+        for v, st in sorted(scale["strengths"].items(), key=lambda kv: kv[1]):
+            lines.append(f"| {v} | {st:+.2f} {_ci(scale['strengths_ci95'].get(v))} |")
+        for m, g in scale["models"].items():
+            lines.append("")
+            lines.append(f"- {m}: share of the gap to `{scale['reference']}` closed "
+                         f"{_f(g['gap_closed'])} {_ci(g['gap_closed_ci95'])}")
+        lines.append("")
+
+    trunc = report.get("truncated_generations") or {}
+    if trunc:
+        lines += ["- generated replies cut by the token limit (finish_reason length): "
+                  + ", ".join(f"{v} {n}" for v, n in trunc.items()), ""]
+
     fail = report["failures"]
     lines += ["## Failures (excluded from every score, never scored as a number)", "",
               f"- judge calls that failed: {fail['failed_calls']} "
-              f"(unparseable after retries: {fail['unparseable']}, transport errors: {fail['errors']})",
+              f"(unparseable after retries: {fail['unparseable']}, refusals: {fail.get('refusals', 0)}, "
+              f"transport errors: {fail['errors']})",
               f"- judgments excluded: {fail['excluded_judgments']}"]
     for ex in fail["examples"]:
         lines.append(f"  - `{ex['id']}` {ex['status']}: {ex['error']}; raw: `{ex['raw'][:120]!r}`")
     usage = report["usage"]
-    lines += ["", "## Usage", "",
+    timing = ""
+    if report.get("judge_seconds") is not None:
+        timing = f"- time: judging {report['judge_seconds']:.0f} s (up to the report)" + (
+            f", training {report['train_seconds']:.0f} s" if report.get("train_seconds") else "")
+    lines += ["", "## Usage", ""] + ([timing] if timing else []) + [
               f"- judge calls: {usage['attempts']} ({usage['cached_calls']} from cache, "
               f"{usage['new_calls']} new this run)",
               f"- tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion"]
-    if report.get("backend") == "openai" and "prices_usd_per_mtok" in report \
+    if report.get("backend") in ("openai", "openai-batch") and "prices_usd_per_mtok" in report \
             and not report.get("prices_usd_per_mtok"):
         # An endpoint model with no price: $0 would read as "free"; say that it was not priced.
         lines += [f"- cost: not computed, no price for `{report.get('judge_model')}` (set judge.prices)", ""]

@@ -7,6 +7,12 @@ function (``n`` counts requests from 1) returning a :class:`Reply`: a normal com
 JSON. Every request body is recorded in ``server.requests``, so tests can assert what the
 client really sent (retries, position swaps, response_format, logprobs).
 
+The Batch API too: ``POST /v1/files`` (multipart upload), ``POST /v1/batches``,
+``GET /v1/batches/{id}`` and ``GET /v1/files/{id}/content``. A batch runs every line of its
+input file through the same handler as the synchronous endpoint once it has been polled
+``batch_polls`` times (``hold_batches = True`` keeps it running until released); every created
+batch is in ``server.batches``.
+
 Run as a script for the benchmark: ``python tests/fake_openai_server.py --latency-ms 100``
 prints ``PORT <n>`` and answers every request with a valid verdict after the latency.
 """
@@ -112,6 +118,10 @@ class FakeOpenAI:
         self.record = record
         self.requests: list[dict] = []
         self.count = 0
+        self.files: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.batch_polls = 1
+        self.hold_batches = False
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -138,9 +148,38 @@ class FakeOpenAI:
             def log_message(self, *args):  # quiet
                 pass
 
+            def _send(self, reply: Reply, content_type: str = "application/json") -> None:
+                data = reply.raw if reply.raw is not None else json.dumps(reply.body or {}).encode()
+                self.send_response(reply.status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_GET(self):
+                path = self.path.split("?")[0].rstrip("/")
+                m = re.search(r"/files/([^/]+)/content$", path)
+                if m and m.group(1) in fake.files:
+                    return self._send(Reply(raw=fake.files[m.group(1)]), "application/octet-stream")
+                m = re.search(r"/batches/([^/]+)$", path)
+                if m and m.group(1) in fake.batches:
+                    return self._send(Reply(body=fake._poll_batch(m.group(1))))
+                self._send(Reply(status=404, body={"error": {"message": f"no route {self.path}"}}))
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}")
+                raw_body = self.rfile.read(length)
+                path = self.path.split("?")[0].rstrip("/")
+                if path.endswith("/files"):
+                    return self._send(Reply(body=fake._upload(self.headers.get("Content-Type", ""), raw_body)))
+                if path.endswith("/batches"):
+                    return self._send(Reply(body=fake._create_batch(json.loads(raw_body))))
+                body = json.loads(raw_body or b"{}")
                 with fake._lock:
                     fake.count += 1
                     n = fake.count
@@ -183,6 +222,73 @@ class FakeOpenAI:
                                         daemon=True)
         self._thread.start()
         return self
+
+    # ------------------------------------------------------------ Batch API
+
+    def _upload(self, content_type: str, raw: bytes) -> dict:
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+        data, purpose, name = b"", None, "upload.jsonl"
+        for part in msg.iter_parts():
+            field_name = part.get_param("name", header="content-disposition")
+            if field_name == "file":
+                data = part.get_payload(decode=True)
+                name = part.get_filename() or name
+            elif field_name == "purpose":
+                purpose = part.get_payload(decode=True).decode()
+        with self._lock:
+            file_id = f"file-{len(self.files) + 1}"
+            self.files[file_id] = data
+        return {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                "filename": name, "purpose": purpose, "status": "processed"}
+
+    def _create_batch(self, body: dict) -> dict:
+        with self._lock:
+            batch_id = f"batch_{len(self.batches) + 1}"
+            lines = [json.loads(x) for x in self.files[body["input_file_id"]].decode().splitlines() if x.strip()]
+            self.batches[batch_id] = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"],
+                                      "completion_window": body["completion_window"],
+                                      "input_file_id": body["input_file_id"], "status": "in_progress",
+                                      "created_at": int(time.time()), "output_file_id": None, "error_file_id": None,
+                                      "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+                                      "metadata": body.get("metadata"), "_lines": lines, "_polls": 0}
+            return self._public(batch_id)
+
+    def _public(self, batch_id: str) -> dict:
+        return {k: v for k, v in self.batches[batch_id].items() if not k.startswith("_")}
+
+    def _poll_batch(self, batch_id: str) -> dict:
+        with self._lock:
+            batch = self.batches[batch_id]
+            batch["_polls"] += 1
+            ready = batch["status"] == "in_progress" and batch["_polls"] >= self.batch_polls and not self.hold_batches
+        if ready:
+            out, failed = [], 0
+            for n, line in enumerate(batch["_lines"], 1):
+                with self._lock:
+                    self.count += 1
+                    count = self.count
+                    if self.record:
+                        self.requests.append(line["body"])
+                reply = self.handler(line["body"], count)
+                if reply.status == 200 and reply.raw is None:
+                    out.append({"id": f"batch_req_{n}", "custom_id": line["custom_id"],
+                                "response": {"status_code": 200, "request_id": f"req_{n}", "body": reply.body},
+                                "error": None})
+                else:
+                    failed += 1
+                    out.append({"id": f"batch_req_{n}", "custom_id": line["custom_id"],
+                                "response": {"status_code": reply.status, "request_id": f"req_{n}",
+                                             "body": reply.body or {}}, "error": None})
+            with self._lock:
+                file_id = f"file-{len(self.files) + 1}"
+                self.files[file_id] = ("\n".join(json.dumps(o) for o in out) + "\n").encode()
+                batch.update(status="completed", output_file_id=file_id,
+                             request_counts={"total": len(out), "completed": len(out) - failed, "failed": failed})
+        with self._lock:
+            return self._public(batch_id)
 
     def stop(self) -> None:
         if self._httpd is not None:

@@ -63,7 +63,7 @@ def replies_shown(body: dict) -> tuple[str, str] | tuple[str]:
     return (re.search(r"## Reply to evaluate\n(.*)$", text, re.S).group(1).strip(),)
 
 
-SCORE = {"FT": 6, "BASE": 3, "HUMAN": 5}
+SCORE = {"FT": 6, "BASE": 3, "HUMAN": 5, "WIN": 5, "LOSE": 2}
 
 
 def smart_judge(body: dict, n: int) -> Reply:
@@ -89,8 +89,11 @@ def inputs(tmp_path):
 
 
 def config(server: FakeOpenAI, **kw) -> JudgeConfig:
+    # The original three kinds of judgment only; the validation, probe and reference defaults are
+    # tested on their own below.
     base = dict(backend="openai", model="gpt-4o-mini", base_url=server.base_url, concurrency=4, max_retries=4,
-                timeout_s=5.0, bootstrap_samples=200)
+                timeout_s=5.0, bootstrap_samples=200, comparisons=[["finetuned", "base"], ["finetuned", "human"]],
+                validate_instruments=False, length_probe_items=0, nondelta_reference=False)
     return JudgeConfig(**{**base, **kw})
 
 

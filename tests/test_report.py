@@ -153,3 +153,39 @@ def test_unpriced_endpoint_model_is_not_reported_as_free():
     meta["prices_usd_per_mtok"] = {"input": 0.15, "output": 0.60}
     md = report.render_markdown(report.build_report(rows, criteria=["persuasiveness"], n_boot=50, meta=meta))
     assert "cost: $0.0010 in all, $0.0010 this run" in md
+
+
+def _calibrated(n, judge_right):
+    """n delta pairs where the winner is always longer; the judge is right on the first
+    ``judge_right`` of them (both orders) and wrong on the rest."""
+    rows = []
+    for i in range(n):
+        v = ("A", "B") if i < judge_right else ("B", "A")
+        rows.append(cal(f"p{i}", v[0], v[1], 100, 50))
+    return rows
+
+
+def test_conclusion_lines_lead_the_report_and_say_what_the_data_support():
+    wins = [pair(i, "A", "B") for i in range(24)] + [pair(100 + i, "tie", "tie") for i in range(6)]
+    scores = [single("ft", i, {"persuasiveness": 6}) for i in range(30)] + \
+        [single("base", i, {"persuasiveness": 4}) for i in range(30)]
+    meta = {"run_id": "r", "judge_model": "m", "backend": "openai", "rubric_version": "v",
+            "comparisons": [["ft", "base"]]}
+    rep = report.build_report(wins + scores + _calibrated(30, 30), criteria=["persuasiveness"], meta=meta,
+                              n_boot=300)
+    first = rep["conclusion"][0]
+    assert first.startswith("**ft vs base**: ") and "P(ft preferred) 0.90" in first
+    assert "the judge prefers ft over base." in first and "30 threads" in first
+    # the judge is always right and the length baseline too: no discordant pair, so not shown better
+    assert "has not been shown to know more than reply length" in rep["conclusion"][-1]
+    md = report.render_markdown(rep)
+    assert md.splitlines()[2] == "- " + first
+
+    # few threads: the report says plainly that the data cannot tell
+    few = report.build_report([pair(i, "A", "B") for i in range(4)], criteria=["persuasiveness"], meta=meta,
+                              n_boot=100)
+    assert "4 thread(s) are too few to tell ft from base" in few["conclusion"][0]
+    # enough threads, no difference: cannot tell
+    even = [pair(i, "A", "B") for i in range(10)] + [pair(50 + i, "B", "A") for i in range(10)]
+    flat = report.build_report(even, criteria=["persuasiveness"], meta=meta, n_boot=100)
+    assert "the data cannot tell ft from base apart" in flat["conclusion"][0]
