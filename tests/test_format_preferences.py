@@ -42,9 +42,18 @@ def test_preference_pairs_exact_with_length_stats(tmp_path, tiny_model_dir):
     assert bob["metadata"]["rejected_comment_ids"] == ["b1"] and bob["metadata"]["chosen_author"] == "bob"
 
     stats = storage.read_json(storage.join(out, "stats.json"))["preferences"]["train"]
-    assert stats["pairs_built"] == 3 and stats["kept"] == 2
-    assert stats["dropped"] == {"delta_token": 1, "too_long": 0, "length_ratio": 0}  # dave's "!delta"
-    assert stats["threads_without_usable_loser"] == 1  # t2: nobody else the OP talked to
+    # format.strip_comment_delta_edits (default on) removes dave's only line, the one with "!delta": his
+    # reply is empty, so t9 has no usable loser and the pair is never built
+    assert stats["pairs_built"] == 2 and stats["kept"] == 2
+    assert stats["dropped"] == {"delta_token": 0, "too_long": 0, "length_ratio": 0}
+    assert stats["threads_without_usable_loser"] == 2  # t2: nobody else the OP talked to; t9: dave's reply is empty
+    # with the stripping off, the pair is built and the last guard drops it for dave's "!delta"
+    unstripped = fmt(tmp_path, threads, tiny_model_dir, "unstripped", test_fraction=0.0, val_fraction=0.0,
+                     strip_comment_delta_edits=False)
+    raw_stats = storage.read_json(storage.join(unstripped, "stats.json"))["preferences"]["train"]
+    assert raw_stats["pairs_built"] == 3 and raw_stats["kept"] == 2
+    assert raw_stats["dropped"] == {"delta_token": 1, "too_long": 0, "length_ratio": 0}
+    assert raw_stats["threads_without_usable_loser"] == 1
     diffs = [reply_tokens(tiny_model_dir, r["chosen"][0]["content"]) - reply_tokens(tiny_model_dir, r["rejected"][0]["content"])
              for r in rows]
     assert [r["metadata"]["chosen_tokens"] - r["metadata"]["rejected_tokens"] for r in rows] == diffs
