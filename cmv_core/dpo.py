@@ -42,6 +42,7 @@ from cmv_core.config import ConfigError
 from cmv_core.training import (
     TrainConfig,
     TrainDataError,
+    load_validated,
     load_model,
     lora_config,
     open_stage,
@@ -120,17 +121,7 @@ def validate_preference(row: Any, where: str) -> dict:
 
 
 def load_preferences(uri: str, limit: int | None = None) -> list[dict]:
-    out: list[dict] = []
-    try:
-        for lineno, row in enumerate(storage.read_jsonl(uri), 1):
-            out.append(validate_preference(row, f"{uri}:{lineno}"))
-            if limit is not None and len(out) >= limit:
-                break
-    except ValueError as exc:
-        if isinstance(exc, TrainDataError):
-            raise
-        raise TrainDataError(str(exc)) from None
-    return out
+    return load_validated(uri, validate_preference, limit)
 
 
 def init_model(init: str, model: str, scratch: Path) -> str:

@@ -605,7 +605,6 @@ class LocalBackend:
         Rows are [system prompt (shared KV cache) | left padding | rest of the prompt | answer];
         padding, and the tokens a row feeds after its rationale has ended, are masked out, and
         position ids count only a row's real tokens."""
-        from transformers import DynamicCache
 
         torch = self.torch
         form = batch[0][1]
@@ -621,15 +620,8 @@ class LocalBackend:
         with self._lock, torch.inference_mode():
             B = len(batch)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            if prefix:
-                if prefix not in self._prefixes:
-                    self._prefixes[prefix] = DynamicCache(config=self.model.config)
-                    self.model(input_ids=torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True,
-                               logits_to_keep=1)
-                kv = copy.deepcopy(self._prefixes[prefix])
-                kv.batch_repeat_interleave(B)
-            else:
-                kv = DynamicCache(config=self.model.config)
+            kv = self._prefix_kv(prefix)
+            kv.batch_repeat_interleave(B)
             mask = torch.ones((B, len(prefix)), dtype=torch.long)
             count = torch.full((B,), len(prefix), dtype=torch.long)  # real tokens per row so far
             rests = [ids[len(prefix):] for ids in prompts]
@@ -725,6 +717,18 @@ class LocalBackend:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def _prefix_kv(self, prefix: tuple[int, ...]):
+        """A fresh KV cache holding ``prefix`` (computed once per prefix, then copied), or an empty one."""
+        from transformers import DynamicCache
+
+        if not prefix:
+            return DynamicCache(config=self.model.config)
+        if prefix not in self._prefixes:
+            self._prefixes[prefix] = DynamicCache(config=self.model.config)
+            self.model(input_ids=self.torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True,
+                       logits_to_keep=1)
+        return copy.deepcopy(self._prefixes[prefix])
+
     def _system_prefix(self, messages: list[dict], prompt_ids: list[int]) -> tuple[int, ...]:
         """The token ids of the rendered system turn when they are a clean prefix of the prompt."""
         if not messages or messages[0]["role"] != "system" or len(self._prefixes) > 8:
@@ -734,7 +738,6 @@ class LocalBackend:
         return tuple(ids) if 0 < len(ids) < len(prompt_ids) and prompt_ids[:len(ids)] == ids else ()
 
     def _complete(self, messages: list[dict], form: dict) -> dict:
-        from transformers import DynamicCache
 
         torch = self.torch
         with self._lock, torch.inference_mode():
@@ -744,14 +747,7 @@ class LocalBackend:
             # tokens. The system prompt (the rubric, most of the prompt) is shared by every call of
             # a kind, so its KV cache is computed once and copied.
             prefix = self._system_prefix(messages, prompt_ids)
-            if prefix:
-                if prefix not in self._prefixes:
-                    self._prefixes[prefix] = DynamicCache(config=self.model.config)
-                    self.model(input_ids=torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True,
-                               logits_to_keep=1)
-                kv = copy.deepcopy(self._prefixes[prefix])
-            else:
-                kv = DynamicCache(config=self.model.config)
+            kv = self._prefix_kv(prefix)
             state: dict[str, Any] = {"logits": None, "n": 0}
             pieces: list[dict] = []
 

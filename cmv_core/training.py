@@ -68,7 +68,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cmv_core import storage
 from cmv_core.chat_template import (
@@ -254,10 +254,15 @@ def validate_example(row: Any, where: str) -> list[dict]:
 
 def load_split(uri: str, limit: int | None = None) -> list[list[dict]]:
     """Conversations of one split file (validated line by line)."""
-    out: list[list[dict]] = []
+    return load_validated(uri, validate_example, limit)
+
+
+def load_validated(uri: str, validate: Callable[[Any, str], Any], limit: int | None = None) -> list:
+    """``validate(row, "file:line")`` of each line of a JSONL file; a bad line is a TrainDataError naming it."""
+    out: list = []
     try:
         for lineno, row in enumerate(storage.read_jsonl(uri), 1):
-            out.append(validate_example(row, f"{uri}:{lineno}"))
+            out.append(validate(row, f"{uri}:{lineno}"))
             if limit is not None and len(out) >= limit:
                 break
     except ValueError as exc:
