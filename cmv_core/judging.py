@@ -789,7 +789,7 @@ class LocalBackend:
         return None
 
 
-class BatchBackend(OpenAIBackend):
+class BatchBackend:
     """OpenAI's Batch API (half price, results within 24 h) for the same requests.
 
     ``prefetch`` runs before the ordinary call path: each round writes the asks the cache cannot
@@ -802,9 +802,17 @@ class BatchBackend(OpenAIBackend):
     ``complete`` is only reached for a request the batch failed, and reports that failure."""
 
     def __init__(self, cfg: JudgeConfig):
-        super().__init__(cfg)
+        # the same endpoint, key handling and request parameters as the synchronous path
+        self.api = OpenAIBackend(cfg)
+        self.cfg, self.client, self._redact = cfg, self.api.client, self.api._redact
         self.errors: dict[str, str] = {}
         self.stats = {"batches": 0, "resumed": 0, "requests": 0, "rounds": 0}
+
+    def params(self) -> dict:
+        return self.api.params()
+
+    async def aclose(self) -> None:
+        await self.api.aclose()
 
     async def complete(self, messages: list[dict], form: dict) -> dict:
         key = cache_key(key_backend(self.cfg), self.cfg.model, messages, form, self.params())
