@@ -27,6 +27,11 @@ first stage to redo; a finished Job of that stage is deleted first, in the
 foreground (Job specs are immutable), and a live one with another hash is an
 error. ``--engine argo`` instead creates one Argo WorkflowTemplate (k8s_argo).
 
+``--dpo`` adds the optional dpo stage (the ``components/dpo`` component, listed first in the copy's overlay):
+a second train Job between train and generate (``cmv train --method dpo``, image cmv-train), handled like
+train; its ``_SUCCESS`` is compared with the recipe's ``dpo:`` section read over ``train:``, and generate
+reads its output. Not with the jobset overlay or the Argo engine (a one-line error).
+
 Heavy imports (``kubernetes``, ``yaml``) happen inside functions: the clean
 image has neither.
 """
