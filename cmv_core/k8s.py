@@ -314,23 +314,23 @@ def render(
 ) -> str:
     """The manifests (YAML) of one run: the whole pipeline, or one stage's kustomization.
 
-    ``dpo``: with the dpo stage (the dpo component); one stage of such a run is the whole run's render cut
-    to the ConfigMap and that stage's objects (generate's Job then has its --dpo argument).
+    ``dpo``: with the dpo stage (the dpo component). One stage of such a run (and the dpo stage of any run:
+    no overlay has a dpo kustomization) is the whole run's render cut to the ConfigMap and that stage's
+    objects, so that generate's Job has its --dpo argument.
     """
-    if stage == "dpo" and not dpo:
-        raise K8sError("stage dpo is in a run rendered with --dpo (the dpo component) only")
+    whole = dpo or stage == "dpo"
     tag = tag or default_tag()
     with tempfile.TemporaryDirectory(prefix="cmv-k8s-") as tmp:
         leaf = prepare_tree(Path(tmp), overlay, settings=settings, registry=registry, tag=tag, k8s_dir=k8s_dir,
                             dpo=dpo)
-        if stage and not dpo:
+        if stage and not whole:
             leaf = leaf / stage
             if not (leaf / "kustomization.yaml").is_file():
                 raise K8sError(f"overlay {overlay!r} has no stage {stage!r}")
         text = kustomize(leaf)
     check_image_tags(text)
     text = stamp_rendered(text)
-    return only_stage(text, stage) if stage and dpo else text
+    return only_stage(text, stage) if stage and whole else text
 
 
 def only_stage(text: str, stage: str) -> str:
@@ -340,6 +340,8 @@ def only_stage(text: str, stage: str) -> str:
     docs = [d for d in yaml.safe_load_all(text) if d]
     keep = [d for d in docs if (d.get("kind") == "ConfigMap" and d["metadata"]["name"].startswith("cmv-pipeline"))
             or (d["metadata"].get("labels") or {}).get(STAGE_LABEL) == stage]
+    if not any(d.get("kind") in WORKLOAD_KINDS for d in keep):
+        raise K8sError(f"this run has no {stage} stage" + (" (add --dpo: the dpo component)" if stage == "dpo" else ""))
     return yaml.safe_dump_all(keep, sort_keys=False)
 
 

@@ -96,7 +96,9 @@ def test_render_dpo_is_the_component_listed_first_and_sizes_dpo_like_train(tmp_p
     if overlay != "dev":  # (KUEUE_QUEUE does not render with dev: base/kueue is added to dev/minio too)
         settings["KUEUE_QUEUE"] = "gpu-team"
     docs = k8s.render_objects(overlay, settings=settings, tag=TAG, dpo=True)
-    by_hand = workloads_by_stage(render_with_dpo(tmp_path, overlay))
+    hand_docs = render_with_dpo(tmp_path, overlay)
+    by_hand = workloads_by_stage(hand_docs)
+    assert k8s.plan(hand_docs).order == k8s.PIPELINE  # listed by hand, submit runs it too
     jobs = workloads_by_stage(docs)
     assert sorted(jobs) == sorted(k8s.PIPELINE) == sorted(by_hand)
     main = lambda job: job["spec"]["template"]["spec"]["containers"][0]  # noqa: E731
@@ -131,7 +133,7 @@ def test_render_one_stage_of_a_dpo_run(capsys):
     assert cli.main([*base, "--stage", "generate"]) == 0  # without --dpo: as before
     assert "--dpo=" not in capsys.readouterr().out
     assert cli.main([*base, "--stage", "dpo"]) == 2
-    assert "stage dpo is in a run rendered with --dpo" in capsys.readouterr().err
+    assert "this run has no dpo stage (add --dpo: the dpo component)" in capsys.readouterr().err
     assert cli.main(["k8s", "render", "--overlay", "jobset", "--run-id", "d1", "--tag", TAG, "--dpo"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and "the jobset overlay trains on a JobSet" in err
