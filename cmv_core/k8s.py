@@ -1109,14 +1109,17 @@ def submit(
     return 0
 
 
+ARGO_HAS_NO_DPO = ("--engine argo has no dpo step (its WorkflowTemplate runs the five stages): run DPO with "
+                   "--engine jobs and --overlay multinode (or gpu)")
+
+
 def argo_template(run: Plan) -> dict:
     from cmv_core import k8s_argo
 
     if run.job("train")["kind"] != "JobSet":
         raise K8sError("--engine argo runs the train stage as a JobSet: use --overlay jobset")
     if "dpo" in run.stages:
-        raise K8sError("--engine argo has no dpo step (its WorkflowTemplate runs the five stages): "
-                       "run DPO with --engine jobs and --overlay multinode (or gpu)")
+        raise K8sError(ARGO_HAS_NO_DPO)
     return k8s_argo.workflow_template(run)
 
 
@@ -1241,8 +1244,7 @@ def _print(line: str) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     try:
         if args.dpo and getattr(args, "engine", "jobs") == "argo":
-            raise K8sError("--engine argo has no dpo step (its WorkflowTemplate runs the five stages): "
-                           "run DPO with --engine jobs and --overlay multinode (or gpu)")
+            raise K8sError(ARGO_HAS_NO_DPO)
         if args.k8s_command == "render":
             settings = run_settings(
                 args.run_id, nodes=args.nodes, gpus_per_node=args.gpus_per_node, recipe=args.recipe,
