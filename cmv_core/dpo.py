@@ -63,15 +63,22 @@ VAL_FILE = "val_preferences.jsonl"
 # ---------------------------------------------------------------- config
 
 
+def dpo_over_train(recipe: dict) -> dict:
+    """The recipe's ``dpo:`` section over its ``train:`` section (dpo wins), as written (no defaults).
+
+    Also what ``cmv k8s submit`` compares with a dpo ``_SUCCESS`` (cmv_core.k8s, without torch)."""
+    train, dpo = recipe.get("train") or {}, recipe.get("dpo") or {}
+    merged = {k: v for k, v in train.items() if k not in ("packing", "packing_strategy")}  # SFT-only
+    return {**merged, **dpo}
+
+
 def dpo_section(recipe: dict) -> TrainConfig:
     """The recipe's ``dpo:`` section over its ``train:`` section (dpo wins), as a TrainConfig."""
     from cmv_core.config import section
 
-    train, dpo = recipe.get("train") or {}, recipe.get("dpo")
-    if not isinstance(dpo, dict):
+    if not isinstance(recipe.get("dpo"), dict):
         raise ConfigError(f"{recipe.get('_source', '<overrides>')}: no dpo: section (needed for --method dpo)")
-    merged = {k: v for k, v in train.items() if k not in ("packing", "packing_strategy")}  # SFT-only
-    return section({**recipe, "dpo": {**merged, **dpo}}, "dpo", TrainConfig)
+    return section({**recipe, "dpo": dpo_over_train(recipe)}, "dpo", TrainConfig)
 
 
 def dpo_enabled(recipe: dict) -> bool:

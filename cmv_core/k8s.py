@@ -27,6 +27,11 @@ first stage to redo; a finished Job of that stage is deleted first, in the
 foreground (Job specs are immutable), and a live one with another hash is an
 error. ``--engine argo`` instead creates one Argo WorkflowTemplate (k8s_argo).
 
+``--dpo`` adds the optional dpo stage (the ``components/dpo`` component, listed first in the copy's overlay):
+a second train Job between train and generate (``cmv train --method dpo``, image cmv-train), handled like
+train; its ``_SUCCESS`` is compared with the recipe's ``dpo:`` section read over ``train:``, and generate
+reads its output. Not with the jobset overlay or the Argo engine (a one-line error).
+
 Heavy imports (``kubernetes``, ``yaml``) happen inside functions: the clean
 image has neither.
 """
@@ -49,9 +54,14 @@ from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
-STAGES = ["clean", "format", "train", "generate", "judge"]
+STAGES = ["clean", "format", "train", "generate", "judge"]  # every run's stages, one image each
+# dpo: optional, a second train Job (image cmv-train) after SFT, in a run rendered with the dpo component
+# (k8s/components/dpo, `--dpo`); generate then reads its output too. As `cmv run` orders them (cli.PIPELINE).
+OPTIONAL_STAGES = ["dpo"]
+PIPELINE = ["clean", "format", "train", "dpo", "generate", "judge"]
 OVERLAYS = ["dev", "gpu", "multinode", "jobset"]
 IMAGES = [f"cmv-{s}" for s in STAGES]
+DPO_COMPONENT = "components/dpo"
 STAGE_LABEL = "cmv.io/stage"
 RUN_LABEL = "cmv.io/run-id"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
@@ -59,8 +69,14 @@ JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 SETTINGS_LABEL = "cmv.io/settings-hash"
 SETTINGS_ANNOTATION = "cmv.io/settings-sha256"
 # The stage outputs each stage reads (what its _SUCCESS records as inputs, besides RAW_INPUT for clean).
-UPSTREAM = {"clean": [], "format": ["clean"], "train": ["format"], "generate": ["format", "train"],
-            "judge": ["generate", "format"]}
+UPSTREAM = {"clean": [], "format": ["clean"], "train": ["format"], "dpo": ["format", "train"],
+            "generate": ["format", "train"], "judge": ["generate", "format"]}
+
+
+def upstream(stage: str, dpo: bool = False) -> list[str]:
+    """The stage outputs ``stage`` reads; generate reads the dpo output too when the run has that stage."""
+    return UPSTREAM[stage] + (["dpo"] if dpo and stage == "generate" else [])
+
 # Pod hostnames of the Indexed train Job are cmv-train-<run id>-<index>: a DNS label of at most 63 characters.
 RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 ENV_LINE_RE = re.compile(r"^(\s*)([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
@@ -142,8 +158,12 @@ def prepare_tree(
     registry: str | None = None,
     tag: str | None = None,
     k8s_dir: str | Path | None = None,
+    dpo: bool = False,
 ) -> Path:
-    """Copy ``k8s/`` to ``dest`` with the run's settings written in; return the copy's overlay folder."""
+    """Copy ``k8s/`` to ``dest`` with the run's settings written in; return the copy's overlay folder.
+
+    ``dpo``: list the dpo component (k8s/components/dpo) first in the overlay's kustomization (not in its
+    per-stage ones: the component adds the dpo Job, which a one-stage kustomization must not get)."""
     src = Path(k8s_dir or default_k8s_dir())
     if not (src / "overlays" / overlay / "kustomization.yaml").is_file():
         known = sorted(p.name for p in (src / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
@@ -175,20 +195,30 @@ def prepare_tree(
             _set_images(kustomization, registry, tag)
     if values.get("KUEUE_QUEUE"):
         _add_component(tree / "overlays" / overlay, tree / "base" / "kueue")
+    if dpo:
+        if not (tree / DPO_COMPONENT / "kustomization.yaml").is_file():
+            raise K8sError(f"--dpo needs the dpo component, {src / DPO_COMPONENT}/kustomization.yaml: not found")
+        # First, as the component says: the overlay's settings then patch the dpo Job like the other Jobs.
+        _add_component(tree / "overlays" / overlay, tree / DPO_COMPONENT, first=True, stages=False)
     return tree / "overlays" / overlay
 
 
-def _add_component(overlay_dir: Path, component: Path) -> None:
-    """List ``component`` (before base/derive) in the overlay's kustomization and in each of its stages'."""
+def _add_component(overlay_dir: Path, component: Path, first: bool = False, stages: bool = True) -> None:
+    """List ``component`` (before base/derive, or ``first``) in the overlay's kustomization and (``stages``)
+    in each of its stages'."""
     import yaml
 
-    for kustomization in [overlay_dir / "kustomization.yaml", *overlay_dir.glob("*/kustomization.yaml")]:
+    stage_files = list(overlay_dir.glob("*/kustomization.yaml")) if stages else []
+    for kustomization in [overlay_dir / "kustomization.yaml", *stage_files]:
         doc = yaml.safe_load(kustomization.read_text())
         if doc.get("kind") == "Component":
             continue
         comps = doc.setdefault("components", [])
         rel = os.path.relpath(component, kustomization.parent)
-        at = next((i for i, c in enumerate(comps) if c.rstrip("/").endswith("base/derive")), len(comps))
+        if any(os.path.normpath(c) == os.path.normpath(rel) for c in comps):
+            continue  # the overlay lists it already (by hand)
+        at = 0 if first else next((i for i, c in enumerate(comps) if c.rstrip("/").endswith("base/derive")),
+                                  len(comps))
         comps.insert(at, rel)
         kustomization.write_text(yaml.safe_dump(doc, sort_keys=False))
 
@@ -280,18 +310,39 @@ def render(
     registry: str | None = None,
     tag: str | None = None,
     k8s_dir: str | Path | None = None,
+    dpo: bool = False,
 ) -> str:
-    """The manifests (YAML) of one run: the whole pipeline, or one stage's kustomization."""
+    """The manifests (YAML) of one run: the whole pipeline, or one stage's kustomization.
+
+    ``dpo``: with the dpo stage (the dpo component). One stage of such a run (and the dpo stage of any run:
+    no overlay has a dpo kustomization) is the whole run's render cut to the ConfigMap and that stage's
+    objects, so that generate's Job has its --dpo argument.
+    """
+    whole = dpo or stage == "dpo"
     tag = tag or default_tag()
     with tempfile.TemporaryDirectory(prefix="cmv-k8s-") as tmp:
-        leaf = prepare_tree(Path(tmp), overlay, settings=settings, registry=registry, tag=tag, k8s_dir=k8s_dir)
-        if stage:
+        leaf = prepare_tree(Path(tmp), overlay, settings=settings, registry=registry, tag=tag, k8s_dir=k8s_dir,
+                            dpo=dpo)
+        if stage and not whole:
             leaf = leaf / stage
             if not (leaf / "kustomization.yaml").is_file():
                 raise K8sError(f"overlay {overlay!r} has no stage {stage!r}")
         text = kustomize(leaf)
     check_image_tags(text)
-    return stamp_rendered(text)
+    text = stamp_rendered(text)
+    return only_stage(text, stage) if stage and whole else text
+
+
+def only_stage(text: str, stage: str) -> str:
+    """The rendered run cut to its pipeline ConfigMap and the objects of ``stage``."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    keep = [d for d in docs if (d.get("kind") == "ConfigMap" and d["metadata"]["name"].startswith("cmv-pipeline"))
+            or (d["metadata"].get("labels") or {}).get(STAGE_LABEL) == stage]
+    if not any(d.get("kind") in WORKLOAD_KINDS for d in keep):
+        raise K8sError(f"this run has no {stage} stage" + (" (add --dpo: the dpo component)" if stage == "dpo" else ""))
+    return yaml.safe_dump_all(keep, sort_keys=False)
 
 
 def stamp_rendered(text: str) -> str:
@@ -303,14 +354,32 @@ def stamp_rendered(text: str) -> str:
     config = next((d for d in docs if d.get("kind") == "ConfigMap"
                    and d["metadata"]["name"].startswith("cmv-pipeline")), None)
     workloads = [d for d in docs if d.get("kind") in WORKLOAD_KINDS
-                 and (d["metadata"].get("labels") or {}).get(STAGE_LABEL) in STAGES]
+                 and (d["metadata"].get("labels") or {}).get(STAGE_LABEL) in PIPELINE]
     if config is None or not workloads:
         return text
     values = dict(config.get("data") or {})
     recipe = load_recipe_here(values.get("CMV_RECIPE"))
+    check_dpo_run({w["metadata"]["labels"][STAGE_LABEL]: w for w in workloads}, recipe, values.get("CMV_RECIPE"))
     for workload in workloads:
         stamp_settings(workload, values, recipe)
     return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def check_dpo_run(workloads: dict[str, dict], recipe: dict | None, recipe_name: str | None) -> None:
+    """A run with the dpo stage (``workloads``: stage -> workload) trains on Indexed Jobs, and its recipe (when
+    readable here) runs DPO; else a :class:`K8sError` saying what to change."""
+    if "dpo" not in workloads:
+        return
+    if any(w["kind"] != "Job" for s, w in workloads.items() if s in ("train", "dpo")):
+        raise K8sError("the dpo component (--dpo) adds DPO as an Indexed Job like the dev, gpu and multinode "
+                       "overlays' train Job; the jobset overlay trains on a JobSet (and --engine argo needs it), "
+                       "so it has no DPO stage: use --overlay multinode (or gpu) with --dpo")
+    if recipe is not None:
+        from cmv_core.dpo import dpo_enabled
+
+        if not dpo_enabled(recipe):
+            raise K8sError(f"--dpo (the dpo component): the recipe {recipe_name} has no dpo: section, or its "
+                           "dpo.enabled is false; add the section or drop --dpo")
 
 
 def default_tag() -> str | None:
@@ -395,7 +464,9 @@ def stage_settings(job: dict, values: dict[str, str], recipe: dict | None) -> di
     container = next(c for c in pod_template(job)["spec"]["containers"] if c["name"] == "main")
     args = [expand_vars(a, values) for a in container.get("args") or []]
     ignored = ("--wait-for-input=",) + (("--config=",) if recipe is not None else ())
-    part = None if recipe is None else {k: v for k, v in recipe.items() if k not in STAGES or k == stage}
+    # dpo reads its dpo: section over train: (cmv_core.dpo.dpo_over_train); no other stage reads dpo:.
+    own = {stage, "train"} if stage == "dpo" else {stage}
+    part = None if recipe is None else {k: v for k, v in recipe.items() if k not in PIPELINE or k in own}
     return _json_safe({
         "stage": stage,
         "image": container.get("image"),
@@ -455,10 +526,14 @@ def manifest_mismatch(run: "Plan", stage: str, manifest: dict, recipe: dict | No
 
     from cmv_core import storage
 
-    if manifest.get("stage") not in (None, stage):
+    written_as = "train" if stage == "dpo" else stage  # `cmv train --method dpo` writes a train manifest
+    if manifest.get("stage") not in (None, written_as):
         return f"it is the manifest of stage {manifest.get('stage')!r}"
+    config = manifest.get("config") or {}
+    if stage == "dpo" and config.get("method") != "dpo":
+        return "it is not a DPO output (its config has no method: dpo)"
     recorded = {i.get("uri"): i.get("digest", "") for i in manifest.get("inputs") or []}
-    expected = [run.stage_uri(u) for u in UPSTREAM[stage]] or [run.settings.get("RAW_INPUT", "")]
+    expected = [run.stage_uri(u) for u in run.upstream(stage)] or [run.settings.get("RAW_INPUT", "")]
     for uri in expected:
         if uri not in recorded:
             return f"it was made from {', '.join(sorted(map(str, recorded))) or 'no inputs'}, not {uri}"
@@ -470,15 +545,21 @@ def manifest_mismatch(run: "Plan", stage: str, manifest: dict, recipe: dict | No
                 return f"its input {uri} has no {storage.SUCCESS} any more"
             if now != digest:
                 return f"its input {uri} changed since (another {storage.SUCCESS} there now)"
-    config = manifest.get("config") or {}
     model = run.settings.get("CMV_MODEL")
-    # {"<stage>": {...}, "model": base model} (format, train); a flat config's "model" is the stage's own (judge)
-    nested = isinstance(config.get(stage), dict)
-    if model and nested and isinstance(config.get("model"), str) and config["model"] != model:
-        return f"config changed: model: {config['model']!r} -> {model!r}"
-    if recipe is not None and isinstance(recipe.get(stage), dict):
-        section = config[stage] if nested else config
-        diffs = _config_differences(recipe[stage], section, stage)
+    # {"<stage>": {...}, "model": base model} (format, train); a flat config's "model" is the stage's own (judge);
+    # dpo: {"train": {...}, "model": the SFT model it trained on, "base_model": the base model}
+    nested = isinstance(config.get(written_as), dict)
+    base = config.get("base_model" if stage == "dpo" else "model")
+    if model and nested and isinstance(base, str) and base != model:
+        return f"config changed: model: {base!r} -> {model!r}"
+    wanted = recipe.get(stage) if recipe is not None else None
+    if stage == "dpo" and isinstance(wanted, dict):
+        from cmv_core.dpo import dpo_over_train
+
+        wanted = dpo_over_train(recipe)
+    if isinstance(wanted, dict):
+        section = config[written_as] if nested else config
+        diffs = _config_differences(wanted, section, stage)
         if diffs:
             return "config changed: " + "; ".join(diffs[:4]) + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
     return None
@@ -498,6 +579,14 @@ class Plan:
     def settings(self) -> dict[str, str]:
         return dict(self.config.get("data") or {})
 
+    @property
+    def order(self) -> list[str]:
+        """This run's stages in pipeline order: the five, and dpo when rendered with it (the dpo component)."""
+        return [s for s in PIPELINE if s in self.stages]
+
+    def upstream(self, stage: str) -> list[str]:
+        return upstream(stage, dpo="dpo" in self.stages)
+
     def job(self, stage: str) -> dict:
         """The stage's workload: its Job, or for train in the jobset overlay its JobSet."""
         return next(o for o in self.stages[stage] if o["kind"] in WORKLOAD_KINDS)
@@ -513,7 +602,7 @@ def plan(objects: list[dict]) -> Plan:
     if len(configs) != 1:
         raise K8sError(f"expected one cmv-pipeline ConfigMap in the manifests, found {len(configs)}")
     config = configs[0]
-    stages: dict[str, list[dict]] = {s: [] for s in STAGES}
+    stages: dict[str, list[dict]] = {s: [] for s in PIPELINE}
     other = []
     for obj in objects:
         stage = (obj["metadata"].get("labels") or {}).get(STAGE_LABEL)
@@ -521,12 +610,15 @@ def plan(objects: list[dict]) -> Plan:
             stages[stage].append(obj)
         elif obj is not config:
             other.append(obj)
+    stages = {s: objs for s, objs in stages.items() if objs or s not in OPTIONAL_STAGES}
     for stage in stages:
         stages[stage].sort(key=lambda o: o["kind"] in WORKLOAD_KINDS)  # the Service exists before the pods look it up
     values = dict(config.get("data") or {})
     recipe = load_recipe_here(values.get("CMV_RECIPE"))
+    workloads = {s: next((o for o in objs if o["kind"] in WORKLOAD_KINDS), None) for s, objs in stages.items()}
+    check_dpo_run({s: w for s, w in workloads.items() if w is not None}, recipe, values.get("CMV_RECIPE"))
     for obj in objects:
-        if obj["kind"] in WORKLOAD_KINDS and (obj["metadata"].get("labels") or {}).get(STAGE_LABEL) in STAGES:
+        if obj["kind"] in WORKLOAD_KINDS and (obj["metadata"].get("labels") or {}).get(STAGE_LABEL) in PIPELINE:
             stamp_settings(obj, values, recipe)
     return Plan(run_id=values["RUN_ID"], config=config, stages=stages, other=other, recipe=recipe)
 
@@ -939,7 +1031,7 @@ def stage_status(cluster: Cluster, run: Plan, stage: str, check_store: bool = Tr
 def status(cluster: Cluster, run: Plan, check_store: bool = True) -> list[StageStatus]:
     out = []
     store_ok = check_store
-    for stage in STAGES:
+    for stage in run.order:
         st = stage_status(cluster, run, stage, store_ok)
         if st.success is None:
             store_ok = False  # unreachable once: do not wait on it for every stage
@@ -967,7 +1059,10 @@ def submit(
     outputs as they are now (:func:`manifest_mismatch`); a running Job is adopted only when its settings
     hash is this submit's (else :class:`SettingsConflict`).
     """
-    stages = stages or STAGES
+    stages = stages or run.order
+    missing = [s for s in stages if s not in run.stages]
+    if missing:
+        raise K8sError(f"--stages {' '.join(missing)}: not a stage of this run (dpo: render it with --dpo)")
     for obj in run.other:
         log.info("not created by submit: %s/%s (apply its kustomization once, e.g. k8s/overlays/dev/minio)",
                  obj["kind"], obj["metadata"]["name"])
@@ -1014,11 +1109,17 @@ def submit(
     return 0
 
 
+ARGO_HAS_NO_DPO = ("--engine argo has no dpo step (its WorkflowTemplate runs the five stages): run DPO with "
+                   "--engine jobs and --overlay multinode (or gpu)")
+
+
 def argo_template(run: Plan) -> dict:
     from cmv_core import k8s_argo
 
     if run.job("train")["kind"] != "JobSet":
         raise K8sError("--engine argo runs the train stage as a JobSet: use --overlay jobset")
+    if "dpo" in run.stages:
+        raise K8sError(ARGO_HAS_NO_DPO)
     return k8s_argo.workflow_template(run)
 
 
@@ -1090,6 +1191,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--registry", help="image registry, e.g. registry.example.com/cmv (as in make push)")
         p.add_argument("--tag", help="image tag (as in make push; default: `git describe --always --dirty`, as make)")
         p.add_argument("--k8s-dir", help="the kustomize tree (default: the repository's k8s/)")
+        p.add_argument("--dpo", action="store_true",
+                       help="with the DPO stage (k8s/components/dpo): a second train Job after train, from the "
+                            "SFT output, and generate's dpo variant; the recipe needs a dpo: section. Not with the "
+                            "jobset overlay or --engine argo")
 
     def cluster_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--namespace", help="default: the kubeconfig context's namespace, else 'default'")
@@ -1105,12 +1210,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("render", help="print the manifests of a run (kubectl apply -f - them, or inspect)")
     common(p)
     engine(p)
-    p.add_argument("--stage", choices=STAGES, help="only this stage's kustomization (with the ConfigMap)")
+    p.add_argument("--stage", choices=PIPELINE, help="only this stage's kustomization (with the ConfigMap)")
 
     p = sub.add_parser("submit", help="run the pipeline's Jobs in order, stream logs, stop on failure, resume")
     common(p)
     cluster_args(p)
-    p.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES)
+    p.add_argument("--stages", nargs="+", choices=PIPELINE,
+                   help="run only these, in this order (default: every stage of the run; dpo with --dpo)")
     p.add_argument("--poll", type=float, default=5, help="seconds between Job status checks")
     p.add_argument("--stage-timeout", type=float, default=0, help="give up waiting on a stage after this (0: never)")
     p.add_argument("--tail", type=int, default=40, help="log lines shown from a failed pod")
@@ -1127,7 +1233,7 @@ def _plan_from_args(args: argparse.Namespace) -> Plan:
         artifact_root=args.artifact_root, raw_input=args.raw_input, extra=args.setting,
     )
     objects = render_objects(args.overlay, settings=settings, registry=args.registry, tag=args.tag,
-                             k8s_dir=args.k8s_dir)
+                             k8s_dir=args.k8s_dir, dpo=args.dpo)
     return plan(objects)
 
 
@@ -1137,6 +1243,8 @@ def _print(line: str) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     try:
+        if args.dpo and getattr(args, "engine", "jobs") == "argo":
+            raise K8sError(ARGO_HAS_NO_DPO)
         if args.k8s_command == "render":
             settings = run_settings(
                 args.run_id, nodes=args.nodes, gpus_per_node=args.gpus_per_node, recipe=args.recipe,
@@ -1149,7 +1257,7 @@ def cli_main(args: argparse.Namespace) -> int:
                 sys.stdout.write(yaml.safe_dump_all([run.config, argo_template(run)], sort_keys=False))
                 return 0
             sys.stdout.write(render(args.overlay, stage=args.stage, settings=settings, registry=args.registry,
-                                    tag=args.tag, k8s_dir=args.k8s_dir))
+                                    tag=args.tag, k8s_dir=args.k8s_dir, dpo=args.dpo))
             return 0
         # The store check is a convenience: a store unreachable from here should fail fast, not retry for a minute.
         os.environ.setdefault("CMV_S3_MAX_ATTEMPTS", "2")

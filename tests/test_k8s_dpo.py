@@ -11,7 +11,7 @@ import yaml
 
 from conftest import REPO
 
-from cmv_core import cli
+from cmv_core import cli, k8s
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
 
@@ -78,3 +78,62 @@ def test_overlays_without_the_component_are_unchanged():
         out = subprocess.run(["kubectl", "kustomize", str(REPO / "k8s" / "overlays" / overlay)],
                              capture_output=True, text=True, check=True).stdout
         assert "cmv-dpo" not in out and "--dpo=" not in out
+
+
+# ---------------------------------------------------------------- cmv k8s render --dpo (what submit --dpo creates)
+
+TAG = "t-1234567"
+
+
+def workloads_by_stage(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["labels"]["cmv.io/stage"]: d for d in docs
+            if d["kind"] in k8s.WORKLOAD_KINDS and "cmv.io/stage" in d["metadata"].get("labels", {})}
+
+
+@pytest.mark.parametrize("overlay", list(OVERLAYS))
+def test_render_dpo_is_the_component_listed_first_and_sizes_dpo_like_train(tmp_path, overlay):
+    settings = {"RUN_ID": "d1", "MASTER_PORT": "29611", "HF_CACHE_SIZE": "77Gi"}
+    if overlay != "dev":  # (KUEUE_QUEUE does not render with dev: base/kueue is added to dev/minio too)
+        settings["KUEUE_QUEUE"] = "gpu-team"
+    docs = k8s.render_objects(overlay, settings=settings, tag=TAG, dpo=True)
+    hand_docs = render_with_dpo(tmp_path, overlay)
+    by_hand = workloads_by_stage(hand_docs)
+    assert k8s.plan(hand_docs).order == k8s.PIPELINE  # listed by hand, submit runs it too
+    jobs = workloads_by_stage(docs)
+    assert sorted(jobs) == sorted(k8s.PIPELINE) == sorted(by_hand)
+    main = lambda job: job["spec"]["template"]["spec"]["containers"][0]  # noqa: E731
+    for stage in ("dpo", "generate"):
+        assert main(jobs[stage])["args"] == main(by_hand[stage])["args"]
+    assert main(jobs["dpo"])["image"] == main(jobs["train"])["image"]
+    assert main(jobs["dpo"])["image"].rsplit("/", 1)[-1] == f"cmv-train:{TAG}"  # no image of its own
+    # what base/derive and base/kueue give the train gang, the dpo gang gets too
+    for key in ("ports", "resources"):
+        assert main(jobs["dpo"])[key] == main(jobs["train"])[key]
+    assert main(jobs["dpo"])["ports"] == [{"containerPort": 29611, "name": "rendezvous"}]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    assert services["cmv-dpo-d1"]["spec"]["ports"][0]["port"] == 29611
+    volumes = {v["name"]: v for v in jobs["dpo"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["hf-cache"]["emptyDir"]["sizeLimit"] == "77Gi"
+    assert jobs["dpo"]["metadata"]["labels"].get("kueue.x-k8s.io/queue-name") == settings.get("KUEUE_QUEUE")
+    from test_k8s_cluster import restricted_violations
+
+    assert restricted_violations(jobs["dpo"]["spec"]["template"]) == []
+
+
+def test_render_one_stage_of_a_dpo_run(capsys):
+    base = ["k8s", "render", "--overlay", "gpu", "--run-id", "d1", "--tag", TAG]
+    assert cli.main([*base, "--dpo", "--stage", "dpo"]) == 0
+    docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] != "ConfigMap") == [
+        ("Job", "cmv-dpo-d1"), ("Service", "cmv-dpo-d1")]
+    assert k8s.SETTINGS_ANNOTATION in next(d for d in docs if d["kind"] == "Job")["metadata"]["annotations"]
+    assert cli.main([*base, "--dpo", "--stage", "generate"]) == 0
+    (job,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d and d["kind"] == "Job"]
+    assert "--dpo=$(ARTIFACT_ROOT)/$(RUN_ID)/dpo" in job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert cli.main([*base, "--stage", "generate"]) == 0  # without --dpo: as before
+    assert "--dpo=" not in capsys.readouterr().out
+    assert cli.main([*base, "--stage", "dpo"]) == 2
+    assert "this run has no dpo stage (add --dpo: the dpo component)" in capsys.readouterr().err
+    assert cli.main(["k8s", "render", "--overlay", "jobset", "--run-id", "d1", "--tag", TAG, "--dpo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and "the jobset overlay trains on a JobSet" in err

@@ -48,10 +48,20 @@ def fake_manifest(server: FakeK8s, job: dict, stage: str, run_id: str) -> dict:
                    if "configMapRef" in e)
     values = next(o for (kind, _, name), o in server.objects.items() if kind == "ConfigMap" and name == cm_name)["data"]
     root = Path(values["ARTIFACT_ROOT"])
+    args = k8s.pod_template(job)["spec"]["containers"][0]["args"]
+    # generate given --dpo=... reads the DPO output too (its variant's manifest is an input)
+    ups = k8s.UPSTREAM[stage] + (["dpo"] if any(a.startswith("--dpo=") for a in args) else [])
     inputs = [{"uri": values["RAW_INPUT"], "digest": "fingerprint:abc"}] if stage == "clean" else [
         {"uri": str(root / run_id / up), "digest": "sha256:" + hashlib.sha256(
-            (root / run_id / up / "_SUCCESS").read_bytes()).hexdigest()} for up in k8s.UPSTREAM[stage]]
+            (root / run_id / up / "_SUCCESS").read_bytes()).hexdigest()} for up in ups]
     recipe = k8s.load_recipe_here(values["CMV_RECIPE"]) or {}
+    if stage == "dpo":  # `cmv train --method dpo`: a train manifest, dpo: read over train:, on the SFT model
+        assert "--method=dpo" in args and f"--init=$(ARTIFACT_ROOT)/$(RUN_ID)/train" in args
+        train = {k: v for k, v in (recipe.get("train") or {}).items() if k not in ("packing", "packing_strategy")}
+        section = {"a_default_the_recipe_does_not_set": 1, **train, **(recipe.get("dpo") or {})}
+        config = {"train": section, "model": str(root / run_id / "train" / "model"), "method": "dpo",
+                  "init": str(root / run_id / "train"), "base_model": values["CMV_MODEL"]}
+        return {"stage": "train", "run_id": run_id, "inputs": inputs, "config": config, "finished_at": time.time_ns()}
     section = {"a_default_the_recipe_does_not_set": 1, **(recipe.get(stage) or {})}
     config = {stage: section, "model": values["CMV_MODEL"]} if stage in ("format", "train") else section
     return {"stage": stage, "run_id": run_id, "inputs": inputs, "config": config, "finished_at": time.time_ns()}
@@ -320,3 +330,146 @@ def test_jobs_applied_from_cmv_k8s_render_are_adopted_by_submit(fake, capsys):
     assert submit(fake, "--stages", "clean") == 0
     assert "=== clean: Job cmv-clean-t1 already running, waiting for it" in capsys.readouterr().out
     assert [n for _, n in fake.created("Job")] == ["cmv-clean-t1"]
+
+
+# ---------------------------------------------------------------- the optional dpo stage (k8s/components/dpo)
+
+DPO_PIPELINE = ["clean", "format", "train", "dpo", "generate", "judge"]
+
+
+def write_dpo_recipe(path: Path, dpo_learning_rate: float, train_learning_rate: float = 2.0e-4, **dpo) -> str:
+    import yaml
+
+    recipe = yaml.safe_load((k8s.default_k8s_dir().parent / "configs" / "llama-3.2-1b.yaml").read_text())
+    recipe["train"]["learning_rate"] = train_learning_rate
+    recipe["dpo"].update(learning_rate=dpo_learning_rate, **dpo)
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def jobs_posted(fake, start: int = 0) -> list[str]:
+    return [c.name for c in fake.calls[start:] if c.method == "POST" and c.kind == "Job"]
+
+
+def test_a_dpo_run_creates_and_waits_for_each_stage_in_order_dpo_between_train_and_generate(fake, capsys, tmp_path):
+    recipe = write_dpo_recipe(tmp_path / "recipe.yaml", 5.0e-6)
+    for stage in DPO_PIPELINE:
+        fake.scripts[stage] = Script(run_s=0.4, log=[f"{stage} says hello", "done"])
+    assert submit(fake, "--dpo", "--recipe", recipe) == 0
+    out = capsys.readouterr().out
+    assert fake.created()[1:] == [("Job", "cmv-clean-t1"), ("Job", "cmv-format-t1"), ("Service", "cmv-train-t1"),
+                                  ("Job", "cmv-train-t1"), ("Service", "cmv-dpo-t1"), ("Job", "cmv-dpo-t1"),
+                                  ("Job", "cmv-generate-t1"), ("Job", "cmv-judge-t1")]
+    # dpo starts once train has finished, and generate only once dpo has
+    for before, after in zip(DPO_PIPELINE, DPO_PIPELINE[1:]):
+        assert fake.created_at("Job", f"cmv-{after}-t1") >= fake.finished_at(f"cmv-{before}-t1")
+    assert "] dpo says hello" in out and "=== dpo: Job cmv-dpo-t1 succeeded" in out
+    dpo = fake.objects[("Job", "cmv-test", "cmv-dpo-t1")]
+    assert k8s.pod_template(dpo)["spec"]["containers"][0]["image"].split("/")[-1].startswith("cmv-train:")
+    generate = fake.objects[("Job", "cmv-test", "cmv-generate-t1")]
+    assert "--dpo=$(ARTIFACT_ROOT)/$(RUN_ID)/dpo" in k8s.pod_template(generate)["spec"]["containers"][0]["args"]
+    # the dpo Job owns its headless Service and (with the others) the run's ConfigMap
+    service = fake.objects[("Service", "cmv-test", "cmv-dpo-t1")]
+    assert [r["name"] for r in service["metadata"]["ownerReferences"]] == ["cmv-dpo-t1"]
+    config = next(o for (kind, _, name), o in fake.objects.items() if kind == "ConfigMap")
+    assert {r["name"] for r in config["metadata"]["ownerReferences"]} == {f"cmv-{s}-t1" for s in DPO_PIPELINE}
+    assert json.loads((fake.store / "t1" / "dpo" / "_SUCCESS").read_text())["stage"] == "train"
+    assert out.rstrip().endswith(f"report: {fake.store}/t1/judge/report.md")
+    # status has the dpo row, after train
+    assert cli.main(["k8s", "status", "--overlay", "gpu", "--run-id", "t1", "--artifact-root", str(fake.store),
+                     "--recipe", recipe, "--dpo"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == DPO_PIPELINE
+    assert rows[3][1:4] == ["cmv-dpo-t1", "succeeded", "yes"]
+
+
+def test_a_dpo_run_skips_dpo_when_unchanged_and_reruns_dpo_generate_judge_when_only_dpo_changed(fake, capsys,
+                                                                                                  tmp_path):
+    recipe = write_dpo_recipe(tmp_path / "recipe.yaml", 5.0e-6)
+    assert submit(fake, "--dpo", "--recipe", recipe) == 0
+    first_dpo = (fake.store / "t1" / "dpo" / "_SUCCESS").read_bytes()
+    capsys.readouterr()
+    # Unchanged: every stage, dpo included, is done.
+    start = len(fake.calls)
+    assert submit(fake, "--dpo", "--recipe", recipe) == 0
+    out = capsys.readouterr().out
+    for stage in DPO_PIPELINE:
+        assert f"=== {stage}: done (_SUCCESS matches), skipped" in out
+    assert jobs_posted(fake, start) == [] and fake.deleted() == []
+    # Only the dpo: section changed: dpo reruns, and generate and judge (they read its output); not the others.
+    write_dpo_recipe(tmp_path / "recipe.yaml", 1.0e-5)
+    start = len(fake.calls)
+    assert submit(fake, "--dpo", "--recipe", recipe) == 0
+    out = capsys.readouterr().out
+    for stage in ("clean", "format", "train"):
+        assert f"=== {stage}: done (_SUCCESS matches), skipped" in out
+    assert "=== dpo: _SUCCESS present but config changed: dpo.learning_rate: 5e-06 -> 1e-05; running it again" in out
+    assert "=== generate: _SUCCESS present but its input " in out and "/t1/dpo changed since" in out
+    assert jobs_posted(fake, start) == ["cmv-dpo-t1", "cmv-generate-t1", "cmv-judge-t1"]
+    assert fake.deleted() == ["cmv-dpo-t1", "cmv-generate-t1", "cmv-judge-t1"]
+    assert (fake.store / "t1" / "dpo" / "_SUCCESS").read_bytes() != first_dpo
+    # A dpo: key the train stage does not read leaves train alone, and a train: change reaches dpo (read over it).
+    write_dpo_recipe(tmp_path / "recipe.yaml", 1.0e-5, train_learning_rate=1.0e-4)
+    start = len(fake.calls)
+    assert submit(fake, "--dpo", "--recipe", recipe) == 0
+    assert jobs_posted(fake, start) == ["cmv-train-t1", "cmv-dpo-t1", "cmv-generate-t1", "cmv-judge-t1"]
+
+
+def test_a_failed_dpo_stops_before_generate_and_a_resubmit_resumes_from_dpo(fake, capsys, tmp_path):
+    recipe = write_dpo_recipe(tmp_path / "recipe.yaml", 5.0e-6)
+    fake.scripts["dpo"] = Script(succeed=False, log=["rank {index}: NCCL timeout"])
+    assert submit(fake, "--dpo", "--recipe", recipe, "--nodes", "2", overlay="multinode") == 1
+    out = capsys.readouterr().out
+    assert "stage dpo FAILED: Job cmv-dpo-t1: BackoffLimitExceeded" in out and "resume from dpo" in out
+    assert len(fake.job_pods_of("cmv-dpo-t1")) == 2  # multi-node like train: NNODES pods
+    assert jobs_posted(fake) == ["cmv-clean-t1", "cmv-format-t1", "cmv-train-t1", "cmv-dpo-t1"]
+    fake.scripts["dpo"] = Script(log=["fixed"])
+    start = len(fake.calls)
+    assert submit(fake, "--dpo", "--recipe", recipe, "--nodes", "2", overlay="multinode") == 0
+    out = capsys.readouterr().out
+    assert "=== train: done (_SUCCESS matches), skipped" in out
+    assert jobs_posted(fake, start) == ["cmv-dpo-t1", "cmv-generate-t1", "cmv-judge-t1"]
+    assert fake.deleted() == ["cmv-dpo-t1"]
+    # The store unreachable from here (--no-store-check): the completed dpo Job, same settings hash, is done.
+    start = len(fake.calls)
+    assert submit(fake, "--dpo", "--recipe", recipe, "--nodes", "2", "--no-store-check", overlay="multinode") == 0
+    assert "=== dpo: done (Job completed), skipped" in capsys.readouterr().out
+    assert jobs_posted(fake, start) == []
+
+
+def test_a_run_without_dpo_ignores_the_dpo_section_and_refuses_stages_dpo(fake, capsys, tmp_path):
+    recipe = write_dpo_recipe(tmp_path / "recipe.yaml", 5.0e-6)
+    assert submit(fake, "--recipe", recipe, "--stages", "clean") == 0
+    write_dpo_recipe(tmp_path / "recipe.yaml", 1.0e-5)  # no stage of this run reads dpo:
+    start = len(fake.calls)
+    assert submit(fake, "--recipe", recipe, "--stages", "clean", "--no-store-check") == 0
+    assert jobs_posted(fake, start) == []
+    capsys.readouterr()
+    assert submit(fake, "--recipe", recipe, "--stages", "dpo") == 2
+    assert "--stages dpo: not a stage of this run (dpo: render it with --dpo)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, overlay, says", [
+    ("jobset", "jobset", "the jobset overlay trains on a JobSet"),
+    ("argo", "jobset", "--engine argo has no dpo step"),
+    ("disabled", "gpu", "has no dpo: section, or its dpo.enabled is false"),
+])
+def test_dpo_where_it_cannot_run_is_a_one_line_error_and_creates_nothing(fake, capsys, tmp_path, case, overlay, says):
+    extra = {"jobset": [], "argo": ["--engine", "argo"],
+             "disabled": ["--recipe", write_dpo_recipe(tmp_path / "off.yaml", 5.0e-6, enabled=False)]}[case]
+    assert submit(fake, "--dpo", *extra, overlay=overlay) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err] and err.startswith("cmv k8s submit: error: ") and says in err
+    assert fake.created() == []
+
+
+def test_the_dpo_jobs_settings_hash_follows_the_train_and_dpo_sections_and_no_other_stages_does(tmp_path):
+    def hashes(name: str, dpo_lr: float, train_lr: float) -> dict[str, str]:
+        recipe = write_dpo_recipe(tmp_path / f"{name}.yaml", dpo_lr, train_learning_rate=train_lr)
+        run = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "h1", "CMV_RECIPE": recipe}, dpo=True))
+        assert run.order == DPO_PIPELINE
+        return {s: run.job(s)["metadata"]["annotations"][k8s.SETTINGS_ANNOTATION] for s in run.order}
+
+    a, b, c = hashes("a", 5.0e-6, 2.0e-4), hashes("b", 1.0e-5, 2.0e-4), hashes("c", 5.0e-6, 1.0e-4)
+    assert [s for s in DPO_PIPELINE if a[s] != b[s]] == ["dpo"]
+    assert [s for s in DPO_PIPELINE if a[s] != c[s]] == ["train", "dpo"]
