@@ -94,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input", action="extend", nargs="+", required=True, metavar="URI",
         help="raw dump: a .jsonlist file (plain, .gz or .bz2), a directory/prefix of them, "
-        "or several (repeat --input or list them); read in the order given",
+        "or several (repeat --input or list them); read in the order given. Or Pushshift exports: "
+        "a submissions file and a comments file (one record a line), in any order, joined by link_id",
     )
     parser.add_argument("--output", required=True, metavar="URI", help="output directory or s3:// prefix")
 
@@ -518,7 +519,7 @@ def input_format(files: list[str]) -> str:
     records = [f for f, k in kinds.items() if k == "pushshift"]
     if cornell and records:
         raise InputError(
-            f"clean: the inputs mix a Cornell thread dump ({cornell[0]}) with Pushshift record files "
+            f"the inputs mix a Cornell thread dump ({cornell[0]}) with Pushshift record files "
             f"({records[0]}); clean each kind in its own run"
         )
     return "pushshift" if records else "cornell"

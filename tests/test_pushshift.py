@@ -153,8 +153,12 @@ def test_threads_do_not_depend_on_record_or_file_order(records, cornell_rows, tm
     sub_path, com_path = write_records(a, subs, shuffled[:half], bad_line=False)
     more = a / "changemyview_comments_2.jsonl"
     more.write_bytes(jsonl(shuffled[half:]))
-    run_clean([str(more), str(sub_path), str(com_path)], str(tmp_path / "out"), CleanConfig())
+    inputs = [str(more), str(sub_path), str(com_path)]
+    run_clean(inputs, str(tmp_path / "out"), CleanConfig(workers=1))
     assert read_rows(tmp_path / "out") == cornell_rows
+    # worker processes take the joined thread lines as they take dump lines: the same bytes
+    run_clean(inputs, str(tmp_path / "out2"), CleanConfig(workers=2))
+    assert (tmp_path / "out2" / clean.CONVERSATIONS).read_bytes() == (tmp_path / "out" / clean.CONVERSATIONS).read_bytes()
 
 
 def test_cli_two_inputs_and_mixed_or_comment_only_inputs_refused(records, sample_dump, cornell_rows, tmp_path):
