@@ -449,9 +449,11 @@ def record_kind(obj: dict[str, Any]) -> str:
 
 
 def sniff_file(uri: str) -> str:
-    """"pushshift" when the first JSON object among the file's first lines is a submission or
-    comment record, else "cornell" (also for a file with no such line: the thread path reports
-    its lines, or its broken stream, as before)."""
+    """"cornell" as soon as one of the file's first SNIFF_LINES lines is a thread (has `comments`;
+    a dump's thread without comments may lack the key, so one submission-like line decides
+    nothing); else "pushshift" when one is a submission or comment record; else "cornell" (the
+    thread path reports the lines, or the broken stream, as before)."""
+    records = False
     try:
         with storage.open_read(uri, "rb") as f:
             for i, raw in enumerate(f):
@@ -463,11 +465,12 @@ def sniff_file(uri: str) -> str:
                     continue
                 if isinstance(obj, dict):
                     kind = record_kind(obj)
-                    if kind != "unknown":
-                        return "cornell" if kind == "thread" else "pushshift"
+                    if kind == "thread":
+                        return "cornell"
+                    records = records or kind != "unknown"
     except (EOFError, OSError, zlib.error):
         pass
-    return "cornell"
+    return "pushshift" if records else "cornell"
 
 
 def _retrieved(obj: dict[str, Any]) -> float | None:
@@ -495,6 +498,7 @@ class RecordStore:
         self.db.execute("BEGIN")
         self.submission_records = 0
         self.comment_records = 0
+        self.threads = 0  # submissions kept, known after finish_loading
 
     def add(self, obj: dict[str, Any], raw: bytes, file: int, line: int) -> tuple[str, str] | None:
         """Store one parsed record; (reason, detail) when it cannot be used."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cmv_core import clean, storage
+from cmv_core import clean, reddit, storage
 from cmv_core.clean import CleanConfig, run_clean
 from cmv_core.errors import InputError
 from conftest import run_cmv
@@ -202,3 +202,16 @@ def test_s3_inputs(records, cornell_rows, s3_bucket, tmp_path):
     assert read_rows(out) == cornell_rows
     stats = json.loads((out / "stats.json").read_text())
     assert stats["pushshift"]["orphan_comments"] == 1 and stats["pushshift"]["duplicate_comments"] == 1
+
+
+def test_a_dump_is_told_from_record_files_by_content(sample_dump, records, tmp_path):
+    lines = Path(sample_dump).read_bytes().splitlines(keepends=True)
+    first = json.loads(lines[0])
+    del first["comments"]  # a dump thread without comments may lack the key: still a dump
+    dump = tmp_path / "dump.jsonlist"
+    dump.write_bytes(json.dumps(first).encode() + b"\n" + b"".join(lines[1:]))
+    subs, comments, _ = records
+    sub_path, com_path = write_records(tmp_path / "in", subs, comments, ".bz2")
+    assert [reddit.sniff_file(str(p)) for p in (dump, sub_path, com_path)] == ["cornell", "pushshift", "pushshift"]
+    assert clean.input_format([str(sub_path), str(com_path)]) == "pushshift"
+    assert clean.input_format([str(dump), sample_dump]) == "cornell"
