@@ -215,3 +215,17 @@ def test_a_dump_is_told_from_record_files_by_content(sample_dump, records, tmp_p
     assert [reddit.sniff_file(str(p)) for p in (dump, sub_path, com_path)] == ["cornell", "pushshift", "pushshift"]
     assert clean.input_format([str(sub_path), str(com_path)]) == "pushshift"
     assert clean.input_format([str(dump), sample_dump]) == "cornell"
+
+
+def test_a_duplicate_submission_keeps_its_first_place_and_the_later_copy(records, cornell_rows, tmp_path):
+    subs, comments, extra = records
+    real = next(s for s in subs if s["id"] == extra["stale_sub"]["id"] and s is not extra["stale_sub"])
+    reordered = [s for s in subs if s is not extra["stale_sub"]]
+    reordered.insert(0, {**real, "title": "first seen", "retrieved_on": 2})
+    reordered = [{**s, "retrieved_on": 1} if s is real else s for s in reordered]  # read later, retrieved earlier
+    sub_path, com_path = write_records(tmp_path / "in", reordered, comments, bad_line=False)
+    run_clean([str(sub_path), str(com_path)], str(tmp_path / "out"), CleanConfig())
+    rows = read_rows(tmp_path / "out")
+    expected_order = [real["id"]] + [r["thread_id"] for r in cornell_rows if r["thread_id"] != real["id"]]
+    assert [r["thread_id"] for r in rows] == expected_order
+    assert rows[0]["title"] == "first seen"  # the later-retrieved copy, though read first
