@@ -12,6 +12,21 @@ a few batches of lines whatever the input size. Writes, under the output:
 - `_SUCCESS` last (storage.finish_stage).
 The run fails only when the rejected lines exceed `clean.max_reject_fraction`.
 
+Pushshift exports (`cmv clean --input <submissions file> --input <comments file>`, in
+any order, or a directory holding both): files whose records are separate Reddit API
+submissions (`title`, no `comments`) and comments (`body` and `link_id`) are told from a
+Cornell dump by content (reddit.sniff_file). Their records are deduplicated by id (the
+later `retrieved_on` wins, else the one read later) and grouped by `link_id` in an
+sqlite file in a temporary directory (under $CMV_SCRATCH if set; about the size of the
+decompressed inputs), not in memory: one Cornell-format thread line per submission,
+in order of first appearance, its comments by time then id, then cleaned exactly as a
+dump line. stats.json gains a `pushshift` section (records, duplicates, orphan comments);
+a comment whose submission is not in the inputs goes to the rejects as
+`orphan_comment` but does not count against the reject limit (a comments file may span
+more threads than the submissions given); `lines.read` counts record lines. Mixing a
+Cornell dump with Pushshift files in one run is refused (InputError): clean them
+separately.
+
 Speed: parsing and rebuilding threads is pure Python work per comment, so it
 runs in worker processes on batches of lines (`clean.workers`), results taken
 back in input order; compression runs on a thread. The output bytes do not
@@ -79,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input", action="extend", nargs="+", required=True, metavar="URI",
         help="raw dump: a .jsonlist file (plain, .gz or .bz2), a directory/prefix of them, "
-        "or several (repeat --input or list them); read in the order given",
+        "or several (repeat --input or list them); read in the order given. Or Pushshift exports: "
+        "a submissions file and a comments file (one record a line), in any order, joined by link_id",
     )
     parser.add_argument("--output", required=True, metavar="URI", help="output directory or s3:// prefix")
 
@@ -345,6 +361,8 @@ def make_stats(totals: Counter[str], lines_per_file: dict[str, int], config: Cle
         },
         "deltas": {k: totals[k] for k in DELTA_KINDS},
         "winning_branches": totals["winning_branches"],
+        **({"pushshift": {k: totals["pushshift:" + k] for k in PUSHSHIFT_KEYS}}
+           if "pushshift:submissions" in totals else {}),
     }
 
 
@@ -370,6 +388,9 @@ def summary_text(stats: dict[str, Any], output: str, seconds: float) -> str:
             f"  DeltaBot rejected {dl['rejected_by_deltabot']:>10,}",
             f"  winning branches  {stats['winning_branches']:>10,}   in {th['with_winning_branch']:,} threads",
         ]
+        + ([f"  pushshift records {ps['submissions']:>10,} submissions, {ps['comments']:,} comments; duplicates "
+            f"{ps['duplicate_submissions']:,} / {ps['duplicate_comments']:,}, orphan comments "
+            f"{ps['orphan_comments']:,}"] if (ps := stats.get("pushshift")) else [])
     )
 
 
@@ -470,6 +491,11 @@ def _check_rejects(
     read, rejected = stats["lines"]["read"], stats["lines"]["rejected"]
     if read == 0:
         raise TooManyRejectsError(f"no thread lines found in {', '.join(files)}")
+    records = stats.get("pushshift")
+    if records is not None and records["submissions"] == 0:
+        raise TooManyRejectsError(
+            f"no Pushshift submission records in {', '.join(files)} ({records['comments']:,} comment records, "
+            f"all orphans): pass the submissions file too")
     limit = stats["max_reject_fraction"]
     if rejected / read > limit:
         reasons = ", ".join(f"{k} {v}" for k, v in stats["rejected_lines_by_reason"].items())
@@ -483,9 +509,102 @@ def _check_rejects(
         )
 
 
+# --- Pushshift record files -------------------------------------------------------------------------
+
+
+def input_format(files: list[str]) -> str:
+    """"cornell" or "pushshift" (reddit.sniff_file); a mix of the two is refused (InputError)."""
+    kinds = {f: reddit.sniff_file(f) for f in files}
+    cornell = [f for f, k in kinds.items() if k == "cornell"]
+    records = [f for f, k in kinds.items() if k == "pushshift"]
+    if cornell and records:
+        raise InputError(
+            f"the inputs mix a Cornell thread dump ({cornell[0]}) with Pushshift record files "
+            f"({records[0]}); clean each kind in its own run"
+        )
+    return "pushshift" if records else "cornell"
+
+
+@contextlib.contextmanager
+def _record_store() -> Iterator[reddit.RecordStore]:
+    """A RecordStore in a temporary directory under $CMV_SCRATCH (else the system's temp dir), removed after."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cmv-clean-", dir=os.environ.get("CMV_SCRATCH") or None) as tmp:
+        store = reddit.RecordStore(os.path.join(tmp, "records.sqlite"))
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+PUSHSHIFT_KEYS = ("submissions", "comments", "duplicate_submissions", "duplicate_comments", "orphan_comments")
+
+
+def _load_records(
+    files: list[str], store: reddit.RecordStore, totals: Counter[str], lines_per_file: dict[str, int],
+    rejects: IO[bytes], first_rejects: list[str], fingerprints: dict[str, storage.RawDigest] | None,
+) -> None:
+    """Every record line into `store`; unusable lines and orphan comments to `rejects`. Each line
+    counts in lines.read (the reject fraction is over record lines); each file is fingerprinted here,
+    chunk by chunk exactly as storage.raw_file_digest defines it."""
+    from tqdm import tqdm
+
+    def reject(line: reddit.Line, reason: str, detail: str) -> None:
+        totals["rejected:" + reason] += 1
+        if len(first_rejects) < MESSAGE_REJECTS:
+            first_rejects.append(f"{line.file}:{line.number}: {reason} ({detail[:120]})")
+        rejects.write(_reject_record(line, reason, detail))
+
+    index = {f: i for i, f in enumerate(files)}
+    digest, chunk, size, current = None, hashlib.sha256(), 0, None
+    for line in tqdm(reddit.iter_lines(files), unit=" records", mininterval=2.0, desc="clean: records"):
+        if line.file != current:
+            if digest is not None and size:
+                digest.add(size, chunk.digest())
+            current, chunk, size = line.file, hashlib.sha256(), 0
+            digest = storage.RawDigest() if fingerprints is None else fingerprints.setdefault(line.file,
+                                                                                              storage.RawDigest())
+        if line.error is not None:
+            digest.broken = True
+            totals["lines_read"] += 1
+            reject(line, "unreadable_stream", line.error)
+            continue
+        lines_per_file[line.file] = line.number
+        chunk.update(line.raw)
+        size += len(line.raw)
+        if size >= storage.RAW_CHUNK_BYTES:
+            digest.add(size, chunk.digest())
+            chunk, size = hashlib.sha256(), 0
+        if line.raw.isspace() or not line.raw:
+            totals["blank_lines"] += 1
+            continue
+        totals["lines_read"] += 1
+        try:
+            problem = store.add(reddit.parse_line(line.raw), line.raw, index[line.file], line.number)
+        except reddit.LineRejected as exc:
+            problem = exc.reason, exc.detail
+        if problem is not None:
+            reject(line, *problem)
+    if digest is not None and size:
+        digest.add(size, chunk.digest())
+
+    counts = store.finish_loading()
+    counts["orphan_comments"] = 0
+    for file, number, link, comment_id, raw in store.orphans():
+        counts["orphan_comments"] += 1
+        rejects.write(_reject_record(
+            reddit.Line(files[file], number, b""), "orphan_comment", f"no submission {link} in the inputs",
+            level="comment", thread_id=link[3:], comment_id=comment_id, raw=raw.decode("utf-8", errors="replace")))
+    for key in PUSHSHIFT_KEYS:
+        totals["pushshift:" + key] += counts[key]
+
+
 def _stream(files: list[str], output: str, config: CleanConfig, workers: int,
-            fingerprints: dict[str, storage.RawDigest] | None = None) -> tuple[dict, Exception | None]:
+            fingerprints: dict[str, storage.RawDigest] | None = None,
+            pushshift: bool = False) -> tuple[dict, Exception | None]:
     """Read every line; write conversations and rejects; returns (stats, failure).
+    `pushshift`: the files are Pushshift record files, joined into threads first (_load_records).
 
     Above the reject limit the conversations are discarded (never published)
     and the error returned; rejects and stats are still written, for diagnosis.
@@ -497,17 +616,27 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int,
     seen: set[str] = set()
     first_rejects: list[str] = []  # named in the error message when the limit is exceeded
     rejects_uri = storage.join(output, REJECTS)
-    with storage.open_write(rejects_uri, "wb") as rejects:
+    with storage.open_write(rejects_uri, "wb") as rejects, contextlib.ExitStack() as scratch:
         try:
             with open_gzip_output(output, CONVERSATIONS) as out:
-                lines = tqdm(reddit.iter_lines(files), unit=" threads", mininterval=2.0, desc="clean")
-                for line, res in cleaned_lines(lines, config.strip_delta_edits, workers, fingerprints):
-                    if line.error is None:
+                store = None
+                if pushshift:
+                    # Group the records into thread lines (their lines are counted and hashed here)
+                    store = scratch.enter_context(_record_store())
+                    _load_records(files, store, totals, lines_per_file, rejects, first_rejects, fingerprints)
+                    lines = tqdm(store.thread_lines(files), total=store.threads, unit=" threads",
+                                 mininterval=2.0, desc="clean: threads")
+                else:
+                    lines = tqdm(reddit.iter_lines(files), unit=" threads", mininterval=2.0, desc="clean")
+                digests = None if pushshift else fingerprints
+                for line, res in cleaned_lines(lines, config.strip_delta_edits, workers, digests):
+                    if line.error is None and store is None:
                         lines_per_file[line.file] = line.number
                     if res.kind == "blank":
                         totals["blank_lines"] += 1
                         continue
-                    totals["lines_read"] += 1
+                    if store is None:
+                        totals["lines_read"] += 1
                     if res.kind == "thread" and res.thread_id in seen:
                         res = LineResult("reject", reason="duplicate_thread", detail=f"{res.thread_id} read before")
                     if res.kind == "reject":
@@ -520,7 +649,10 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int,
                     seen.add(res.thread_id)
                     totals.update(res.counts)
                     for reason, comment_id, raw in res.comment_rejects:
-                        rejects.write(_reject_record(line, reason, level="comment", thread_id=res.thread_id,
+                        where = line
+                        if store is not None and (found := store.locate(comment_id)) is not None:
+                            where = reddit.Line(files[found[0]], found[1], b"")  # the comment's own record
+                        rejects.write(_reject_record(where, reason, level="comment", thread_id=res.thread_id,
                                                      comment_id=comment_id, raw=raw))
                     out.write(res.row)
                 stats = make_stats(totals, lines_per_file, config)
@@ -551,12 +683,13 @@ def _run(run: storage.StageRun, inputs: list[str], output: str, config: CleanCon
 
     # Load, clean, write: batches of lines, in order
     files = reddit.expand_inputs(inputs)
+    pushshift = input_format(files) == "pushshift"
     workers = resolve_workers(config, files)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # see _worker_init; the same holds in this process
     try:
         fingerprints: dict[str, storage.RawDigest] = {}
-        stats, failure = _stream(files, output, config, workers, fingerprints)
+        stats, failure = _stream(files, output, config, workers, fingerprints, pushshift)
         for uri, digest in fingerprints.items():
             storage.record_raw_digest(run, uri, digest)
     finally:
@@ -573,10 +706,13 @@ def _run(run: storage.StageRun, inputs: list[str], output: str, config: CleanCon
         "comments_kept": stats["comments"]["kept"],
         "deltas": stats["deltas"],
         "winning_branches": stats["winning_branches"],
+        **({"pushshift": stats["pushshift"]} if "pushshift" in stats else {}),
     }
     storage.finish_stage(run, summary, declared=True)
     seconds = time.monotonic() - started
     print(summary_text(stats, output, seconds), flush=True)
     log.info("clean: %d threads to %s in %.1f s with %d worker(s)", summary["threads_written"], output, seconds,
              workers)
+    if "pushshift" in stats:
+        log.info("clean: Pushshift records: %s", ", ".join(f"{k} {v:,}" for k, v in stats["pushshift"].items()))
     return stats
