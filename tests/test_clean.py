@@ -222,6 +222,23 @@ def test_duplicate_threads_across_inputs_are_rejected(tmp_path, sample_dump):
     assert len(read_rows(tmp_path / "out")) == 30
 
 
+def test_a_batch_mixing_duplicates_and_new_threads_keeps_only_the_new_ones(tmp_path, sample_dump):
+    """A duplicate is found in the main process, after a worker cleaned its batch: only the new threads
+    are written, and the bytes do not depend on the number of workers."""
+    lines = sample_lines(sample_dump)
+    first, second = tmp_path / "first.jsonlist", tmp_path / "second.jsonlist"
+    first.write_bytes(b"".join(lines[:25]))
+    second.write_bytes(b"".join(lines[20:]))  # 5 seen before, then 5 new, in one batch
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        stats = run_clean([str(first), str(second)], str(out), CleanConfig(workers=workers, max_reject_fraction=0.2))
+        assert stats["rejected_lines_by_reason"] == {"duplicate_thread": 5}
+        assert [r["thread_id"] for r in read_rows(out)] == [json.loads(x)["id"] for x in lines]
+        outputs.append((out / "conversations.jsonl.gz").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
 # --- reruns, inputs, determinism ---------------------------------------------------------------------------
 
 
