@@ -158,7 +158,7 @@ class FakeOpenAI:
                 self.end_headers()
                 try:
                     self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
                     pass
 
             def do_GET(self):
@@ -196,17 +196,7 @@ class FakeOpenAI:
                 delay = fake.latency_s + reply.delay_s
                 if delay:
                     time.sleep(delay)
-                data = reply.raw if reply.raw is not None else json.dumps(reply.body or {}).encode()
-                self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in reply.headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
-                    pass
+                self._send(reply)
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True

@@ -45,9 +45,14 @@ def make_inputs(root: Path, n: int = N_ITEMS, variants=("base", "finetuned")) ->
             gens.append({"id": f"t{i}:c{i}", "thread_id": f"t{i}", "model": v, "messages": prompt,
                          "response": f"{tag} reply {i}", "finish_reason": "stop", "prompt_tokens": 20,
                          "completion_tokens": 3})
+    return write_stage_outputs(run, fmt, gen, tests, pairs, gens)
+
+
+def write_stage_outputs(run, fmt: str, gen: str, tests: list, pairs: list, gens: list) -> tuple[str, str]:
+    """Finish the format stage ``run`` with test.jsonl and pairs.jsonl, then a generate stage on it."""
     storage.write_jsonl(storage.join(fmt, "test.jsonl"), tests)
     storage.write_jsonl(storage.join(fmt, "pairs.jsonl"), pairs)
-    storage.finish_stage(run, {"test": n})
+    storage.finish_stage(run, {"test": len(tests)})
     run = storage.begin_stage("generate", gen, inputs=[fmt], config={}, run_id="t")
     storage.write_jsonl(storage.join(gen, "generations.jsonl"), gens)
     storage.finish_stage(run, {"rows": len(gens)})

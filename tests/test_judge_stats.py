@@ -18,7 +18,7 @@ import pytest
 from cmv_core import judging, storage
 from cmv_core.judging import JudgeConfig
 from fake_openai_server import FakeOpenAI, Reply, completion, token_logprobs, verdict_fields, verdict_json
-from test_judge import INSTRUCTION, replies_shown
+from test_judge import INSTRUCTION, replies_shown, write_stage_outputs
 
 CRITS = ["persuasiveness"]
 
@@ -40,13 +40,7 @@ def make_inputs(root, n, reply, pair_texts, human=lambda i: f"HUMAN reply {i}"):
         for v in ("base", "finetuned"):
             gens.append({"id": f"t{i}:c{i}", "thread_id": f"t{i}", "model": v, "messages": prompt,
                          "response": reply(v, i), "finish_reason": "stop"})
-    storage.write_jsonl(storage.join(fmt, "test.jsonl"), tests)
-    storage.write_jsonl(storage.join(fmt, "pairs.jsonl"), pairs)
-    storage.finish_stage(run, {"test": n})
-    run = storage.begin_stage("generate", gen, inputs=[fmt], config={}, run_id="t")
-    storage.write_jsonl(storage.join(gen, "generations.jsonl"), gens)
-    storage.finish_stage(run, {"rows": len(gens)})
-    return gen, fmt
+    return write_stage_outputs(run, fmt, gen, tests, pairs, gens)
 
 
 def cfg(srv, **kw):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, REPO
-from train_fixtures import write_format_output
+from train_fixtures import assert_same_adapter, write_format_output
 
 from cmv_core import storage
 
@@ -128,17 +128,12 @@ def test_killed_run_resumes_from_newest_s3_checkpoint(tmp_path, s3_bucket):
 
     # Resumed = never interrupted: same losses at every step and bit-identical trained weights
     # (optimizer, scheduler, RNG and data position all came back from the checkpoint)
-    from safetensors.torch import load_file
-
     baseline = tmp_path / "baseline"
     third = start_training(fmt, str(baseline), max_steps, save_steps=2, log_path=tmp_path / "baseline.log")
     assert third.wait(timeout=900) == 0, (tmp_path / "baseline.log").read_text()[-4000:]
     expected = json.loads((baseline / "metrics.json").read_text())
     assert [r["loss"] for r in metrics["train_loss"]] == [r["loss"] for r in expected["train_loss"]]
-    resumed_adapter = tmp_path / "resumed_adapter.safetensors"
-    resumed_adapter.write_bytes(storage.read_bytes(storage.join(out, "adapter", "adapter_model.safetensors")))
-    got, want = load_file(str(resumed_adapter)), load_file(str(baseline / "adapter" / "adapter_model.safetensors"))
-    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
+    assert_same_adapter(out, baseline, tmp_path)
 
 
 @pytest.mark.slow

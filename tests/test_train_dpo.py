@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONFIGS, run_cmv
-from train_fixtures import preference, write_format_output
+from train_fixtures import assert_same_adapter, preference, write_format_output
 
 from cmv_core import storage
 
@@ -189,7 +189,6 @@ def test_killed_dpo_run_resumes_from_newest_s3_checkpoint_bit_identical(tmp_path
     """SIGKILL after the first checkpoint reached S3; the rerun resumes there and ends as an uninterrupted run."""
     import signal
 
-    from safetensors.torch import load_file
     from test_train_distributed import complete_steps, wait_for_checkpoint
 
     fmt = write_format_output(str(tmp_path / "format"), n_train=24, n_val=4)
@@ -221,10 +220,7 @@ def test_killed_dpo_run_resumes_from_newest_s3_checkpoint_bit_identical(tmp_path
     expected = json.loads((baseline / "metrics.json").read_text())
     for key in ("loss", "rewards/margins", "rewards/accuracies"):
         assert [r[key] for r in metrics["train_loss"]] == [r[key] for r in expected["train_loss"]]
-    got_path = tmp_path / "resumed.safetensors"
-    got_path.write_bytes(storage.read_bytes(storage.join(out, "adapter", "adapter_model.safetensors")))
-    got, want = load_file(str(got_path)), load_file(str(baseline / "adapter" / "adapter_model.safetensors"))
-    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
+    assert_same_adapter(out, baseline, tmp_path)
 
 
 @pytest.mark.slow

@@ -49,3 +49,14 @@ def write_format_output(uri: str, n_train: int = 48, n_val: int = 8, seed: int =
         storage.write_jsonl(storage.join(uri, f"{name}_preferences.jsonl"), pairs)
     storage.finish_stage(run, {"train": n_train, "val": n_val})
     return uri
+
+
+def assert_same_adapter(output: str, baseline, scratch) -> None:
+    """The adapter under the train output ``output`` (local or S3) is tensor for tensor the one of the
+    local train output ``baseline``; ``scratch``: a local folder to copy it into."""
+    from safetensors.torch import load_file
+
+    got_path = scratch / "resumed_adapter.safetensors"
+    got_path.write_bytes(storage.read_bytes(storage.join(output, "adapter", "adapter_model.safetensors")))
+    got, want = load_file(str(got_path)), load_file(str(baseline / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
