@@ -12,6 +12,7 @@ retries, 143 for SIGTERM. No traceback for any of them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -142,7 +143,7 @@ def run_local(args: argparse.Namespace) -> int:
             argv.append("--force")
         cmd = [sys.executable, "-m", "cmv_core.cli", *argv]
         print(f"\n=== {stage}: {shlex.join(['cmv', *argv])}", flush=True)
-        rc = subprocess.call(cmd)
+        rc = _run_stage_process(cmd)
         if rc != 0:
             print(f"stage {stage} failed with exit code {rc}; later stages not run", file=sys.stderr)
             return rc
@@ -150,6 +151,25 @@ def run_local(args: argparse.Namespace) -> int:
     if "judge" in args.stages:
         print(f"report: {stage_uri(args.root, args.run_id, 'judge')}/report.md")
     return 0
+
+
+def _run_stage_process(cmd: list[str]) -> int:
+    """Run one stage as a child process; a SIGTERM (or SIGINT) to ``cmv run`` is passed on to the
+    stage, which stops the way a stage stops on SIGTERM (its own one line, exit 143, leases released),
+    instead of the child being killed outright when the wait is interrupted."""
+    child = subprocess.Popen(cmd)
+
+    def forward(signum, frame):
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        rc = child.wait()
+        return 128 - rc if rc < 0 else rc  # killed by a signal: the shell's convention
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _wait_for_inputs(args: argparse.Namespace) -> None:

@@ -482,3 +482,28 @@ def test_judge_answer_echoing_the_key_is_redacted_before_it_is_stored(tmp_path, 
     stored = [p for p in (tmp_path / "judge").rglob("*") if p.is_file()]
     assert any("your key is ***" in p.read_text(errors="replace") for p in stored)
     assert not [p for p in stored if secret in p.read_text(errors="replace")]
+
+
+def test_sigterm_to_cmv_run_reaches_the_running_stage(tmp_path, sample_dump):
+    """`cmv run` passes SIGTERM on to the stage it runs: the stage stops in its own one line with 143
+    and releases its lease (a killed child would leave it held), so the rerun starts at once."""
+    fifo = tmp_path / "dump.jsonlist"
+    os.mkfifo(fifo)  # clean blocks opening it: a stage caught mid-run
+    root = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "cmv_core.cli", "run", "--config", TINY, "--root", str(root),
+                             "--run-id", "t", "--stages", "clean", "--input", str(fifo)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = root / "t" / "clean"
+    deadline = time.monotonic() + 60
+    while not (out / "_LEASE").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (out / "_LEASE").exists()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert "cmv clean: error: stopped by SIGTERM" in err and "stage clean failed with exit code 143" in err
+    assert not (out / "_SUCCESS").exists() and not (out / "_LEASE").exists()
+    rerun = run_cmv("run", "--config", TINY, "--root", str(root), "--run-id", "t", "--stages", "clean",
+                    "--input", sample_dump)
+    assert rerun.returncode == 0 and (out / "_SUCCESS").exists()
