@@ -5,8 +5,11 @@ single-answer grade, per pairwise comparison with both orders inside, per calibr
 Nothing here calls a judge or touches storage; plots are returned as PNG bytes so the caller
 decides where they go. The statistics are in ``cmv_core.stats``: the unit of resampling is the
 thread (examples of one thread share a prompt), comparisons are paired on the same items, and
-``conclusion_lines`` states in words what the numbers support, or that they cannot tell. numpy and matplotlib are imported inside functions (stage images that
-only import the module for its constants must not need them).
+``conclusion_lines`` states in words what the numbers support, or that they cannot tell. The
+calibration and instrument numbers use the test threads' delta pairs; train-period pairs (a time
+split's pairs_before.jsonl) enter only the time-split comparison (``summarize_time_split``).
+numpy and matplotlib are imported inside functions (stage images that only import the module for
+its constants must not need them).
 """
 
 from __future__ import annotations
@@ -573,7 +576,8 @@ def conclusion_lines(report: dict, criteria: list[str]) -> list[str]:
     split = ((report.get("instruments") or {}).get("forced_choice") or {}).get("time_split")
     if split:  # beside the headline (test pairs), not instead of it
         b, a, d = split["before"], split["after"], split["difference"]
-        nums = (f"{_f(b['accuracy'])} on {b['n_pairs']} pairs before vs {_f(a['accuracy'])} on {a['n_pairs']} "
+        pct = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+        nums = (f"{pct(b['accuracy'])} on {b['n_pairs']} pairs before vs {pct(a['accuracy'])} on {a['n_pairs']} "
                 f"after" + ("" if d["estimate"] is None else f", difference {d['estimate']:+.2f} {_ci(d['ci95'])} "
                                                               f"(permutation p = {_sig(d['p_value'])})"))
         lines.append(f"Time split at {split['split_date'][:10]}: judge agreement with real deltas {nums}: "
