@@ -3,7 +3,8 @@
 Input: a clean stage directory (``conversations.jsonl.gz``, schema in DESIGN.md).
 Output: ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (TRL's conversational
 format: ``messages`` = list of ``{role, content}``, no chat template baked in;
-the tokenizer applies it in training), ``pairs.jsonl``, ``stats.json`` and
+the tokenizer applies it in training), ``pairs.jsonl`` (and ``pairs_before.jsonl`` with
+``split: time``), ``train_preferences.jsonl``, ``val_preferences.jsonl``, ``stats.json`` and
 ``_SUCCESS``.
 
 One example per winning branch (a confirmed OP delta). Decisions, documented

@@ -1273,7 +1273,8 @@ def validation_single_row(pair: dict, rw: dict, rl: dict, criteria: list[str]) -
                        "error": r.get("error"), "raw": r.get("raw") if not ok else None})
     return {"kind": "validation", "instrument": "single", "id": f"validation:single:{pair['pair_id']}",
             "pair_id": pair["pair_id"], "thread_id": pair["thread_id"], "created_utc": pair.get("created_utc"),
-            **pair_tags(pair), "orders": grades, "status": "ok" if all(g["status"] == "ok" for g in grades) else "failed",
+            **pair_tags(pair), "orders": grades,
+            "status": "ok" if all(g["status"] == "ok" for g in grades) else "failed",
             "length": _length(pair)}
 
 

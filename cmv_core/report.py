@@ -716,8 +716,9 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
                 b, a, d = t["before"], t["after"], t["difference"]
                 diff = "n/a" if d["estimate"] is None else f"{d['estimate']:+.2f} {_ci(d['ci95'])} " \
                                                               f"(p = {_sig(d['p_value'])})"
-                lines.append(f"| {n} | {b['n_pairs']} ({b['n_threads']}) | {_f(b['accuracy'])} {_ci(b['accuracy_ci95'])} "
-                             f"| {a['n_pairs']} ({a['n_threads']}) | {_f(a['accuracy'])} {_ci(a['accuracy_ci95'])} "
+                lines.append(f"| {n} | {b['n_pairs']} ({b['n_threads']}) | {_f(b['accuracy'])} "
+                             f"{_ci(b['accuracy_ci95'])} | {a['n_pairs']} ({a['n_threads']}) | {_f(a['accuracy'])} "
+                             f"{_ci(a['accuracy_ci95'])} "
                              f"| {diff} | {time_split_reading(t)} |")
             lines.append("")
 

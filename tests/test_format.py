@@ -352,7 +352,7 @@ def test_time_split_writes_train_period_pairs_tagged_by_split_and_period(tmp_pat
         assert p["created_utc"] == created[p["thread_id"]]
         assert (p["created_utc"] >= cut) == (p["period"] == "after")
         tid = p["thread_id"]
-        assert (p["winner"], p["loser_comment_ids"]) == (f"WIN point {tid}: dogs are loyal and protect you.", [f"{tid}l"])
+        assert p["winner"] == f"WIN point {tid}: dogs are loyal and protect you." and p["loser_comment_ids"] == [f"{tid}l"]
     assert all(p["period"] == "before" for p in before)
     # one matcher: the train-period pairs are the DPO preference pairs before their length filters
     prefs = {r["metadata"]["pair_id"]: r for s in ("train", "val") for r in read(out, f"{s}_preferences.jsonl")}
