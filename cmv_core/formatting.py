@@ -3,7 +3,8 @@
 Input: a clean stage directory (``conversations.jsonl.gz``, schema in DESIGN.md).
 Output: ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (TRL's conversational
 format: ``messages`` = list of ``{role, content}``, no chat template baked in;
-the tokenizer applies it in training), ``pairs.jsonl``, ``stats.json`` and
+the tokenizer applies it in training), ``pairs.jsonl`` (and ``pairs_before.jsonl`` with
+``split: time``), ``train_preferences.jsonl``, ``val_preferences.jsonl``, ``stats.json`` and
 ``_SUCCESS``.
 
 One example per winning branch (a confirmed OP delta). Decisions, documented
@@ -51,14 +52,23 @@ here because they change what the model learns:
   model's tokenizer with its chat template (``tokenizer.apply_chat_template``).
   Examples over ``max_tokens`` or with a target under ``min_target_tokens`` are
   dropped and counted.
-- **Pairs** (test threads only): each winning branch with a matched losing
+- **Pairs** (``pairs.jsonl``, test threads): each winning branch with a matched losing
   branch (CMV_DATA.md): a rooted path started by another challenger, in a
   top-level subtree with no OP delta at all, ending at a comment of that
   challenger, in which the OP wrote a comment (or replied to its last comment),
   chosen by the highest Jaccard similarity between the word sets of the two
   challengers' texts (ties: the earliest path). Both replies are the
   challenger's comments in the path joined by a blank line (the unit that was
-  matched), cleaned like training targets.
+  matched), cleaned like training targets. Each pair carries its thread's
+  ``created_utc``, the ``split`` its thread is in and, with ``split: time``,
+  its ``period`` (``after`` for test threads).
+- **Train-period pairs** (``pairs_before.jsonl``, ``split: time`` only): the
+  same pairs, built the same way, from the train and val threads (created
+  before ``test_after``; ``split`` train or val, ``period: before``). The judge
+  scores them beside the test pairs to see whether it does better on threads it
+  may have read in pretraining. Judging the judge on train-period threads is
+  legitimate: the judge is not the fine-tuned model, and these pairs are never
+  a generation prompt; the headline calibration stays on the test pairs.
 - **Preference pairs** (train and val threads, for DPO; ``preference_pairs``):
   the same matching as the test pairs, written in TRL's conversational
   preference format (``prompt`` messages, ``chosen`` = the winning reply,
@@ -97,6 +107,7 @@ DEFAULT_INSTRUCTION = (
     "Write a response that you think will change the author's view."
 )
 CONVERSATIONS = "conversations.jsonl.gz"
+BEFORE_PAIRS = "pairs_before.jsonl"  # split: time: calibration pairs of the train-period (train + val) threads
 SPLITS = ("train", "val", "test")
 DELETED = frozenset({"[deleted]", "[removed]"})
 NOT_CHALLENGERS = frozenset({"[deleted]", "[removed]", "DeltaBot", ""})
@@ -466,6 +477,15 @@ def build_pairs(thread: dict, branches: list[dict], by_id: dict, cfg: FormatConf
     return pairs
 
 
+def tag_pairs(pairs: list[dict], split: str, cfg: FormatConfig) -> list[dict]:
+    """Mark each pair with the split of its thread and, under a time split, its period relative to
+    ``test_after`` (``before``: train/val threads, ``after``: test threads); in place, returned."""
+    period = ("after" if split == "test" else "before") if cfg.split == "time" else None
+    for p in pairs:
+        p["split"], p["period"] = split, period
+    return pairs
+
+
 def preference_rows(pairs: list[dict], tokenizer, cfg: FormatConfig) -> tuple[list[dict], dict]:
     """Pairs (build_pairs) -> TRL conversational preference rows, filtered by length; and their stats.
 
@@ -613,11 +633,12 @@ def run_format(
     if run is None:
         return storage.require_success(output)
 
-    # Load: stream threads; keep only the examples and the test threads' pairs.
+    # Load: stream threads; keep only the examples and the pairs (test, and train-period under a time split).
     source = storage.join(input, CONVERSATIONS)
     dropped: Counter = Counter({r: 0 for r in DROP_REASONS})
     candidates: list[dict] = []
     pairs: list[dict] = []
+    before_pairs: list[dict] = []  # split: time only (pairs_before.jsonl)
     preference_pairs: dict[str, list[dict]] = {"train": [], "val": []}
     threads_without_loser: Counter = Counter({"train": 0, "val": 0})
     seen_threads: set[str] = set()
@@ -650,12 +671,18 @@ def run_format(
                 continue
             example["metadata"]["split"] = split
             candidates.append(example)
-        if split == "test" and branches:
-            pairs.extend(build_pairs(thread, branches, by_id, cfg))
-        elif branches and cfg.preference_pairs:  # train/val: preference pairs for DPO
-            built = build_pairs(thread, branches, by_id, cfg)
-            preference_pairs[split].extend(built)
-            threads_without_loser[split] += not built
+        if branches and split == "test":
+            pairs.extend(tag_pairs(build_pairs(thread, branches, by_id, cfg), split, cfg))
+        elif branches and (cfg.preference_pairs or cfg.split == "time"):
+            # train/val: one matching serves both the DPO preference pairs and, under a time split, the
+            # judge's train-period calibration pairs. Validating the judge on delta pairs the fine-tuned
+            # model trained on is legitimate: the judge is another model, and none of these is a prompt.
+            built = tag_pairs(build_pairs(thread, branches, by_id, cfg), split, cfg)
+            if cfg.preference_pairs:
+                preference_pairs[split].extend(built)
+                threads_without_loser[split] += not built
+            if cfg.split == "time":
+                before_pairs.extend(built)
 
     # Filter: exact duplicates (first in input order wins), then length in tokens.
     unique: list[dict] = []
@@ -696,6 +723,8 @@ def run_format(
     # Write: splits, pairs, stats; _SUCCESS last (finish_stage).
     counts = {s: storage.write_jsonl(storage.join(output, f"{s}.jsonl"), kept[s]) for s in SPLITS}
     n_pairs = storage.write_jsonl(storage.join(output, "pairs.jsonl"), pairs)
+    if cfg.split == "time":
+        storage.write_jsonl(storage.join(output, BEFORE_PAIRS), before_pairs)
     preferences: dict[str, dict] = {}
     if cfg.preference_pairs:
         for name in ("train", "val"):
@@ -711,6 +740,7 @@ def run_format(
         "examples_total": sum(counts.values()),
         "dropped": dict(dropped),
         "pairs": n_pairs,
+        **({"pairs_before": len(before_pairs)} if cfg.split == "time" else {}),
         "preference_pairs": {name: p["kept"] for name, p in preferences.items()},
         "view": cfg.view,
         "split": cfg.split,
@@ -748,6 +778,8 @@ def print_summary(stats: dict) -> None:
         f"max {tok['max']} (limit {stats['max_tokens']})",
         f"  pairs (test threads): {stats['pairs']}",
     ]
+    if "pairs_before" in stats:
+        lines.append(f"  pairs (train-period threads, {BEFORE_PAIRS}): {stats['pairs_before']}")
     for split, p in stats.get("preferences", {}).items():
         diff = p["length_difference"]
         lines.append(f"  preference pairs ({split}): {p['kept']} of {p['pairs_built']} (dropped {p['dropped']}; "

@@ -12,6 +12,12 @@ Kinds of judgment, all from one rubric version:
 - validation (``validate_instruments``, on by default): the pairwise prompt and the rubric that
   produce the headline numbers are run on the same delta pairs, so that every instrument is
   scored against real outcomes;
+- time split: when the format stage split by time it also wrote ``pairs_before.jsonl``, the
+  delta pairs of its train-period threads (before ``test_after``). Every instrument above judges
+  a sample of them too (``max_before_pairs``), and the report compares its accuracy on them with
+  its accuracy on the test pairs (after the date): a judge that read the earlier threads in
+  pretraining may do better on them. The headline calibration stays on the test pairs. (Judging
+  the judge on threads the fine-tuned model trained on is legitimate: the judge is another model.)
 - length probe (``length_probe_items``): a model's reply against its own trimmed version, for
   P(prefer longer | same content).
 
@@ -167,6 +173,9 @@ class JudgeConfig:
     validate_instruments: bool = True        # also run the pairwise prompt and the rubric on the delta pairs
     length_probe_items: int = 20             # prompts whose reply is judged against its own trimmed version
     validation_split_date: str | None = None  # time-split view; default: format's test_after when split: time
+    # Time split: train-period pairs (pairs_before.jsonl) judged by every instrument (seeded sample). None: as
+    # many as max_calibration_pairs, or as the test pairs judged when that is unset; 0: none.
+    max_before_pairs: int | None = None
     max_cost_usd: float | None = None        # stop before planned new calls would cost more than this
     batch_poll_s: float = 30.0               # openai-batch: seconds between polls of a running batch
     max_items: int | None = None             # cap on test prompts judged (seeded sample)
@@ -1142,7 +1151,9 @@ def _text(value: Any) -> str:
     return ""
 
 
-def load_pairs(pairs_uri: str, instruction: str | None = None) -> list[dict]:
+def load_pairs(pairs_uri: str, instruction: str | None = None, split: str = "test") -> list[dict]:
+    """Delta pairs with their tags: ``split`` (the thread's format split; ``split`` when the row has
+    none, as in format outputs written before the tag) and ``period`` (before/after the time split)."""
     out = []
     for lineno, row in enumerate(_rows(pairs_uri, ("prompt",)), 1):
         winner = row.get("winner", row.get("winning_reply", row.get("positive")))
@@ -1151,7 +1162,8 @@ def load_pairs(pairs_uri: str, instruction: str | None = None) -> list[dict]:
             raise InputError(f"{pairs_uri}: line {lineno}: needs a winning and a losing reply")
         out.append({"pair_id": str(row.get("pair_id", row.get("id", lineno))), "thread_id": row.get("thread_id"),
                     "prompt": strip_instruction(_pair_prompt(row), instruction), "winner": _text(winner), "loser": _text(loser),
-                    "loser_comment_ids": row.get("loser_comment_ids"), "created_utc": row.get("created_utc")})
+                    "loser_comment_ids": row.get("loser_comment_ids"), "created_utc": row.get("created_utc"),
+                    "split": row.get("split") or split, "period": row.get("period")})
     return out
 
 
@@ -1217,13 +1229,19 @@ def _length(pair: dict) -> dict:
     return {"winner_words": ww, "loser_words": lw_, "score": 1.0 if ww > lw_ else 0.0 if ww < lw_ else 0.5}
 
 
+def pair_tags(pair: dict) -> dict:
+    """The split and period of a delta pair, kept on its judgment rows: the report's headline
+    calibration uses the test pairs, the time-split view all of them."""
+    return {"split": pair.get("split", "test"), "period": pair.get("period")}
+
+
 def calibration_row(pair: dict, wl: dict, lw: dict, kind: str = "calibration", instrument: str | None = None) -> dict:
     orders = [_order_result(wl, "winner", "loser"), _order_result(lw, "loser", "winner")]
     for o in orders:
         o["correct"] = o["preferred"] == "winner" if o["status"] == "ok" else None
     ok = all(o["status"] == "ok" for o in orders)
     row = {"kind": kind, "id": f"{instrument or kind}:{pair['pair_id']}", "pair_id": pair["pair_id"],
-           "thread_id": pair["thread_id"], "created_utc": pair.get("created_utc"), "orders": orders,
+           "thread_id": pair["thread_id"], "created_utc": pair.get("created_utc"), **pair_tags(pair), "orders": orders,
            "status": "ok" if ok else "failed",
            "consistent": (orders[0]["preferred"] == orders[1]["preferred"]) if ok else None, "length": _length(pair)}
     if instrument:
@@ -1255,7 +1273,8 @@ def validation_single_row(pair: dict, rw: dict, rl: dict, criteria: list[str]) -
                        "error": r.get("error"), "raw": r.get("raw") if not ok else None})
     return {"kind": "validation", "instrument": "single", "id": f"validation:single:{pair['pair_id']}",
             "pair_id": pair["pair_id"], "thread_id": pair["thread_id"], "created_utc": pair.get("created_utc"),
-            "orders": grades, "status": "ok" if all(g["status"] == "ok" for g in grades) else "failed",
+            **pair_tags(pair), "orders": grades,
+            "status": "ok" if all(g["status"] == "ok" for g in grades) else "failed",
             "length": _length(pair)}
 
 
@@ -1429,14 +1448,33 @@ def load_inputs(generations: str, data: str, config: JudgeConfig) -> tuple[list[
     if config.nondelta_reference:
         add_nondelta_replies(items, all_pairs, config.human_reference)
     pairs: list[dict] = []
+    before: list[dict] = []
     if config.calibration:
         if pairs_uri:
             pairs = _sample(all_pairs, config.max_calibration_pairs, config.seed)
         else:
             log.warning("%s has no pairs.jsonl: no calibration", data)
-    log.info("loaded %d prompt(s) with variants %s, %d calibration pair(s)", len(items),
-             sorted({v for i in items for v in i["replies"]}), len(pairs))
-    return items, pairs
+        # The format stage writes it under split: time (file name of cmv_core.formatting.BEFORE_PAIRS).
+        before_uri = _first_file(data, ("pairs_before.jsonl", "pairs_before.jsonl.gz"))
+        if before_uri:
+            before = _sample(load_pairs(before_uri, instruction, split="train"),
+                             before_pairs_cap(config, len(pairs)), config.seed)
+    log.info("loaded %d prompt(s) with variants %s, %d calibration pair(s)%s", len(items),
+             sorted({v for i in items for v in i["replies"]}), len(pairs),
+             f" and {len(before)} train-period pair(s) for the time split" if before else "")
+    return items, pairs + before
+
+
+def before_pairs_cap(config: JudgeConfig, n_test_pairs: int) -> int:
+    """How many train-period pairs to judge: judge.max_before_pairs, else the cap of the test pairs
+    (judge.max_calibration_pairs applies per group), else as many as the test pairs judged (equal
+    groups give the most power for the calls, and an uncapped run does not judge the whole
+    training period)."""
+    if config.max_before_pairs is not None:
+        return max(0, config.max_before_pairs)
+    if config.max_calibration_pairs is not None:
+        return config.max_calibration_pairs
+    return n_test_pairs
 
 
 def time_split_utc(data: str, config: JudgeConfig) -> float | None:

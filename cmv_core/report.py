@@ -5,8 +5,11 @@ single-answer grade, per pairwise comparison with both orders inside, per calibr
 Nothing here calls a judge or touches storage; plots are returned as PNG bytes so the caller
 decides where they go. The statistics are in ``cmv_core.stats``: the unit of resampling is the
 thread (examples of one thread share a prompt), comparisons are paired on the same items, and
-``conclusion_lines`` states in words what the numbers support, or that they cannot tell. numpy and matplotlib are imported inside functions (stage images that
-only import the module for its constants must not need them).
+``conclusion_lines`` states in words what the numbers support, or that they cannot tell. The
+calibration and instrument numbers use the test threads' delta pairs; train-period pairs (a time
+split's pairs_before.jsonl) enter only the time-split comparison (``summarize_time_split``).
+numpy and matplotlib are imported inside functions (stage images that only import the module for
+its constants must not need them).
 """
 
 from __future__ import annotations
@@ -178,6 +181,12 @@ def _order_p_winner(o: dict) -> float | None:
     return probs.get(letter, 0.0) + 0.5 * probs.get("tie", 0.0)
 
 
+def is_headline(r: dict) -> bool:
+    """A delta pair of a test thread: the pairs behind the headline calibration. Train-period pairs
+    (the format stage's pairs_before.jsonl under a time split) serve only the time-split view."""
+    return r.get("split") in (None, "test")
+
+
 def pair_units(rows: list[dict]) -> list[dict]:
     """One unit per calibration pair with both orders judged: the pair's score (mean over the
     two orders), P(winner) averaged over both orders where probabilities exist, the length
@@ -192,7 +201,7 @@ def pair_units(rows: list[dict]) -> list[dict]:
                       "p_winner": sum(probs) / len(probs) if all(p is not None for p in probs) else None,
                       "length": r["length"]["score"],
                       "length_diff": r["length"]["winner_words"] - r["length"]["loser_words"],
-                      "created_utc": r.get("created_utc")})
+                      "created_utc": r.get("created_utc"), "headline": is_headline(r)})
     return units
 
 
@@ -267,7 +276,7 @@ def _single_units(rows: list[dict], criteria: list[str]) -> list[dict]:
         units.append({"pair_id": r["pair_id"], "thread": _thread(r), "diff": diff, "weighted_diff": wdiff,
                       "length": r["length"]["score"],
                       "length_diff": r["length"]["winner_words"] - r["length"]["loser_words"],
-                      "created_utc": r.get("created_utc"), "p_winner": None,
+                      "created_utc": r.get("created_utc"), "headline": is_headline(r), "p_winner": None,
                       # accuracy of the rubric: the reply with the higher (weighted) persuasiveness
                       "score": 1.0 if wdiff[criteria[0]] > 0 else 0.0 if wdiff[criteria[0]] < 0 else 0.5})
     return units
@@ -279,16 +288,20 @@ def summarize_instruments(calibration_rows: list[dict], validation_rows: list[di
     forced-choice calibration prompt, the pairwise prompt behind the headline preference, and the
     single-answer rubric behind the Likert scores. Per instrument: accuracy (tie = 1/2), Brier of
     P(winner) (both orders averaged), AUC of the score difference (rubric), and the gain over a
-    cross-validated length-only logistic model on the same pairs. With ``split_utc``, the same
-    accuracy before and after that date (pretraining exposure)."""
+    cross-validated length-only logistic model on the same pairs. All of that is on the test pairs
+    (``is_headline``), as the calibration section. With ``split_utc``, ``time_split`` compares the
+    accuracy on pairs of threads created before that date (with the format stage's time split: its
+    train-period pairs) with the accuracy on those after it (:func:`summarize_time_split`)."""
     out: dict[str, dict] = {}
     sources = {"forced_choice": (pair_units(calibration_rows), calibration_rows),
                "pairwise": (pair_units([r for r in validation_rows if r["instrument"] == "pairwise"]),
                             [r for r in validation_rows if r["instrument"] == "pairwise"]),
                "single": (_single_units([r for r in validation_rows if r["instrument"] == "single"], criteria),
                           [r for r in validation_rows if r["instrument"] == "single"])}
-    for name, (units, rows) in sources.items():
-        if not rows:
+    for name, (all_units, all_rows) in sources.items():
+        units = [u for u in all_units if u["headline"]]
+        rows = [r for r in all_rows if is_headline(r)]
+        if not all_rows:
             continue
         block = _accuracy_block(units, n_boot=n_boot, seed=seed)
         block["n_failed"] = len(rows) - len(units)
@@ -297,13 +310,44 @@ def summarize_instruments(calibration_rows: list[dict], validation_rows: list[di
             block["auc_weighted"] = {c: stats.paired_auc([u["weighted_diff"][c] for u in units]) for c in criteria}
             block["accuracy_criterion"] = criteria[0]
         if split_utc is not None:
-            before = [u for u in units if u["created_utc"] is not None and u["created_utc"] < split_utc]
-            after = [u for u in units if u["created_utc"] is not None and u["created_utc"] >= split_utc]
-            block["time_split"] = {
-                "split_utc": split_utc,
-                "before": {"n_pairs": len(before), "accuracy": stats._mean([u["score"] for u in before])},
-                "after": {"n_pairs": len(after), "accuracy": stats._mean([u["score"] for u in after])}}
+            block["time_split"] = summarize_time_split(all_units, split_utc, n_boot=n_boot, seed=seed)
         out[name] = block
+    return out
+
+
+def summarize_time_split(units: list[dict], split_utc: float, *, n_boot: int, seed: int) -> dict:
+    """An instrument's accuracy (pair = unit, tie = 1/2) on pairs of threads created before
+    ``split_utc`` against those on or after it: per group the number of pairs and threads and the
+    thread-weighted accuracy with a thread-cluster interval; the difference before - after with a
+    bootstrap interval and a two-sample permutation test over threads; and a ``reading``:
+    ``too_few`` (a group has under MIN_THREADS threads: cannot tell), ``better_before`` (consistent
+    with the judge having read the earlier threads in pretraining), ``better_after``, or
+    ``no_difference`` (not shown at ALPHA). Pairs without a creation time are counted, not used."""
+    import datetime as dt
+
+    dated = [u for u in units if u.get("created_utc") is not None]
+    groups = {"before": [u for u in dated if u["created_utc"] < split_utc],
+              "after": [u for u in dated if u["created_utc"] >= split_utc]}
+    out: dict[str, Any] = {"split_utc": split_utc,
+                           "split_date": dt.datetime.fromtimestamp(split_utc, dt.timezone.utc).isoformat(),
+                           "n_undated": len(units) - len(dated), "min_threads": MIN_THREADS}
+    for name, us in groups.items():
+        acc = stats.cluster_bootstrap_ci([u["score"] for u in us], [u["thread"] for u in us], n_boot=n_boot,
+                                         seed=seed)
+        out[name] = {"n_pairs": len(us), "n_threads": acc["n_threads"], "accuracy": acc["estimate"],
+                     "accuracy_ci95": acc["ci95"]}
+    diff = stats.two_sample_difference([u["score"] for u in groups["before"]],
+                                       [u["thread"] for u in groups["before"]],
+                                       [u["score"] for u in groups["after"]],
+                                       [u["thread"] for u in groups["after"]], n_boot=n_boot, seed=seed)
+    out["difference"] = {"estimate": diff["estimate"], "ci95": diff["ci95"], "p_value": diff["p_value"],
+                         "exact_permutation": diff["exact"]}
+    if min(out["before"]["n_threads"], out["after"]["n_threads"]) < MIN_THREADS:
+        out["reading"] = "too_few"
+    elif diff["p_value"] >= ALPHA:
+        out["reading"] = "no_difference"
+    else:
+        out["reading"] = "better_before" if diff["estimate"] > 0 else "better_after"
     return out
 
 
@@ -428,7 +472,8 @@ def build_report(rows: list[dict], *, criteria: list[str], meta: dict, n_boot: i
         "single_differences": summarize_single_differences(kinds["single"], criteria, comparisons,
                                                            n_boot=n_boot, seed=seed),
         "pairwise": summarize_pairwise(kinds["pairwise"], n_boot=n_boot, seed=seed),
-        "calibration": summarize_calibration(kinds["calibration"], n_boot=n_boot, seed=seed),
+        "calibration": summarize_calibration([r for r in kinds["calibration"] if is_headline(r)], n_boot=n_boot,
+                                             seed=seed),
         "instruments": summarize_instruments(kinds["calibration"], kinds["validation"], criteria,
                                              n_boot=n_boot, seed=seed, split_utc=meta.get("time_split_utc")),
         "length_control": summarize_length_control(kinds["pairwise"], kinds["length_probe"], n_boot=n_boot,
@@ -466,6 +511,19 @@ def _judge_line(report: dict) -> tuple[str | None, bool | None]:
             f"{100 * hi:.0f}] vs length {100 * vs['second']:.0f}% on the same {vs['n']} pairs "
             f"(exact paired test p = {_sig(vs['p_value'])})")
     return text, beats
+
+
+def time_split_reading(t: dict) -> str:
+    """The time-split comparison of one instrument in words."""
+    b, a = t["before"], t["after"]
+    if t["reading"] == "too_few":
+        return (f"too few pairs to tell (threads: {b['n_threads']} before, {a['n_threads']} after; at least "
+                f"{t['min_threads']} in each needed)")
+    if t["reading"] == "no_difference":
+        return "no difference shown"
+    if t["reading"] == "better_before":
+        return "better before the date: consistent with the judge having read those threads in pretraining"
+    return "better after the date"
 
 
 def conclusion_lines(report: dict, criteria: list[str]) -> list[str]:
@@ -515,6 +573,15 @@ def conclusion_lines(report: dict, criteria: list[str]) -> list[str]:
     elif report["pairwise"]:
         lines.append("The judge was not validated on real delta pairs (no calibration): its verdicts are "
                      "unvalidated.")
+    split = ((report.get("instruments") or {}).get("forced_choice") or {}).get("time_split")
+    if split:  # beside the headline (test pairs), not instead of it
+        b, a, d = split["before"], split["after"], split["difference"]
+        pct = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+        nums = (f"{pct(b['accuracy'])} on {b['n_pairs']} pairs before vs {pct(a['accuracy'])} on {a['n_pairs']} "
+                f"after" + ("" if d["estimate"] is None else f", difference {d['estimate']:+.2f} {_ci(d['ci95'])} "
+                                                              f"(permutation p = {_sig(d['p_value'])})"))
+        lines.append(f"Time split at {split['split_date'][:10]}: judge agreement with real deltas {nums}: "
+                     f"{time_split_reading(split)}.")
     if not lines:
         lines.append("Nothing was compared: the data cannot tell anything yet.")
     return lines
@@ -632,14 +699,28 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
             lines.append(f"| {name} | {b['n_pairs']} ({b['n_failed']} failed) | {_f(b['accuracy'])} "
                          f"{_ci(b['accuracy_ci95'])} | {_f(b['brier'], 3)} | {_f(b['length_cv_accuracy'])} | "
                          f"{gain_txt} | {auc_txt} |")
+        lines.append("")
         splits = {n: b["time_split"] for n, b in inst.items() if "time_split" in b}
         if splits:
-            lines += ["", "Time split (threads before/after the format stage's date; the judge may have "
-                      "read the earlier ones in pretraining):", ""]
+            date = next(iter(splits.values()))["split_date"][:10]
+            lines += [f"### Time split: threads before and after {date}", "",
+                      "The same instruments on delta pairs of threads created before the date (with the format "
+                      "stage's time split: its train-period threads, which the judge may have read in "
+                      "pretraining) and on or after it (the test threads). Accuracy per group is thread-weighted "
+                      "(tie = 1/2) with a thread-cluster interval; the difference has a bootstrap interval and "
+                      "a two-sample permutation test over threads. The rows above use the test pairs only.", "",
+                      "| instrument | before: pairs (threads) | before: accuracy | after: pairs (threads) | "
+                      "after: accuracy | before - after (p) | reading |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
             for n, t in splits.items():
-                lines.append(f"- {n}: before {_f(t['before']['accuracy'])} ({t['before']['n_pairs']} pairs), "
-                             f"after {_f(t['after']['accuracy'])} ({t['after']['n_pairs']} pairs)")
-        lines.append("")
+                b, a, d = t["before"], t["after"], t["difference"]
+                diff = "n/a" if d["estimate"] is None else f"{d['estimate']:+.2f} {_ci(d['ci95'])} " \
+                                                              f"(p = {_sig(d['p_value'])})"
+                lines.append(f"| {n} | {b['n_pairs']} ({b['n_threads']}) | {_f(b['accuracy'])} "
+                             f"{_ci(b['accuracy_ci95'])} | {a['n_pairs']} ({a['n_threads']}) | {_f(a['accuracy'])} "
+                             f"{_ci(a['accuracy_ci95'])} "
+                             f"| {diff} | {time_split_reading(t)} |")
+            lines.append("")
 
     diffs = report.get("single_differences") or {}
     if diffs:

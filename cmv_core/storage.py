@@ -66,7 +66,7 @@ LEASE = "_LEASE"
 STAGE_OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "clean": (("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"), ()),
     "format": (("train.jsonl", "val.jsonl", "test.jsonl", "pairs.jsonl", "stats.json"),
-               ("train_preferences.jsonl", "val_preferences.jsonl")),
+               ("train_preferences.jsonl", "val_preferences.jsonl", "pairs_before.jsonl")),
     "train": (("metrics.json", "loss.png", "model/config.json"), ("model/*", "adapter/*", "checkpoints/*")),
     "generate": (("generations.jsonl", "stats.json"), ("shards/*",)),
     "judge": (("judgments.jsonl", "report.json", "report.md"), ("*.png", "*.json", "*.md", "*.csv", "cache/*")),

@@ -313,6 +313,60 @@ def test_time_split_puts_later_threads_in_test(tmp_path, tiny_model_dir):
     assert {s for t, s in splits.items() if t.startswith("p")} == {"train", "val"}
 
 
+def duel_thread(tid: str, created: float, *, winner: str | None = None, loser: str | None = "") -> dict:
+    """bob wins a delta at top level; dave (if ``loser`` is not None) argues in another subtree that
+    the OP answered without a delta: exactly one matched pair. The title names the thread."""
+    comments = [c(f"{tid}w", "", "bob", winner or f"WIN point {tid}: dogs are loyal and protect you."),
+                c(f"{tid}d", f"{tid}w", OP, "∆ you changed my view")]
+    if loser is not None:
+        comments += [c(f"{tid}l", "", "dave", loser or f"LOSE point {tid}: dogs are loud and smelly."),
+                     c(f"{tid}r", f"{tid}l", OP, "I still disagree.")]
+    return thread(tid, comments, [("bob", [f"{tid}w"])], [delta(f"{tid}d", f"{tid}w", "bob")], created=created,
+                  title=f"CMV: topic {tid}")
+
+
+def time_split_threads(n_before: int, n_after: int, cut: float) -> list[dict]:
+    """Threads b0.. a day apart before ``cut`` and a0.. an hour apart from ``cut`` on (a0 exactly at it),
+    plus one thread on each side with no matched loser (no pair)."""
+    threads = [duel_thread(f"b{i}", cut - 86400 * (i + 1)) for i in range(n_before)]
+    threads += [duel_thread(f"a{i}", cut + 3600 * i) for i in range(n_after)]
+    return threads + [duel_thread("bnone", cut - 1, loser=None), duel_thread("anone", cut + 1, loser=None)]
+
+
+def test_time_split_writes_train_period_pairs_tagged_by_split_and_period(tmp_path, tiny_model_dir):
+    cut = parse_utc("2015-05-08")
+    threads = time_split_threads(12, 5, cut)
+    created = {t["thread_id"]: t["created_utc"] for t in threads}
+    cfg = dict(split="time", test_after="2015-05-08", val_fraction=0.3)
+    out = fmt(tmp_path, threads, tiny_model_dir, **cfg)
+
+    after = read(out, "pairs.jsonl")
+    assert [p["thread_id"] for p in after] == [f"a{i}" for i in range(5)]  # a0 was created at the cut itself
+    assert all(p["split"] == "test" and p["period"] == "after" for p in after)
+    before = read(out, "pairs_before.jsonl")
+    assert [p["thread_id"] for p in before] == [f"b{i}" for i in range(12)]  # bnone has no matched loser
+    splits = {p["thread_id"]: p["split"] for p in before}
+    assert splits == {t: assign_split(t, created[t], FormatConfig(**cfg)) for t in splits}
+    assert set(splits.values()) == {"train", "val"}  # both train-period splits give pairs
+    for p in after + before:
+        assert p["created_utc"] == created[p["thread_id"]]
+        assert (p["created_utc"] >= cut) == (p["period"] == "after")
+        tid = p["thread_id"]
+        assert p["winner"] == f"WIN point {tid}: dogs are loyal and protect you." and p["loser_comment_ids"] == [f"{tid}l"]
+    assert all(p["period"] == "before" for p in before)
+    # one matcher: the train-period pairs are the DPO preference pairs before their length filters
+    prefs = {r["metadata"]["pair_id"]: r for s in ("train", "val") for r in read(out, f"{s}_preferences.jsonl")}
+    assert set(prefs) == {p["pair_id"] for p in before}
+    for p in before:
+        assert prefs[p["pair_id"]]["chosen"][0]["content"] == p["winner"]
+        assert prefs[p["pair_id"]]["rejected"][0]["content"] == p["loser"]
+    stats = storage.read_json(storage.join(out, "stats.json"))
+    assert stats["pairs"] == 5 and stats["pairs_before"] == 12
+    # without DPO pairs the judge still gets its train-period pairs, the same ones
+    no_dpo = fmt(tmp_path, threads, tiny_model_dir, name="no_dpo", preference_pairs=False, **cfg)
+    assert read(no_dpo, "pairs_before.jsonl") == before
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="format.view"):
         FormatConfig(view="dialogue")

@@ -189,3 +189,23 @@ def test_conclusion_lines_lead_the_report_and_say_what_the_data_support():
     even = [pair(i, "A", "B") for i in range(10)] + [pair(50 + i, "B", "A") for i in range(10)]
     flat = report.build_report(even, criteria=["persuasiveness"], meta=meta, n_boot=100)
     assert "the data cannot tell ft from base apart" in flat["conclusion"][0]
+
+
+def test_train_period_pairs_enter_only_the_time_split_view():
+    """Pairs tagged with a train-period split (a time split's pairs_before.jsonl) leave the calibration and
+    instrument numbers as they are on the test pairs alone, and fill the time split's "before" group."""
+    test_rows = [{**cal(f"t{i}", *(("A", "B") if i % 2 else ("B", "A")), 10 + i, 12), "thread_id": f"t{i}",
+                  "created_utc": 2000.0 + i, "split": "test", "period": "after"} for i in range(12)]
+    old_rows = [{**cal(f"o{i}", "A", "B", 5, 9), "thread_id": f"o{i}", "created_utc": 1000.0 + i,
+                 "split": "train" if i % 3 else "val", "period": "before"} for i in range(11)]
+    alone = report.build_report(test_rows, criteria=["persuasiveness"], meta={}, n_boot=200)
+    both = report.build_report(test_rows + old_rows, criteria=["persuasiveness"], meta={"time_split_utc": 1500.0},
+                               n_boot=200)
+    assert both["calibration"] == alone["calibration"] and both["calibration"]["n_pairs"] == 12
+    fc = {k: v for k, v in both["instruments"]["forced_choice"].items() if k != "time_split"}
+    assert fc == alone["instruments"]["forced_choice"] and "time_split" not in alone["instruments"]["forced_choice"]
+    assert both["conclusion"][:-1] == alone["conclusion"]  # one line more: the time split
+    t = both["instruments"]["forced_choice"]["time_split"]
+    assert (t["before"]["n_pairs"], t["before"]["accuracy"]) == (11, 1.0)
+    assert (t["after"]["n_pairs"], t["after"]["accuracy"]) == (12, 0.5)
+    assert t["reading"] == "better_before" and t["split_date"].startswith("1970-01-01")

@@ -162,3 +162,39 @@ def test_bradley_terry_recovers_order_and_gap():
     assert out["gap_closed"] == pytest.approx(0.5, abs=0.12)
     lo, hi = out["gap_closed_ci95"]
     assert lo < out["gap_closed"] < hi and lo < 0.5 < hi
+
+
+def test_two_sample_difference_exact_permutation_and_clusters():
+    # 5 threads right, 5 wrong: only the two extreme splits of C(10, 5) = 252 are as far apart: p = 2/252
+    out = stats.two_sample_difference([1.0] * 5, list("abcde"), [0.0] * 5, list("fghij"), n_boot=500)
+    assert out["estimate"] == 1.0 and out["exact"] and out["p_value"] == pytest.approx(2 / 252)
+    assert out["ci95"] == (1.0, 1.0) and out["n_threads_first"] == out["n_threads_second"] == 5
+    # the same two groups: no difference, p = 1
+    same = stats.two_sample_difference([1, 0, 1, 0], [1, 2, 3, 4], [0, 1, 0, 1], [5, 6, 7, 8], n_boot=200)
+    assert same["estimate"] == 0.0 and same["p_value"] == pytest.approx(1.0)
+    # copies of a pair in one thread add no evidence: 3 threads x 10 identical pairs is still 3 units
+    copies = stats.two_sample_difference([1.0] * 30, [i // 10 for i in range(30)], [0.0] * 30,
+                                         [100 + i // 10 for i in range(30)], n_boot=200)
+    assert copies["n_items_first"] == 30 and copies["n_threads_first"] == 3
+    assert copies["p_value"] == pytest.approx(2 / math.comb(6, 3))  # = 0.1: cannot tell
+    # threads weigh equally within a group: thread x (9 pairs at 1) and y (1 pair at 0) average 0.5
+    weighted = stats.two_sample_difference([1.0] * 9 + [0.0], ["x"] * 9 + ["y"], [0.5], ["z"], n_boot=100)
+    assert weighted["estimate"] == pytest.approx(0.0)
+    empty = stats.two_sample_difference([], [], [1.0], ["a"])
+    assert empty["estimate"] is None and empty["p_value"] is None and empty["n_threads_second"] == 1
+
+
+def test_two_sample_difference_monte_carlo_matches_the_exact_tail_and_rejects_about_5_percent():
+    # 16 threads right (1), against 8 right and 8 wrong: |diff| >= 0.5 iff the first group draws all its
+    # 16 from the 24 ones or holds all 8 zeros: 2 * C(24, 16) / C(32, 16)
+    out = stats.two_sample_difference([1.0] * 16, range(16), [1.0, 0.0] * 8, range(16, 32), n_boot=500, seed=1)
+    assert not out["exact"] and out["estimate"] == pytest.approx(0.5)
+    assert out["p_value"] == pytest.approx(2 * math.comb(24, 16) / math.comb(32, 16), abs=0.002)
+    assert out["ci95"][0] > 0
+    # under the null (both groups the same coin), the test rejects at 5% about 5% of the time
+    rng = np.random.default_rng(7)
+    rejections = sum(
+        stats.two_sample_difference(rng.integers(0, 2, 20).tolist(), range(20), rng.integers(0, 2, 20).tolist(),
+                                    range(20, 40), n_boot=50, n_perm=1000, seed=rep)["p_value"] < 0.05
+        for rep in range(200))
+    assert rejections / 200 <= 0.09, rejections
