@@ -369,6 +369,10 @@ def two_reply_messages(instructions: str, form: dict, prompt_messages: list[dict
 
 # ---------------------------------------------------------------- cache
 
+def _messages_text(messages: list[dict]) -> str:
+    return "\n".join(m.get("content") or "" for m in messages)
+
+
 def cache_key(backend: str, model: str, messages: list[dict], form: dict, params: dict) -> str:
     """sha256 over everything that decides the answer: judge, full prompt (replies included),
     form, sampling parameters and the rubric version."""
@@ -592,8 +596,7 @@ class LocalBackend:
                     await asyncio.sleep(0)
                 if not self._queue:
                     return
-                key = json.dumps(self._queue[0][1], sort_keys=True)
-                batch = [q for q in self._queue if json.dumps(q[1], sort_keys=True) == key][:self.cfg.local_batch_size]
+                batch = self._next_batch()
                 for q in batch:
                     self._queue.remove(q)
                 try:
@@ -606,6 +609,27 @@ class LocalBackend:
                     fut.set_result(res)
         finally:
             self._draining = False
+
+    def call_order(self, calls: list[tuple[list[dict], dict]]) -> list[int]:
+        """Calls of one form and one post next to each other (see ``_next_batch``)."""
+        return sorted(range(len(calls)), key=lambda i: (json.dumps(calls[i][1], sort_keys=True),
+                                                        _messages_text(calls[i][0])))
+
+    def _next_batch(self) -> list:
+        """Queued calls of the first call's form, those that share its context (the post, up to the
+        replies: every comparison and order of one item) first: their common prompt prefix is then
+        encoded once for the whole batch (``_complete_batch``), which is most of a call's tokens."""
+        key = json.dumps(self._queue[0][1], sort_keys=True)
+        same_form = [q for q in self._queue if json.dumps(q[1], sort_keys=True) == key]
+        texts = [_messages_text(q[0]) for q in same_form]
+        common = len(os.path.commonprefix(texts))  # the system prompt and headers: shared anyway
+        extra = [len(os.path.commonprefix([texts[0], t])) - common for t in texts]
+        best = max(extra[1:], default=0)
+        if best < 200:  # nothing else shares its post: any calls of the form make the batch
+            return same_form[:self.cfg.local_batch_size]
+        # On a CPU a forward pass costs about its token count whatever the batch, so a smaller batch
+        # that shares the post beats a full one that does not.
+        return [q for q, e in zip(same_form, extra) if e >= best // 2][:self.cfg.local_batch_size]
 
     def _complete_batch(self, batch: list[tuple[list[dict], dict]]) -> list[dict]:
         """Several calls of one form at once: the same answers as ``_complete`` (up to float
@@ -626,14 +650,21 @@ class LocalBackend:
             # Without a shared unmasked prefix a left-padded row would start with no key to attend
             # to: one at a time instead.
             return [self._complete(m, f) for m, f in batch]
+        # Beyond the system prompt, the rows may share more (the same post, different replies): that
+        # part is encoded once, in a batch of one, and repeated. Each row keeps at least one token.
+        shared = min(len(os.path.commonprefix(prompts)), min(len(ids) for ids in prompts) - 1)
         with self._lock, torch.inference_mode():
             B = len(batch)
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             kv = self._prefix_kv(prefix)
+            if shared > len(prefix):
+                self.model(input_ids=torch.tensor([prompts[0][len(prefix):shared]]), cache=kv, use_cache=True,
+                           logits_to_keep=1)
+            shared = max(shared, len(prefix))
             kv.batch_repeat_interleave(B)
-            mask = torch.ones((B, len(prefix)), dtype=torch.long)
-            count = torch.full((B,), len(prefix), dtype=torch.long)  # real tokens per row so far
-            rests = [ids[len(prefix):] for ids in prompts]
+            mask = torch.ones((B, shared), dtype=torch.long)
+            count = torch.full((B,), shared, dtype=torch.long)  # real tokens per row so far
+            rests = [ids[shared:] for ids in prompts]
             width = max(len(r) for r in rests)
             last = {"logits": None}
             texts = [[] for _ in range(B)]
@@ -1038,15 +1069,20 @@ async def run_calls(calls: list[tuple[list[dict], dict]], *, backend, cache: Res
 
     sem = asyncio.Semaphore(max(1, cfg.concurrency))
     bar = tqdm(total=len(calls), desc="judge", unit="call", mininterval=2.0)
+    results: list[dict] = [{}] * len(calls)
+    # The order calls start in (the semaphore is first come, first served) is the backend's choice:
+    # the local one wants the calls that share a post in flight together. Results keep plan order.
+    order = backend.call_order(calls) if hasattr(backend, "call_order") else range(len(calls))
 
-    async def one(messages, form):
+    async def one(i: int) -> None:
+        messages, form = calls[i]
         async with sem:
-            out = await judge_call(messages, form, backend=backend, cache=cache, cfg=cfg)
+            results[i] = await judge_call(messages, form, backend=backend, cache=cache, cfg=cfg)
         bar.update(1)
-        return out
 
     try:
-        return list(await asyncio.gather(*(one(m, f) for m, f in calls)))
+        await asyncio.gather(*(one(i) for i in order))
+        return results
     finally:
         bar.close()
 
@@ -1074,7 +1110,7 @@ def _first_file(stage_uri: str, names: tuple[str, ...]) -> str | None:
 def instruction_prefix(data: str) -> str | None:
     """The format stage's instruction when it was put in the user turn before the post (from its
     manifest), so the judge sees the OP's post rather than our instruction to the model."""
-    cfg = storage.require_success(data).get("config") or {}
+    cfg = (storage.require_success(data).get("config") or {}).get("format") or {}  # the recipe's format section
     if cfg.get("instruction_role", "user") == "user" and cfg.get("instruction"):
         return str(cfg["instruction"]).strip()
     return None

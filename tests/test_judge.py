@@ -29,8 +29,9 @@ N_ITEMS = 3
 def make_inputs(root: Path, n: int = N_ITEMS, variants=("base", "finetuned")) -> tuple[str, str]:
     """A format output (test.jsonl, pairs.jsonl) and a generate output, each with its _SUCCESS."""
     fmt, gen = str(root / "format"), str(root / "generate")
-    run = storage.begin_stage("format", fmt, inputs=[], config={"instruction": INSTRUCTION,
-                                                                 "instruction_role": "user"}, run_id="t")
+    run = storage.begin_stage("format", fmt, inputs=[], config={"format": {"instruction": INSTRUCTION,
+                                                                            "instruction_role": "user"}},
+                              run_id="t")
     tests, pairs, gens = [], [], []
     for i in range(n):
         prompt = [{"role": "user", "content": f"{INSTRUCTION}\n\nCMV: topic {i}\n\nI believe thing {i}."}]

@@ -27,8 +27,9 @@ def make_inputs(root, n, reply, pair_texts, human=lambda i: f"HUMAN reply {i}"):
     """format + generate outputs with n prompts, each in its own thread; ``reply(variant, i)``
     gives the generated replies, ``pair_texts(i)`` the (winner, loser) of the delta pair."""
     fmt, gen = str(root / "format"), str(root / "generate")
-    run = storage.begin_stage("format", fmt, inputs=[], config={"instruction": INSTRUCTION,
-                                                                 "instruction_role": "user"}, run_id="t")
+    run = storage.begin_stage("format", fmt, inputs=[], config={"format": {"instruction": INSTRUCTION,
+                                                                            "instruction_role": "user"}},
+                              run_id="t")
     tests, pairs, gens = [], [], []
     for i in range(n):
         prompt = [{"role": "user", "content": f"{INSTRUCTION}\n\nCMV: topic {i}\n\nI believe thing {i}."}]

@@ -66,6 +66,11 @@ def test_time_split_judges_train_period_pairs_and_detects_a_judge_that_knows_the
         judging.run_judge(gen, fmt, out, judge_config(srv))
     rep = storage.read_json(storage.join(out, "report.json"))
     assert rep["time_split_utc"] == parse_utc(CUT)
+    # the judge reads the OP's post, not our instruction to the model (found in a real format manifest)
+    instruction = FormatConfig().instruction
+    asked = [m["content"] for body in srv.requests for m in body["messages"] if m["role"] == "user"]
+    assert asked and all(instruction not in text for text in asked)
+    assert any("## Original post by the OP\nCMV:" in text for text in asked)
 
     # every instrument judged both groups; the train-period sample is as large as the test pairs (16 of 18)
     rows = [r for r in storage.read_jsonl(storage.join(out, "judgments.jsonl")) if "pair_id" in r]
