@@ -665,7 +665,6 @@ class LocalBackend:
             mask = torch.ones((B, shared), dtype=torch.long)
             count = torch.full((B,), shared, dtype=torch.long)  # real tokens per row so far
             rests = [ids[shared:] for ids in prompts]
-            width = max(len(r) for r in rests)
             last = {"logits": None}
             texts = [[] for _ in range(B)]
             tokens: list[list[dict]] = [[] for _ in range(B)]
@@ -700,53 +699,49 @@ class LocalBackend:
                 tokens[i].append({"token": text, "top": top or []})
                 n_out[i] += n_ids
 
-            everyone = [True] * B
-            feed([r for r in rests] if width else [[pad]] * B, [bool(r) for r in rests] if width else everyone)
+            # A decode step costs about the same for one token as for a few (reading the weights is
+            # the work), so the tokens the backend writes itself go in with the next step that needs
+            # logits: `pending` is what each row still has to feed before it.
             head0 = self._ids('{"rationale": "')
-            feed([head0] * B, everyone)
+            pending = [list(r) + head0 for r in rests]
             for i in range(B):
                 emit(i, '{"rationale": "', len(head0))
-            active = list(everyone)
+            active = [True] * B
             for _ in range(self.cfg.local_rationale_tokens):
-                step = []
+                feed(pending, [bool(p) for p in pending])
                 for i in range(B):
+                    pending[i] = []
                     if not active[i]:
-                        step.append([pad])
                         continue
                     next_id = int(last["logits"][i].argmax())
                     piece = self.tokenizer.decode([next_id])
                     if next_id == self.tokenizer.eos_token_id or any(ch in piece for ch in '"\\') or \
                             any(ord(ch) < 32 for ch in piece):
                         active[i] = False
-                        step.append([pad])
                         continue
                     emit(i, piece, 1)
-                    step.append([next_id])
+                    pending[i] = [next_id]
                 if not any(active):
                     break
-                feed(step, active)
             for f, (name, allowed) in enumerate(form.items()):
                 quoted = isinstance(allowed[0], str)
                 head = (f'", "{name}": ' if f == 0 else f', "{name}": ') + ('"' if quoted else "")
                 head_ids = self._ids(head)
-                feed([head_ids] * B, everyone)
+                feed([p + head_ids for p in pending], [True] * B)
                 first_ids = [self._ids(str(a))[0] for a in allowed]
                 if len(set(first_ids)) != len(first_ids):
                     raise RuntimeError(f"{self.cfg.model}: values {allowed} share a first token")
                 logprobs = torch.log_softmax(last["logits"].float(), dim=-1)
-                values = []
+                q = self._ids('"') if quoted else []
                 for i in range(B):
                     emit(i, head, len(head_ids))
                     scores = [float(logprobs[i, t]) for t in first_ids]
                     best = allowed[max(range(len(allowed)), key=lambda k: scores[k])]
-                    values.append(self._ids(str(best)))
-                    emit(i, str(best), len(values[-1]), top=[[str(a), sc] for a, sc in zip(allowed, scores)])
-                feed(values, everyone)
-                if quoted:
-                    q = self._ids('"')
-                    feed([q] * B, everyone)
-                    for i in range(B):
+                    value = self._ids(str(best))
+                    emit(i, str(best), len(value), top=[[str(a), sc] for a, sc in zip(allowed, scores)])
+                    if quoted:
                         emit(i, '"', len(q))
+                    pending[i] = value + q
             out = []
             for i in range(B):
                 tokens[i].append({"token": "}", "top": []})
@@ -1569,18 +1564,21 @@ def stage_seconds(manifest: dict) -> float | None:
 
 
 def training_seconds(generations: str) -> float | None:
-    """How long the train stage behind these generations ran (its manifest, found through the
-    generate stage's inputs), to print beside the judge's own time; None when not found."""
+    """How long the training behind these generations ran, to print beside the judge's own time:
+    the sum over the train-stage manifests among the generate stage's inputs (SFT, and DPO when its
+    model was generated from too); None when none is found."""
+    total = None
     try:
         for inp in storage.require_success(generations).get("inputs") or []:
             uri = inp.get("uri") if isinstance(inp, dict) else inp
             if uri and storage.exists(storage.join(uri, "_SUCCESS")):
                 manifest = storage.require_success(uri)
-                if manifest.get("stage") == "train":
-                    return stage_seconds(manifest)
+                seconds = stage_seconds(manifest) if manifest.get("stage") == "train" else None
+                if seconds is not None:
+                    total = (total or 0.0) + seconds
     except Exception:  # noqa: BLE001 - a missing or foreign manifest only means "not known"
         return None
-    return None
+    return total
 
 
 def provenance(rows: list[dict], cfg: JudgeConfig) -> dict:

@@ -81,10 +81,12 @@ def smollm2_gguf_path() -> Path:
     return found[0]
 
 
-def _build_into(target: Path, build) -> Path:
-    """Build a cache entry atomically: into a temp dir, then rename."""
+def _build_into(target: Path, build, done: str = "config.json") -> Path:
+    """Build a cache entry atomically: into a temp dir, then rename (``done``: a file it has when built)."""
+    if (target / done).exists():
+        return target
     with _locked(target):
-        if (target / "config.json").exists():
+        if (target / done).exists():
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         os.chmod(tmp, 0o755)  # mkdtemp is owner-only; the cache may be shared (containers, other users)
@@ -120,6 +122,13 @@ def _build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
     if getattr(loaded, "generation_config", None) is not None:
         loaded.generation_config.save_pretrained(out)
+
+
+def _build_smollm2_tokenizer(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
 def _build_tiny(out: Path) -> None:
@@ -170,10 +179,12 @@ def load_tokenizer(spec: str, **kwargs):
     from transformers import AutoTokenizer
 
     if spec in (EMBEDDED_DEFAULT, TINY_RANDOM):
-        # Both embedded models use the SmolLM2 tokenizer; read it from the GGUF file so that
-        # the tokenizer alone needs neither torch nor the (slower) weight conversion.
-        gguf = smollm2_gguf_path()
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
+        # Both embedded models use the SmolLM2 tokenizer. It is read from the GGUF file once (that
+        # conversion takes seconds, in every stage) and cached on its own, so that the tokenizer
+        # alone needs neither torch nor the (slower) weight conversion.
+        cached = _build_into(cache_root() / "models" / "smollm2-135m-instruct-tokenizer", _build_smollm2_tokenizer,
+                             done="tokenizer_config.json")
+        return AutoTokenizer.from_pretrained(cached, **kwargs)
     return AutoTokenizer.from_pretrained(resolve_model(spec), **kwargs)
 
 

@@ -432,3 +432,29 @@ def test_cli(tmp_path, format_dir, tiny_model_dir):
     assert [(r["model"], r["id"], r["completion_tokens"]) for r in rows] == [("base", "p0", 3), ("base", "p1", 3)]
     bad = run_cmv("generate", "--data", format_dir, "--variant", "x", "--output", str(tmp_path / "g2"), check=False)
     assert bad.returncode == 2 and "NAME=MODEL" in bad.stderr
+
+
+def test_embedded_tokenizer_is_read_from_the_gguf_once_and_matches_it(tmp_path, monkeypatch):
+    """The SmolLM2 tokenizer is converted from the GGUF file once and cached; the cached one encodes
+    and renders chat exactly as the GGUF one, and a later load does not read the GGUF again."""
+    from transformers import AutoTokenizer
+
+    from cmv_core import models
+
+    monkeypatch.setenv("CMV_CACHE", str(tmp_path / "cache"))
+    gguf = models.smollm2_gguf_path()
+    direct = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    cached = models.load_tokenizer(models.EMBEDDED_DEFAULT)
+    text = "CMV: x &amp; y ∆ wörld\n\n  indented\tand 12345"
+    chat = [{"role": "system", "content": "Judge."}, {"role": "user", "content": text},
+            {"role": "assistant", "content": "A reply."}]
+    assert cached.encode(text) == direct.encode(text)
+    assert cached.apply_chat_template(chat, tokenize=False) == direct.apply_chat_template(chat, tokenize=False)
+    assert (cached.eos_token_id, cached.pad_token_id, len(cached)) == (direct.eos_token_id, direct.pad_token_id,
+                                                                       len(direct))
+
+    def no_gguf():
+        raise AssertionError("the GGUF file was read again")
+
+    monkeypatch.setattr(models, "smollm2_gguf_path", no_gguf)
+    assert models.load_tokenizer(models.TINY_RANDOM).encode(text) == direct.encode(text)

@@ -284,3 +284,30 @@ def test_local_judge_batches_calls_with_the_same_answers(tiny_model_dir):
             assert a["token"] == b["token"]
             assert [v for v, _ in a["top"]] == [v for v, _ in b["top"]]
             assert [lp for _, lp in a["top"]] == pytest.approx([lp for _, lp in b["top"]], abs=1e-4)
+
+
+def test_training_time_beside_the_judge_is_sft_plus_dpo(tmp_path):
+    """The judge prints its time beside the training behind the generations: every train-stage
+    input of the generate stage (SFT and DPO), not the first one found, and not the format stage."""
+    import datetime as dt
+    import json
+
+    def stage(name: str, kind: str, inputs: list[str], seconds: float) -> str:
+        uri = str(tmp_path / name)
+        run = storage.begin_stage(kind, uri, inputs=inputs, config={}, run_id="t")
+        storage.write_json(storage.join(uri, "metrics.json"), {})
+        storage.finish_stage(run, {})
+        manifest = json.loads((tmp_path / name / "_SUCCESS").read_text())
+        end = dt.datetime.fromisoformat(manifest["finished_at"])
+        manifest["started_at"] = (end - dt.timedelta(seconds=seconds)).isoformat()
+        (tmp_path / name / "_SUCCESS").write_text(json.dumps(manifest))
+        return uri
+
+    fmt = stage("format", "format", [], 500)
+    sft = stage("train", "train", [fmt], 40)
+    dpo = stage("dpo", "train", [fmt, sft], 15)
+    both = stage("generate", "generate", [fmt, sft, dpo], 5)
+    only_sft = stage("generate_sft", "generate", [fmt, sft], 5)
+    assert judging.training_seconds(both) == pytest.approx(55)
+    assert judging.training_seconds(only_sft) == pytest.approx(40)
+    assert judging.training_seconds(fmt) is None
