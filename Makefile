@@ -9,7 +9,7 @@ RUN_ID ?= demo
 RECIPE ?= configs/demo.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-gpu bench bench-clean bench-train bench-judge bench-generate clean-runs
+.PHONY: help install demo test test-fast test-gpu bench bench-clean bench-train bench-judge bench-judge-local bench-generate clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-22s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ bench-train: install ## training tokens/s on CPU, tiny and demo recipes: SFT pac
 
 bench-judge: install ## 500 judgments against a local server with 100 ms latency vs the ideal
 	$(PY) benchmarks/bench_judge.py
+
+bench-judge-local: install ## the local (demo) judge: one call at a time vs batched vs batched by shared post
+	$(PY) benchmarks/bench_judge_local.py
 
 bench-generate: install ## batched vs one-at-a-time generation on CPU with the demo model
 	$(PY) benchmarks/bench_generate.py
