@@ -12,7 +12,8 @@ a few batches of lines whatever the input size. Writes, under the output:
 - `_SUCCESS` last (storage.finish_stage).
 The run fails only when the rejected lines exceed `clean.max_reject_fraction`.
 
-Pushshift exports (`cmv clean --input <submissions file> --input <comments file>`, in
+Pushshift exports (`cmv clean --input <submissions file> --input <comments file>`, `.zst` as
+distributed or `.gz`/`.bz2`/plain, in
 any order, or a directory holding both): files whose records are separate Reddit API
 submissions (`title`, no `comments`) and comments (`body` and `link_id`) are told from a
 Cornell dump by content (reddit.sniff_file). Their records are deduplicated by id (the
@@ -93,7 +94,7 @@ class TooManyRejectsError(InputError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input", action="extend", nargs="+", required=True, metavar="URI",
-        help="raw dump: a .jsonlist file (plain, .gz or .bz2), a directory/prefix of them, "
+        help="raw dump: a .jsonlist file (plain, .gz, .bz2 or .zst), a directory/prefix of them, "
         "or several (repeat --input or list them); read in the order given. Or Pushshift exports: "
         "a submissions file and a comments file (one record a line), in any order, joined by link_id",
     )

@@ -23,7 +23,9 @@ from cmv_core.deltas import Comment, has_delta_token, might_contain_delta
 
 # Thread files inside an input directory. Tan et al.'s archive also holds
 # pair_task/ and op_task/ files in another line format: those are not threads.
-_THREAD_FILE = re.compile(r"\.(?:jsonlist|jsonl|json)(?:\.gz|\.bz2)?$")
+# Cornell thread files; Pushshift's subreddit dumps (changemyview_submissions.zst) and monthly ones (RS_2015-01.zst)
+_THREAD_FILE = re.compile(r"\.(?:jsonlist|jsonl|json)(?:\.gz|\.bz2|\.zst)?$"
+                          r"|(?:_submissions|_comments|(?:^|/)R[SC]_\d{4}-\d{2})\.zst$")
 _NOT_THREADS = re.compile(r"(?:^|/)(?:pair_task|op_task)/|_pair_data\.|_op_data\.")
 
 
@@ -40,7 +42,8 @@ def _is_dir(uri: str) -> bool:
 
 def expand_inputs(inputs: Iterable[str]) -> list[str]:
     """Files to read, in order: each input as given; a directory (or prefix) becomes
-    its thread files (`*.jsonlist`, `*.jsonl`, `*.json`, optionally `.gz`/`.bz2`),
+    its thread files (`*.jsonlist`, `*.jsonl`, `*.json`, optionally `.gz`/`.bz2`/`.zst`, and
+    Pushshift's `*_submissions.zst`, `*_comments.zst`, `RS_YYYY-MM.zst`, `RC_YYYY-MM.zst`),
     sorted, skipping Tan et al.'s pair_task/op_task files."""
     files: list[str] = []
     for uri in inputs:
@@ -53,7 +56,7 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
             if _THREAD_FILE.search(rel) and not _NOT_THREADS.search(rel)
         ]
         if not found:
-            raise FileNotFoundError(f"no thread files (*.jsonlist[.gz|.bz2], *.jsonl...) under {uri}")
+            raise FileNotFoundError(f"no thread files (*.jsonlist[.gz|.bz2|.zst], *.jsonl..., *_comments.zst) under {uri}")
         files.extend(found)
     return files
 

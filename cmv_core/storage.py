@@ -349,9 +349,56 @@ def _verified_raw(uri: str) -> Iterator[IO[bytes]]:
     _check_digest(uri, hashed, expected)
 
 
+class ZstdReader(io.RawIOBase):
+    """A ``.zst`` stream as Pushshift's dumps are: several frames, windows up to 2 GiB (which the
+    library refuses by default). Unlike zstandard's own stream reader it fails on a stream cut
+    inside a frame (EOFError, like gzip and bz2) instead of ending quietly; corrupt data is an OSError."""
+
+    def __init__(self, raw: IO[bytes], read_bytes: int = 1 << 20):
+        import zstandard
+
+        self._error = zstandard.ZstdError
+        self._dctx = zstandard.ZstdDecompressor(max_window_size=2**31)
+        self._frame = None
+        self._raw = raw
+        self._read_bytes = read_bytes
+        self._out = b""
+        self._pos = 0
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> None:
+        while self._pos >= len(self._out) and not self._done:
+            chunk = self._raw.read(self._read_bytes)
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("zstd stream ended inside a frame (truncated file)")
+                self._done = True
+                return
+            out = []
+            try:
+                while chunk:
+                    if self._frame is None or self._frame.eof:
+                        self._frame = self._dctx.decompressobj()
+                    out.append(self._frame.decompress(chunk))
+                    chunk = self._frame.unused_data if self._frame.eof else b""
+            except self._error as e:
+                raise OSError(f"corrupt zstd stream: {e}") from e
+            self._out, self._pos = b"".join(out), 0
+
+    def readinto(self, buffer) -> int:
+        self._fill()
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
 @contextlib.contextmanager
 def open_read(uri: str, mode: str = "rb") -> Iterator[IO]:
-    """Stream a file; ``.gz`` and ``.bz2`` are decompressed by extension. A file of a verified input is
+    """Stream a file; ``.gz``, ``.bz2`` and ``.zst`` are decompressed by extension. A file of a verified input is
     checked against its manifest while it streams (IntegrityError at the end of the block on a mismatch)."""
     if mode not in ("rb", "rt", "r"):
         raise ValueError(f"open_read mode must be 'rb' or 'rt', got {mode!r}")
@@ -361,6 +408,8 @@ def open_read(uri: str, mode: str = "rb") -> Iterator[IO]:
             stream: IO = gzip.GzipFile(fileobj=raw, mode="rb")
         elif name.endswith(".bz2"):
             stream = bz2.BZ2File(raw, mode="rb")
+        elif name.endswith(".zst"):
+            stream = io.BufferedReader(ZstdReader(raw), buffer_size=1 << 20)
         else:
             stream = raw
         if mode in ("rt", "r"):

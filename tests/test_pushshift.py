@@ -55,12 +55,32 @@ def jsonl(rows: list[dict]) -> bytes:
     return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
 
 
+def pushshift_zst(data: bytes) -> bytes:
+    """zstd as Pushshift's dumps are written (streamed by zstd --long=31: no content size, a 2 GiB
+    window, which zstandard's default decompressor refuses), here in two frames, the second
+    starting inside a line."""
+    import io
+
+    import zstandard
+
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=31, enable_ldm=True)
+    half = len(data) // 2 + 7
+    out = io.BytesIO()
+    for part in (data[:half], data[half:]):
+        with zstandard.ZstdCompressor(compression_params=params).stream_writer(out, closefd=False) as w:
+            w.write(part)
+    return out.getvalue()
+
+
 def write_records(directory: Path, subs: list[dict], comments: list[dict], ext: str = "",
                   bad_line: bool = True) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    compress = {"": lambda b: b, ".gz": lambda b: gzip.compress(b, mtime=0), ".bz2": bz2.compress}[ext]
-    sub_path = directory / f"changemyview_submissions.jsonl{ext}"
-    com_path = directory / f"changemyview_comments.jsonl{ext}"
+    compress = {"": lambda b: b, ".gz": lambda b: gzip.compress(b, mtime=0), ".bz2": bz2.compress,
+                ".zst": pushshift_zst}[ext]
+    # the names Pushshift's subreddit dumps have (changemyview_comments.zst)
+    name = "{}.zst" if ext == ".zst" else "{}.jsonl" + ext
+    sub_path = directory / name.format("changemyview_submissions")
+    com_path = directory / name.format("changemyview_comments")
     body = jsonl(comments)
     if bad_line:  # one broken record line among the comments: rejected with its file and line
         head, _, tail = body.partition(b"\n")
@@ -109,7 +129,7 @@ def check_pushshift_output(out, cornell_rows, files: list[str]) -> None:
     assert json.loads(lines.splitlines()[missing["line"] - 1])["id"] == missing["comment_id"]
 
 
-@pytest.mark.parametrize("ext", ["", ".gz", ".bz2"])
+@pytest.mark.parametrize("ext", ["", ".gz", ".bz2", ".zst"])
 def test_pushshift_files_give_the_cornell_conversations(ext, records, cornell_rows, tmp_path):
     subs, comments, _ = records
     sub_path, com_path = write_records(tmp_path / "in", subs, comments, ext)
@@ -229,3 +249,25 @@ def test_a_duplicate_submission_keeps_its_first_place_and_the_later_copy(records
     expected_order = [real["id"]] + [r["thread_id"] for r in cornell_rows if r["thread_id"] != real["id"]]
     assert [r["thread_id"] for r in rows] == expected_order
     assert rows[0]["title"] == "first seen"  # the later-retrieved copy, though read first
+
+
+def test_zst_directory_listing_and_a_truncated_zst(records, cornell_rows, tmp_path):
+    """A directory of Pushshift .zst dumps is found by their names; a .zst cut inside a frame is a
+    broken stream (EOFError, as for .gz), never a quietly shorter file."""
+    import zstandard
+
+    subs, comments, _ = records
+    sub_path, com_path = write_records(tmp_path / "in", subs, comments, ".zst")
+    out = tmp_path / "clean"
+    assert run_clean([str(tmp_path / "in")], str(out), CleanConfig()) is not None
+    check_pushshift_output(out, cornell_rows, [str(com_path), str(sub_path)])  # sorted: comments first
+    with pytest.raises(zstandard.ZstdError, match="too much memory"):  # the library's default refuses it
+        zstandard.ZstdDecompressor().stream_reader(com_path.open("rb")).read()
+
+    data = com_path.read_bytes()
+    com_path.write_bytes(data[: len(data) - 40])
+    with pytest.raises(EOFError, match="ended inside a frame"):
+        storage.read_bytes(str(com_path))
+    com_path.write_bytes(b"not zstd at all" * 10)
+    with pytest.raises(OSError, match="corrupt zstd stream"):
+        storage.read_bytes(str(com_path))
