@@ -29,8 +29,12 @@ separately.
 
 Speed: parsing and rebuilding threads is pure Python work per comment, so it
 runs in worker processes on batches of lines (`clean.workers`), results taken
-back in input order; compression runs on a thread. The output bytes do not
-depend on the number of workers. benchmarks/bench_clean.py measures it.
+back in input order; compression runs on a thread. A plain local dump is not
+read here at all: each worker reads, hashes and parses its own line-aligned
+byte range of the file (storage.raw_chunks), so the dump never goes through a
+pipe; compressed and S3 inputs stream through this process to the workers.
+The output bytes do not depend on the number of workers nor on the path.
+benchmarks/bench_clean.py measures it.
 """
 
 from __future__ import annotations
@@ -331,7 +335,8 @@ def _ranged(uri: str) -> bool:
 def _line_tasks(lines: Iterable[reddit.Line], strip_delta_edits: bool) -> Iterator[Task]:
     for batch in _batches(lines):
         if batch[0].error is not None:
-            yield ("lines", batch), None, ([LineResult("reject", reason="unreadable_stream", detail=batch[0].error)],)
+            broken = LineResult("reject", reason="unreadable_stream", detail=batch[0].error)
+            yield ("lines", batch), None, ([broken],)
         else:
             yield ("lines", batch), clean_batch, ([ln.raw for ln in batch], strip_delta_edits)
 
@@ -375,7 +380,7 @@ def cleaned_files(
 def _results(tasks: Iterable[Task], workers: int,
              fingerprints: dict[str, storage.RawDigest] | None) -> Iterator[tuple[reddit.Line, LineResult]]:
     def digest_of(uri: str) -> storage.RawDigest:
-        return fingerprints.setdefault(uri, storage.RawDigest()) if fingerprints is not None else storage.RawDigest()
+        return storage.RawDigest() if fingerprints is None else fingerprints.setdefault(uri, storage.RawDigest())
 
     numbers: dict[int, int] = {}  # a range-read file (by its place in the inputs) -> its lines so far
     broken: set[int] = set()

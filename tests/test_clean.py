@@ -16,6 +16,7 @@ from conftest import CONFIGS, run_cmv
 TINY = str(CONFIGS / "tiny.yaml")
 THREAD_KEYS = {"thread_id", "title", "op_author", "op_text", "created_utc", "comments", "deltas", "winning_branches"}
 COMMENT_KEYS = {"id", "parent_id", "author", "body", "created_utc"}
+OUTPUTS = (clean.CONVERSATIONS, clean.REJECTS, clean.STATS)
 DELTA_KEYS = {"awarding_comment_id", "awarder", "rewarded_comment_id", "recipient", "from_op", "confirmed"}
 
 
@@ -253,6 +254,22 @@ def test_rerun_is_skipped_via_the_manifest_and_force_reruns(tmp_path, sample_dum
     assert (Path(out) / "conversations.jsonl.gz").read_bytes() == before["conversations.jsonl.gz"]
 
 
+def test_only_a_possible_skip_hashes_the_dump_before_the_run(tmp_path, sample_dump, monkeypatch):
+    """A forced rerun, or one whose config changed, takes the dump's fingerprint while it cleans it
+    (one read of the dump, not two); the same fingerprint."""
+    out = str(tmp_path / "clean")
+    run_clean([sample_dump], out, CleanConfig())
+    digest = storage.require_success(out)["inputs"][0]["digest"]
+    hashed = []
+    raw_file_digest = storage.raw_file_digest
+    monkeypatch.setattr(storage, "raw_file_digest", lambda uri: (hashed.append(uri), raw_file_digest(uri))[1])
+    assert run_clean([sample_dump], out, CleanConfig(), force=True) is not None
+    assert run_clean([sample_dump], out, CleanConfig(max_reject_fraction=0.2)) is not None
+    assert hashed == [] and storage.require_success(out)["inputs"][0]["digest"] == digest
+    assert run_clean([sample_dump], out, CleanConfig(max_reject_fraction=0.2)) is None
+    assert len(hashed) == 1  # the skip check
+
+
 def test_directory_of_compressed_files_gives_the_same_conversations(tmp_path, sample_dump):
     lines = sample_lines(sample_dump)
     d = tmp_path / "cmv" / "all"
@@ -342,7 +359,7 @@ def test_byte_ranges_give_the_streamed_output_and_fingerprint(tmp_path, sample_d
             out = tmp_path / f"{path}{workers}"
             run_clean([str(dump)], str(out), CleanConfig(workers=workers, max_reject_fraction=0.1))
             assert chunked == ([str(dump)] if path == "ranges" else [])
-            outputs[path, workers] = {name: (out / name).read_bytes() for name in (clean.CONVERSATIONS, clean.REJECTS, clean.STATS)} | {
+            outputs[path, workers] = {name: (out / name).read_bytes() for name in OUTPUTS} | {
                 "digest": storage.require_success(str(out))["inputs"][0]["digest"]}
     assert all(o == outputs["streamed", 1] for o in outputs.values())
     assert outputs["ranges", 2]["digest"] == storage.raw_fingerprint(str(dump))
