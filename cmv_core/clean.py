@@ -30,8 +30,12 @@ separately.
 
 Speed: parsing and rebuilding threads is pure Python work per comment, so it
 runs in worker processes on batches of lines (`clean.workers`), results taken
-back in input order; compression runs on a thread. The output bytes do not
-depend on the number of workers. benchmarks/bench_clean.py measures it.
+back in input order; compression runs on a thread. A plain local dump is not
+read here at all: each worker reads, hashes and parses its own line-aligned
+byte range of the file (storage.raw_chunks), so the dump never goes through a
+pipe; compressed and S3 inputs stream through this process to the workers.
+The output bytes do not depend on the number of workers nor on the path.
+benchmarks/bench_clean.py measures it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import contextlib
 import gc
 import gzip
 import hashlib
+import io
 import logging
 import multiprocessing
 import os
@@ -65,7 +70,6 @@ log = logging.getLogger(__name__)
 CONVERSATIONS = "conversations.jsonl.gz"
 REJECTS = "rejects.jsonl.gz"
 STATS = "stats.json"
-BATCH_BYTES = storage.RAW_CHUNK_BYTES  # lines sent to a worker at a time; also the dump's fingerprint chunks
 AUTO_SERIAL_BYTES = 64 << 20  # with workers: 0, smaller inputs are cleaned in-process
 MESSAGE_REJECTS = 3  # rejected lines named (file:line: reason) in the reject-limit error
 
@@ -122,6 +126,10 @@ class LineResult:
     detail: str = ""
     comment_rejects: list[tuple[str, str | None, str]] = field(default_factory=list)  # reason, id, raw JSON
     counts: dict[str, int] = field(default_factory=dict)  # this thread's share of stats.json
+    # Read by a worker from a file's byte range (clean_range): the raw text of a rejected line (the rest
+    # stays there), and a thread line's (offset, length) in the file, to read back should it be a duplicate.
+    raw: bytes = b""
+    span: tuple[int, int] | None = None
 
 
 def conversation_row(thread: reddit.Thread, deltas: list[Delta]) -> dict[str, Any]:
@@ -196,15 +204,40 @@ def clean_line(raw: bytes, strip_delta_edits: bool = True) -> LineResult:
     )
 
 
+def _digest_of(parts: Iterable[bytes]) -> bytes:
+    """sha256 of the parts, in order (few, large updates: no joined copy)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.digest()
+
+
 def clean_batch(raws: list[bytes], strip_delta_edits: bool) -> tuple[list[LineResult], bytes]:
     """The batch's results, and the sha256 of its bytes: the dump's fingerprint is hashed here, in the
     workers, while it streams (storage.raw_fingerprint defines it: sha256 over line-aligned chunks)."""
-    digest = hashlib.sha256()
+    return [clean_line(raw, strip_delta_edits) for raw in raws], _digest_of(raws)
+
+
+def clean_range(uri: str, start: int, end: int, strip_delta_edits: bool) -> tuple[list[LineResult], bytes] | str:
+    """clean_batch of the lines in bytes [start, end) of a plain local file (a storage.raw_chunks
+    chunk), read here: a worker reads its own part of the dump, which so never goes through the
+    parent and a pipe. Each result carries what the parent may need of its line (LineResult.raw,
+    .span). A read that fails gives the error's text (the parent rejects the rest of the file)."""
+    try:
+        data = storage.read_range(uri, start, end)
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
     results = []
-    for raw in raws:
-        digest.update(raw)  # a thread a line: few, large updates (no joined copy of the batch)
-        results.append(clean_line(raw, strip_delta_edits))
-    return results, digest.digest()
+    offset = start
+    for raw in io.BytesIO(data):  # lines end at b"\n" only, as when a file streams
+        res = clean_line(raw, strip_delta_edits)
+        if res.kind == "thread":
+            res.span = (offset, len(raw))
+        elif res.kind == "reject":
+            res.raw = raw
+        offset += len(raw)
+        results.append(res)
+    return results, _digest_of((data,))
 
 
 # --- lines in, results out, in order ------------------------------------------------------------
@@ -239,18 +272,9 @@ def _worker_init(parent: int) -> None:
     gc.disable()
 
 
-def _done(results: list[LineResult]) -> Future:
-    future: Future = Future()
-    future.set_result(results)
-    return future
-
-
-def _run_here(fn: Callable[..., list[LineResult]], *args: Any) -> Future:
-    return _done(fn(*args))
-
-
 def _batches(lines: Iterable[reddit.Line]) -> Iterator[list[reddit.Line]]:
-    """Consecutive lines of one file up to BATCH_BYTES; a broken-stream line is a batch of its own."""
+    """Consecutive lines of one file, a batch ending at the first line end at or past
+    storage.RAW_CHUNK_BYTES (a fingerprint chunk); a broken-stream line is a batch of its own."""
     batch: list[reddit.Line] = []
     size = 0
     for line in lines:
@@ -265,11 +289,73 @@ def _batches(lines: Iterable[reddit.Line]) -> Iterator[list[reddit.Line]]:
             continue
         batch.append(line)
         size += len(line.raw)
-        if size >= BATCH_BYTES:
+        if size >= storage.RAW_CHUNK_BYTES:
             yield batch
             batch, size = [], 0
     if batch:
         yield batch
+
+
+# A task: (what it is, the function, its arguments), or (what it is, None, (its result,)).
+Task = tuple[tuple, Callable[..., Any] | None, tuple]
+
+
+def _in_order(tasks: Iterable[Task], workers: int) -> Iterator[tuple[tuple, Any]]:
+    """(what, result) of every task, in order: run in `workers` processes (in this process when
+    workers <= 1), at most 2 tasks per worker in flight (memory: a few chunks a worker)."""
+    pool = None
+    if workers > 1:
+        ctx = multiprocessing.get_context("spawn")  # no fork while the writer thread runs
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+    window: deque[tuple[tuple, Future]] = deque()
+    try:
+        for what, fn, args in tasks:
+            future: Future
+            if fn is not None and pool is not None:
+                future = pool.submit(fn, *args)
+            else:
+                future = Future()
+                future.set_result(fn(*args) if fn is not None else args[0])
+            window.append((what, future))
+            while len(window) > (2 * workers if pool is not None else 0):
+                what, future = window.popleft()
+                yield what, future.result()
+        while window:
+            what, future = window.popleft()
+            yield what, future.result()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ranged(uri: str) -> bool:
+    """Read by byte ranges in the workers (a plain local file), else streamed through this process."""
+    return storage.plain_local(uri)
+
+
+def _line_tasks(lines: Iterable[reddit.Line], strip_delta_edits: bool) -> Iterator[Task]:
+    for batch in _batches(lines):
+        if batch[0].error is not None:
+            broken = LineResult("reject", reason="unreadable_stream", detail=batch[0].error)
+            yield ("lines", batch), None, ([broken],)
+        else:
+            yield ("lines", batch), clean_batch, ([ln.raw for ln in batch], strip_delta_edits)
+
+
+def _file_tasks(files: list[str], strip_delta_edits: bool) -> Iterator[Task]:
+    for index, uri in enumerate(files):
+        if not _ranged(uri):
+            yield from _line_tasks(reddit.iter_lines([uri]), strip_delta_edits)
+            continue
+        started = False
+        try:
+            for start, end in storage.raw_chunks(uri):
+                started = True
+                yield ("range", index, uri, end - start), clean_range, (uri, start, end, strip_delta_edits)
+        except OSError as exc:
+            if not started:  # cannot be read at all: an error, as when streamed
+                raise
+            yield ("range", index, uri, 0), None, (f"{type(exc).__name__}: {exc}",)
 
 
 def cleaned_lines(
@@ -279,36 +365,52 @@ def cleaned_lines(
     """(line, result) for every line, in input order; batches go to `workers` processes
     (in this process when workers <= 1), at most 2 batches per worker in flight.
     `fingerprints`: file -> its content digest, fed batch by batch (a broken stream: none)."""
-    def results(batch: list[reddit.Line], future: Future) -> Iterator[tuple[reddit.Line, LineResult]]:
-        out = future.result()
-        if isinstance(out, tuple):
-            out, digest = out
-            if fingerprints is not None:
-                fingerprints.setdefault(batch[0].file, storage.RawDigest()).add(sum(len(ln.raw) for ln in batch),
-                                                                                digest)
-        elif fingerprints is not None:
-            fingerprints.setdefault(batch[0].file, storage.RawDigest()).broken = True
-        return zip(batch, out)
+    return _results(_line_tasks(lines, strip_delta_edits), workers, fingerprints)
 
-    pool = None
-    if workers > 1:
-        ctx = multiprocessing.get_context("spawn")  # no fork while the writer thread runs
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
-    submit = pool.submit if pool is not None else _run_here
-    window: deque[tuple[list[reddit.Line], Future]] = deque()
-    try:
-        for batch in _batches(lines):
-            if batch[0].error is not None:
-                window.append((batch, _done([LineResult("reject", reason="unreadable_stream", detail=batch[0].error)])))
+
+def cleaned_files(
+    files: list[str], strip_delta_edits: bool, workers: int,
+    fingerprints: dict[str, storage.RawDigest] | None = None,
+) -> Iterator[tuple[reddit.Line, LineResult]]:
+    """cleaned_lines of every line of `files`: a plain local file's chunks are read by the workers
+    themselves (clean_range), the others (.gz, .bz2, S3) streamed here and sent to them. The same
+    lines, results, line numbers and fingerprints either way."""
+    return _results(_file_tasks(files, strip_delta_edits), workers, fingerprints)
+
+
+def _results(tasks: Iterable[Task], workers: int,
+             fingerprints: dict[str, storage.RawDigest] | None) -> Iterator[tuple[reddit.Line, LineResult]]:
+    def digest_of(uri: str) -> storage.RawDigest:
+        return storage.RawDigest() if fingerprints is None else fingerprints.setdefault(uri, storage.RawDigest())
+
+    numbers: dict[int, int] = {}  # a range-read file (by its place in the inputs) -> its lines so far
+    broken: set[int] = set()
+    for what, out in _in_order(tasks, workers):
+        if what[0] == "lines":
+            batch = what[1]
+            if isinstance(out, tuple):
+                out, digest = out
+                digest_of(batch[0].file).add(sum(len(ln.raw) for ln in batch), digest)
             else:
-                window.append((batch, submit(clean_batch, [ln.raw for ln in batch], strip_delta_edits)))
-            while len(window) > (2 * workers if pool is not None else 0):
-                yield from results(*window.popleft())
-        while window:
-            yield from results(*window.popleft())
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+                digest_of(batch[0].file).broken = True
+            yield from zip(batch, out)
+            continue
+        _, index, uri, n_bytes = what
+        if index in broken:  # its stream broke before this chunk
+            continue
+        number = numbers.get(index, 0)
+        if isinstance(out, str):
+            broken.add(index)
+            digest_of(uri).broken = True
+            yield (reddit.Line(uri, number + 1, b"", error=out),
+                   LineResult("reject", reason="unreadable_stream", detail=out))
+            continue
+        results, digest = out
+        digest_of(uri).add(n_bytes, digest)
+        for res in results:
+            number += 1
+            yield reddit.Line(uri, number, res.raw), res
+        numbers[index] = number
 
 
 def resolve_workers(config: CleanConfig, files: list[str]) -> int:
@@ -627,10 +729,11 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int,
                     _load_records(files, store, totals, lines_per_file, rejects, first_rejects, fingerprints)
                     lines = tqdm(store.thread_lines(files), total=store.threads, unit=" threads",
                                  mininterval=2.0, desc="clean: threads")
+                    cleaned = cleaned_lines(lines, config.strip_delta_edits, workers)
                 else:
-                    lines = tqdm(reddit.iter_lines(files), unit=" threads", mininterval=2.0, desc="clean")
-                digests = None if pushshift else fingerprints
-                for line, res in cleaned_lines(lines, config.strip_delta_edits, workers, digests):
+                    cleaned = tqdm(cleaned_files(files, config.strip_delta_edits, workers, fingerprints),
+                                   unit=" threads", mininterval=2.0, desc="clean")
+                for line, res in cleaned:
                     if line.error is None and store is None:
                         lines_per_file[line.file] = line.number
                     if res.kind == "blank":
@@ -639,6 +742,9 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int,
                     if store is None:
                         totals["lines_read"] += 1
                     if res.kind == "thread" and res.thread_id in seen:
+                        if res.span is not None:  # read by a worker: its raw text is read back for the rejects
+                            line = reddit.Line(line.file, line.number, storage.read_range(
+                                line.file, res.span[0], res.span[0] + res.span[1]))
                         res = LineResult("reject", reason="duplicate_thread", detail=f"{res.thread_id} read before")
                     if res.kind == "reject":
                         totals["rejected:" + res.reason] += 1

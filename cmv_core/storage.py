@@ -923,10 +923,55 @@ class RawDigest:
         return f"chunks{RAW_CHUNK_BYTES}:" + self._outer.hexdigest()
 
 
+def plain_local(uri: str) -> bool:
+    """A local regular file read as it is stored (not .gz/.bz2, not a verified hand-off file): its
+    bytes can be read by offset (raw_chunks, read_range), so clean's workers read their own parts of it."""
+    uri = str(uri)
+    return (not is_s3(uri) and not uri.endswith((".gz", ".bz2")) and local_path(uri).is_file()
+            and _expected(uri) is None)
+
+
+def raw_chunks(uri: str) -> Iterator[tuple[int, int]]:
+    """(start, end) byte offsets of a plain local file's RawDigest chunks, in order: each ends at the
+    first line end at or past RAW_CHUNK_BYTES from its start, the last at the end of the file, exactly
+    where the streamed lines cut them, so sha256(read_range(uri, start, end)) is a chunk's digest.
+    Found by seeking: only the bytes from a chunk's RAW_CHUNK_BYTES-th to its line end are read here."""
+    with open(local_path(uri), "rb", buffering=0) as f:
+        total = os.fstat(f.fileno()).st_size
+        start = 0
+        while start < total:
+            end, pos = total, start + RAW_CHUNK_BYTES - 1  # the chunk's line end is at pos or after
+            while pos < total:
+                block = os.pread(f.fileno(), 64 << 10, pos)
+                if not block:
+                    break
+                newline = block.find(b"\n")
+                if newline >= 0:
+                    end = pos + newline + 1
+                    break
+                pos += len(block)
+            yield start, end
+            start = end
+
+
+def read_range(uri: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of a local file; OSError when fewer are there (the file shrank)."""
+    with open(local_path(uri), "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    if len(data) != end - start:
+        raise OSError(f"{uri}: {len(data)} bytes at offset {start}, expected {end - start} (the file changed)")
+    return data
+
+
 def raw_file_digest(uri: str) -> tuple[int, str]:
     """(size, RawDigest) of one raw file, read here (a skip check; a run hashes while it streams)."""
     digest, chunk, n = RawDigest(), hashlib.sha256(), 0
     try:
+        if plain_local(uri):  # by chunk: no line splitting
+            for start, end in raw_chunks(uri):
+                digest.add(end - start, hashlib.sha256(read_range(uri, start, end)).digest())
+            return digest.size, digest.hexdigest()
         with open_read(uri, "rb") as f:
             for line in f:
                 chunk.update(line)
@@ -1090,19 +1135,17 @@ def begin_stage(
             log.warning("%s: %s; rerunning", stage, exc)
             existing = {}
         if existing is not None:
-            # a skip needs the raw inputs' fingerprints now; a run takes them while it streams
-            now = {u: d if d is not None else raw_fingerprint(u) for u, d in digests.items()}
-            same = (
-                existing.get("stage") == stage
-                and {i["uri"]: i["digest"] for i in existing.get("inputs", [])} == now
-                and existing.get("config") == config
-            )
-            if same and not force:
+            # Only a skip needs the raw inputs' fingerprints now (reading the whole dump once more); a run
+            # takes them while it streams. So none with --force, nor once the stage or config differ.
+            same = not force and existing.get("stage") == stage and existing.get("config") == config
+            if same:
+                now = {u: d if d is not None else raw_fingerprint(u) for u, d in digests.items()}
+                same = {i["uri"]: i["digest"] for i in existing.get("inputs", [])} == now
+            if same:
                 log.info("%s: skipped, %s matches its inputs and config (use --force to rerun)", stage, success_uri)
                 run.lease.release()
                 return None
-            log.info("%s: %s", stage, "forced rerun" if same else "inputs or config changed, rerunning")
-            run.inputs = now
+            log.info("%s: %s", stage, "forced rerun" if force else "inputs or config changed, rerunning")
             delete(success_uri)
         swept = sweep_tmp(output)
         if swept:

@@ -16,6 +16,7 @@ from conftest import CONFIGS, run_cmv
 TINY = str(CONFIGS / "tiny.yaml")
 THREAD_KEYS = {"thread_id", "title", "op_author", "op_text", "created_utc", "comments", "deltas", "winning_branches"}
 COMMENT_KEYS = {"id", "parent_id", "author", "body", "created_utc"}
+OUTPUTS = (clean.CONVERSATIONS, clean.REJECTS, clean.STATS)
 DELTA_KEYS = {"awarding_comment_id", "awarder", "rewarded_comment_id", "recipient", "from_op", "confirmed"}
 
 
@@ -253,6 +254,22 @@ def test_rerun_is_skipped_via_the_manifest_and_force_reruns(tmp_path, sample_dum
     assert (Path(out) / "conversations.jsonl.gz").read_bytes() == before["conversations.jsonl.gz"]
 
 
+def test_only_a_possible_skip_hashes_the_dump_before_the_run(tmp_path, sample_dump, monkeypatch):
+    """A forced rerun, or one whose config changed, takes the dump's fingerprint while it cleans it
+    (one read of the dump, not two); the same fingerprint."""
+    out = str(tmp_path / "clean")
+    run_clean([sample_dump], out, CleanConfig())
+    digest = storage.require_success(out)["inputs"][0]["digest"]
+    hashed = []
+    raw_file_digest = storage.raw_file_digest
+    monkeypatch.setattr(storage, "raw_file_digest", lambda uri: (hashed.append(uri), raw_file_digest(uri))[1])
+    assert run_clean([sample_dump], out, CleanConfig(), force=True) is not None
+    assert run_clean([sample_dump], out, CleanConfig(max_reject_fraction=0.2)) is not None
+    assert hashed == [] and storage.require_success(out)["inputs"][0]["digest"] == digest
+    assert run_clean([sample_dump], out, CleanConfig(max_reject_fraction=0.2)) is None
+    assert len(hashed) == 1  # the skip check
+
+
 def test_directory_of_compressed_files_gives_the_same_conversations(tmp_path, sample_dump):
     lines = sample_lines(sample_dump)
     d = tmp_path / "cmv" / "all"
@@ -271,11 +288,114 @@ def test_worker_processes_give_byte_identical_output(tmp_path, sample_dump, monk
     lines = sample_lines(sample_dump)
     big = tmp_path / "big.jsonlist"
     big.write_bytes(b"".join(lines[:8] + [b"{broken\n"] + lines[8:]))
-    monkeypatch.setattr(clean, "BATCH_BYTES", 40_000)  # several batches in flight
+    monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", 40_000)  # several batches in flight
     for workers in (1, 2):
         run_clean([str(big)], str(tmp_path / f"w{workers}"), CleanConfig(workers=workers, max_reject_fraction=0.1))
     for name in ("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"):
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+
+
+# --- plain files: the workers read their own byte ranges ---------------------------------------------------
+
+
+def awkward_dump(sample_dump) -> tuple[bytes, int]:
+    """The sample with CRLF line ends, blank lines, a broken line, a duplicate thread and no newline at
+    the end; and a chunk size at which the first chunk ends exactly on a newline (after two lines)."""
+    lines = sample_lines(sample_dump)
+    crlf = [ln.rstrip(b"\n") + b"\r\n" for ln in lines[3:6]]
+    data = b"".join(lines[:3] + crlf + [b"\n", b" \t\r\n", b"{broken\n"] + lines[6:29] + [lines[2]]
+                    + [lines[29].rstrip(b"\n")])
+    return data, len(lines[0]) + len(lines[1])
+
+
+def streamed_cuts(path: Path, chunk: int) -> list[tuple[int, int]]:
+    """Where the streamed lines cut a file into fingerprint chunks (storage.RawDigest's definition)."""
+    cuts, start, pos = [], 0, 0
+    with open(path, "rb") as f:
+        for line in f:
+            pos += len(line)
+            if pos - start >= chunk:
+                cuts.append((start, pos))
+                start = pos
+    return cuts + ([(start, pos)] if pos > start else [])
+
+
+def test_raw_chunks_cut_where_the_streamed_lines_do(tmp_path, sample_dump, monkeypatch):
+    data, on_newline = awkward_dump(sample_dump)
+    plain, packed = tmp_path / "dump.jsonlist", tmp_path / "dump.jsonlist.gz"
+    plain.write_bytes(data)
+    packed.write_bytes(gzip.compress(data))  # streamed (decompressed line by line): the reference digest
+    (tmp_path / "empty.jsonlist").write_bytes(b"")
+    for chunk in (1, 2, on_newline - 1, on_newline, on_newline + 1, 40_000, len(data), 10**9):
+        monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", chunk)
+        cuts = list(storage.raw_chunks(str(plain)))
+        assert cuts == streamed_cuts(plain, chunk), chunk
+        assert b"".join(storage.read_range(str(plain), a, b) for a, b in cuts) == data
+        assert storage.raw_file_digest(str(plain)) == storage.raw_file_digest(str(packed)), chunk
+        assert list(storage.raw_chunks(str(tmp_path / "empty.jsonlist"))) == []
+    monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", on_newline)
+    assert list(storage.raw_chunks(str(plain)))[0] == (0, on_newline)  # the boundary on a newline itself
+    assert storage.plain_local(str(plain)) and not storage.plain_local(str(packed))
+    with pytest.raises(OSError, match="the file changed"):
+        storage.read_range(str(plain), len(data) - 10, len(data) + 10)
+
+
+def test_byte_ranges_give_the_streamed_output_and_fingerprint(tmp_path, sample_dump, monkeypatch):
+    """A plain dump read by byte ranges in the workers gives the bytes and the fingerprint that
+    streaming it through the main process gives, whatever the number of workers."""
+    data, on_newline = awkward_dump(sample_dump)
+    dump = tmp_path / "dump.jsonlist"
+    dump.write_bytes(data)
+    monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", on_newline)  # ~2 lines a chunk: many in flight
+    chunked = []
+    raw_chunks = storage.raw_chunks
+    monkeypatch.setattr(storage, "raw_chunks", lambda uri: (chunked.append(uri), raw_chunks(uri))[1])
+    outputs = {}
+    for path in ("ranges", "streamed"):
+        if path == "streamed":
+            monkeypatch.setattr(clean, "_ranged", lambda uri: False)
+        for workers in (1, 2):
+            chunked.clear()
+            out = tmp_path / f"{path}{workers}"
+            run_clean([str(dump)], str(out), CleanConfig(workers=workers, max_reject_fraction=0.1))
+            assert chunked == ([str(dump)] if path == "ranges" else [])
+            outputs[path, workers] = {name: (out / name).read_bytes() for name in OUTPUTS} | {
+                "digest": storage.require_success(str(out))["inputs"][0]["digest"]}
+    assert all(o == outputs["streamed", 1] for o in outputs.values())
+    assert outputs["ranges", 2]["digest"] == storage.raw_fingerprint(str(dump))
+
+    lines = data.splitlines(keepends=True)
+    rejects = [r for r in read_rejects(tmp_path / "ranges2") if r.get("level") != "comment"]
+    assert [(r["reason"], r["line"], r["raw"]) for r in rejects] == [
+        ("invalid_json", 9, "{broken"),
+        ("duplicate_thread", 33, lines[2].decode().rstrip("\n"))]  # read back from the file
+    stats = json.loads(outputs["ranges", 2]["stats.json"])
+    assert stats["files"] == [{"uri": str(dump), "lines": 34}] and stats["lines"]["blank"] == 2
+    rows = read_rows(tmp_path / "ranges2")
+    assert [r["thread_id"] for r in rows] == [json.loads(x)["id"] for x in sample_lines(sample_dump)]
+
+
+def test_a_byte_range_that_cannot_be_read_rejects_the_rest_of_its_file(tmp_path, sample_dump, monkeypatch):
+    lines = sample_lines(sample_dump)
+    first, second = tmp_path / "first.jsonlist", tmp_path / "second.jsonlist"
+    first.write_bytes(b"".join(lines[:20]))
+    second.write_bytes(b"".join(lines[20:]))
+    monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", len(lines[0]) + len(lines[1]) + 1)  # 3 lines a chunk
+    read_range = storage.read_range
+
+    def failing(uri, start, end):
+        if uri == str(first) and start > 0:
+            raise OSError(5, "Input/output error")
+        return read_range(uri, start, end)
+
+    monkeypatch.setattr(storage, "read_range", failing)
+    out = tmp_path / "out"
+    stats = run_clean([str(first), str(second)], str(out), CleanConfig(workers=1, max_reject_fraction=0.5))
+    assert [r["thread_id"] for r in read_rows(out)] == [json.loads(x)["id"] for x in lines[:3] + lines[20:]]
+    line_rejects = [r for r in read_rejects(out) if r.get("level") != "comment"]
+    assert [(r["reason"], r["file"], r["line"]) for r in line_rejects] == [("unreadable_stream", str(first), 4)]
+    assert "Input/output error" in line_rejects[0]["detail"]
+    assert stats["files"] == [{"uri": str(first), "lines": 3}, {"uri": str(second), "lines": 10}]
 
 
 def test_clean_line_is_pure_and_reports_malformed_fields():
