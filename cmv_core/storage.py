@@ -349,6 +349,9 @@ def _verified_raw(uri: str) -> Iterator[IO[bytes]]:
     _check_digest(uri, hashed, expected)
 
 
+COMPRESSED = (".gz", ".bz2", ".zst")  # decompressed by open_read, by extension
+
+
 class ZstdReader(io.RawIOBase):
     """A ``.zst`` stream as Pushshift's dumps are: several frames, windows up to 2 GiB (which the
     library refuses by default). Unlike zstandard's own stream reader it fails on a stream cut
@@ -924,10 +927,10 @@ class RawDigest:
 
 
 def plain_local(uri: str) -> bool:
-    """A local regular file read as it is stored (not .gz/.bz2, not a verified hand-off file): its
+    """A local regular file read as it is stored (not .gz/.bz2/.zst, not a verified hand-off file): its
     bytes can be read by offset (raw_chunks, read_range), so clean's workers read their own parts of it."""
     uri = str(uri)
-    return (not is_s3(uri) and not uri.endswith((".gz", ".bz2")) and local_path(uri).is_file()
+    return (not is_s3(uri) and not uri.endswith(COMPRESSED) and local_path(uri).is_file()
             and _expected(uri) is None)
 
 

@@ -417,3 +417,20 @@ def test_s3_output(s3_bucket, sample_dump, tmp_path):
         "_SUCCESS", "conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"]
     assert storage.read_bytes(f"{s3_bucket}/run/clean/conversations.jsonl.gz") == gzip.decompress(
         (tmp_path / "local" / "conversations.jsonl.gz").read_bytes())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_zst_dump_is_decompressed_not_read_by_byte_range(tmp_path, sample_dump, workers, monkeypatch):
+    """A Cornell dump compressed as .zst streams through the decompressor (never the plain-file
+    byte-range path) and gives the plain dump's conversations, rejects and stats counts."""
+    import zstandard
+
+    monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", 8192)  # many batches for the workers
+    data = Path(sample_dump).read_bytes()
+    packed = tmp_path / "dump.jsonlist.zst"
+    packed.write_bytes(zstandard.ZstdCompressor().compress(data))
+    assert not storage.plain_local(str(packed)) and storage.plain_local(sample_dump)
+    plain_stats = run_clean([sample_dump], str(tmp_path / "plain"), CleanConfig(workers=workers))
+    zst_stats = run_clean([str(packed)], str(tmp_path / "zst"), CleanConfig(workers=workers))
+    assert read_rows(tmp_path / "zst") == read_rows(tmp_path / "plain")
+    assert zst_stats["lines"] == plain_stats["lines"] and zst_stats["deltas"] == plain_stats["deltas"]
