@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import gc
 import gzip
-import hashlib
 import io
 import logging
 import multiprocessing
@@ -205,16 +204,16 @@ def clean_line(raw: bytes, strip_delta_edits: bool = True) -> LineResult:
 
 
 def _digest_of(parts: Iterable[bytes]) -> bytes:
-    """sha256 of the parts, in order (few, large updates: no joined copy)."""
-    digest = hashlib.sha256()
+    """storage.chunk_hash of the parts, in order (few, large updates: no joined copy)."""
+    digest = storage.chunk_hash()
     for part in parts:
         digest.update(part)
     return digest.digest()
 
 
 def clean_batch(raws: list[bytes], strip_delta_edits: bool) -> tuple[list[LineResult], bytes]:
-    """The batch's results, and the sha256 of its bytes: the dump's fingerprint is hashed here, in the
-    workers, while it streams (storage.raw_fingerprint defines it: sha256 over line-aligned chunks)."""
+    """The batch's results, and the hash of its bytes: the dump's fingerprint is hashed here, in the
+    workers, while it streams (storage.raw_fingerprint defines it: a hash of line-aligned chunks)."""
     return [clean_line(raw, strip_delta_edits) for raw in raws], _digest_of(raws)
 
 
@@ -660,12 +659,12 @@ def _load_records(
         rejects.write(_reject_record(line, reason, detail))
 
     index = {f: i for i, f in enumerate(files)}
-    digest, chunk, size, current = None, hashlib.sha256(), 0, None
+    digest, chunk, size, current = None, storage.chunk_hash(), 0, None
     for line in tqdm(reddit.iter_lines(files), unit=" records", mininterval=2.0, desc="clean: records"):
         if line.file != current:
             if digest is not None and size:
                 digest.add(size, chunk.digest())
-            current, chunk, size = line.file, hashlib.sha256(), 0
+            current, chunk, size = line.file, storage.chunk_hash(), 0
             digest = storage.RawDigest() if fingerprints is None else fingerprints.setdefault(line.file,
                                                                                               storage.RawDigest())
         if line.error is not None:
@@ -678,7 +677,7 @@ def _load_records(
         size += len(line.raw)
         if size >= storage.RAW_CHUNK_BYTES:
             digest.add(size, chunk.digest())
-            chunk, size = hashlib.sha256(), 0
+            chunk, size = storage.chunk_hash(), 0
         if line.raw.isspace() or not line.raw:
             totals["blank_lines"] += 1
             continue

@@ -17,7 +17,7 @@ The contract is checked, not just written:
   empty, unparsable or wrong-stage one) and every later read of a file under that
   input (``open_read``, ``read_*``, ``download_dir``) is hashed while it streams and
   checked against the size and sha256 the manifest lists; a raw dump's fingerprint
-  is its content (sha256 while clean streams it; the ETag/checksum on S3);
+  is its content (hashed while clean streams it, xxh3-128 per chunk; the ETag/checksum on S3);
 - complete, exclusive outputs: ``begin_stage`` takes the output's lease (lease.py)
   and gives the attempt an id; every file written through this module under the
   output is recorded (size, sha256 computed while writing, the attempt id in its S3
@@ -908,8 +908,18 @@ def _raw_files(uri: str) -> list[str]:
 RAW_CHUNK_BYTES = 4 << 20
 
 
+def chunk_hash():
+    """The hash of one chunk of a raw dump. xxh3-128, not sha256: the raw fingerprint only tells
+    whether the dump's content changed since the last run (skip or rerun), not who wrote it, and
+    sha256 runs at ~1.2 GB/s here, about 8% of clean's wall time on 2 cores for a plain dump,
+    against ~2% for xxh3 (6 GB/s). Hand-off files between stages keep sha256 (their manifests)."""
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
 class RawDigest:
-    """A raw dump file's content digest: sha256 over the sha256 of each chunk of its (decompressed)
+    """A raw dump file's content digest: sha256 over the chunk_hash of each chunk of its (decompressed)
     lines, a chunk ending at the first line end at or past RAW_CHUNK_BYTES. Chunks can be hashed
     anywhere (clean hashes them in its workers, as they parse) and are combined here in order."""
 
@@ -923,7 +933,7 @@ class RawDigest:
         self.size += n
 
     def hexdigest(self) -> str:
-        return f"chunks{RAW_CHUNK_BYTES}:" + self._outer.hexdigest()
+        return f"xxh3-chunks{RAW_CHUNK_BYTES}:" + self._outer.hexdigest()
 
 
 def plain_local(uri: str) -> bool:
@@ -937,7 +947,7 @@ def plain_local(uri: str) -> bool:
 def raw_chunks(uri: str) -> Iterator[tuple[int, int]]:
     """(start, end) byte offsets of a plain local file's RawDigest chunks, in order: each ends at the
     first line end at or past RAW_CHUNK_BYTES from its start, the last at the end of the file, exactly
-    where the streamed lines cut them, so sha256(read_range(uri, start, end)) is a chunk's digest.
+    where the streamed lines cut them, so chunk_hash() of read_range(uri, start, end) is a chunk's digest.
     Found by seeking: only the bytes from a chunk's RAW_CHUNK_BYTES-th to its line end are read here."""
     with open(local_path(uri), "rb", buffering=0) as f:
         total = os.fstat(f.fileno()).st_size
@@ -969,11 +979,13 @@ def read_range(uri: str, start: int, end: int) -> bytes:
 
 def raw_file_digest(uri: str) -> tuple[int, str]:
     """(size, RawDigest) of one raw file, read here (a skip check; a run hashes while it streams)."""
-    digest, chunk, n = RawDigest(), hashlib.sha256(), 0
+    digest, chunk, n = RawDigest(), chunk_hash(), 0
     try:
         if plain_local(uri):  # by chunk: no line splitting
             for start, end in raw_chunks(uri):
-                digest.add(end - start, hashlib.sha256(read_range(uri, start, end)).digest())
+                h = chunk_hash()
+                h.update(read_range(uri, start, end))
+                digest.add(end - start, h.digest())
             return digest.size, digest.hexdigest()
         with open_read(uri, "rb") as f:
             for line in f:
@@ -981,7 +993,7 @@ def raw_file_digest(uri: str) -> tuple[int, str]:
                 n += len(line)
                 if n >= RAW_CHUNK_BYTES:
                     digest.add(n, chunk.digest())
-                    chunk, n = hashlib.sha256(), 0
+                    chunk, n = chunk_hash(), 0
     except Exception as exc:  # noqa: BLE001 - a broken stream: a digest no streamed run gives, so it reruns
         return os.path.getsize(local_path(uri)), f"unreadable:{type(exc).__name__}:{_file_sha256(local_path(uri))}"
     if n:
@@ -1008,7 +1020,7 @@ def _combine(uri: str, digests: dict[str, tuple[int, str]]) -> str:
 
 
 def raw_fingerprint(uri: str, streamed: dict[str, tuple[int, str]] | None = None) -> str:
-    """A raw dump's fingerprint from its content: the sha256 of a local file (of each file of a directory),
+    """A raw dump's fingerprint from its content: the RawDigest of a local file (of each file of a directory),
     taken from ``streamed`` where a stage already hashed it while reading; on S3 the store's own checksum
     (ChecksumSHA256, else the ETag, which is a content MD5 or a digest of part digests)."""
     uri = str(uri)

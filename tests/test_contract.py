@@ -404,7 +404,7 @@ def test_raw_fingerprint_is_the_content(tmp_path, sample_dump):
     assert _clean(str(dump), out) is not None  # content changed: rerun
     # taken while clean streamed the dump (in its workers), equal to the one a skip check computes
     digest = storage.require_success(out)["inputs"][0]["digest"]
-    assert digest == storage.raw_fingerprint(str(dump)) and digest.startswith("content:chunks")
+    assert digest == storage.raw_fingerprint(str(dump)) and digest.startswith("content:xxh3-chunks")
     assert _clean(str(dump), out) is None
     two = str(tmp_path / "r2" / "clean")
     run_clean([str(dump)], two, CleanConfig(workers=2))
