@@ -311,3 +311,26 @@ def test_training_time_beside_the_judge_is_sft_plus_dpo(tmp_path):
     assert judging.training_seconds(both) == pytest.approx(55)
     assert judging.training_seconds(only_sft) == pytest.approx(40)
     assert judging.training_seconds(fmt) is None
+
+
+@pytest.mark.parametrize("response_format", ["json_schema", "json_object"])
+def test_the_sync_backend_sends_exactly_the_request_body(response_format):
+    """The messages and schema go to the client as extra_body (its transform of them was most of its
+    CPU): what reaches the server must still be exactly request_body, the Batch API line's body."""
+    import asyncio
+
+    messages = judging.single_messages([{"role": "user", "content": "CMV: x.\n\nBecause y."}], "A reply.",
+                                       CRITS, 1000)
+    form = judging.single_form(CRITS)
+    with FakeOpenAI(longer_judge) as srv:
+        c = cfg(srv, response_format=response_format)
+
+        async def one():
+            backend = judging.OpenAIBackend(c)
+            try:
+                return await backend.complete(messages, form)
+            finally:
+                await backend.aclose()
+
+        asyncio.run(one())
+        assert srv.requests == [judging.request_body(c, messages, form)]
