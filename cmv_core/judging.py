@@ -183,6 +183,9 @@ class JudgeConfig:
     max_text_chars: int = 6000               # longer post/reply texts are cut (and marked) in prompts
     local_rationale_tokens: int = 0          # local backend: greedy rationale tokens before scores
     local_batch_size: int = 8                # local backend: calls answered together (1 = one at a time)
+    # local backend: auto = bfloat16 where the CPU multiplies it natively (AMX or AVX512-BF16: its matmuls
+    # ~2.8x, the judge stage ~1.4x faster), else float32 | float32 | bfloat16. Part of the cache key.
+    local_dtype: str = "auto"
     max_failed_fraction: float = 0.2         # more failed calls than this fails the stage
     cache: str | None = None                 # cache URI (default: <output>/cache)
     cache_flush_every: int = 50              # S3 cache: entries per uploaded shard
@@ -556,6 +559,19 @@ def completion_record(resp: dict, c: JudgeConfig, redact: Callable[[str], str] =
             "model": resp.get("model"), "system_fingerprint": resp.get("system_fingerprint"), "seed": c.api_seed}
 
 
+def local_dtype(name: str) -> str:
+    """The torch dtype name the local judge runs in (see ``JudgeConfig.local_dtype``)."""
+    import torch
+
+    if name == "auto":
+        # Without native bf16 (AVX2-only CPUs) bfloat16 is emulated and slower than float32.
+        native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return "bfloat16" if native else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"judge.local_dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+    return name
+
+
 class LocalBackend:
     """An in-process causal LM (the embedded default for the demo).
 
@@ -572,7 +588,8 @@ class LocalBackend:
         self.cfg = cfg
         self.torch = torch
         self.tokenizer = load_tokenizer(cfg.model)
-        self.model = load_causal_lm(cfg.model, dtype=torch.float32)
+        self.dtype = local_dtype(cfg.local_dtype)
+        self.model = load_causal_lm(cfg.model, dtype=getattr(torch, self.dtype))
         self.model.eval()
         self._lock = threading.Lock()  # one forward pass at a time: torch already uses every core
         self._prefixes: dict[tuple[int, ...], Any] = {}  # KV cache of each system prompt (one per kind)
@@ -580,7 +597,9 @@ class LocalBackend:
         self._draining = False
 
     def params(self) -> dict:
-        return {"rationale_tokens": self.cfg.local_rationale_tokens}
+        # the dtype changes the logits, hence the probabilities (and rarely a verdict): a cached answer
+        # of one dtype is not an answer of the other
+        return {"rationale_tokens": self.cfg.local_rationale_tokens, "dtype": self.dtype}
 
     async def complete(self, messages: list[dict], form: dict) -> dict:
         if self.cfg.local_batch_size <= 1:
@@ -1541,7 +1560,7 @@ def dry_run(generations: str, data: str, output: str, config: JudgeConfig) -> di
 def planned_params(cfg: JudgeConfig) -> dict:
     """The backend's params() without building a client (the dry run needs no key or model)."""
     if cfg.backend == "local":
-        return {"rationale_tokens": cfg.local_rationale_tokens}
+        return {"rationale_tokens": cfg.local_rationale_tokens, "dtype": local_dtype(cfg.local_dtype)}
     base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
     return {"temperature": cfg.temperature, cfg.token_limit_param: cfg.max_tokens,
             "response_format": cfg.response_format, "logprobs": cfg.logprobs,

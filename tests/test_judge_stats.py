@@ -265,8 +265,10 @@ def test_local_judge_batches_calls_with_the_same_answers(tiny_model_dir):
                                                  "A " * (i + 1), "B " * (9 - i), 1000), judging.PAIRWISE_FORM))
     answers = {}
     for batch_size in (1, 4):
+        # float32: "the same up to rounding" (bfloat16 keeps 3 digits, too few for a random tiny model's
+        # near-uniform logits)
         backend = judging.LocalBackend(JudgeConfig(backend="local", model=tiny_model_dir, local_rationale_tokens=3,
-                                                   local_batch_size=batch_size))
+                                                   local_batch_size=batch_size, local_dtype="float32"))
         sizes = []
         original = backend._complete_batch
         backend._complete_batch = lambda batch: (sizes.append(len(batch)), original(batch))[1]
@@ -284,6 +286,31 @@ def test_local_judge_batches_calls_with_the_same_answers(tiny_model_dir):
             assert a["token"] == b["token"]
             assert [v for v, _ in a["top"]] == [v for v, _ in b["top"]]
             assert [lp for _, lp in a["top"]] == pytest.approx([lp for _, lp in b["top"]], abs=1e-4)
+
+
+def test_local_judge_dtype_is_resolved_recorded_and_keyed(tiny_model_dir, monkeypatch):
+    """auto is bfloat16 only where the CPU multiplies bf16 natively; the dtype the weights are in is
+    part of the backend's params (the cache key), and the dry run plans with the same params."""
+    import torch
+
+    for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"),
+                                       (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert judging.local_dtype("auto") == expected
+    assert judging.local_dtype("float32") == "float32"
+    with pytest.raises(ValueError, match="judge.local_dtype must be"):
+        judging.local_dtype("fp8")
+    monkeypatch.undo()
+    keys = set()
+    for dtype in ("bfloat16", "float32"):
+        cfg = JudgeConfig(backend="local", model=tiny_model_dir, local_dtype=dtype)
+        backend = judging.LocalBackend(cfg)
+        assert next(backend.model.parameters()).dtype == getattr(torch, dtype)
+        assert backend.params() == judging.planned_params(cfg)
+        keys.add(judging.cache_key(judging.key_backend(cfg), cfg.model, [{"role": "user", "content": "x"}],
+                                   judging.PAIRWISE_FORM, backend.params()))
+    assert len(keys) == 2
 
 
 def test_training_time_beside_the_judge_is_sft_plus_dpo(tmp_path):
