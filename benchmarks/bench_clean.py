@@ -50,7 +50,8 @@ print(n)
 # The hand-off checks patched out (benchmark only): a sitecustomize on PYTHONPATH, so that clean's
 # spawned workers (which hash the dump's chunks) are patched too.
 UNVERIFIED_SITE = """
-from cmv_core import clean, storage
+from cmv_core import storage
+from cmv_core.clean import stage as clean
 storage._expected = lambda uri: None
 storage._check_listing = lambda uri, manifest: None
 storage.raw_fingerprint = lambda uri, streamed=None: "unverified"
@@ -122,8 +123,18 @@ def main() -> int:
     # Generate if missing
     if not dump.exists():
         print(f"generating {dump} ...", flush=True)
-        subprocess.run([sys.executable, str(REPO / "benchmarks" / "synth_dump.py"), "--threads",
-                        str(args.threads), "--output", str(dump)], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "synth_dump.py"),
+                "--threads",
+                str(args.threads),
+                "--output",
+                str(dump),
+            ],
+            check=True,
+            cwd=REPO,
+        )
     size_mib = dump.stat().st_size / 2**20
 
     # Warm the page cache so that neither measurement pays for the disk
@@ -145,16 +156,39 @@ def main() -> int:
         return [py, "-m", "cmv_core.cli"]
 
     def clean_cmd(workers: int, verified: bool = True) -> list[str]:
-        return [*cli(verified), "clean", "--input", str(dump), "--output", str(out_dir / "clean"),
-                "--force", "--log-level", "WARNING", "--set", f"clean.workers={workers}"]
+        return [
+            *cli(verified),
+            "clean",
+            "--input",
+            str(dump),
+            "--output",
+            str(out_dir / "clean"),
+            "--force",
+            "--log-level",
+            "WARNING",
+            "--set",
+            f"clean.workers={workers}",
+        ]
 
     def format_cmd(verified: bool = True) -> list[str]:
-        return [*cli(verified), "format", "--input", str(out_dir / "clean"), "--output", str(out_dir / "format"),
-                "--force", "--log-level", "WARNING", "--config", str(REPO / "configs" / "tiny.yaml")]
+        return [
+            *cli(verified),
+            "format",
+            "--input",
+            str(out_dir / "clean"),
+            "--output",
+            str(out_dir / "format"),
+            "--force",
+            "--log-level",
+            "WARNING",
+            "--config",
+            str(REPO / "configs" / "tiny.yaml"),
+        ]
 
     conversations = str(out_dir / "clean" / "conversations.jsonl.gz")
-    runs: dict[str, list] = {k: [] for k in ("floor", "auto", "auto_unverified", "serial", "format_floor",
-                                             "format", "format_unverified")}
+    runs: dict[str, list] = {
+        k: [] for k in ("floor", "auto", "auto_unverified", "serial", "format_floor", "format", "format_unverified")
+    }
     try:
         for _ in range(args.repeat):  # interleaved, so all see the same machine load
             runs["floor"].append(run_measured(floor_cmd))
@@ -175,12 +209,17 @@ def main() -> int:
     print()
     print(summary)
     print()
-    print(f"input: {dump} ({size_mib:,.0f} MiB, {lines:,} lines); conversations.jsonl.gz {out_size:,.0f} MiB; "
-          f"{os.cpu_count()} cores, load average {load:.1f} before")
+    print(
+        f"input: {dump} ({size_mib:,.0f} MiB, {lines:,} lines); conversations.jsonl.gz {out_size:,.0f} MiB; "
+        f"{os.cpu_count()} cores, load average {load:.1f} before"
+    )
     print(f"{'':40s} {'wall':>8s} {'CPU':>8s} {'peak RSS':>10s} {'wall/floor':>11s}")
     print(f"{'floor (read + orjson.loads each line)':40s} {floor_s:7.1f}s {floor_cpu:7.1f}s {floor_rss:6.0f} MiB")
-    rows = [("auto", "cmv clean (workers: auto)"), ("auto_unverified", "  same, hand-off checks off"),
-            ("serial", "cmv clean (workers: 1)")]
+    rows = [
+        ("auto", "cmv clean (workers: auto)"),
+        ("auto_unverified", "  same, hand-off checks off"),
+        ("serial", "cmv clean (workers: 1)"),
+    ]
     for key, label in rows:
         wall, rss, _, cpu = min(runs[key])
         print(f"{label:40s} {wall:7.1f}s {cpu:7.1f}s {rss:6.0f} MiB {wall / floor_s:10.2f}x")
@@ -188,12 +227,14 @@ def main() -> int:
     if runs["format"]:
         ff_s, ff_rss, _, ff_cpu = min(runs["format_floor"])
         print(f"{'format floor (read + json each line)':40s} {ff_s:7.1f}s {ff_cpu:7.1f}s {ff_rss:6.0f} MiB")
-        for key, label in (("format", "cmv format (tiny tokenizer)"), ("format_unverified", "  same, hand-off checks off")):
+        for key, label in (
+            ("format", "cmv format (tiny tokenizer)"),
+            ("format_unverified", "  same, hand-off checks off"),
+        ):
             wall, rss, _, cpu = min(runs[key])
             print(f"{label:40s} {wall:7.1f}s {cpu:7.1f}s {rss:6.0f} MiB {wall / ff_s:10.2f}x")
         verify_pct["format"] = 100 * (min(runs["format"])[0] / min(runs["format_unverified"])[0] - 1)
-    print("verification cost (wall, checks on vs off): "
-          + ", ".join(f"{k} {v:+.1f}%" for k, v in verify_pct.items()))
+    print("verification cost (wall, checks on vs off): " + ", ".join(f"{k} {v:+.1f}%" for k, v in verify_pct.items()))
     print("targets: clean wall <= 2x floor, peak RSS < 1 GiB (all processes), verification < 5%")
     return 0
 

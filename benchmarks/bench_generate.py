@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmv_core import generation as gen  # noqa: E402
+from cmv_core.generate import stage as gen  # noqa: E402
 from cmv_core.models import EMBEDDED_DEFAULT  # noqa: E402
 
 TOPICS = [
@@ -71,8 +71,10 @@ def main() -> int:
     variant = gen.Variant("base", args.model)
     common = dict(max_new_tokens=args.max_new_tokens, device="cpu", variants=[{"name": "base", "model": args.model}])
     modes = {"one at a time": 1, f"batched (size {args.batch_size})": args.batch_size}
-    print(f"model {args.model}, {args.prompts} prompts, up to {args.max_new_tokens} new tokens, greedy, "
-          f"CPU with {torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds")
+    print(
+        f"model {args.model}, {args.prompts} prompts, up to {args.max_new_tokens} new tokens, greedy, "
+        f"CPU with {torch.get_num_threads()} threads, best of {args.rounds} interleaved rounds"
+    )
     best: dict[str, tuple[float, int]] = {}
     with contextlib.ExitStack() as stack:
         backends = {
@@ -89,13 +91,17 @@ def main() -> int:
                 replies = generate(variant, batch, 0)
                 seconds = time.perf_counter() - started
                 tokens = sum(x.completion_tokens for x in replies)
-                print(f"round {r + 1} {name:20s}: {seconds:7.2f} s  {tokens:5d} tokens  {tokens / seconds:7.1f} tokens/s",
-                      flush=True)
+                print(
+                    f"round {r + 1} {name:20s}: {seconds:7.2f} s  {tokens:5d} tokens  {tokens / seconds:7.1f} tokens/s",
+                    flush=True,
+                )
                 if name not in best or tokens / seconds > best[name][1] / best[name][0]:
                     best[name] = (seconds, tokens)
     (one_s, one_tokens), (bat_s, bat_tokens) = best.values()
     ratio = (bat_tokens / bat_s) / (one_tokens / one_s)
-    print(f"throughput ratio batched / one-at-a-time: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})")
+    print(
+        f"throughput ratio batched / one-at-a-time: {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'NOT met'})"
+    )
     return 0
 
 

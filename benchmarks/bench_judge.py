@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cmv_core import judging  # noqa: E402
+from cmv_core.judge import stage as judging  # noqa: E402
 
 
 def main() -> int:
@@ -34,13 +34,19 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--concurrency", default="16,32", help="comma-separated concurrency levels")
     parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--transport", default="aiohttp,httpx",
-                        help="comma-separated judge.http_transport values, each run at every concurrency")
+    parser.add_argument(
+        "--transport",
+        default="aiohttp,httpx",
+        help="comma-separated judge.http_transport values, each run at every concurrency",
+    )
     args = parser.parse_args()
 
-    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_openai_server.py"),
-                               "--latency-ms", str(args.latency_ms)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "fake_openai_server.py"), "--latency-ms", str(args.latency_ms)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     failures = 0
     try:
         port = int(server.stdout.readline().split()[1])
@@ -57,13 +63,27 @@ def main() -> int:
 def make_calls(cfg, n):
     form = judging.single_form(cfg.criteria)
     post = [{"role": "user", "content": "CMV: benchmarks should measure one thing at a time.\n\n" + "Because. " * 200}]
-    return [(judging.single_messages(post, f"Reply number {i}. " + "An argument. " * 80, cfg.criteria,
-                                     cfg.max_text_chars), form) for i in range(n)]
+    return [
+        (
+            judging.single_messages(
+                post, f"Reply number {i}. " + "An argument. " * 80, cfg.criteria, cfg.max_text_chars
+            ),
+            form,
+        )
+        for i in range(n)
+    ]
 
 
 def sync_pass(port: int, n: int, concurrency: int, latency_ms: float, transport: str) -> int:
-    cfg = judging.JudgeConfig(backend="openai", model="gpt-4o-mini", base_url=f"http://127.0.0.1:{port}/v1",
-                              concurrency=concurrency, max_retries=2, timeout_s=30, http_transport=transport)
+    cfg = judging.JudgeConfig(
+        backend="openai",
+        model="gpt-4o-mini",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        concurrency=concurrency,
+        max_retries=2,
+        timeout_s=30,
+        http_transport=transport,
+    )
     calls = make_calls(cfg, n)
 
     async def judge_all(cache):
@@ -89,8 +109,10 @@ def sync_pass(port: int, n: int, concurrency: int, latency_ms: float, transport:
         cache2.close()
 
     ideal = n * latency_ms / 1000.0 / concurrency
-    print(f"judgments: {n} ({ok} ok), concurrency {concurrency}, server latency {latency_ms:.0f} ms, "
-          f"transport {transport}")
+    print(
+        f"judgments: {n} ({ok} ok), concurrency {concurrency}, server latency {latency_ms:.0f} ms, "
+        f"transport {transport}"
+    )
     print(f"wall time: {wall:.2f} s; ideal (n x latency / concurrency): {ideal:.2f} s")
     print(f"ratio wall/ideal: {wall / ideal:.2f}x (target <= 1.3x)")
     # The client's own CPU per call bounds the useful concurrency against a fast server: once
@@ -104,8 +126,14 @@ def sync_pass(port: int, n: int, concurrency: int, latency_ms: float, transport:
 def batch_pass(port: int, n: int) -> int:
     """The Batch backend end to end; the fake processes a batch when first polled, so everything
     measured is the pipeline's own overhead (JSONL build, upload, create, poll, download, load)."""
-    cfg = judging.JudgeConfig(backend="openai-batch", model="gpt-4o-mini", base_url=f"http://127.0.0.1:{port}/v1",
-                              max_retries=2, timeout_s=60, batch_poll_s=0.05)
+    cfg = judging.JudgeConfig(
+        backend="openai-batch",
+        model="gpt-4o-mini",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        max_retries=2,
+        timeout_s=60,
+        batch_poll_s=0.05,
+    )
     calls = make_calls(cfg, n)
 
     async def judge_all(cache):
@@ -125,10 +153,13 @@ def batch_pass(port: int, n: int) -> int:
         cache.close()
     ok = sum(r["status"] == "ok" for r in results)
     print(f"batch backend: {n} judgments ({ok} ok) in {stats['batches']} batch(es), {stats['requests']} request(s)")
-    print(f"submit-to-loaded: {loaded:.2f} s (the fake server answers the batch on its first poll, "
-          "so this is all overhead of ours and of the transfers)")
-    print(f"submit-to-judgments (answers read back from the cache): {total:.2f} s, "
-          f"{1000 * total / n:.1f} ms per judgment")
+    print(
+        f"submit-to-loaded: {loaded:.2f} s (the fake server answers the batch on its first poll, "
+        "so this is all overhead of ours and of the transfers)"
+    )
+    print(
+        f"submit-to-judgments (answers read back from the cache): {total:.2f} s, {1000 * total / n:.1f} ms per judgment"
+    )
     return 0 if ok == n else 1
 
 

@@ -29,8 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cmv_core import judging, storage  # noqa: E402
+from cmv_core import storage  # noqa: E402
 from cmv_core.config import load_recipe, section  # noqa: E402
+from cmv_core.judge import stage as judging
 
 
 class NoCache:
@@ -46,18 +47,43 @@ class NoCache:
 
 def inputs(root: Path) -> tuple[str, str]:
     recipe = str(REPO / "configs" / "demo.yaml")
-    for stage, extra in (("clean", ["--input", str(REPO / "cmv_core" / "data" / "sample_cmv.jsonlist")]),
-                         ("format", ["--input", str(root / "clean")])):
-        subprocess.run([sys.executable, "-m", "cmv_core.cli", stage, *extra, "--output", str(root / stage),
-                        "--config", recipe, "--log-level", "WARNING"], check=True, cwd=REPO)
+    for stage, extra in (
+        ("clean", ["--input", str(REPO / "cmv_core" / "data" / "sample_cmv.jsonlist")]),
+        ("format", ["--input", str(root / "clean")]),
+    ):
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cmv_core.cli",
+                stage,
+                *extra,
+                "--output",
+                str(root / stage),
+                "--config",
+                recipe,
+                "--log-level",
+                "WARNING",
+            ],
+            check=True,
+            cwd=REPO,
+        )
     gen = str(root / "generate")
     run = storage.begin_stage("generate", gen, inputs=[str(root / "format")], config={}, run_id="bench")
     rows = []
     for ex in storage.read_jsonl(str(root / "format" / "test.jsonl")):
         human = ex["messages"][-1]["content"]
         for variant, text in (("base", human[:300]), ("finetuned", human[-300:])):
-            rows.append({"id": ex["id"], "thread_id": ex["thread_id"], "model": variant,
-                         "messages": ex["messages"][:-1], "response": text, "finish_reason": "stop"})
+            rows.append(
+                {
+                    "id": ex["id"],
+                    "thread_id": ex["thread_id"],
+                    "model": variant,
+                    "messages": ex["messages"][:-1],
+                    "response": text,
+                    "finish_reason": "stop",
+                }
+            )
     storage.write_jsonl(storage.join(gen, "generations.jsonl"), rows)
     storage.finish_stage(run, {"rows": len(rows)})
     return gen, str(root / "format")
@@ -67,7 +93,9 @@ def answer(calls, cfg, mode: str) -> tuple[float, dict, list[str]]:
     backend = judging.LocalBackend(cfg)
     if mode == "plan order":
         backend.call_order = lambda calls: list(range(len(calls)))
-        backend._next_batch = lambda: [q for q in backend._queue if q[1] == backend._queue[0][1]][:cfg.local_batch_size]
+        backend._next_batch = lambda: [q for q in backend._queue if q[1] == backend._queue[0][1]][
+            : cfg.local_batch_size
+        ]
     fed = {"tokens": 0, "passes": 0}
     forward = backend.model.forward
 
@@ -86,25 +114,35 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", type=int, default=8, help="test prompts judged (the demo: 8)")
     args = ap.parse_args()
-    recipe = load_recipe(str(REPO / "configs" / "demo.yaml"), [f"judge.max_items={args.items}",
-                                                              "judge.comparisons=[[finetuned, base], [finetuned, human], [base, human]]"])
+    recipe = load_recipe(
+        str(REPO / "configs" / "demo.yaml"),
+        [f"judge.max_items={args.items}", "judge.comparisons=[[finetuned, base], [finetuned, human], [base, human]]"],
+    )
     cfg = section(recipe, "judge", judging.JudgeConfig)
     with tempfile.TemporaryDirectory(prefix="cmv-bench-judge-local-") as tmp:
         gen, data = inputs(Path(tmp))
         items, pairs = judging.load_inputs(gen, data, cfg)
         calls, _, _ = judging.plan_calls(items, pairs, cfg)
-        print(f"{len(calls)} judge calls ({len(items)} prompts, {len(pairs)} calibration pairs), "
-              f"load average {__import__('os').getloadavg()[0]:.2f}", flush=True)
+        print(
+            f"{len(calls)} judge calls ({len(items)} prompts, {len(pairs)} calibration pairs), "
+            f"load average {__import__('os').getloadavg()[0]:.2f}",
+            flush=True,
+        )
         runs = {}
-        for mode, batch in (("one at a time", 1), ("plan order", cfg.local_batch_size),
-                            ("shared post", cfg.local_batch_size)):
+        for mode, batch in (
+            ("one at a time", 1),
+            ("plan order", cfg.local_batch_size),
+            ("shared post", cfg.local_batch_size),
+        ):
             mode_cfg = judging.JudgeConfig(**{**cfg.__dict__, "local_batch_size": batch})
             runs[mode] = answer(calls, mode_cfg, mode)
     base_s, base_fed, base_answers = runs["one at a time"]
     print(f"{'mode':<16}{'wall s':>8}{'x':>7}{'tokens fed':>12}{'passes':>8}  answers as one at a time")
     for mode, (wall, fed, answers) in runs.items():
         same = sum(a == b for a, b in zip(answers, base_answers))
-        print(f"{mode:<16}{wall:>8.1f}{wall / base_s:>7.2f}{fed['tokens']:>12}{fed['passes']:>8}  {same}/{len(answers)}")
+        print(
+            f"{mode:<16}{wall:>8.1f}{wall / base_s:>7.2f}{fed['tokens']:>12}{fed['passes']:>8}  {same}/{len(answers)}"
+        )
     return 0
 
 

@@ -42,21 +42,49 @@ sys.path.insert(0, str(REPO))
 
 from cmv_core import storage  # noqa: E402
 
-WORDS = ("view change evidence argument people because think reason however consider policy example "
-         "actually would could should believe opinion point study data history economy rights society "
-         "government market science culture language city family school work health money time").split()
+WORDS = (
+    "view change evidence argument people because think reason however consider policy example "
+    "actually would could should believe opinion point study data history economy rights society "
+    "government market science culture language city family school work health money time"
+).split()
 
 # Llama 3.2 1B (meta-llama/Llama-3.2-1B-Instruct config.json), random weights.
 LLAMA_32_1B = dict(
-    vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, head_dim=64, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
-    rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128009,
-    rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                  "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    hidden_act="silu",
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+    bos_token_id=128000,
+    eos_token_id=128009,
+    rope_scaling={
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
 )
 # Dense bf16 peak (TFLOP/s) by device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0,
-                    "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 125.0,
+}
 
 
 def text(rng: random.Random, n_words: int) -> str:
@@ -66,20 +94,41 @@ def text(rng: random.Random, n_words: int) -> str:
 def write_data(uri: str, n_train: int, n_val: int, mean_words: float, seed: int = 0) -> str:
     """A format-stage output of synthetic threads: prompt and reply lengths log-normal like real CMV."""
     rng = random.Random(seed)
-    run = storage.begin_stage("format", uri, inputs=[], config={"bench": True, "n": n_train, "w": mean_words},
-                              force=True)
+    run = storage.begin_stage(
+        "format", uri, inputs=[], config={"bench": True, "n": n_train, "w": mean_words}, force=True
+    )
     for name, n in (("train", n_train), ("val", n_val)):
         rows = []
         for i in range(n):
             post = max(10, int(rng.lognormvariate(math.log(mean_words * 0.55), 0.5)))
             reply = max(10, int(rng.lognormvariate(math.log(mean_words * 0.45), 0.5)))
-            rows.append({"thread_id": f"{name}{i}", "messages": [
-                {"role": "user", "content": "Write a reply that changes the poster's view.\n\nCMV: " + text(rng, post)},
-                {"role": "assistant", "content": text(rng, reply)}]})
+            rows.append(
+                {
+                    "thread_id": f"{name}{i}",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": "Write a reply that changes the poster's view.\n\nCMV: " + text(rng, post),
+                        },
+                        {"role": "assistant", "content": text(rng, reply)},
+                    ],
+                }
+            )
         storage.write_jsonl(storage.join(uri, f"{name}.jsonl"), rows)
-        pairs = [{"thread_id": r["thread_id"], "prompt": r["messages"][:1], "chosen": r["messages"][1:],
-                  "rejected": [{"role": "assistant", "content": text(rng, max(10, int(rng.lognormvariate(
-                      math.log(mean_words * 0.45), 0.5))))}]} for r in rows]
+        pairs = [
+            {
+                "thread_id": r["thread_id"],
+                "prompt": r["messages"][:1],
+                "chosen": r["messages"][1:],
+                "rejected": [
+                    {
+                        "role": "assistant",
+                        "content": text(rng, max(10, int(rng.lognormvariate(math.log(mean_words * 0.45), 0.5)))),
+                    }
+                ],
+            }
+            for r in rows
+        ]
         storage.write_jsonl(storage.join(uri, f"{name}_preferences.jsonl"), pairs)
     storage.finish_stage(run, {"train": n_train, "val": n_val})
     return uri
@@ -90,15 +139,30 @@ def run_variant(fmt: str, work: Path, name: str, model: str, train: dict, timeou
     import yaml
 
     recipe = work / f"{name}.yaml"
-    recipe.write_text(yaml.safe_dump({"model": model, "train": train, "dpo": {}} if dpo else
-                                     {"model": model, "train": train}))
+    recipe.write_text(
+        yaml.safe_dump({"model": model, "train": train, "dpo": {}} if dpo else {"model": model, "train": train})
+    )
     out = work / name
-    cmd = [sys.executable, "-m", "cmv_core.cli", "train", "--input", fmt, "--output", str(out),
-           "--config", str(recipe), "--force", "--log-level", "WARNING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmv_core.cli",
+        "train",
+        "--input",
+        fmt,
+        "--output",
+        str(out),
+        "--config",
+        str(recipe),
+        "--force",
+        "--log-level",
+        "WARNING",
+    ]
     cmd += ["--method", "dpo", "--init", "base"] if dpo else []
     started = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
@@ -112,28 +176,46 @@ def cpu_main(args) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     fmt = write_data(str(work / "format"), n_train=args.examples, n_val=2, mean_words=args.mean_words)
-    print(f"CPU training throughput, {args.steps} optimizer steps per variant (first excluded), "
-          f"{os.cpu_count()} cores; synthetic threads of ~{args.mean_words} words; data in {work}\n")
-    print(f"{'recipe':<8} {'method':<12} {'model':<34} {'max_len':>7} {'tokens/s':>9} {'tokens':>7} "
-          f"{'peak RSS':>9} {'wall s':>7}")
+    print(
+        f"CPU training throughput, {args.steps} optimizer steps per variant (first excluded), "
+        f"{os.cpu_count()} cores; synthetic threads of ~{args.mean_words} words; data in {work}\n"
+    )
+    print(
+        f"{'recipe':<8} {'method':<12} {'model':<34} {'max_len':>7} {'tokens/s':>9} {'tokens':>7} "
+        f"{'peak RSS':>9} {'wall s':>7}"
+    )
     results: dict[tuple[str, str], dict] = {}
     for config in args.configs:
         recipe = load_recipe(str(REPO / "configs" / f"{config}.yaml"))
         for variant in ("sft", "sft-packed", "dpo"):
-            train = {**(recipe.get("train") or {}), "max_steps": args.steps, "packing": variant == "sft-packed",
-                     "save_steps": 10_000, "eval_steps": None, "eval_on_start": False, "max_eval_examples": 2,
-                     "keep_checkpoints": False, "logging_steps": 1}
-            m = run_variant(fmt, work, f"{config}-{variant}", recipe["model"], train, args.timeout,
-                            dpo=variant == "dpo")
+            train = {
+                **(recipe.get("train") or {}),
+                "max_steps": args.steps,
+                "packing": variant == "sft-packed",
+                "save_steps": 10_000,
+                "eval_steps": None,
+                "eval_on_start": False,
+                "max_eval_examples": 2,
+                "keep_checkpoints": False,
+                "logging_steps": 1,
+            }
+            m = run_variant(
+                fmt, work, f"{config}-{variant}", recipe["model"], train, args.timeout, dpo=variant == "dpo"
+            )
             results[(config, variant)] = m
-            print(f"{config:<8} {variant:<12} {recipe['model']:<34} {train.get('max_length', 1024):>7} "
-                  f"{m['tokens_per_second']:>9.1f} {m['tokens_seen']:>7} {m['peak_memory_bytes'] / 2**30:>8.2f}G "
-                  f"{m['wall_s']:>7.1f}", flush=True)
+            print(
+                f"{config:<8} {variant:<12} {recipe['model']:<34} {train.get('max_length', 1024):>7} "
+                f"{m['tokens_per_second']:>9.1f} {m['tokens_seen']:>7} {m['peak_memory_bytes'] / 2**30:>8.2f}G "
+                f"{m['wall_s']:>7.1f}",
+                flush=True,
+            )
     print()
     for config in args.configs:
         off, on, dpo = (results[(config, v)]["tokens_per_second"] for v in ("sft", "sft-packed", "dpo"))
-        print(f"{config}: packing speedup {on / off:.2f}x tokens/s ({off:.1f} -> {on:.1f}); "
-              f"DPO / SFT (unpacked, same batch and max_length) {dpo / off:.2f}x tokens/s ({off:.1f} vs {dpo:.1f})")
+        print(
+            f"{config}: packing speedup {on / off:.2f}x tokens/s ({off:.1f} -> {on:.1f}); "
+            f"DPO / SFT (unpacked, same batch and max_length) {dpo / off:.2f}x tokens/s ({off:.1f} vs {dpo:.1f})"
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -143,8 +225,14 @@ def build_random_1b(target: Path, tokenizer_dir: str) -> int:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(**{**LLAMA_32_1B, "bos_token_id": tokenizer.bos_token_id,
-                            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id})
+    config = LlamaConfig(
+        **{
+            **LLAMA_32_1B,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -176,13 +264,29 @@ def gpu_main(args) -> None:
     words_needed = args.steps * args.batch_size * args.max_length / 1.3
     n_train = int(words_needed / args.mean_words * 1.3) + 64
     fmt = write_data(str(work / "format"), n_train=n_train, n_val=8, mean_words=args.mean_words)
-    print(f"{name}: peak bf16 {peak:.0f} TFLOP/s; Llama-3.2-1B random init, N = {n_params / 1e9:.3f} B parameters; "
-          f"{n_train} synthetic threads (~{args.mean_words} words); setup {time.monotonic() - t0:.0f} s\n")
-    base = {"max_steps": args.steps, "per_device_train_batch_size": args.batch_size, "max_length": args.max_length,
-            "precision": "bf16", "attn_implementation": args.attn, "packing": True, "gradient_checkpointing": False,
-            "learning_rate": 1.0e-5, "warmup_steps": 0, "save_steps": 100_000, "eval_steps": None,
-            "max_eval_examples": 8, "per_device_eval_batch_size": 8, "keep_checkpoints": False, "logging_steps": 5,
-            "torch_compile": args.compile, "dataloader_num_workers": 2}
+    print(
+        f"{name}: peak bf16 {peak:.0f} TFLOP/s; Llama-3.2-1B random init, N = {n_params / 1e9:.3f} B parameters; "
+        f"{n_train} synthetic threads (~{args.mean_words} words); setup {time.monotonic() - t0:.0f} s\n"
+    )
+    base = {
+        "max_steps": args.steps,
+        "per_device_train_batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "precision": "bf16",
+        "attn_implementation": args.attn,
+        "packing": True,
+        "gradient_checkpointing": False,
+        "learning_rate": 1.0e-5,
+        "warmup_steps": 0,
+        "save_steps": 100_000,
+        "eval_steps": None,
+        "max_eval_examples": 8,
+        "per_device_eval_batch_size": 8,
+        "keep_checkpoints": False,
+        "logging_steps": 5,
+        "torch_compile": args.compile,
+        "dataloader_num_workers": 2,
+    }
     lora = {"method": "lora", "lora_r": 64, "lora_alpha": 128, "learning_rate": 2.0e-4}
     # (label, settings, k for MFU, DPO?). DPO: unpacked; its k adds the reference forward (2 N per token)
     variants = [
@@ -194,15 +298,26 @@ def gpu_main(args) -> None:
     ]
     if args.only_full:
         variants = variants[:1]
-    print(f"{'variant':<26} {'tokens/s':>10} {'MFU':>7} {'peak mem':>9} {'wall s':>7}   (MFU = k*N*tokens/s / peak; "
-          "k=6 full, 4 LoRA: frozen weights get no weight gradients; LoRA DPO 6: + the reference forward)")
+    print(
+        f"{'variant':<26} {'tokens/s':>10} {'MFU':>7} {'peak mem':>9} {'wall s':>7}   (MFU = k*N*tokens/s / peak; "
+        "k=6 full, 4 LoRA: frozen weights get no weight gradients; LoRA DPO 6: + the reference forward)"
+    )
     for label, extra, k, dpo in variants:
-        m = run_variant(fmt, work, label.replace(",", "").replace(" ", "_").replace("=", ""),
-                        str(work / "llama-3.2-1b-random"), {**base, **extra}, args.timeout, dpo=dpo)
+        m = run_variant(
+            fmt,
+            work,
+            label.replace(",", "").replace(" ", "_").replace("=", ""),
+            str(work / "llama-3.2-1b-random"),
+            {**base, **extra},
+            args.timeout,
+            dpo=dpo,
+        )
         tps = m["tokens_per_second"]
         mfu = k * n_params * tps / (peak * 1e12)
-        print(f"{label:<26} {tps:>10.0f} {100 * mfu:>6.1f}% {m['peak_memory_bytes'] / 2**30:>8.1f}G {m['wall_s']:>7.0f}",
-              flush=True)
+        print(
+            f"{label:<26} {tps:>10.0f} {100 * mfu:>6.1f}% {m['peak_memory_bytes'] / 2**30:>8.1f}G {m['wall_s']:>7.0f}",
+            flush=True,
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -68,15 +68,21 @@ def _bodies(rng: random.Random, n: int = 4000) -> list[str]:
 
 def _confirm(rng: random.Random, name: str) -> str:
     if rng.random() < 0.5:
-        return (f"Confirmed: 1 delta awarded to /u/{name}. ^[[History](/r/changemyview/wiki/user/{name})]\n\n"
-                "^[[Wiki](http://www.reddit.com/r/changemyview/wiki/index)]")
-    return (f"Confirmed: 1 delta awarded to /u/{name} ([{rng.randint(1, 90)}\u2206](/r/changemyview/wiki/user/"
-            f"{name})).\n\n^[Delta System Explained](https://www.reddit.com/r/changemyview/wiki/deltasystem)"
-            f'\n\n[](HTTP://DB3PARAMSSTART\n{{"issues": {{}}, "parentUserName": "{name}"}}\nDB3PARAMSEND)')
+        return (
+            f"Confirmed: 1 delta awarded to /u/{name}. ^[[History](/r/changemyview/wiki/user/{name})]\n\n"
+            "^[[Wiki](http://www.reddit.com/r/changemyview/wiki/index)]"
+        )
+    return (
+        f"Confirmed: 1 delta awarded to /u/{name} ([{rng.randint(1, 90)}\u2206](/r/changemyview/wiki/user/"
+        f"{name})).\n\n^[Delta System Explained](https://www.reddit.com/r/changemyview/wiki/deltasystem)"
+        f'\n\n[](HTTP://DB3PARAMSSTART\n{{"issues": {{}}, "parentUserName": "{name}"}}\nDB3PARAMSEND)'
+    )
 
 
-REJECT = ("This delta has been rejected. The length of your comment suggests that you haven't properly "
-          "explained how /u/{} changed your view (comment rule 4).")
+REJECT = (
+    "This delta has been rejected. The length of your comment suggests that you haven't properly "
+    "explained how /u/{} changed your view (comment rule 4)."
+)
 
 
 def _n_comments(rng: random.Random) -> int:
@@ -108,8 +114,15 @@ def make_thread(rng: random.Random, index: int, bodies: list[str], users: list[s
             ghost = [_b36(36**6 + serial * 31 + j) for j in range(rng.randint(1, 5))]
             if rng.random() < 0.3 and kids.get(p["id"]):
                 ghost.insert(0, kids[p["id"]][0])  # the id of a real comment listed elsewhere
-            comments.append({"count": len(ghost) + rng.randint(0, 20), "parent_id": "t1_" + p["id"],
-                             "children": ghost, "name": "t1_" + ghost[0], "id": ghost[0]})
+            comments.append(
+                {
+                    "count": len(ghost) + rng.randint(0, 20),
+                    "parent_id": "t1_" + p["id"],
+                    "children": ghost,
+                    "name": "t1_" + ghost[0],
+                    "id": ghost[0],
+                }
+            )
             continue
         parent = None if not real or rng.random() < 0.25 else real[-rng.randint(1, min(len(real), 20))]
         if parent is not None and parent["author"] not in (op, "[deleted]", "DeltaBot") and rng.random() < 0.3:
@@ -118,14 +131,18 @@ def make_thread(rng: random.Random, index: int, bodies: list[str], users: list[s
             author = users[rng.randrange(len(users))]
         body = bodies[rng.randrange(len(bodies))]
         deleted = rng.random() < 0.03
-        delta = (parent is not None and author == op and not deleted and parent["author"] != "DeltaBot"
-                 and rng.random() < 0.08)
+        delta = (
+            parent is not None
+            and author == op
+            and not deleted
+            and parent["author"] != "DeltaBot"
+            and rng.random() < 0.08
+        )
         if delta:
             body = "\u2206 " + body if rng.random() < 0.8 else body + "\n\n!delta"
         cid = "d" + _b36(36**6 + serial * 37)
         pid = link if parent is None else "t1_" + parent["id"]
-        c = _comment(cid, pid, link, "[deleted]" if deleted else author, "[deleted]" if deleted else body, t,
-                     rng)
+        c = _comment(cid, pid, link, "[deleted]" if deleted else author, "[deleted]" if deleted else body, t, rng)
         comments.append(c)
         real.append(c)
         kids.setdefault(pid[3:], []).append(cid)
@@ -141,27 +158,68 @@ def make_thread(rng: random.Random, index: int, bodies: list[str], users: list[s
         if children:
             c["replies"] = {"kind": "Listing", "data": {"children": children}}
     return {
-        "domain": "self.changemyview", "subreddit": "changemyview", "selftext_html": None,
-        "selftext": "\n\n".join(bodies[rng.randrange(len(bodies))] for _ in range(3)), "id": tid, "gilded": 0,
-        "author": op, "score": rng.randint(0, 900), "over_18": False, "num_comments": len(real),
-        "subreddit_id": SUBREDDIT_ID, "edited": False, "link_flair_text": None, "stickied": False,
-        "is_self": True, "permalink": f"/r/changemyview/comments/{tid}/", "name": link, "created": t0 + 28800,
-        "url": f"https://www.reddit.com/r/changemyview/comments/{tid}/", "author_flair_text": None,
+        "domain": "self.changemyview",
+        "subreddit": "changemyview",
+        "selftext_html": None,
+        "selftext": "\n\n".join(bodies[rng.randrange(len(bodies))] for _ in range(3)),
+        "id": tid,
+        "gilded": 0,
+        "author": op,
+        "score": rng.randint(0, 900),
+        "over_18": False,
+        "num_comments": len(real),
+        "subreddit_id": SUBREDDIT_ID,
+        "edited": False,
+        "link_flair_text": None,
+        "stickied": False,
+        "is_self": True,
+        "permalink": f"/r/changemyview/comments/{tid}/",
+        "name": link,
+        "created": t0 + 28800,
+        "url": f"https://www.reddit.com/r/changemyview/comments/{tid}/",
+        "author_flair_text": None,
         "title": "CMV: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))),
-        "created_utc": t0, "ups": 1, "distinguished": None, "comments": comments,
+        "created_utc": t0,
+        "ups": 1,
+        "distinguished": None,
+        "comments": comments,
     }
 
 
 def _comment(cid: str, pid: str, link: str, author: str, body: str, t: float, rng: random.Random) -> dict:
     score = rng.randint(-5, 80)
     return {
-        "subreddit_id": SUBREDDIT_ID, "banned_by": None, "removal_reason": None, "link_id": link, "likes": None,
-        "replies": "", "user_reports": [], "saved": False, "id": cid, "gilded": 0, "archived": True,
-        "report_reasons": None, "author": author, "parent_id": pid, "score": score, "approved_by": None,
-        "controversiality": 0, "body": body, "edited": False, "author_flair_css_class": None, "downs": 0,
-        "stickied": False, "subreddit": "changemyview", "score_hidden": False, "name": "t1_" + cid,
-        "created": t + 28800.0, "author_flair_text": None, "created_utc": t,
-        "distinguished": "moderator" if author == "DeltaBot" else None, "mod_reports": [], "num_reports": None,
+        "subreddit_id": SUBREDDIT_ID,
+        "banned_by": None,
+        "removal_reason": None,
+        "link_id": link,
+        "likes": None,
+        "replies": "",
+        "user_reports": [],
+        "saved": False,
+        "id": cid,
+        "gilded": 0,
+        "archived": True,
+        "report_reasons": None,
+        "author": author,
+        "parent_id": pid,
+        "score": score,
+        "approved_by": None,
+        "controversiality": 0,
+        "body": body,
+        "edited": False,
+        "author_flair_css_class": None,
+        "downs": 0,
+        "stickied": False,
+        "subreddit": "changemyview",
+        "score_hidden": False,
+        "name": "t1_" + cid,
+        "created": t + 28800.0,
+        "author_flair_text": None,
+        "created_utc": t,
+        "distinguished": "moderator" if author == "DeltaBot" else None,
+        "mod_reports": [],
+        "num_reports": None,
         "ups": score,
     }
 
@@ -192,8 +250,10 @@ def main() -> int:
     output = args.output or str(REPO / "benchmarks" / "data" / f"synth_cmv_{args.threads}.jsonlist")
     started = time.monotonic()
     counts = generate(output, args.threads, args.seed)
-    print(f"wrote {counts['threads']:,} threads, {counts['comment_objects']:,} comment objects, "
-          f"{counts['bytes'] / 2**20:,.0f} MiB to {output} in {time.monotonic() - started:.0f} s")
+    print(
+        f"wrote {counts['threads']:,} threads, {counts['comment_objects']:,} comment objects, "
+        f"{counts['bytes'] / 2**20:,.0f} MiB to {output} in {time.monotonic() - started:.0f} s"
+    )
     return 0
 
 

@@ -23,11 +23,11 @@ import sys
 import time
 
 STAGE_MODULES = {
-    "clean": "cmv_core.clean",
-    "format": "cmv_core.formatting",
-    "train": "cmv_core.training",
-    "generate": "cmv_core.generation",
-    "judge": "cmv_core.judging",
+    "clean": "cmv_core.clean.stage",
+    "format": "cmv_core.format.stage",
+    "train": "cmv_core.train.sft",
+    "generate": "cmv_core.generate.stage",
+    "judge": "cmv_core.judge.stage",
 }
 PIPELINE = ["clean", "format", "train", "dpo", "generate", "judge"]  # dpo: only when the recipe has a dpo: section
 STAGE_HELP = {
@@ -42,12 +42,22 @@ STAGE_HELP = {
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("common")
     group.add_argument("--config", help="YAML recipe (path or URI), e.g. configs/demo.yaml")
-    group.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a recipe value (repeatable), e.g. --set train.max_steps=5")
+    group.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value (repeatable), e.g. --set train.max_steps=5",
+    )
     group.add_argument("--run-id", help="run id recorded in the manifest (default: the parent folder of --output)")
     group.add_argument("--force", action="store_true", help="rerun even if the output's _SUCCESS matches")
-    group.add_argument("--wait-for-input", type=float, default=0, metavar="SECONDS",
-                       help="wait up to this long for the inputs' _SUCCESS before failing (for cluster Jobs)")
+    group.add_argument(
+        "--wait-for-input",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="wait up to this long for the inputs' _SUCCESS before failing (for cluster Jobs)",
+    )
     group.add_argument("--log-level", default=os.environ.get("CMV_LOG_LEVEL", "INFO"))
 
 
@@ -80,7 +90,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=run_local)
     p = sub.add_parser("k8s", help="render, submit and watch the pipeline on Kubernetes")
     if only == "k8s":
-        module = importlib.import_module("cmv_core.k8s")
+        module = importlib.import_module("cmv_core.k8s.submit")
         module.add_arguments(p)
         p.set_defaults(func=module.cli_main)
     return parser
@@ -102,8 +112,17 @@ def stage_argv(stage: str, root: str, run_id: str, config: str, raw_inputs: list
     elif stage == "train":
         args = ["--input", stage_uri(root, run_id, "format")]
     elif stage == "dpo":  # a second train stage: DPO from the SFT output
-        stage, args = "train", ["--method", "dpo", "--input", stage_uri(root, run_id, "format"),
-                                "--init", stage_uri(root, run_id, "train")]
+        stage, args = (
+            "train",
+            [
+                "--method",
+                "dpo",
+                "--input",
+                stage_uri(root, run_id, "format"),
+                "--init",
+                stage_uri(root, run_id, "train"),
+            ],
+        )
     elif stage == "generate":
         args = ["--data", stage_uri(root, run_id, "format"), "--trained", stage_uri(root, run_id, "train")]
         args += ["--dpo", stage_uri(root, run_id, "dpo")] if dpo else []
@@ -122,7 +141,7 @@ def run_local(args: argparse.Namespace) -> int:
     """Run stages as separate processes, as the cluster would run separate Jobs."""
     from cmv_core import storage
     from cmv_core.config import load_recipe, validate_recipe
-    from cmv_core.dpo import dpo_enabled
+    from cmv_core.train.dpo import dpo_enabled
 
     # Check: every stage's settings, the root and the run id, before the first stage starts
     storage.check_run_id(args.run_id)
@@ -147,7 +166,9 @@ def run_local(args: argparse.Namespace) -> int:
         if rc != 0:
             print(f"stage {stage} failed with exit code {rc}; later stages not run", file=sys.stderr)
             return rc
-    print(f"\npipeline finished in {time.monotonic() - started:.0f} s; artifacts under {stage_uri(args.root, args.run_id, '')}")
+    print(
+        f"\npipeline finished in {time.monotonic() - started:.0f} s; artifacts under {stage_uri(args.root, args.run_id, '')}"
+    )
     if "judge" in args.stages:
         print(f"report: {stage_uri(args.root, args.run_id, 'judge')}/report.md")
     return 0
@@ -221,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmv {args.command}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
         return errors.EXIT_BAD_INPUT
     except (BotoCoreError, ClientError) as exc:
-        print(f"cmv {args.command}: error: S3 failed after retries ({type(exc).__name__}: {_one_line(exc)}); "
-              f"no _SUCCESS written; rerun: {rerun}", file=sys.stderr, flush=True)
+        print(
+            f"cmv {args.command}: error: S3 failed after retries ({type(exc).__name__}: {_one_line(exc)}); "
+            f"no _SUCCESS written; rerun: {rerun}",
+            file=sys.stderr,
+            flush=True,
+        )
         return errors.EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

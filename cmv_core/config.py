@@ -28,12 +28,12 @@ T = TypeVar("T")
 # or None for a plain value (``model:``).
 SECTIONS: dict[str, str | None] = {
     "model": None,
-    "clean": "cmv_core.clean:CleanConfig",
-    "format": "cmv_core.formatting:FormatConfig",
-    "train": "cmv_core.training:TrainConfig",
-    "dpo": "cmv_core.training:TrainConfig",  # read over train: (cmv_core.dpo.dpo_section)
-    "generate": "cmv_core.generation:GenerateConfig",
-    "judge": "cmv_core.judging:JudgeConfig",
+    "clean": "cmv_core.clean.stage:CleanConfig",
+    "format": "cmv_core.format.stage:FormatConfig",
+    "train": "cmv_core.train.sft:TrainConfig",
+    "dpo": "cmv_core.train.sft:TrainConfig",  # read over train: (cmv_core.train.dpo.dpo_section)
+    "generate": "cmv_core.generate.stage:GenerateConfig",
+    "judge": "cmv_core.judge.stage:JudgeConfig",
 }
 
 

@@ -25,8 +25,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,11 @@ def load_tokenizer(spec: str, **kwargs):
         # Both embedded models use the SmolLM2 tokenizer. It is read from the GGUF file once (that
         # conversion takes seconds, in every stage) and cached on its own, so that the tokenizer
         # alone needs neither torch nor the (slower) weight conversion.
-        cached = _build_into(cache_root() / "models" / "smollm2-135m-instruct-tokenizer", _build_smollm2_tokenizer,
-                             done="tokenizer_config.json")
+        cached = _build_into(
+            cache_root() / "models" / "smollm2-135m-instruct-tokenizer",
+            _build_smollm2_tokenizer,
+            done="tokenizer_config.json",
+        )
         return AutoTokenizer.from_pretrained(cached, **kwargs)
     return AutoTokenizer.from_pretrained(resolve_model(spec), **kwargs)
 

@@ -22,6 +22,7 @@ Z95 = 1.959963984540054
 
 # ---------------------------------------------------------------- grouping
 
+
 def thread_means(values: Sequence[float], clusters: Sequence[Hashable]) -> tuple[list[float], list[int]]:
     """The mean value of each cluster (first-seen order) and the number of items in it."""
     if len(values) != len(clusters):
@@ -36,8 +37,10 @@ def thread_means(values: Sequence[float], clusters: Sequence[Hashable]) -> tuple
 
 # ---------------------------------------------------------------- intervals
 
-def cluster_bootstrap_ci(values: Sequence[float], clusters: Sequence[Hashable], *, n_boot: int = 2000,
-                         seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+
+def cluster_bootstrap_ci(
+    values: Sequence[float], clusters: Sequence[Hashable], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any]:
     """Mean over threads of the per-thread mean, with a percentile interval from resampling threads.
 
     With one item per thread this is the ordinary bootstrap of the mean; with k identical items
@@ -62,8 +65,9 @@ def cluster_bootstrap_ci(values: Sequence[float], clusters: Sequence[Hashable], 
     return out
 
 
-def sign_flip_pvalue(values: Sequence[float], clusters: Sequence[Hashable], *, null: float = 0.0,
-                     n_perm: int = 10000, seed: int = 0) -> float | None:
+def sign_flip_pvalue(
+    values: Sequence[float], clusters: Sequence[Hashable], *, null: float = 0.0, n_perm: int = 10000, seed: int = 0
+) -> float | None:
     """Two-sided p-value of "the mean of per-thread means equals ``null``" by flipping the sign of
     each thread's centred mean (exact enumeration up to 16 threads, else seeded Monte Carlo)."""
     means, _ = thread_means(values, clusters)
@@ -76,7 +80,7 @@ def sign_flip_pvalue(values: Sequence[float], clusters: Sequence[Hashable], *, n
     tol = 1e-12 * max(1.0, obs)
     n = len(d)
     if n <= 16:
-        signs = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) * 2 - 1
+        signs = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1) * 2 - 1
         stats = np.abs((signs * d).mean(axis=1))
         return float((stats >= obs - tol).mean())
     rng = np.random.default_rng(seed)
@@ -85,8 +89,9 @@ def sign_flip_pvalue(values: Sequence[float], clusters: Sequence[Hashable], *, n
     return float((1 + (stats >= obs - tol).sum()) / (1 + n_perm))
 
 
-def mean_with_test(values: Sequence[float], clusters: Sequence[Hashable], *, null: float = 0.0,
-                   n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+def mean_with_test(
+    values: Sequence[float], clusters: Sequence[Hashable], *, null: float = 0.0, n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
     """Thread-weighted mean, cluster-bootstrap 95% interval, sign-flip p-value against ``null``."""
     out = cluster_bootstrap_ci(values, clusters, n_boot=n_boot, seed=seed)
     out["null"] = null
@@ -96,15 +101,21 @@ def mean_with_test(values: Sequence[float], clusters: Sequence[Hashable], *, nul
 
 # ---------------------------------------------------------------- paired comparisons
 
-def paired_difference(a: dict[str, float | None], b: dict[str, float | None], clusters: dict[str, Hashable], *,
-                      n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+
+def paired_difference(
+    a: dict[str, float | None],
+    b: dict[str, float | None],
+    clusters: dict[str, Hashable],
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Mean of a - b over items (by item id) where both sides have a value, averaged within a
     thread first; interval and sign-flip p-value over threads. Items where either side is missing
     or failed are left out of both sides and counted in ``n_excluded``."""
     ids = sorted(set(a) | set(b))
     both = [i for i in ids if a.get(i) is not None and b.get(i) is not None]
-    out = mean_with_test([a[i] - b[i] for i in both], [clusters[i] for i in both], null=0.0,
-                         n_boot=n_boot, seed=seed)
+    out = mean_with_test([a[i] - b[i] for i in both], [clusters[i] for i in both], null=0.0, n_boot=n_boot, seed=seed)
     out["n_excluded"] = len(ids) - len(both)
     return out
 
@@ -112,8 +123,9 @@ def paired_difference(a: dict[str, float | None], b: dict[str, float | None], cl
 OUTCOME_SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
 
-def preference(outcomes: Sequence[str | None], clusters: Sequence[Hashable], *, n_boot: int = 2000,
-               seed: int = 0) -> dict[str, Any]:
+def preference(
+    outcomes: Sequence[str | None], clusters: Sequence[Hashable], *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
     """P(a beats b) = win + tie/2 over pairwise outcomes ("win"/"tie"/"loss" for side a; None =
     failed, left out and counted), thread-weighted, with interval and p-value against 0.5."""
     keep = [(OUTCOME_SCORE[o], c) for o, c in zip(outcomes, clusters) if o is not None]
@@ -127,7 +139,7 @@ def binomial_two_sided(k: int, n: int) -> float:
     if n == 0:
         return 1.0
     k = min(k, n - k)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
@@ -137,8 +149,9 @@ def mcnemar_exact(b: int, c: int) -> float:
     return binomial_two_sided(b, b + c)
 
 
-def paired_accuracy_test(first: Sequence[float], second: Sequence[float], clusters: Sequence[Hashable], *,
-                         n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+def paired_accuracy_test(
+    first: Sequence[float], second: Sequence[float], clusters: Sequence[Hashable], *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
     """Two scorers of the same pairs (1 right, 0 wrong, 1/2 undecided): the difference in accuracy
     with a thread-clustered interval, and an exact sign test on the discordant pairs (McNemar when
     both are 0/1): b = pairs where the first scores higher, c = where the second does."""
@@ -147,9 +160,17 @@ def paired_accuracy_test(first: Sequence[float], second: Sequence[float], cluste
     b = sum(1 for x, y in zip(first, second) if x > y)
     c = sum(1 for x, y in zip(first, second) if x < y)
     diff = cluster_bootstrap_ci([x - y for x, y in zip(first, second)], clusters, n_boot=n_boot, seed=seed)
-    return {"n": len(first), "first": _mean(first), "second": _mean(second), "difference": diff["estimate"],
-            "difference_ci95": diff["ci95"], "n_threads": diff["n_threads"], "discordant_first_better": b,
-            "discordant_second_better": c, "p_value": mcnemar_exact(b, c)}
+    return {
+        "n": len(first),
+        "first": _mean(first),
+        "second": _mean(second),
+        "difference": diff["estimate"],
+        "difference_ci95": diff["ci95"],
+        "n_threads": diff["n_threads"],
+        "discordant_first_better": b,
+        "discordant_second_better": c,
+        "p_value": mcnemar_exact(b, c),
+    }
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -161,9 +182,16 @@ def _mean(xs: Sequence[float]) -> float | None:
 EXACT_PERMUTATIONS = 20000  # up to this many splits of the threads, the permutation test enumerates them
 
 
-def two_sample_difference(first: Sequence[float], first_clusters: Sequence[Hashable], second: Sequence[float],
-                          second_clusters: Sequence[Hashable], *, n_boot: int = 2000, n_perm: int = 10000,
-                          seed: int = 0) -> dict[str, Any]:
+def two_sample_difference(
+    first: Sequence[float],
+    first_clusters: Sequence[Hashable],
+    second: Sequence[float],
+    second_clusters: Sequence[Hashable],
+    *,
+    n_boot: int = 2000,
+    n_perm: int = 10000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Two independent groups of items (e.g. calibration pairs before and after a date): the
     difference first - second of their thread-weighted means, a percentile interval from
     resampling threads within each group, and a two-sided permutation p-value.
@@ -180,17 +208,27 @@ def two_sample_difference(first: Sequence[float], first_clusters: Sequence[Hasha
 
     a, _ = thread_means(first, first_clusters)
     b, _ = thread_means(second, second_clusters)
-    out: dict[str, Any] = {"estimate": None, "ci95": None, "p_value": None, "first": _mean(a), "second": _mean(b),
-                           "n_items_first": len(first), "n_items_second": len(second),
-                           "n_threads_first": len(a), "n_threads_second": len(b), "exact": None}
+    out: dict[str, Any] = {
+        "estimate": None,
+        "ci95": None,
+        "p_value": None,
+        "first": _mean(a),
+        "second": _mean(b),
+        "n_items_first": len(first),
+        "n_items_second": len(second),
+        "n_threads_first": len(a),
+        "n_threads_second": len(b),
+        "exact": None,
+    }
     if not a or not b:
         return out
     xa, xb = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     obs = float(xa.mean() - xb.mean())
     out["estimate"] = obs
     rng = np.random.default_rng(seed)
-    boot = (xa[rng.integers(0, len(xa), size=(n_boot, len(xa)))].mean(axis=1)
-            - xb[rng.integers(0, len(xb), size=(n_boot, len(xb)))].mean(axis=1))
+    boot = xa[rng.integers(0, len(xa), size=(n_boot, len(xa)))].mean(axis=1) - xb[
+        rng.integers(0, len(xb), size=(n_boot, len(xb)))
+    ].mean(axis=1)
     lo, hi = np.quantile(boot, [0.025, 0.975])
     out["ci95"] = (float(lo), float(hi))
 
@@ -218,6 +256,7 @@ def two_sample_difference(first: Sequence[float], first_clusters: Sequence[Hasha
 
 # ---------------------------------------------------------------- scoring rules
 
+
 def auc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:
     """Area under the ROC curve (Mann-Whitney): P(positive > negative) + P(tie)/2."""
     if not positives or not negatives:
@@ -242,14 +281,23 @@ def brier(p_true: Sequence[float]) -> float | None:
 
 # ---------------------------------------------------------------- logistic regression
 
+
 def sigmoid(x):
     import numpy as np
 
     return 1.0 / (1.0 + np.exp(-np.clip(x, -35, 35)))
 
 
-def logistic_fit(X, y, *, clusters: Sequence[Hashable] | None = None, weights=None, ridge=1e-6,
-                 max_iter: int = 100, tol: float = 1e-10) -> dict[str, Any]:
+def logistic_fit(
+    X,
+    y,
+    *,
+    clusters: Sequence[Hashable] | None = None,
+    weights=None,
+    ridge=1e-6,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> dict[str, Any]:
     """Logistic regression by Newton-Raphson (IRLS); ``y`` in [0, 1] (a tie is 1/2: a
     quasi-binomial response), optional case weights and a ridge against separation (a number, or
     one per coefficient).
@@ -289,8 +337,13 @@ def logistic_fit(X, y, *, clusters: Sequence[Hashable] | None = None, weights=No
     return {"coef": beta, "cov": cov, "n": n, "n_clusters": None if clusters is None else len(set(clusters))}
 
 
-def length_controlled_preference(rows: Sequence[dict[str, Any]], *, features: Sequence[str],
-                                 intercept_ridge: float = 1.0, feature_ridge: float = 0.01) -> dict[str, Any]:
+def length_controlled_preference(
+    rows: Sequence[dict[str, Any]],
+    *,
+    features: Sequence[str],
+    intercept_ridge: float = 1.0,
+    feature_ridge: float = 0.01,
+) -> dict[str, Any]:
     """AlpacaEval-2-style length-controlled preference, paired and clustered.
 
     One row per judged order: ``group`` (the comparison), ``y`` (1 = side a preferred, 0 = b,
@@ -311,8 +364,7 @@ def length_controlled_preference(rows: Sequence[dict[str, Any]], *, features: Se
         return {"n": 0, "by_group": {}, "coef": {}, "dropped": list(features)}
     groups = sorted({r["group"] for r in rows})
     used = [f for f in features if len({r[f] for r in rows}) > 1]
-    X = np.array([[1.0 if r["group"] == g else 0.0 for g in groups] + [float(r[f]) for f in used]
-                  for r in rows])
+    X = np.array([[1.0 if r["group"] == g else 0.0 for g in groups] + [float(r[f]) for f in used] for r in rows])
     y = np.array([float(r["y"]) for r in rows])
     penalty = [intercept_ridge] * len(groups) + [feature_ridge] * len(used)
     fit = logistic_fit(X, y, clusters=[r["thread"] for r in rows], ridge=penalty)
@@ -321,22 +373,31 @@ def length_controlled_preference(rows: Sequence[dict[str, Any]], *, features: Se
         b0, se0 = float(fit["coef"][i]), float(math.sqrt(max(fit["cov"][i, i], 0.0)))
         mine = [r for r in rows if r["group"] == g]
         lengths = [float(r.get("length", 0.0)) for r in mine]
-        by_group[g] = {"n": len(mine), "n_threads": len({r["thread"] for r in mine}),
-                       # one side always longer: this comparison alone cannot tell length from quality
-                       "one_sided_length": all(x > 0 for x in lengths) or all(x < 0 for x in lengths),
-                       "raw": sum(float(r["y"]) for r in mine) / len(mine),
-                       "estimate": float(sigmoid(b0)),
-                       "ci95": (float(sigmoid(b0 - Z95 * se0)), float(sigmoid(b0 + Z95 * se0))),
-                       "intercept": b0, "intercept_se": se0}
+        by_group[g] = {
+            "n": len(mine),
+            "n_threads": len({r["thread"] for r in mine}),
+            # one side always longer: this comparison alone cannot tell length from quality
+            "one_sided_length": all(x > 0 for x in lengths) or all(x < 0 for x in lengths),
+            "raw": sum(float(r["y"]) for r in mine) / len(mine),
+            "estimate": float(sigmoid(b0)),
+            "ci95": (float(sigmoid(b0 - Z95 * se0)), float(sigmoid(b0 + Z95 * se0))),
+            "intercept": b0,
+            "intercept_se": se0,
+        }
     k = len(groups)
-    return {"n": len(rows), "n_threads": fit["n_clusters"], "by_group": by_group,
-            "coef": {f: float(c) for f, c in zip(used, fit["coef"][k:])},
-            "coef_se": {f: float(math.sqrt(max(fit["cov"][k + i, k + i], 0.0))) for i, f in enumerate(used)},
-            "dropped": [f for f in features if f not in used]}
+    return {
+        "n": len(rows),
+        "n_threads": fit["n_clusters"],
+        "by_group": by_group,
+        "coef": {f: float(c) for f, c in zip(used, fit["coef"][k:])},
+        "coef_se": {f: float(math.sqrt(max(fit["cov"][k + i, k + i], 0.0))) for i, f in enumerate(used)},
+        "dropped": [f for f in features if f not in used],
+    }
 
 
-def cv_length_model(length_diff: Sequence[float], clusters: Sequence[Hashable], *, folds: int = 5,
-                    seed: int = 0) -> list[float]:
+def cv_length_model(
+    length_diff: Sequence[float], clusters: Sequence[Hashable], *, folds: int = 5, seed: int = 0
+) -> list[float]:
     """Cross-validated P(winner) from a length-only logistic model, one value per pair.
 
     ``length_diff`` = words(winner) - words(loser). The feature is tanh(diff / sd) and each pair is
@@ -369,8 +430,10 @@ def cv_length_model(length_diff: Sequence[float], clusters: Sequence[Hashable], 
 
 # ---------------------------------------------------------------- Bradley-Terry
 
-def bradley_terry(comparisons: Sequence[tuple[str, str, float]], *, anchor: str | None = None,
-                  ridge: float = 1e-3) -> dict[str, float]:
+
+def bradley_terry(
+    comparisons: Sequence[tuple[str, str, float]], *, anchor: str | None = None, ridge: float = 1e-3
+) -> dict[str, float]:
     """Bradley-Terry strengths (logit scale) from (a, b, score of a) comparisons, a tie = 1/2.
 
     Fitted as a logistic regression on indicator differences; ``anchor`` (default the first
@@ -408,19 +471,33 @@ def gap_closed(strengths: dict[str, float], model: str, base: str, reference: st
     return (strengths[model] - strengths[base]) / denom
 
 
-def bradley_terry_bootstrap(comparisons: Sequence[tuple[str, str, float]], clusters: Sequence[Hashable], *,
-                            model: str, base: str, reference: str, n_boot: int = 500,
-                            seed: int = 0) -> dict[str, Any]:
+def bradley_terry_bootstrap(
+    comparisons: Sequence[tuple[str, str, float]],
+    clusters: Sequence[Hashable],
+    *,
+    model: str,
+    base: str,
+    reference: str,
+    n_boot: int = 500,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Bradley-Terry strengths and the share of the gap closed, with thread-cluster bootstrap
     intervals (threads resampled with replacement, every comparison of a drawn thread kept)."""
     import numpy as np
 
     strengths = bradley_terry(comparisons, anchor=base)
-    out: dict[str, Any] = {"strengths": strengths, "anchor": base if base in strengths else None,
-                           "gap_closed": gap_closed(strengths, model, base, reference),
-                           "model": model, "base": base, "reference": reference,
-                           "n_comparisons": len(comparisons), "n_threads": len(set(clusters)),
-                           "strengths_ci95": {}, "gap_closed_ci95": None}
+    out: dict[str, Any] = {
+        "strengths": strengths,
+        "anchor": base if base in strengths else None,
+        "gap_closed": gap_closed(strengths, model, base, reference),
+        "model": model,
+        "base": base,
+        "reference": reference,
+        "n_comparisons": len(comparisons),
+        "n_threads": len(set(clusters)),
+        "strengths_ci95": {},
+        "gap_closed_ci95": None,
+    }
     by_thread: dict[Hashable, list[tuple[str, str, float]]] = {}
     for comp, c in zip(comparisons, clusters):
         by_thread.setdefault(c, []).append(comp)
@@ -439,8 +516,9 @@ def bradley_terry_bootstrap(comparisons: Sequence[tuple[str, str, float]], clust
         g = gap_closed(s, model, base, reference)
         if g is not None and math.isfinite(g):
             gaps.append(g)
-    out["strengths_ci95"] = {p: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975)))
-                             for p, v in draws.items() if v}
+    out["strengths_ci95"] = {
+        p: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for p, v in draws.items() if v
+    }
     if gaps:
         out["gap_closed_ci95"] = (float(np.quantile(gaps, 0.025)), float(np.quantile(gaps, 0.975)))
         out["gap_closed_boot_defined"] = len(gaps) / n_boot

@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 NAME_RE = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
@@ -46,7 +47,7 @@ def requirements(pyproject: dict, extra: str) -> list[str]:
         for req in reqs:
             if requirement_name(req) == self_name:
                 inner = re.search(r"\[([^\]]*)\]", req)
-                for name in (inner.group(1).split(",") if inner else []):
+                for name in inner.group(1).split(",") if inner else []:
                     name = name.strip()
                     if name and name not in seen_extras:
                         seen_extras.add(name)
@@ -94,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("extra", help="the stage extra, e.g. clean, format, train, generate, judge")
     parser.add_argument("--pyproject", default=str(Path(__file__).resolve().parents[1] / "pyproject.toml"))
-    parser.add_argument("--only", help="print only this package's requirement (e.g. torch, to install it from another index)")
+    parser.add_argument(
+        "--only", help="print only this package's requirement (e.g. torch, to install it from another index)"
+    )
     parser.add_argument("--under", help="a pip freeze of the base image: keep its versions (see under_base)")
     parser.add_argument("--constraints", help="with --under: pins for what the base does not have")
     args = parser.parse_args(argv)
@@ -104,8 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         constraints = pins(Path(args.constraints).read_text().splitlines()) if args.constraints else {}
         reqs, conflicts = under_base(reqs, base, constraints)
         if conflicts:
-            raise SystemExit("pyproject.toml pins versions the base image does not have; change the base or the pins:"
-                             "\n  " + "\n  ".join(conflicts))
+            raise SystemExit(
+                "pyproject.toml pins versions the base image does not have; change the base or the pins:"
+                "\n  " + "\n  ".join(conflicts)
+            )
     if args.only:
         reqs = [r for r in reqs if requirement_name(r) == requirement_name(args.only)]
         if not reqs:

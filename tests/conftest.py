@@ -14,14 +14,22 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
 
-def run_cmv(*args: str, check: bool = True, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+def run_cmv(
+    *args: str, check: bool = True, env: dict | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess:
     """Run the real ``cmv`` CLI in a subprocess, as a user or a Job would."""
     proc = subprocess.run(
         [sys.executable, "-m", "cmv_core.cli", *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout, cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        cwd=REPO,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"cmv {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+        raise AssertionError(
+            f"cmv {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 

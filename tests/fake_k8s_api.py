@@ -37,9 +37,9 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 from urllib.parse import parse_qs, urlparse
 
 
@@ -163,21 +163,36 @@ class FakeK8s:
         if elapsed < script.run_s:
             status.update(active=completions, ready=completions)
         elif script.succeed:
-            status.update(succeeded=completions, completionTime=_now_iso(), conditions=[
-                {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
-                {"type": "Complete", "status": "True", "reason": "CompletionsReached"},
-            ])
+            status.update(
+                succeeded=completions,
+                completionTime=_now_iso(),
+                conditions=[
+                    {"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached"},
+                    {"type": "Complete", "status": "True", "reason": "CompletionsReached"},
+                ],
+            )
             if not job.get("_success_called"):
                 job["_success_called"] = True
                 if self.on_success:
                     self.on_success(job)
         else:
-            status.update(failed=completions, conditions=[
-                {"type": "FailureTarget", "status": "True", "reason": "BackoffLimitExceeded",
-                 "message": "Job has reached the specified backoff limit"},
-                {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-                 "message": "Job has reached the specified backoff limit"},
-            ])
+            status.update(
+                failed=completions,
+                conditions=[
+                    {
+                        "type": "FailureTarget",
+                        "status": "True",
+                        "reason": "BackoffLimitExceeded",
+                        "message": "Job has reached the specified backoff limit",
+                    },
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "BackoffLimitExceeded",
+                        "message": "Job has reached the specified backoff limit",
+                    },
+                ],
+            )
         view = {k: v for k, v in job.items() if not k.startswith("_")}
         view["status"] = status
         return view
@@ -185,22 +200,43 @@ class FakeK8s:
     def _jobset_view(self, job: dict, script: Script, elapsed: float) -> dict:
         rjob = job["spec"]["replicatedJobs"][0]["name"]
         if elapsed < script.run_s:
-            status = {"replicatedJobsStatus": [{"name": rjob, "active": 1, "ready": 1, "succeeded": 0, "failed": 0,
-                                                "suspended": 0}]}
+            status = {
+                "replicatedJobsStatus": [
+                    {"name": rjob, "active": 1, "ready": 1, "succeeded": 0, "failed": 0, "suspended": 0}
+                ]
+            }
         elif script.succeed:
-            status = {"conditions": [{"type": "Completed", "status": "True", "reason": "AllJobsCompleted",
-                                      "message": "jobset completed successfully"}],
-                      "replicatedJobsStatus": [{"name": rjob, "active": 0, "ready": 0, "succeeded": 1, "failed": 0,
-                                                "suspended": 0}]}
+            status = {
+                "conditions": [
+                    {
+                        "type": "Completed",
+                        "status": "True",
+                        "reason": "AllJobsCompleted",
+                        "message": "jobset completed successfully",
+                    }
+                ],
+                "replicatedJobsStatus": [
+                    {"name": rjob, "active": 0, "ready": 0, "succeeded": 1, "failed": 0, "suspended": 0}
+                ],
+            }
             if not job.get("_success_called"):
                 job["_success_called"] = True
                 if self.on_success:
                     self.on_success(job)
         else:
-            status = {"conditions": [{"type": "Failed", "status": "True", "reason": "FailedJobs",
-                                      "message": "jobset failed due to reaching max number of restarts"}],
-                      "replicatedJobsStatus": [{"name": rjob, "active": 0, "ready": 0, "succeeded": 0, "failed": 1,
-                                                "suspended": 0}]}
+            status = {
+                "conditions": [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "FailedJobs",
+                        "message": "jobset failed due to reaching max number of restarts",
+                    }
+                ],
+                "replicatedJobsStatus": [
+                    {"name": rjob, "active": 0, "ready": 0, "succeeded": 0, "failed": 1, "suspended": 0}
+                ],
+            }
         view = {k: v for k, v in job.items() if not k.startswith("_")}
         view["status"] = status
         return view
@@ -220,10 +256,19 @@ class FakeK8s:
             "kind": "Pod",
             "metadata": {k: v for k, v in pod["metadata"].items()},
             "spec": {"containers": [{"name": "main", "image": "fake"}], "restartPolicy": "Never"},
-            "status": {"phase": phase, "containerStatuses": [{
-                "name": "main", "image": "fake", "imageID": "", "ready": phase == "Running",
-                "restartCount": 0, "state": state,
-            }]},
+            "status": {
+                "phase": phase,
+                "containerStatuses": [
+                    {
+                        "name": "main",
+                        "image": "fake",
+                        "imageID": "",
+                        "ready": phase == "Running",
+                        "restartCount": 0,
+                        "state": state,
+                    }
+                ],
+            },
         }
 
     @staticmethod
@@ -243,16 +288,27 @@ class FakeK8s:
             if job.get("kind") == "JobSet":  # <jobset>-<replicated job>-<job index>-<pod index>
                 rjob = job["spec"]["replicatedJobs"][0]["name"]
                 pod_name = f"{name}-{rjob}-0-{index}-{len(self.pods):05d}"
-                labels = {**template_labels, "jobset.sigs.k8s.io/jobset-name": name,
-                          "batch.kubernetes.io/job-name": f"{name}-{rjob}-0",
-                          "batch.kubernetes.io/job-completion-index": str(index)}
+                labels = {
+                    **template_labels,
+                    "jobset.sigs.k8s.io/jobset-name": name,
+                    "batch.kubernetes.io/job-name": f"{name}-{rjob}-0",
+                    "batch.kubernetes.io/job-completion-index": str(index),
+                }
             else:
                 pod_name = f"{name}-{index}-{len(self.pods):05d}"
-                labels = {**template_labels, "batch.kubernetes.io/job-name": name, "job-name": name,
-                          "batch.kubernetes.io/job-completion-index": str(index)}
+                labels = {
+                    **template_labels,
+                    "batch.kubernetes.io/job-name": name,
+                    "job-name": name,
+                    "batch.kubernetes.io/job-completion-index": str(index),
+                }
             self.pods[(ns, pod_name)] = {
-                "metadata": {"name": pod_name, "namespace": ns, "labels": labels,
-                             "creationTimestamp": job["metadata"]["creationTimestamp"]},
+                "metadata": {
+                    "name": pod_name,
+                    "namespace": ns,
+                    "labels": labels,
+                    "creationTimestamp": job["metadata"]["creationTimestamp"],
+                },
                 "_job": job,
                 "_index": index,
                 "_started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
@@ -265,8 +321,10 @@ class FakeK8s:
     def _log_stamps(self, pod: dict) -> list[str]:
         """One RFC3339Nano timestamp per line: a few lines per second, so that a second holds several."""
         base = pod["_started"]
-        return [(base + dt.timedelta(microseconds=250_000 * i + 7)).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
-                for i in range(len(self._log(pod)))]
+        return [
+            (base + dt.timedelta(microseconds=250_000 * i + 7)).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
+            for i in range(len(self._log(pod)))
+        ]
 
     # ------------------------------------------------------------ HTTP
 
@@ -279,11 +337,17 @@ class FakeK8s:
             if since is not None and now - since >= self.delete_delay_s:
                 del self.pods[key]
         for key, obj in list(self.objects.items()):
-            if key[0] in ("Job", "JobSet") and "_deleting_at" in obj and not any(p["_job"] is obj for p in self.pods.values()):
+            if (
+                key[0] in ("Job", "JobSet")
+                and "_deleting_at" in obj
+                and not any(p["_job"] is obj for p in self.pods.values())
+            ):
                 del self.objects[key]
 
     def _send(self, h: BaseHTTPRequestHandler, code: int, body, content_type: str = "application/json") -> None:
-        data = body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        data = (
+            body if isinstance(body, bytes) else body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        )
         h.send_response(code)
         h.send_header("Content-Type", content_type)
         h.send_header("Content-Length", str(len(data)))
@@ -291,8 +355,19 @@ class FakeK8s:
         h.wfile.write(data)
 
     def _status(self, h, code: int, reason: str, message: str) -> None:
-        self._send(h, code, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                             "message": message, "reason": reason, "code": code})
+        self._send(
+            h,
+            code,
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": message,
+                "reason": reason,
+                "code": code,
+            },
+        )
 
     def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
         url = urlparse(h.path)
@@ -303,22 +378,29 @@ class FakeK8s:
         path = url.path
         with self.lock:
             self._reap()
-            fault = next((f for f in self.faults if f.times > 0 and f.method == method and re.search(f.path, path)),
-                         None)
+            fault = next(
+                (f for f in self.faults if f.times > 0 and f.method == method and re.search(f.path, path)), None
+            )
             if fault is not None:
                 fault.times -= 1
                 self.injected.append((method, path, fault.status))
                 self.calls.append(Call(time.monotonic(), method, path, "Fault", str(fault.status)))
         if fault is not None:
-            return self._status(h, fault.status, "ServiceUnavailable" if fault.status == 503 else "InternalError",
-                                f"injected fault {fault.status}")
+            return self._status(
+                h,
+                fault.status,
+                "ServiceUnavailable" if fault.status == 503 else "InternalError",
+                f"injected fault {fault.status}",
+            )
         if path == "/version":  # the client asks once, to learn the server's version
             with self.lock:
                 self.calls.append(Call(time.monotonic(), method, path))
             return self._send(h, 200, {"major": "1", "minor": "37", "gitVersion": "v1.37.0", "platform": "linux/amd64"})
-        m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(configmaps|services)", path) or \
-            re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)", path) or \
-            re.fullmatch(r"/apis/jobset.x-k8s.io/v1alpha2/namespaces/([^/]+)/(jobsets)", path)
+        m = (
+            re.fullmatch(r"/api/v1/namespaces/([^/]+)/(configmaps|services)", path)
+            or re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)", path)
+            or re.fullmatch(r"/apis/jobset.x-k8s.io/v1alpha2/namespaces/([^/]+)/(jobsets)", path)
+        )
         kinds = {"configmaps": "ConfigMap", "services": "Service", "jobs": "Job", "jobsets": "JobSet"}
         with self.lock:
             patched = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(configmaps|services)/([^/]+)", path)
@@ -349,8 +431,9 @@ class FakeK8s:
                 self.objects[key] = body
                 view = self._job_view(body) if kind in ("Job", "JobSet") else body
                 return self._send(h, 201, view)
-            m = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)/([^/]+)", path) or \
-                re.fullmatch(r"/apis/jobset.x-k8s.io/v1alpha2/namespaces/([^/]+)/(jobsets)/([^/]+)", path)
+            m = re.fullmatch(r"/apis/batch/v1/namespaces/([^/]+)/(jobs)/([^/]+)", path) or re.fullmatch(
+                r"/apis/jobset.x-k8s.io/v1alpha2/namespaces/([^/]+)/(jobsets)/([^/]+)", path
+            )
             if m:
                 ns, plural, name = m.groups()
                 kind = kinds[plural]
@@ -371,15 +454,19 @@ class FakeK8s:
                         for pod in self.pods.values():
                             if pod["_job"] is job:
                                 pod.setdefault("_deleting_at", now)
-                    return self._send(h, 200, {"kind": "Status", "apiVersion": "v1", "metadata": {},
-                                               "status": "Success"})
+                    return self._send(
+                        h, 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+                    )
             m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods", path)
             if m and method == "GET":
                 ns = m.group(1)
                 self.calls.append(Call(time.monotonic(), method, path, "Pod", query.get("labelSelector", "")))
                 want = dict(kv.split("=", 1) for kv in query.get("labelSelector", "").split(",") if kv)
-                items = [self._pod_view(p) for (pns, _), p in self.pods.items()
-                         if pns == ns and all(p["metadata"]["labels"].get(k) == v for k, v in want.items())]
+                items = [
+                    self._pod_view(p)
+                    for (pns, _), p in self.pods.items()
+                    if pns == ns and all(p["metadata"]["labels"].get(k) == v for k, v in want.items())
+                ]
                 return self._send(h, 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
             m = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)", path)
             if m and method == "GET":
@@ -405,7 +492,7 @@ class FakeK8s:
                 if "sinceTime" in query:  # whole seconds, as the API server's sinceTime
                     lines = [ln for ln in lines if ln[:19] >= query["sinceTime"][:19]]
             if "tailLines" in query:
-                lines = lines[-int(query["tailLines"]):]
+                lines = lines[-int(query["tailLines"]) :]
             body = "".join(line + "\n" for line in lines).encode()
             with self.lock:
                 drop = follow and self.drop_log_after is not None and name not in self.dropped
@@ -416,7 +503,7 @@ class FakeK8s:
                 h.send_header("Content-Type", "text/plain")
                 h.send_header("Content-Length", str(len(body)))
                 h.end_headers()
-                h.wfile.write("".join(line + "\n" for line in lines[:self.drop_log_after]).encode())
+                h.wfile.write("".join(line + "\n" for line in lines[: self.drop_log_after]).encode())
                 h.wfile.flush()
                 h.close_connection = True
                 h.connection.shutdown(socket.SHUT_RDWR)
@@ -425,8 +512,9 @@ class FakeK8s:
                 remaining = job["_created"] + self._script(job).run_s - time.monotonic()
                 time.sleep(max(0.0, min(remaining, 30)))
             return self._send(h, 200, body, "text/plain")
-        m = re.fullmatch(r"/apis/argoproj.io/v1alpha1/namespaces/([^/]+)/(workflowtemplates|workflows)(?:/([^/]+))?",
-                         path)
+        m = re.fullmatch(
+            r"/apis/argoproj.io/v1alpha1/namespaces/([^/]+)/(workflowtemplates|workflows)(?:/([^/]+))?", path
+        )
         if m:  # Argo's objects: stored, no controller behind them
             ns, plural, name = m.groups()
             kind = {"workflowtemplates": "WorkflowTemplate", "workflows": "Workflow"}[plural]

@@ -26,16 +26,16 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 
 @dataclass
 class Reply:
     status: int = 200
-    body: dict | None = None      # JSON body
-    raw: bytes | None = None      # or raw bytes (e.g. a body that is not JSON)
+    body: dict | None = None  # JSON body
+    raw: bytes | None = None  # or raw bytes (e.g. a body that is not JSON)
     headers: dict = field(default_factory=dict)
     delay_s: float = 0.0
 
@@ -46,17 +46,31 @@ def split_tokens(text: str) -> list[str]:
     return re.findall(r"\d|[A-Za-z_]+|\s+|[^\w\s]+", text)
 
 
-def completion(content: str, *, model: str = "fake-judge", prompt_tokens: int = 100,
-               completion_tokens: int | None = None, logprobs: list[dict] | None = None,
-               finish_reason: str = "stop") -> dict:
+def completion(
+    content: str,
+    *,
+    model: str = "fake-judge",
+    prompt_tokens: int = 100,
+    completion_tokens: int | None = None,
+    logprobs: list[dict] | None = None,
+    finish_reason: str = "stop",
+) -> dict:
     """A chat.completion body."""
-    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish_reason,
-              "logprobs": {"content": logprobs} if logprobs is not None else None}
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": content},
+        "finish_reason": finish_reason,
+        "logprobs": {"content": logprobs} if logprobs is not None else None,
+    }
     ctoks = completion_tokens if completion_tokens is not None else len(split_tokens(content))
-    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": ctoks,
-                      "total_tokens": prompt_tokens + ctoks}}
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": ctoks, "total_tokens": prompt_tokens + ctoks},
+    }
 
 
 def token_logprobs(content: str, distributions: dict[str, dict[str, float]]) -> list[dict]:
@@ -71,13 +85,27 @@ def token_logprobs(content: str, distributions: dict[str, dict[str, float]]) -> 
     for tok in tokens:
         dist = value_at.get(pos)
         if dist:
-            top = [{"token": k, "logprob": math.log(p), "bytes": list(k.encode())}
-                   for k, p in sorted(dist.items(), key=lambda kv: -kv[1])]
-            out.append({"token": tok, "logprob": math.log(dist.get(tok, 1e-9)), "bytes": list(tok.encode()),
-                        "top_logprobs": top})
+            top = [
+                {"token": k, "logprob": math.log(p), "bytes": list(k.encode())}
+                for k, p in sorted(dist.items(), key=lambda kv: -kv[1])
+            ]
+            out.append(
+                {
+                    "token": tok,
+                    "logprob": math.log(dist.get(tok, 1e-9)),
+                    "bytes": list(tok.encode()),
+                    "top_logprobs": top,
+                }
+            )
         else:
-            out.append({"token": tok, "logprob": 0.0, "bytes": list(tok.encode()),
-                        "top_logprobs": [{"token": tok, "logprob": 0.0, "bytes": list(tok.encode())}]})
+            out.append(
+                {
+                    "token": tok,
+                    "logprob": 0.0,
+                    "bytes": list(tok.encode()),
+                    "top_logprobs": [{"token": tok, "logprob": 0.0, "bytes": list(tok.encode())}],
+                }
+            )
         pos += len(tok)
     return out
 
@@ -90,8 +118,7 @@ def verdict_fields(body: dict) -> dict:
     system = body["messages"][0]["content"]
     if '"winner"' in system:
         return {"winner": ["A", "B"]}
-    return {k: list(range(1, 8)) for k in ("persuasiveness", "relevance", "civility", "fluency")
-            if f'"{k}"' in system}
+    return {k: list(range(1, 8)) for k in ("persuasiveness", "relevance", "civility", "fluency") if f'"{k}"' in system}
 
 
 def verdict_json(fields: dict, rationale: str = "Fine.") -> str:
@@ -111,8 +138,9 @@ def user_text(body: dict) -> str:
 class FakeOpenAI:
     """``with FakeOpenAI(handler) as srv: ... srv.base_url ... srv.requests``."""
 
-    def __init__(self, handler: Callable[[dict, int], Reply] | None = None, latency_s: float = 0.0,
-                 record: bool = True):
+    def __init__(
+        self, handler: Callable[[dict, int], Reply] | None = None, latency_s: float = 0.0, record: bool = True
+    ):
         self.handler = handler or (lambda body, n: Reply(body=default_answer(body)))
         self.latency_s = latency_s
         self.record = record
@@ -136,7 +164,7 @@ class FakeOpenAI:
             self.requests.clear()
             self.count = 0
 
-    def start(self) -> "FakeOpenAI":
+    def start(self) -> FakeOpenAI:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -191,8 +219,11 @@ class FakeOpenAI:
                     try:
                         reply = fake.handler(body, n)
                     except Exception as exc:  # a broken test handler shows up as a 500 with the reason
-                        reply = Reply(status=500, body={"error": {"message": f"handler failed: {exc!r}"}},
-                                      headers={"x-should-retry": "false"})
+                        reply = Reply(
+                            status=500,
+                            body={"error": {"message": f"handler failed: {exc!r}"}},
+                            headers={"x-should-retry": "false"},
+                        )
                 delay = fake.latency_s + reply.delay_s
                 if delay:
                     time.sleep(delay)
@@ -208,8 +239,7 @@ class FakeOpenAI:
                     super().handle_error(request, client_address)
 
         self._httpd = Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -231,19 +261,35 @@ class FakeOpenAI:
         with self._lock:
             file_id = f"file-{len(self.files) + 1}"
             self.files[file_id] = data
-        return {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-                "filename": name, "purpose": purpose, "status": "processed"}
+        return {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": name,
+            "purpose": purpose,
+            "status": "processed",
+        }
 
     def _create_batch(self, body: dict) -> dict:
         with self._lock:
             batch_id = f"batch_{len(self.batches) + 1}"
             lines = [json.loads(x) for x in self.files[body["input_file_id"]].decode().splitlines() if x.strip()]
-            self.batches[batch_id] = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"],
-                                      "completion_window": body["completion_window"],
-                                      "input_file_id": body["input_file_id"], "status": "in_progress",
-                                      "created_at": int(time.time()), "output_file_id": None, "error_file_id": None,
-                                      "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
-                                      "metadata": body.get("metadata"), "_lines": lines, "_polls": 0}
+            self.batches[batch_id] = {
+                "id": batch_id,
+                "object": "batch",
+                "endpoint": body["endpoint"],
+                "completion_window": body["completion_window"],
+                "input_file_id": body["input_file_id"],
+                "status": "in_progress",
+                "created_at": int(time.time()),
+                "output_file_id": None,
+                "error_file_id": None,
+                "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+                "metadata": body.get("metadata"),
+                "_lines": lines,
+                "_polls": 0,
+            }
             return self._public(batch_id)
 
     def _public(self, batch_id: str) -> dict:
@@ -264,19 +310,36 @@ class FakeOpenAI:
                         self.requests.append(line["body"])
                 reply = self.handler(line["body"], count)
                 if reply.status == 200 and reply.raw is None:
-                    out.append({"id": f"batch_req_{n}", "custom_id": line["custom_id"],
-                                "response": {"status_code": 200, "request_id": f"req_{n}", "body": reply.body},
-                                "error": None})
+                    out.append(
+                        {
+                            "id": f"batch_req_{n}",
+                            "custom_id": line["custom_id"],
+                            "response": {"status_code": 200, "request_id": f"req_{n}", "body": reply.body},
+                            "error": None,
+                        }
+                    )
                 else:
                     failed += 1
-                    out.append({"id": f"batch_req_{n}", "custom_id": line["custom_id"],
-                                "response": {"status_code": reply.status, "request_id": f"req_{n}",
-                                             "body": reply.body or {}}, "error": None})
+                    out.append(
+                        {
+                            "id": f"batch_req_{n}",
+                            "custom_id": line["custom_id"],
+                            "response": {
+                                "status_code": reply.status,
+                                "request_id": f"req_{n}",
+                                "body": reply.body or {},
+                            },
+                            "error": None,
+                        }
+                    )
             with self._lock:
                 file_id = f"file-{len(self.files) + 1}"
                 self.files[file_id] = ("\n".join(json.dumps(o) for o in out) + "\n").encode()
-                batch.update(status="completed", output_file_id=file_id,
-                             request_counts={"total": len(out), "completed": len(out) - failed, "failed": failed})
+                batch.update(
+                    status="completed",
+                    output_file_id=file_id,
+                    request_counts={"total": len(out), "completed": len(out) - failed, "failed": failed},
+                )
         with self._lock:
             return self._public(batch_id)
 
@@ -286,7 +349,7 @@ class FakeOpenAI:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "FakeOpenAI":
+    def __enter__(self) -> FakeOpenAI:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -295,13 +358,19 @@ class FakeOpenAI:
 
 # Reusable replies for tests.
 def rate_limited(retry_after_ms: int = 10) -> Reply:
-    return Reply(status=429, body={"error": {"message": "Rate limit reached", "type": "requests"}},
-                 headers={"retry-after-ms": str(retry_after_ms)})
+    return Reply(
+        status=429,
+        body={"error": {"message": "Rate limit reached", "type": "requests"}},
+        headers={"retry-after-ms": str(retry_after_ms)},
+    )
 
 
 def server_error(retry_after_ms: int = 10) -> Reply:
-    return Reply(status=500, body={"error": {"message": "The server had an error"}},
-                 headers={"retry-after-ms": str(retry_after_ms)})
+    return Reply(
+        status=500,
+        body={"error": {"message": "The server had an error"}},
+        headers={"retry-after-ms": str(retry_after_ms)},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

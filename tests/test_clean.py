@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-from cmv_core import clean, storage
-from cmv_core.clean import CleanConfig, run_clean
 from conftest import CONFIGS, run_cmv
+
+from cmv_core import storage
+from cmv_core.clean import stage as clean
+from cmv_core.clean.stage import CleanConfig, run_clean
 
 TINY = str(CONFIGS / "tiny.yaml")
 THREAD_KEYS = {"thread_id", "title", "op_author", "op_text", "created_utc", "comments", "deltas", "winning_branches"}
@@ -82,16 +83,23 @@ def test_exact_branches_in_the_sample(clean_output):
 # its deltas as (awarding, rewarded, from_op, confirmed), exactly.
 SAMPLE_EXPECTED = {
     "9l7cag": ([["dpmfhrw"]], [("dppsfay", "dpmfhrw", True, True)]),  # 1 basic, old format
-    "tncucu": ([["d9nh072", "dsi2jgc", "d4rjftl", "dc2tgej", "ddcz4ww"]],
-               [("dydre5g", "ddcz4ww", True, True)]),  # 2 depth 5, DB3
-    "w6jatj": ([["dvq5ahb"], ["dk23o6e", "d3pbab2", "d6m5qzc"]],
-               [("dmo98qj", "dvq5ahb", True, True), ("dqqr7wi", "d6m5qzc", True, True)]),  # 3 two challengers
-    "idlsu7": ([["djjjida"], ["djjjida", "d7jfbhu", "dxmc25g"]],
-               [("d7jfbhu", "djjjida", True, True), ("dcjl41r", "dxmc25g", True, True)]),  # 4 two in one chain
+    "tncucu": (
+        [["d9nh072", "dsi2jgc", "d4rjftl", "dc2tgej", "ddcz4ww"]],
+        [("dydre5g", "ddcz4ww", True, True)],
+    ),  # 2 depth 5, DB3
+    "w6jatj": (
+        [["dvq5ahb"], ["dk23o6e", "d3pbab2", "d6m5qzc"]],
+        [("dmo98qj", "dvq5ahb", True, True), ("dqqr7wi", "d6m5qzc", True, True)],
+    ),  # 3 two challengers
+    "idlsu7": (
+        [["djjjida"], ["djjjida", "d7jfbhu", "dxmc25g"]],
+        [("d7jfbhu", "djjjida", True, True), ("dcjl41r", "dxmc25g", True, True)],
+    ),  # 4 two in one chain
     "l3bmnp": ([["dl44ray"]], [("dx4qtaz", "dl44ray", True, False), ("dzndkqt", "dl44ray", True, True)]),  # 5
-    "gktr4a": ([["dqtn7t5", "dx1b5fy", "d3hzio0"]],  # 6 non-OP deltas (one to the OP, rejected)
-               [("dnrj016", "ddc096e", False, False), ("d4sabct", "d3hzio0", False, True),
-                ("dv3ayyj", "d3hzio0", True, True)]),
+    "gktr4a": (
+        [["dqtn7t5", "dx1b5fy", "d3hzio0"]],  # 6 non-OP deltas (one to the OP, rejected)
+        [("dnrj016", "ddc096e", False, False), ("d4sabct", "d3hzio0", False, True), ("dv3ayyj", "d3hzio0", True, True)],
+    ),
     "wacla6": ([["ddub73b", "dcwuwze", "dqro10z"]], [("da74pxw", "dqro10z", True, True)]),  # 7 quotes, code
     "gjffgz": ([["dt8xprj"]], [("djudnl1", "dt8xprj", True, True)]),  # 8 DeltaBot's own ∆, OP answers it
     "e55xai": ([["dhvjvt2", "dpjzqej", "dmj0jnq"]], [("d86p850", "dmj0jnq", True, True)]),  # 9 placeholder first
@@ -115,8 +123,10 @@ SAMPLE_EXPECTED = {
     "h5kqge": ([["dyllm6j", "dj8gm41", "de5m0vl"]], [("d62yway", "de5m0vl", True, True)]),  # 27 third user wins
     "lunj10": ([["d2m93q1"]], [("d9ecyz2", "d2m93q1", True, True)]),  # 28 "deltabot" in another case
     "wt28kd": ([["d7i4j62"]], [("dk1obao", "d7i4j62", True, True), ("d9ysblw", "dwqueq6", True, False)]),  # 29
-    "qcy9u2": ([["d142l0k", "dcv60wk", "d9gi616", "dpubyyo", "dqec3v3"]],
-               [("dq2k9r0", "dqec3v3", True, True)]),  # 30 via an author deleted mid-branch
+    "qcy9u2": (
+        [["d142l0k", "dcv60wk", "d9gi616", "dpubyyo", "dqec3v3"]],
+        [("dq2k9r0", "dqec3v3", True, True)],
+    ),  # 30 via an author deleted mid-branch
 }
 
 
@@ -137,12 +147,19 @@ def test_stats_and_comment_rejects(clean_output):
     assert stats["rejected_lines_by_reason"] == {}
     assert stats["comments"]["skipped_by_reason"] == {"ancestor_missing": 1, "parent_missing": 1}
     assert (stats["comments"]["more_placeholders"], stats["comments"]["continue_stubs"]) == (2, 1)
-    assert stats["deltas"] == {"op_confirmed": 29, "op_unconfirmed": 4, "non_op": 3, "non_op_confirmed": 2,
-                               "rejected_by_deltabot": 4}
+    assert stats["deltas"] == {
+        "op_confirmed": 29,
+        "op_unconfirmed": 4,
+        "non_op": 3,
+        "non_op_confirmed": 2,
+        "rejected_by_deltabot": 4,
+    }
     assert stats["winning_branches"] == 29 and stats["threads"]["op_deleted"] == 1
     rejects = read_rejects(clean_output)
     assert sorted((r["reason"], r["level"], r["thread_id"]) for r in rejects) == [
-        ("ancestor_missing", "comment", "o8asbh"), ("parent_missing", "comment", "o8asbh")]
+        ("ancestor_missing", "comment", "o8asbh"),
+        ("parent_missing", "comment", "o8asbh"),
+    ]
     orphan = next(r for r in rejects if r["reason"] == "parent_missing")
     assert json.loads(orphan["raw"])["parent_id"] == "t1_zz99zzz" and "subreddit_id" in json.loads(orphan["raw"])
     assert orphan["file"].endswith("sample_cmv.jsonlist") and orphan["line"] == 12
@@ -165,7 +182,9 @@ def test_truncated_line_is_rejected_and_the_rest_unchanged(tmp_path, sample_dump
     assert read_rows(tmp_path / "bad") == [r for r in read_rows(tmp_path / "good") if r["thread_id"] != broken]
     line_rejects = [r for r in read_rejects(tmp_path / "bad") if r.get("level") != "comment"]
     assert [(r["reason"], r["line"], r["file"]) for r in line_rejects] == [
-        ("invalid_json", 5, str(bad)), ("not_an_object", 7, str(bad))]
+        ("invalid_json", 5, str(bad)),
+        ("not_an_object", 7, str(bad)),
+    ]
     assert line_rejects[0]["raw"].encode() == lines[4][:500] and line_rejects[0]["detail"]
     assert stats["rejected_lines_by_reason"] == {"invalid_json": 1, "not_an_object": 1}
     assert stats["lines"] == {"read": 31, "blank": 1, "threads_written": 29, "rejected": 2}
@@ -176,8 +195,18 @@ def test_too_many_rejects_fails_with_a_clear_message(tmp_path, sample_dump):
     bad = tmp_path / "bad.jsonlist"
     bad.write_bytes(b"".join(lines[:10] + [b'{"title": "no id", "comments": []}\n', b"{oops\n"] + lines[10:]))
     out = tmp_path / "run" / "clean"
-    proc = run_cmv("clean", "--input", str(bad), "--output", str(out), "--config", TINY,
-                   "--set", "clean.max_reject_fraction=0.05", check=False)
+    proc = run_cmv(
+        "clean",
+        "--input",
+        str(bad),
+        "--output",
+        str(out),
+        "--config",
+        TINY,
+        "--set",
+        "clean.max_reject_fraction=0.05",
+        check=False,
+    )
     assert proc.returncode == 2  # bad input
     assert "2 of 32 input lines (6.25%) were rejected" in proc.stderr
     assert "max_reject_fraction=0.05" in proc.stderr and "invalid_json 1" in proc.stderr
@@ -281,7 +310,8 @@ def test_directory_of_compressed_files_gives_the_same_conversations(tmp_path, sa
     run_clean([sample_dump], str(tmp_path / "plain"), CleanConfig())
     run_clean([str(tmp_path / "cmv")], str(tmp_path / "dir"), CleanConfig())
     assert (tmp_path / "dir" / "conversations.jsonl.gz").read_bytes() == (
-        tmp_path / "plain" / "conversations.jsonl.gz").read_bytes()
+        tmp_path / "plain" / "conversations.jsonl.gz"
+    ).read_bytes()
 
 
 def test_worker_processes_give_byte_identical_output(tmp_path, sample_dump, monkeypatch):
@@ -303,8 +333,9 @@ def awkward_dump(sample_dump) -> tuple[bytes, int]:
     the end; and a chunk size at which the first chunk ends exactly on a newline (after two lines)."""
     lines = sample_lines(sample_dump)
     crlf = [ln.rstrip(b"\n") + b"\r\n" for ln in lines[3:6]]
-    data = b"".join(lines[:3] + crlf + [b"\n", b" \t\r\n", b"{broken\n"] + lines[6:29] + [lines[2]]
-                    + [lines[29].rstrip(b"\n")])
+    data = b"".join(
+        lines[:3] + crlf + [b"\n", b" \t\r\n", b"{broken\n"] + lines[6:29] + [lines[2]] + [lines[29].rstrip(b"\n")]
+    )
     return data, len(lines[0]) + len(lines[1])
 
 
@@ -360,7 +391,8 @@ def test_byte_ranges_give_the_streamed_output_and_fingerprint(tmp_path, sample_d
             run_clean([str(dump)], str(out), CleanConfig(workers=workers, max_reject_fraction=0.1))
             assert chunked == ([str(dump)] if path == "ranges" else [])
             outputs[path, workers] = {name: (out / name).read_bytes() for name in OUTPUTS} | {
-                "digest": storage.require_success(str(out))["inputs"][0]["digest"]}
+                "digest": storage.require_success(str(out))["inputs"][0]["digest"]
+            }
     assert all(o == outputs["streamed", 1] for o in outputs.values())
     assert outputs["ranges", 2]["digest"] == storage.raw_fingerprint(str(dump))
 
@@ -368,7 +400,8 @@ def test_byte_ranges_give_the_streamed_output_and_fingerprint(tmp_path, sample_d
     rejects = [r for r in read_rejects(tmp_path / "ranges2") if r.get("level") != "comment"]
     assert [(r["reason"], r["line"], r["raw"]) for r in rejects] == [
         ("invalid_json", 9, "{broken"),
-        ("duplicate_thread", 33, lines[2].decode().rstrip("\n"))]  # read back from the file
+        ("duplicate_thread", 33, lines[2].decode().rstrip("\n")),
+    ]  # read back from the file
     stats = json.loads(outputs["ranges", 2]["stats.json"])
     assert stats["files"] == [{"uri": str(dump), "lines": 34}] and stats["lines"]["blank"] == 2
     rows = read_rows(tmp_path / "ranges2")
@@ -399,13 +432,17 @@ def test_a_byte_range_that_cannot_be_read_rejects_the_rest_of_its_file(tmp_path,
 
 
 def test_clean_line_is_pure_and_reports_malformed_fields():
-    ok = clean.clean_line(b'{"id": "a", "author": "op", "comments": [{"id": "c", "parent_id": "t3_a", '
-                          b'"author": "x", "body": "hi", "created_utc": 1.0}]}\n')
+    ok = clean.clean_line(
+        b'{"id": "a", "author": "op", "comments": [{"id": "c", "parent_id": "t3_a", '
+        b'"author": "x", "body": "hi", "created_utc": 1.0}]}\n'
+    )
     assert ok.kind == "thread" and json.loads(ok.row)["comments"][0]["body"] == "hi"
     assert ok.counts["comments_kept"] == 1 and ok.counts["threads_written"] == 1
-    odd = clean.clean_line(b'{"id": "a", "author": "op", "comments": [{"id": "c", "parent_id": "t3_a", '
-                           b'"author": 5, "body": "!delta", "created_utc": 1.0}, {"id": "d", "parent_id": "t1_c", '
-                           b'"author": 7, "body": "\\u2206", "created_utc": 2.0}]}')
+    odd = clean.clean_line(
+        b'{"id": "a", "author": "op", "comments": [{"id": "c", "parent_id": "t3_a", '
+        b'"author": 5, "body": "!delta", "created_utc": 1.0}, {"id": "d", "parent_id": "t1_c", '
+        b'"author": 7, "body": "\\u2206", "created_utc": 2.0}]}'
+    )
     assert (odd.kind, odd.reason) == ("reject", "malformed_thread") and "int" in odd.detail
     assert clean.clean_line(b"  \n").kind == "blank"
 
@@ -414,9 +451,14 @@ def test_s3_output(s3_bucket, sample_dump, tmp_path):
     run_clean([sample_dump], str(tmp_path / "local"), CleanConfig())
     run_clean([sample_dump], f"{s3_bucket}/run/clean", CleanConfig())
     assert storage.list_files(f"{s3_bucket}/run/clean") == [
-        "_SUCCESS", "conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"]
+        "_SUCCESS",
+        "conversations.jsonl.gz",
+        "rejects.jsonl.gz",
+        "stats.json",
+    ]
     assert storage.read_bytes(f"{s3_bucket}/run/clean/conversations.jsonl.gz") == gzip.decompress(
-        (tmp_path / "local" / "conversations.jsonl.gz").read_bytes())
+        (tmp_path / "local" / "conversations.jsonl.gz").read_bytes()
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -40,11 +40,11 @@ def test_every_shipped_recipe_loads(path):
     recipe = config.load_recipe(str(path))
     assert recipe.get("model")
     stage_configs = {
-        "clean": ("cmv_core.clean", "CleanConfig"),
-        "format": ("cmv_core.formatting", "FormatConfig"),
-        "train": ("cmv_core.training", "TrainConfig"),
-        "generate": ("cmv_core.generation", "GenerateConfig"),
-        "judge": ("cmv_core.judging", "JudgeConfig"),
+        "clean": ("cmv_core.clean.stage", "CleanConfig"),
+        "format": ("cmv_core.format.stage", "FormatConfig"),
+        "train": ("cmv_core.train.sft", "TrainConfig"),
+        "generate": ("cmv_core.generate.stage", "GenerateConfig"),
+        "judge": ("cmv_core.judge.stage", "JudgeConfig"),
     }
     for name, (module_name, cls_name) in stage_configs.items():
         module = importlib.import_module(module_name)

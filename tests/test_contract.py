@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from cmv_core import errors, lease, storage
-from cmv_core.clean import CleanConfig, run_clean
 from conftest import CONFIGS, REPO, run_cmv
+
+from cmv_core import errors, storage
+from cmv_core.clean.stage import CleanConfig, run_clean
+from cmv_core.storage import lease
 
 TINY = str(CONFIGS / "tiny.yaml")
 CLEAN_FILES = ("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json")
@@ -53,7 +54,7 @@ def test_changed_content_byte_in_valid_gzip_is_refused(tmp_path, sample_dump, ti
     conv = Path(clean) / "conversations.jsonl.gz"
     text = gzip.decompress(conv.read_bytes())
     i = text.index(b'"title":"') + len(b'"title":"')
-    changed = text[:i] + bytes([text[i] ^ 0x01]) + text[i + 1:]  # still valid JSON, valid gzip
+    changed = text[:i] + bytes([text[i] ^ 0x01]) + text[i + 1 :]  # still valid JSON, valid gzip
     conv.write_bytes(_same_size_gzip(changed, conv.stat().st_size))
     listed = storage.require_success(clean)["files"]
     expected = next(f["sha256"] for f in listed if f["path"] == conv.name)
@@ -85,16 +86,19 @@ def test_verification_while_streaming_catches_a_same_size_edit(tmp_path, sample_
     storage.abort_stage(run)
 
 
-@pytest.mark.parametrize("content, reason", [(b"", "is empty"), (b"{garbage", "is not valid JSON"),
-                                             (b'{"stage": "clean"}', "is not a stage manifest")])
+@pytest.mark.parametrize(
+    "content, reason",
+    [(b"", "is empty"), (b"{garbage", "is not valid JSON"), (b'{"stage": "clean"}', "is not a stage manifest")],
+)
 def test_empty_or_garbage_success_is_refused_in_one_line(tmp_path, sample_dump, content, reason):
     clean = tmp_path / "r" / "clean"
     _clean(sample_dump, str(clean))
     (clean / storage.SUCCESS).write_bytes(content)
     with pytest.raises(storage.ManifestError, match=reason):
         storage.begin_stage("format", str(tmp_path / "r" / "format"), inputs=[str(clean)], config={})
-    proc = run_cmv("format", "--input", str(clean), "--output", str(tmp_path / "r" / "format"),
-                   "--config", TINY, check=False)
+    proc = run_cmv(
+        "format", "--input", str(clean), "--output", str(tmp_path / "r" / "format"), "--config", TINY, check=False
+    )
     assert proc.returncode == 2
     assert reason in _one_error_line(proc.stderr)
 
@@ -168,8 +172,13 @@ time.sleep(120)
 
 
 def _holder(out: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, out], stdout=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, out],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     line = proc.stdout.readline()
     assert line.startswith("holding"), line
     return proc, line.split()[1]
@@ -228,8 +237,11 @@ def _free_port() -> int:
 
 
 def _moto_process(port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -263,7 +275,10 @@ def test_s3_server_lost_mid_stage_and_replaced_by_a_fresh_one(tmp_path, sample_d
                 storage.s3_client().create_bucket(Bucket="lost")
 
         monkeypatch.setattr(client, "upload_file", upload_then_lose_the_server)
-        with pytest.raises(errors.OutputError, match="missing conversations.jsonl.gz; conversations.jsonl.gz was written by this attempt but is not in the store"):
+        with pytest.raises(
+            errors.OutputError,
+            match="missing conversations.jsonl.gz; conversations.jsonl.gz was written by this attempt but is not in the store",
+        ):
             _clean(sample_dump, out)
         assert not storage.exists(storage.join(out, storage.SUCCESS))
         monkeypatch.setattr(client, "upload_file", real)
@@ -316,10 +331,16 @@ def test_a_20s_s3_outage_is_ridden_out(tmp_path, sample_dump, monkeypatch, s3_se
 
 def test_s3_gone_for_good_fails_in_one_line_with_exit_1(tmp_path, sample_dump):
     port = _free_port()  # nothing listens there
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
-           "AWS_DEFAULT_REGION": "us-east-1", "CMV_S3_RETRY_BUDGET_S": "0.5"}
-    proc = run_cmv("clean", "--input", sample_dump, "--output", "s3://gone/r/clean", "--config", TINY,
-                   env=env, check=False)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "CMV_S3_RETRY_BUDGET_S": "0.5",
+    }
+    proc = run_cmv(
+        "clean", "--input", sample_dump, "--output", "s3://gone/r/clean", "--config", TINY, env=env, check=False
+    )
     assert proc.returncode == 1
     line = _one_error_line(proc.stderr)
     assert "S3 failed after retries" in line and "rerun: cmv clean" in line
@@ -329,7 +350,7 @@ def test_retry_budget_sets_botocore_attempts():
     assert storage.s3_max_attempts(60) > storage.s3_max_attempts(30) > storage.s3_max_attempts(1) >= 2
     # the expected backoff of that many attempts covers twice the budget
     n = storage.s3_max_attempts(30)
-    assert sum(min(0.05 * 2 ** i, 20) / 2 for i in range(n - 1)) >= 60
+    assert sum(min(0.05 * 2**i, 20) / 2 for i in range(n - 1)) >= 60
 
 
 # --- settings checked before any work ---------------------------------------------------------------
@@ -343,16 +364,25 @@ def test_section_typo_is_an_error_listing_the_known_ones(tmp_path, sample_dump):
     with pytest.raises(ConfigError, match="unknown section.* trian; known: model, clean, format, train"):
         load_recipe(str(recipe))
     out = tmp_path / "r" / "clean"
-    proc = run_cmv("clean", "--input", sample_dump, "--output", str(out), "--config", TINY,
-                   "--set", "trian.max_steps=5", check=False)
+    proc = run_cmv(
+        "clean",
+        "--input",
+        sample_dump,
+        "--output",
+        str(out),
+        "--config",
+        TINY,
+        "--set",
+        "trian.max_steps=5",
+        check=False,
+    )
     assert proc.returncode == 2 and "trian" in _one_error_line(proc.stderr)
     assert not out.exists()
 
 
 def test_cmv_run_with_a_typo_in_its_last_stage_runs_no_stage(tmp_path):
     root = tmp_path / "runs"
-    proc = run_cmv("run", "--config", TINY, "--root", str(root), "--run-id", "t", "--set", "judge.modle=x",
-                   check=False)
+    proc = run_cmv("run", "--config", TINY, "--root", str(root), "--run-id", "t", "--set", "judge.modle=x", check=False)
     assert proc.returncode == 2
     assert "modle" in _one_error_line(proc.stderr) and "known:" in proc.stderr
     assert not root.exists()
@@ -363,9 +393,10 @@ def test_unknown_uri_scheme_and_bad_run_ids_are_refused(tmp_path, sample_dump):
     assert proc.returncode == 2 and "unknown URI scheme ftp://" in _one_error_line(proc.stderr)
     assert not (REPO / "ftp:").exists()
     root = tmp_path / "runs"
-    for argv in (["run", "--config", TINY, "--root", str(root), "--run-id", "../x"],
-                 ["clean", "--input", sample_dump, "--output", str(root / "x" / "clean"), "--run-id", "../x",
-                  "--config", TINY]):
+    for argv in (
+        ["run", "--config", TINY, "--root", str(root), "--run-id", "../x"],
+        ["clean", "--input", sample_dump, "--output", str(root / "x" / "clean"), "--run-id", "../x", "--config", TINY],
+    ):
         proc = run_cmv(*argv, check=False)
         assert proc.returncode == 2 and "run id '../x' is not valid" in _one_error_line(proc.stderr)
     assert not root.exists() and not (tmp_path / "x").exists()
@@ -375,10 +406,27 @@ def test_unknown_uri_scheme_and_bad_run_ids_are_refused(tmp_path, sample_dump):
 
 
 def test_sigterm_exits_143_in_one_line(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "cmv_core.cli", "format", "--input", str(tmp_path / "nothing"),
-                             "--output", str(tmp_path / "format"), "--config", TINY, "--wait-for-input", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cmv_core.cli",
+            "format",
+            "--input",
+            str(tmp_path / "nothing"),
+            "--output",
+            str(tmp_path / "format"),
+            "--config",
+            TINY,
+            "--wait-for-input",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     time.sleep(3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
@@ -436,11 +484,31 @@ def test_dead_attempts_tmp_files_swept_and_modes_consistent(tmp_path, sample_dum
 def test_clean_workers_die_with_a_killed_parent(tmp_path):
     psutil = pytest.importorskip("psutil")
     dump = tmp_path / "big.jsonlist"
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "synth_dump.py"), "--threads", "3000",
-                    "--output", str(dump)], check=True, cwd=REPO, capture_output=True)
-    proc = subprocess.Popen([sys.executable, "-m", "cmv_core.cli", "clean", "--input", str(dump), "--output",
-                             str(tmp_path / "r" / "clean"), "--config", TINY, "--set", "clean.workers=2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "synth_dump.py"), "--threads", "3000", "--output", str(dump)],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cmv_core.cli",
+            "clean",
+            "--input",
+            str(dump),
+            "--output",
+            str(tmp_path / "r" / "clean"),
+            "--config",
+            TINY,
+            "--set",
+            "clean.workers=2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
     parent = psutil.Process(proc.pid)
     deadline = time.monotonic() + 60
     children = []
@@ -458,25 +526,47 @@ def test_clean_workers_die_with_a_killed_parent(tmp_path):
 def test_judge_answer_echoing_the_key_is_redacted_before_it_is_stored(tmp_path, monkeypatch):
     from fake_openai_server import FakeOpenAI, Reply, completion
 
-    from cmv_core import judging
+    from cmv_core.judge import stage as judging
 
     secret = "sk-test-" + "9" * 24
     fmt, gen = str(tmp_path / "format"), str(tmp_path / "generate")
     prompt = [{"role": "user", "content": "CMV: x\n\nI believe x."}]
     run = storage.begin_stage("format", fmt, inputs=[], config={}, run_id="t")
-    storage.write_jsonl(storage.join(fmt, "test.jsonl"),
-                        [{"id": "t0:c0", "thread_id": "t0", "messages": prompt + [{"role": "assistant", "content": "h"}]}])
+    storage.write_jsonl(
+        storage.join(fmt, "test.jsonl"),
+        [{"id": "t0:c0", "thread_id": "t0", "messages": prompt + [{"role": "assistant", "content": "h"}]}],
+    )
     storage.finish_stage(run, {})
     run = storage.begin_stage("generate", gen, inputs=[fmt], config={}, run_id="t")
-    storage.write_jsonl(storage.join(gen, "generations.jsonl"),
-                        [{"id": "t0:c0", "thread_id": "t0", "model": "base", "messages": prompt, "response": "r",
-                          "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 1}])
+    storage.write_jsonl(
+        storage.join(gen, "generations.jsonl"),
+        [
+            {
+                "id": "t0:c0",
+                "thread_id": "t0",
+                "model": "base",
+                "messages": prompt,
+                "response": "r",
+                "finish_reason": "stop",
+                "prompt_tokens": 5,
+                "completion_tokens": 1,
+            }
+        ],
+    )
     storage.finish_stage(run, {})
     monkeypatch.setenv("OPENAI_API_KEY", secret)
     # a 200 answer that echoes the key (and is no verdict, so it is kept as the raw answer)
     with FakeOpenAI(lambda body, n: Reply(body=completion(f"your key is {secret}, I refuse"))) as srv:
-        cfg = judging.JudgeConfig(backend="openai", model="gpt-4o-mini", base_url=srv.base_url, max_retries=0,
-                                  parse_retries=0, calibration=False, bootstrap_samples=10, timeout_s=5.0)
+        cfg = judging.JudgeConfig(
+            backend="openai",
+            model="gpt-4o-mini",
+            base_url=srv.base_url,
+            max_retries=0,
+            parse_retries=0,
+            calibration=False,
+            bootstrap_samples=10,
+            timeout_s=5.0,
+        )
         with pytest.raises(errors.CmvError):  # every call unparseable: the stage fails, after storing them
             judging.run_judge(gen, fmt, str(tmp_path / "judge"), cfg)
     stored = [p for p in (tmp_path / "judge").rglob("*") if p.is_file()]
@@ -490,10 +580,29 @@ def test_sigterm_to_cmv_run_reaches_the_running_stage(tmp_path, sample_dump):
     fifo = tmp_path / "dump.jsonlist"
     os.mkfifo(fifo)  # clean blocks opening it: a stage caught mid-run
     root = tmp_path / "runs"
-    proc = subprocess.Popen([sys.executable, "-m", "cmv_core.cli", "run", "--config", TINY, "--root", str(root),
-                             "--run-id", "t", "--stages", "clean", "--input", str(fifo)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cmv_core.cli",
+            "run",
+            "--config",
+            TINY,
+            "--root",
+            str(root),
+            "--run-id",
+            "t",
+            "--stages",
+            "clean",
+            "--input",
+            str(fifo),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     out = root / "t" / "clean"
     deadline = time.monotonic() + 60
     while not (out / "_LEASE").exists() and time.monotonic() < deadline:
@@ -504,6 +613,7 @@ def test_sigterm_to_cmv_run_reaches_the_running_stage(tmp_path, sample_dump):
     assert proc.returncode == 143
     assert "cmv clean: error: stopped by SIGTERM" in err and "stage clean failed with exit code 143" in err
     assert not (out / "_SUCCESS").exists() and not (out / "_LEASE").exists()
-    rerun = run_cmv("run", "--config", TINY, "--root", str(root), "--run-id", "t", "--stages", "clean",
-                    "--input", sample_dump)
+    rerun = run_cmv(
+        "run", "--config", TINY, "--root", str(root), "--run-id", "t", "--stages", "clean", "--input", sample_dump
+    )
     assert rerun.returncode == 0 and (out / "_SUCCESS").exists()

@@ -9,14 +9,22 @@ import json
 import orjson
 import pytest
 
-from cmv_core import clean, deltas, formatting, reddit
+from cmv_core.clean import stage as clean
+from cmv_core.cmv import deltas, reddit
+from cmv_core.format import stage as formatting
 
 TID = "1abcde"
 
 
 def rc(cid, parent, author, body, t, pushshift=False):
-    c = {"id": cid, "parent_id": "t3_" + TID if parent is None else "t1_" + parent, "author": author,
-         "body": body, "link_id": "t3_" + TID, "score": 1}
+    c = {
+        "id": cid,
+        "parent_id": "t3_" + TID if parent is None else "t1_" + parent,
+        "author": author,
+        "body": body,
+        "link_id": "t3_" + TID,
+        "score": 1,
+    }
     if pushshift:  # Pushshift: no `replies`, no `name`, created_utc an int or a string of digits
         c["created_utc"] = str(t) if int(t) % 2 else int(t)
     else:
@@ -41,8 +49,14 @@ def thread_line(pushshift=False) -> bytes:
         rc("c1", None, "carol", "Costs and history both matter for the poor.", 108, p),
         rc("o4", "c1", "op", "Not convinced.", 109, p),
     ]
-    sub = {"id": TID, "author": "op", "title": "CMV: costs don&amp;#39;t matter", "selftext": "My view.",
-           "created_utc": "1370000000" if p else 1370000000.0, "comments": comments}
+    sub = {
+        "id": TID,
+        "author": "op",
+        "title": "CMV: costs don&amp;#39;t matter",
+        "selftext": "My view.",
+        "created_utc": "1370000000" if p else 1370000000.0,
+        "comments": comments,
+    }
     if not p:
         sub["name"] = "t3_" + TID
     return orjson.dumps(sub)
@@ -54,12 +68,18 @@ def test_deep_and_2013_deltas_pinned_and_no_delta_text_reaches_a_target(pushshif
     assert res.kind == "thread", res
     row = json.loads(res.row)
     assert row["created_utc"] == 1370000000.0 and row["title"] == "CMV: costs don't matter"
-    assert [(d["awarding_comment_id"], d["rewarded_comment_id"], d["recipient"], d["from_op"], d["confirmed"])
-            for d in row["deltas"]] == [
+    assert [
+        (d["awarding_comment_id"], d["rewarded_comment_id"], d["recipient"], d["from_op"], d["confirmed"])
+        for d in row["deltas"]
+    ] == [
         ("a2", "o1", "op", False, False),  # alice's "thanks for the ∆" edit reads as her award to op (not OP's)
-        ("o2", "a2", "alice", True, True), ("o3", "b1", "bob", True, True)]
-    assert row["winning_branches"] == [{"recipient": "alice", "comment_ids": ["a1", "o1", "a2"]},
-                                       {"recipient": "bob", "comment_ids": ["b1"]}]
+        ("o2", "a2", "alice", True, True),
+        ("o3", "b1", "bob", True, True),
+    ]
+    assert row["winning_branches"] == [
+        {"recipient": "alice", "comment_ids": ["a1", "o1", "a2"]},
+        {"recipient": "bob", "comment_ids": ["b1"]},
+    ]
     by_id = {c["id"]: c for c in row["comments"]}
     # the double-escaped entity ends as the character, not as "&#8710;"
     assert "\u2206" in by_id["o2"]["body"] and "&#8710;" not in by_id["o2"]["body"]
@@ -78,7 +98,9 @@ def test_deep_and_2013_deltas_pinned_and_no_delta_text_reaches_a_target(pushshif
     assert texts[-1] == "Look at history instead."
     pairs = formatting.build_pairs(row, row["winning_branches"], by_id, formatting.FormatConfig())
     assert [(p["winner_comment_ids"], p["loser_comment_ids"]) for p in pairs] == [
-        (["a1", "o1", "a2"], ["c1"]), (["b1"], ["c1"])]
+        (["a1", "o1", "a2"], ["c1"]),
+        (["b1"], ["c1"]),
+    ]
     texts += [p["winner"] for p in pairs] + [p["loser"] for p in pairs]
     for text in texts:
         assert not deltas.might_contain_delta(text), text

@@ -9,7 +9,7 @@ import pytest
 
 from cmv_core import storage
 from cmv_core.config import ConfigError
-from cmv_core.formatting import (
+from cmv_core.format.stage import (
     DEFAULT_INSTRUCTION,
     FormatConfig,
     FormatInputError,
@@ -29,23 +29,49 @@ PROMPT = f"{DEFAULT_INSTRUCTION}\n\n{TITLE}\n\n{POST}"
 
 def c(cid: str, parent: str, author: str, body: str, t: float = 1.4e9) -> dict:
     """A comment in the clean schema; ``parent`` is a comment id or "" for a top-level reply."""
-    return {"id": cid, "parent_id": f"t1_{parent}" if parent else "t3_x", "author": author, "body": body,
-            "created_utc": t}
+    return {
+        "id": cid,
+        "parent_id": f"t1_{parent}" if parent else "t3_x",
+        "author": author,
+        "body": body,
+        "created_utc": t,
+    }
 
 
 def delta(awarding: str, rewarded: str, recipient: str, confirmed: bool = True) -> dict:
-    return {"awarding_comment_id": awarding, "awarder": OP, "rewarded_comment_id": rewarded,
-            "recipient": recipient, "from_op": True, "confirmed": confirmed}
+    return {
+        "awarding_comment_id": awarding,
+        "awarder": OP,
+        "rewarded_comment_id": rewarded,
+        "recipient": recipient,
+        "from_op": True,
+        "confirmed": confirmed,
+    }
 
 
-def thread(tid: str, comments: list[dict], branches: list[tuple[str, list[str]]], deltas=(), *,
-           title: str = TITLE, text: str = POST, created: float = 1.4e9) -> dict:
+def thread(
+    tid: str,
+    comments: list[dict],
+    branches: list[tuple[str, list[str]]],
+    deltas=(),
+    *,
+    title: str = TITLE,
+    text: str = POST,
+    created: float = 1.4e9,
+) -> dict:
     for com in comments:
         if com["parent_id"] == "t3_x":
             com["parent_id"] = f"t3_{tid}"
-    return {"thread_id": tid, "title": title, "op_author": OP, "op_text": text, "created_utc": created,
-            "comments": comments, "deltas": list(deltas),
-            "winning_branches": [{"recipient": r, "comment_ids": ids} for r, ids in branches]}
+    return {
+        "thread_id": tid,
+        "title": title,
+        "op_author": OP,
+        "op_text": text,
+        "created_utc": created,
+        "comments": comments,
+        "deltas": list(deltas),
+        "winning_branches": [{"recipient": r, "comment_ids": ids} for r, ids in branches],
+    }
 
 
 def cats_thread() -> dict:
@@ -65,26 +91,47 @@ def cats_thread() -> dict:
         c("c1", "", "erin", "Fish are the best pets, quiet and clean."),
         c("c2", "c1", OP, "Fish are boring."),
         # nearly the winner's text, but the OP never replied: not a candidate
-        c("d1", "", "frank", "Dogs are loyal. Dogs can be trained to be clean too. Walks make you healthier and dogs love you."),
+        c(
+            "d1",
+            "",
+            "frank",
+            "Dogs are loyal. Dogs can be trained to be clean too. Walks make you healthier and dogs love you.",
+        ),
         c("e1", "", "gina", "Fish tanks are quiet and clean pets"),
         c("e2", "e1", OP, "Δ good point"),
         c("e3", "e2", "DeltaBot", "Confirmed: 1 delta awarded to /u/gina"),
         # nearly the winner's text and the OP replied, but with an (unconfirmed) delta: never a loser
-        c("h1", "", "hank", "Dogs are loyal. Dogs can be trained to be clean too. Walks make you healthier and dogs love you."),
+        c(
+            "h1",
+            "",
+            "hank",
+            "Dogs are loyal. Dogs can be trained to be clean too. Walks make you healthier and dogs love you.",
+        ),
         c("h2", "h1", OP, "!delta"),
         # a deleted challenger comment is never a loser
         c("i1", "", "ivan", "[removed]"),
         c("i2", "i1", OP, "Why was this removed?"),
     ]
-    return thread("t1", comments, [("bob", ["a1", "a2", "a3", "a4", "a5"]), ("gina", ["e1"])],
-                  [delta("a6", "a5", "bob"), delta("e2", "e1", "gina"), delta("h2", "h1", "hank", confirmed=False)],
-                  text=POST_WITH_EDIT)
+    return thread(
+        "t1",
+        comments,
+        [("bob", ["a1", "a2", "a3", "a4", "a5"]), ("gina", ["e1"])],
+        [delta("a6", "a5", "bob"), delta("e2", "e1", "gina"), delta("h2", "h1", "hank", confirmed=False)],
+        text=POST_WITH_EDIT,
+    )
 
 
 def simple_thread(tid: str, reply: str, created: float = 1.4e9, *, text: str = POST, title: str = TITLE) -> dict:
     comments = [c(f"{tid}a", "", "bob", reply), c(f"{tid}b", f"{tid}a", OP, "∆ yes")]
-    return thread(tid, comments, [("bob", [f"{tid}a"])], [delta(f"{tid}b", f"{tid}a", "bob")],
-                  created=created, text=text, title=title)
+    return thread(
+        tid,
+        comments,
+        [("bob", [f"{tid}a"])],
+        [delta(f"{tid}b", f"{tid}a", "bob")],
+        created=created,
+        text=text,
+        title=title,
+    )
 
 
 def write_clean(directory: Path, threads: list[dict]) -> str:
@@ -128,29 +175,46 @@ def test_single_turn_messages_are_exact(tmp_path, tiny_model_dir):
     assert bob["thread_id"] == "t1"
     meta = bob["metadata"]
     assert (meta["view"], meta["recipient"], meta["n_turns"], meta["created_utc"], meta["split"]) == (
-        "single", "bob", 2, 1.4e9, "train")
+        "single",
+        "bob",
+        2,
+        1.4e9,
+        "train",
+    )
     assert meta["comment_ids"] == ["a1", "a2", "a3", "a4", "a5"]
     assert train[1]["messages"][-1] == {"role": "assistant", "content": "Fish tanks are quiet and clean pets"}
 
 
 def test_single_turn_branch_target_and_system_instruction(tmp_path, tiny_model_dir):
-    out = fmt(tmp_path, [cats_thread()], tiny_model_dir, test_fraction=0.0, val_fraction=0.0,
-              single_target="branch", instruction_role="system", instruction="Persuade.")
+    out = fmt(
+        tmp_path,
+        [cats_thread()],
+        tiny_model_dir,
+        test_fraction=0.0,
+        val_fraction=0.0,
+        single_target="branch",
+        instruction_role="system",
+        instruction="Persuade.",
+    )
     bob = read(out, "train.jsonl")[0]
     assert bob["messages"] == [
         {"role": "system", "content": "Persuade."},
         {"role": "user", "content": f"{TITLE}\n\n{POST}"},
         # the recipient's comments in the branch, quotes of the OP removed
-        {"role": "assistant", "content": "Dogs are loyal.\n\nDogs can be trained to be clean too.\n\n"
-                                         "Walks make you healthier and dogs love you."},
+        {
+            "role": "assistant",
+            "content": "Dogs are loyal.\n\nDogs can be trained to be clean too.\n\n"
+            "Walks make you healthier and dogs love you.",
+        },
     ]
     assert bob["metadata"]["n_turns"] == 2
 
 
 def test_multi_turn_drops_or_merges_other_users(tmp_path, tiny_model_dir):
     threads = [cats_thread()]
-    drop = read(fmt(tmp_path, threads, tiny_model_dir, "drop", view="multi", test_fraction=0.0,
-                    val_fraction=0.0), "train.jsonl")[0]
+    drop = read(
+        fmt(tmp_path, threads, tiny_model_dir, "drop", view="multi", test_fraction=0.0, val_fraction=0.0), "train.jsonl"
+    )[0]
     assert drop["messages"] == [
         {"role": "user", "content": PROMPT},
         {"role": "assistant", "content": "Dogs are loyal.\n\nDogs can be trained to be clean too."},
@@ -158,8 +222,20 @@ def test_multi_turn_drops_or_merges_other_users(tmp_path, tiny_model_dir):
         {"role": "assistant", "content": "Walks make you healthier and dogs love you."},
     ]
     assert drop["metadata"]["n_turns"] == 4 and drop["metadata"]["view"] == "multi"
-    merge = read(fmt(tmp_path, threads, tiny_model_dir, "merge", view="multi", others="merge",
-                     keep_quotes=True, test_fraction=0.0, val_fraction=0.0), "train.jsonl")[0]
+    merge = read(
+        fmt(
+            tmp_path,
+            threads,
+            tiny_model_dir,
+            "merge",
+            view="multi",
+            others="merge",
+            keep_quotes=True,
+            test_fraction=0.0,
+            val_fraction=0.0,
+        ),
+        "train.jsonl",
+    )[0]
     assert [m["content"] for m in merge["messages"][1:]] == [
         "Dogs are loyal.\n\n> Cats are clean\n\nDogs can be trained to be clean too.",
         "But dogs need walks.\n\nWalks are healthy.\n\nFair point, carol.",
@@ -205,9 +281,13 @@ def test_deleted_duplicate_and_empty_targets_are_dropped_and_counted(tmp_path, t
     assert [e["thread_id"] for e in read(out, "train.jsonl")] == ["t0", "t7"]
     stats = storage.read_json(storage.join(out, "stats.json"))
     assert {k: v for k, v in stats["dropped"].items() if v} == {
-        "deleted_target": 1, "deleted_post": 1, "duplicate": 1, "duplicate_thread": 1, "empty_target": 1}
-    target = fmt(tmp_path, threads, tiny_model_dir, "by-target", dedupe="target", test_fraction=0.0,
-                 val_fraction=0.0)
+        "deleted_target": 1,
+        "deleted_post": 1,
+        "duplicate": 1,
+        "duplicate_thread": 1,
+        "empty_target": 1,
+    }
+    target = fmt(tmp_path, threads, tiny_model_dir, "by-target", dedupe="target", test_fraction=0.0, val_fraction=0.0)
     assert [e["thread_id"] for e in read(target, "train.jsonl")] == ["t0"]
     off = fmt(tmp_path, threads, tiny_model_dir, "off", dedupe="off", test_fraction=0.0, val_fraction=0.0)
     assert [e["thread_id"] for e in read(off, "train.jsonl")] == ["t0", "t4", "t7"]
@@ -228,9 +308,15 @@ def test_multi_turn_deleted_turns(tmp_path, tiny_model_dir):
 def test_branch_through_a_deleted_comment_keeps_it_out_of_every_turn(tmp_path, tiny_model_dir, others):
     # CMV_DATA.md: a deleted comment stays in the tree (the branch runs through it) but its
     # "[deleted]"/"[removed]" text never reaches a prompt or a target.
-    comments = [c("z1", "", "[deleted]", "[deleted]"), c("z2", "z1", OP, "I still think so."),
-                c("z3", "z2", "bob", "Here is why not."), c("z4", "z3", "carol", "[removed]"),
-                c("z5", "z4", OP, "Hm, go on."), c("z6", "z5", "bob", "Because of this."), c("z7", "z6", OP, "∆")]
+    comments = [
+        c("z1", "", "[deleted]", "[deleted]"),
+        c("z2", "z1", OP, "I still think so."),
+        c("z3", "z2", "bob", "Here is why not."),
+        c("z4", "z3", "carol", "[removed]"),
+        c("z5", "z4", OP, "Hm, go on."),
+        c("z6", "z5", "bob", "Because of this."),
+        c("z7", "z6", OP, "∆"),
+    ]
     t = thread("td", comments, [("bob", ["z1", "z2", "z3", "z4", "z5", "z6"])], [delta("z7", "z6", "bob")])
     out = fmt(tmp_path, [t], tiny_model_dir, view="multi", others=others, test_fraction=0.0, val_fraction=0.0)
     [example] = read(out, "train.jsonl")
@@ -248,10 +334,14 @@ def test_token_length_filter_counts_rendered_chat(tmp_path, tiny_model_dir):
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     long_reply = " ".join(["persuasion"] * 300)
-    threads = [simple_thread("s1", "Short but sweet reply here."), simple_thread("s2", long_reply),
-               simple_thread("s3", "Ok.")]
-    out = fmt(tmp_path, threads, tiny_model_dir, max_tokens=200, min_target_tokens=3,
-              test_fraction=0.0, val_fraction=0.0)
+    threads = [
+        simple_thread("s1", "Short but sweet reply here."),
+        simple_thread("s2", long_reply),
+        simple_thread("s3", "Ok."),
+    ]
+    out = fmt(
+        tmp_path, threads, tiny_model_dir, max_tokens=200, min_target_tokens=3, test_fraction=0.0, val_fraction=0.0
+    )
     train = read(out, "train.jsonl")
     assert [e["thread_id"] for e in train] == ["s1"]
     stats = storage.read_json(storage.join(out, "stats.json"))
@@ -292,10 +382,13 @@ def test_hash_split_is_disjoint_deterministic_and_stable(tmp_path, tiny_model_di
     assert other_seed != first
     counts = {s: list(first.values()).count(s) for s in ("train", "val", "test")}
     assert all(n > 0 for n in counts.values()), counts
-    assert first == {t["thread_id"]: assign_split(t["thread_id"], t["created_utc"], FormatConfig(**cfg))
-                     for t in threads}
-    assert (Path(tmp_path / "a" / "format" / "train.jsonl").read_bytes()
-            == Path(tmp_path / "b" / "format" / "train.jsonl").read_bytes())
+    assert first == {
+        t["thread_id"]: assign_split(t["thread_id"], t["created_utc"], FormatConfig(**cfg)) for t in threads
+    }
+    assert (
+        Path(tmp_path / "a" / "format" / "train.jsonl").read_bytes()
+        == Path(tmp_path / "b" / "format" / "train.jsonl").read_bytes()
+    )
 
 
 def test_time_split_puts_later_threads_in_test(tmp_path, tiny_model_dir):
@@ -316,13 +409,23 @@ def test_time_split_puts_later_threads_in_test(tmp_path, tiny_model_dir):
 def duel_thread(tid: str, created: float, *, winner: str | None = None, loser: str | None = "") -> dict:
     """bob wins a delta at top level; dave (if ``loser`` is not None) argues in another subtree that
     the OP answered without a delta: exactly one matched pair. The title names the thread."""
-    comments = [c(f"{tid}w", "", "bob", winner or f"WIN point {tid}: dogs are loyal and protect you."),
-                c(f"{tid}d", f"{tid}w", OP, "∆ you changed my view")]
+    comments = [
+        c(f"{tid}w", "", "bob", winner or f"WIN point {tid}: dogs are loyal and protect you."),
+        c(f"{tid}d", f"{tid}w", OP, "∆ you changed my view"),
+    ]
     if loser is not None:
-        comments += [c(f"{tid}l", "", "dave", loser or f"LOSE point {tid}: dogs are loud and smelly."),
-                     c(f"{tid}r", f"{tid}l", OP, "I still disagree.")]
-    return thread(tid, comments, [("bob", [f"{tid}w"])], [delta(f"{tid}d", f"{tid}w", "bob")], created=created,
-                  title=f"CMV: topic {tid}")
+        comments += [
+            c(f"{tid}l", "", "dave", loser or f"LOSE point {tid}: dogs are loud and smelly."),
+            c(f"{tid}r", f"{tid}l", OP, "I still disagree."),
+        ]
+    return thread(
+        tid,
+        comments,
+        [("bob", [f"{tid}w"])],
+        [delta(f"{tid}d", f"{tid}w", "bob")],
+        created=created,
+        title=f"CMV: topic {tid}",
+    )
 
 
 def time_split_threads(n_before: int, n_after: int, cut: float) -> list[dict]:
@@ -352,7 +455,9 @@ def test_time_split_writes_train_period_pairs_tagged_by_split_and_period(tmp_pat
         assert p["created_utc"] == created[p["thread_id"]]
         assert (p["created_utc"] >= cut) == (p["period"] == "after")
         tid = p["thread_id"]
-        assert p["winner"] == f"WIN point {tid}: dogs are loyal and protect you." and p["loser_comment_ids"] == [f"{tid}l"]
+        assert p["winner"] == f"WIN point {tid}: dogs are loyal and protect you." and p["loser_comment_ids"] == [
+            f"{tid}l"
+        ]
     assert all(p["period"] == "before" for p in before)
     # one matcher: the train-period pairs are the DPO preference pairs before their length filters
     prefs = {r["metadata"]["pair_id"]: r for s in ("train", "val") for r in read(out, f"{s}_preferences.jsonl")}
@@ -388,8 +493,9 @@ def test_pairs_pick_the_most_similar_losing_branch(tmp_path, tiny_model_dir):
     # (4/21) or erin (3/20); frank (OP silent), hank (delta) and ivan (removed) are never losers.
     assert bob["loser_comment_ids"] == ["b1"] and bob["loser_author"] == "dave"
     assert bob["jaccard"] == pytest.approx(4 / 19, abs=1e-6)
-    assert bob["winner"] == ("Dogs are loyal.\n\nDogs can be trained to be clean too.\n\n"
-                             "Walks make you healthier and dogs love you.")
+    assert bob["winner"] == (
+        "Dogs are loyal.\n\nDogs can be trained to be clean too.\n\nWalks make you healthier and dogs love you."
+    )
     assert bob["loser"] == "Dogs are loyal friends and protect the house."
     assert bob["prompt"] == [{"role": "user", "content": PROMPT}]
     assert bob["winner_comment_ids"] == ["a1", "a2", "a3", "a4", "a5"]
@@ -409,8 +515,15 @@ def test_pairs_only_for_test_threads(tmp_path, tiny_model_dir):
 def test_outputs_manifest_and_skip(tmp_path, tiny_model_dir, capsys):
     out = fmt(tmp_path, [cats_thread()], tiny_model_dir)
     assert sorted(storage.list_files(out)) == [
-        "_SUCCESS", "pairs.jsonl", "stats.json", "test.jsonl", "train.jsonl", "train_preferences.jsonl", "val.jsonl",
-        "val_preferences.jsonl"]
+        "_SUCCESS",
+        "pairs.jsonl",
+        "stats.json",
+        "test.jsonl",
+        "train.jsonl",
+        "train_preferences.jsonl",
+        "val.jsonl",
+        "val_preferences.jsonl",
+    ]
     manifest = storage.read_json(storage.join(out, "_SUCCESS"))
     assert manifest["stage"] == "format" and manifest["summary"]["examples_total"] == 2
     assert "examples: train" in capsys.readouterr().out

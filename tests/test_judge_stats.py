@@ -14,11 +14,12 @@ import json
 import math
 
 import pytest
-
-from cmv_core import judging, storage
-from cmv_core.judging import JudgeConfig
 from fake_openai_server import FakeOpenAI, Reply, completion, token_logprobs, verdict_fields, verdict_json
 from test_judge import INSTRUCTION, replies_shown, write_stage_outputs
+
+from cmv_core import storage
+from cmv_core.judge import stage as judging
+from cmv_core.judge.stage import JudgeConfig
 
 CRITS = ["persuasiveness"]
 
@@ -27,31 +28,66 @@ def make_inputs(root, n, reply, pair_texts, human=lambda i: f"HUMAN reply {i}"):
     """format + generate outputs with n prompts, each in its own thread; ``reply(variant, i)``
     gives the generated replies, ``pair_texts(i)`` the (winner, loser) of the delta pair."""
     fmt, gen = str(root / "format"), str(root / "generate")
-    run = storage.begin_stage("format", fmt, inputs=[], config={"format": {"instruction": INSTRUCTION,
-                                                                            "instruction_role": "user"}},
-                              run_id="t")
+    run = storage.begin_stage(
+        "format",
+        fmt,
+        inputs=[],
+        config={"format": {"instruction": INSTRUCTION, "instruction_role": "user"}},
+        run_id="t",
+    )
     tests, pairs, gens = [], [], []
     for i in range(n):
         prompt = [{"role": "user", "content": f"{INSTRUCTION}\n\nCMV: topic {i}\n\nI believe thing {i}."}]
-        tests.append({"id": f"t{i}:c{i}", "thread_id": f"t{i}", "metadata": {"comment_ids": [f"c{i}"]},
-                      "messages": prompt + [{"role": "assistant", "content": human(i)}]})
+        tests.append(
+            {
+                "id": f"t{i}:c{i}",
+                "thread_id": f"t{i}",
+                "metadata": {"comment_ids": [f"c{i}"]},
+                "messages": prompt + [{"role": "assistant", "content": human(i)}],
+            }
+        )
         win, lose = pair_texts(i)
-        pairs.append({"pair_id": f"t{i}:c{i}", "thread_id": f"t{i}", "prompt": prompt, "winner": win,
-                      "loser": lose, "loser_comment_ids": [f"l{i}"]})
+        pairs.append(
+            {
+                "pair_id": f"t{i}:c{i}",
+                "thread_id": f"t{i}",
+                "prompt": prompt,
+                "winner": win,
+                "loser": lose,
+                "loser_comment_ids": [f"l{i}"],
+            }
+        )
         for v in ("base", "finetuned"):
-            gens.append({"id": f"t{i}:c{i}", "thread_id": f"t{i}", "model": v, "messages": prompt,
-                         "response": reply(v, i), "finish_reason": "stop"})
+            gens.append(
+                {
+                    "id": f"t{i}:c{i}",
+                    "thread_id": f"t{i}",
+                    "model": v,
+                    "messages": prompt,
+                    "response": reply(v, i),
+                    "finish_reason": "stop",
+                }
+            )
     return write_stage_outputs(run, fmt, gen, tests, pairs, gens)
 
 
 def cfg(srv, **kw):
-    base = dict(backend="openai", model="gpt-4o-mini", base_url=srv.base_url, concurrency=8, max_retries=2,
-                timeout_s=5.0, bootstrap_samples=300, criteria=CRITS, logprobs=False)
+    base = dict(
+        backend="openai",
+        model="gpt-4o-mini",
+        base_url=srv.base_url,
+        concurrency=8,
+        max_retries=2,
+        timeout_s=5.0,
+        bootstrap_samples=300,
+        criteria=CRITS,
+        logprobs=False,
+    )
     return JudgeConfig(**{**base, **kw})
 
 
 def unit(i: int, salt: str) -> float:
-    return int(hashlib.sha256(f"{salt}:{i}".encode()).hexdigest()[:8], 16) / 16 ** 8
+    return int(hashlib.sha256(f"{salt}:{i}".encode()).hexdigest()[:8], 16) / 16**8
 
 
 def longer_judge(body, n):
@@ -70,7 +106,9 @@ def test_a_judge_that_prefers_the_longer_reply_is_length_controlled_away(tmp_pat
 
     def reply(v, i):
         # finetuned is always the longer of the two models (by 20-60 words)
-        return ("FT " if v == "finetuned" else "BASE ") + words(30 + (20 + int(40 * unit(i, "ft")) if v == "finetuned" else 0))
+        return ("FT " if v == "finetuned" else "BASE ") + words(
+            30 + (20 + int(40 * unit(i, "ft")) if v == "finetuned" else 0)
+        )
 
     def human(i):  # sometimes longer, sometimes shorter than the models
         return "HUMAN " + words(int(10 + 100 * unit(i, "h")))
@@ -81,8 +119,16 @@ def test_a_judge_that_prefers_the_longer_reply_is_length_controlled_away(tmp_pat
     gen, fmt = make_inputs(tmp_path, n, reply, pair_texts, human)
     out = str(tmp_path / "judge")
     with FakeOpenAI(longer_judge) as srv:
-        judging.run_judge(gen, fmt, out, cfg(srv, comparisons=[["finetuned", "base"], ["finetuned", "human"],
-                                                               ["base", "human"]], length_probe_items=10))
+        judging.run_judge(
+            gen,
+            fmt,
+            out,
+            cfg(
+                srv,
+                comparisons=[["finetuned", "base"], ["finetuned", "human"], ["base", "human"]],
+                length_probe_items=10,
+            ),
+        )
     rep = storage.read_json(storage.join(out, "report.json"))
     raw = rep["pairwise"]["finetuned_vs_base"]["preference"]
     assert raw["estimate"] == 1.0 and raw["n_threads"] == n and raw["p_value"] < 0.001
@@ -119,19 +165,24 @@ def strength_judge(body, n):
     if len(shown) == 1:
         return Reply(body=completion(verdict_json({k: 4 for k in fields})))
     sa, sb = (STRENGTH.get(x.split()[0], 0.0) for x in shown)
-    u = int(hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest()[:8], 16) / 16 ** 8
+    u = int(hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest()[:8], 16) / 16**8
     p_a = 1 / (1 + math.exp(-(sa - sb)))
     return Reply(body=completion(verdict_json({"winner": "A" if u < p_a else "B"})))
 
 
 def test_bradley_terry_recovers_set_strengths_and_the_gap(tmp_path):
     n = 150
-    gen, fmt = make_inputs(tmp_path, n, lambda v, i: f"{'FT' if v == 'finetuned' else 'BASE'} reply {i}",
-                           lambda i: (f"WIN {i}", f"LOSE {i}"))
+    gen, fmt = make_inputs(
+        tmp_path,
+        n,
+        lambda v, i: f"{'FT' if v == 'finetuned' else 'BASE'} reply {i}",
+        lambda i: (f"WIN {i}", f"LOSE {i}"),
+    )
     out = str(tmp_path / "judge")
     with FakeOpenAI(strength_judge) as srv:
-        judging.run_judge(gen, fmt, out, cfg(srv, single=False, calibration=False, length_probe_items=0,
-                                             bootstrap_samples=200))
+        judging.run_judge(
+            gen, fmt, out, cfg(srv, single=False, calibration=False, length_probe_items=0, bootstrap_samples=200)
+        )
     rep = storage.read_json(storage.join(out, "report.json"))
     scale = rep["scale"]
     s = scale["strengths"]
@@ -170,13 +221,24 @@ def logprob_judge(body, n):
 
 def test_exact_brier_and_auc_from_logprobs(tmp_path):
     n = 6
-    gen, fmt = make_inputs(tmp_path, n, lambda v, i: f"{v} reply {i}",
-                           lambda i: (f"WIN {i}", f"LOSE {i}" + (" odd" if i % 2 else "")))
+    gen, fmt = make_inputs(
+        tmp_path, n, lambda v, i: f"{v} reply {i}", lambda i: (f"WIN {i}", f"LOSE {i}" + (" odd" if i % 2 else ""))
+    )
     out = str(tmp_path / "judge")
     with FakeOpenAI(logprob_judge) as srv:
-        judging.run_judge(gen, fmt, out, cfg(srv, logprobs=True, comparisons=[["finetuned", "base"]],
-                                             length_probe_items=0, nondelta_reference=False,
-                                             grade_human=False))
+        judging.run_judge(
+            gen,
+            fmt,
+            out,
+            cfg(
+                srv,
+                logprobs=True,
+                comparisons=[["finetuned", "base"]],
+                length_probe_items=0,
+                nondelta_reference=False,
+                grade_human=False,
+            ),
+        )
     rep = storage.read_json(storage.join(out, "report.json"))
     fc = rep["instruments"]["forced_choice"]
     # P(winner) per pair = (0.8 + 0.6) / 2 = 0.7 -> Brier (1 - 0.7)^2 = 0.09, the same for every pair
@@ -196,10 +258,25 @@ def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
     gen, fmt = make_inputs(tmp_path, 3, lambda v, i: f"{v} reply {i}", lambda i: (f"WIN {i}", f"LOSE {i}"))
     out = tmp_path / "judge"
     with FakeOpenAI(longer_judge) as srv:
-        proc = run_cmv("judge", "--generations", gen, "--data", fmt, "--output", str(out), "--dry-run",
-                       "--config", str(CONFIGS / "tiny.yaml"), "--set", "judge.backend=openai",
-                       "--set", "judge.model=gpt-4o-mini", "--set", f"judge.base_url={srv.base_url}",
-                       env={"OPENAI_API_KEY": "sk-dry"})
+        proc = run_cmv(
+            "judge",
+            "--generations",
+            gen,
+            "--data",
+            fmt,
+            "--output",
+            str(out),
+            "--dry-run",
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            "--set",
+            "judge.backend=openai",
+            "--set",
+            "judge.model=gpt-4o-mini",
+            "--set",
+            f"judge.base_url={srv.base_url}",
+            env={"OPENAI_API_KEY": "sk-dry"},
+        )
         assert srv.count == 0
     assert "dry run:" in proc.stdout and "estimated cost $" in proc.stdout
     est = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -223,8 +300,11 @@ def test_provenance_refusals_token_param_and_base_url_in_cache_key(tmp_path):
         reply.body["model"] = "gpt-4o-mini-2024-07-18"
         reply.body["system_fingerprint"] = "fp_test123"
         if replies_shown(body) == ("base reply 1",):
-            reply.body["choices"][0]["message"] = {"role": "assistant", "content": None,
-                                                   "refusal": "I can't help with that."}
+            reply.body["choices"][0]["message"] = {
+                "role": "assistant",
+                "content": None,
+                "refusal": "I can't help with that.",
+            }
         return reply
 
     out = str(tmp_path / "judge")
@@ -245,8 +325,9 @@ def test_provenance_refusals_token_param_and_base_url_in_cache_key(tmp_path):
         assert rep["provenance"]["system_fingerprints"] == ["fp_test123"]
         assert "fp_test123" in storage.read_text(storage.join(out, "report.md"))
         with FakeOpenAI(handler) as other:  # same model name, another server: not answered from the cache
-            judging.run_judge(gen, fmt, out, cfg(other, calibration=False, pairwise=False, max_failed_fraction=0.9),
-                              force=True)
+            judging.run_judge(
+                gen, fmt, out, cfg(other, calibration=False, pairwise=False, max_failed_fraction=0.9), force=True
+            )
             assert other.count == first
 
 
@@ -261,14 +342,27 @@ def test_local_judge_batches_calls_with_the_same_answers(tiny_model_dir):
     calls = []
     for i in range(6):
         calls.append((judging.single_messages(post, "Reply " + "word " * (i * 7 + 1), CRITS, 1000), sform))
-        calls.append((judging.two_reply_messages(judging.PAIRWISE_INSTRUCTIONS, judging.PAIRWISE_FORM, post,
-                                                 "A " * (i + 1), "B " * (9 - i), 1000), judging.PAIRWISE_FORM))
+        calls.append(
+            (
+                judging.two_reply_messages(
+                    judging.PAIRWISE_INSTRUCTIONS, judging.PAIRWISE_FORM, post, "A " * (i + 1), "B " * (9 - i), 1000
+                ),
+                judging.PAIRWISE_FORM,
+            )
+        )
     answers = {}
     for batch_size in (1, 4):
         # float32: "the same up to rounding" (bfloat16 keeps 3 digits, too few for a random tiny model's
         # near-uniform logits)
-        backend = judging.LocalBackend(JudgeConfig(backend="local", model=tiny_model_dir, local_rationale_tokens=3,
-                                                   local_batch_size=batch_size, local_dtype="float32"))
+        backend = judging.LocalBackend(
+            JudgeConfig(
+                backend="local",
+                model=tiny_model_dir,
+                local_rationale_tokens=3,
+                local_batch_size=batch_size,
+                local_dtype="float32",
+            )
+        )
         sizes = []
         original = backend._complete_batch
         backend._complete_batch = lambda batch: (sizes.append(len(batch)), original(batch))[1]
@@ -293,8 +387,7 @@ def test_local_judge_dtype_is_resolved_recorded_and_keyed(tiny_model_dir, monkey
     part of the backend's params (the cache key), and the dry run plans with the same params."""
     import torch
 
-    for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"),
-                                       (False, False, "float32")):
+    for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         assert judging.local_dtype("auto") == expected
@@ -308,8 +401,15 @@ def test_local_judge_dtype_is_resolved_recorded_and_keyed(tiny_model_dir, monkey
         backend = judging.LocalBackend(cfg)
         assert next(backend.model.parameters()).dtype == getattr(torch, dtype)
         assert backend.params() == judging.planned_params(cfg)
-        keys.add(judging.cache_key(judging.key_backend(cfg), cfg.model, [{"role": "user", "content": "x"}],
-                                   judging.PAIRWISE_FORM, backend.params()))
+        keys.add(
+            judging.cache_key(
+                judging.key_backend(cfg),
+                cfg.model,
+                [{"role": "user", "content": "x"}],
+                judging.PAIRWISE_FORM,
+                backend.params(),
+            )
+        )
     assert len(keys) == 2
 
 
@@ -348,8 +448,7 @@ def test_the_sync_backend_sends_exactly_the_request_body(response_format, transp
     either of the client's transports; an unknown transport is a configuration error."""
     import asyncio
 
-    messages = judging.single_messages([{"role": "user", "content": "CMV: x.\n\nBecause y."}], "A reply.",
-                                       CRITS, 1000)
+    messages = judging.single_messages([{"role": "user", "content": "CMV: x.\n\nBecause y."}], "A reply.", CRITS, 1000)
     form = judging.single_form(CRITS)
     with FakeOpenAI(longer_judge) as srv:
         c = cfg(srv, response_format=response_format, http_transport=transport)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from cmv_core import judging, storage
-from cmv_core.formatting import FormatConfig, parse_utc, run_format
 from fake_openai_server import FakeOpenAI, Reply, completion, user_text, verdict_fields, verdict_json
 from test_format import time_split_threads, write_clean
 from test_judge import replies_shown
 from test_judge_stats import cfg
+
+from cmv_core import storage
+from cmv_core.format.stage import FormatConfig, parse_utc, run_format
+from cmv_core.judge import stage as judging
 
 CUT = "2015-05-08"
 
@@ -26,12 +27,22 @@ def time_split_inputs(root, model: str, n_before: int, n_after: int) -> tuple[st
     """format (split: time, real stage) and generate outputs; returns (generations, data)."""
     write_clean(root / "clean", time_split_threads(n_before, n_after, parse_utc(CUT)))
     fmt, gen = str(root / "format"), str(root / "generate")
-    run_format(str(root / "clean"), fmt, FormatConfig(split="time", test_after=CUT, val_fraction=0.3),
-               model=model, run_id="t")
+    run_format(
+        str(root / "clean"), fmt, FormatConfig(split="time", test_after=CUT, val_fraction=0.3), model=model, run_id="t"
+    )
     run = storage.begin_stage("generate", gen, inputs=[fmt], config={}, run_id="t")
-    rows = [{"id": t["id"], "thread_id": t["thread_id"], "model": v, "messages": t["messages"][:-1],
-             "response": f"{v.upper()} reply", "finish_reason": "stop"}
-            for t in storage.read_jsonl(storage.join(fmt, "test.jsonl")) for v in ("base", "finetuned")]
+    rows = [
+        {
+            "id": t["id"],
+            "thread_id": t["thread_id"],
+            "model": v,
+            "messages": t["messages"][:-1],
+            "response": f"{v.upper()} reply",
+            "finish_reason": "stop",
+        }
+        for t in storage.read_jsonl(storage.join(fmt, "test.jsonl"))
+        for v in ("base", "finetuned")
+    ]
     storage.write_jsonl(storage.join(gen, "generations.jsonl"), rows)
     storage.finish_stage(run, {"rows": len(rows)})
     return gen, fmt
@@ -54,8 +65,14 @@ def era_judge(body: dict, n: int) -> Reply:
 
 
 def judge_config(srv, **kw):
-    return cfg(srv, comparisons=[["finetuned", "base"]], length_probe_items=0, nondelta_reference=False,
-               grade_human=False, **kw)
+    return cfg(
+        srv,
+        comparisons=[["finetuned", "base"]],
+        length_probe_items=0,
+        nondelta_reference=False,
+        grade_human=False,
+        **kw,
+    )
 
 
 def test_time_split_judges_train_period_pairs_and_detects_a_judge_that_knows_the_old_threads(tmp_path, tiny_model_dir):

@@ -9,13 +9,15 @@ import os
 import subprocess
 import uuid
 
+import crd_schema
 import jsonschema
 import pytest
 import yaml
-
-import crd_schema
-from cmv_core import cli, k8s, k8s_argo, storage
 from test_k8s_cluster import restricted_violations
+
+from cmv_core import cli, storage
+from cmv_core.k8s import argo as k8s_argo
+from cmv_core.k8s import submit as k8s
 
 TAG = "t-1234567"
 
@@ -101,8 +103,19 @@ def fake(tmp_path, monkeypatch):
 
 
 def test_submit_engine_argo_creates_the_template_and_a_workflow(fake, capsys):
-    args = ["k8s", "submit", "--engine", "argo", "--overlay", "jobset", "--run-id", "wf-4", "--tag", TAG,
-            "--no-store-check"]
+    args = [
+        "k8s",
+        "submit",
+        "--engine",
+        "argo",
+        "--overlay",
+        "jobset",
+        "--run-id",
+        "wf-4",
+        "--tag",
+        TAG,
+        "--no-store-check",
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     kinds = [k for k, _ in fake.created()]
@@ -116,8 +129,11 @@ def test_submit_engine_argo_creates_the_template_and_a_workflow(fake, capsys):
     assert "WorkflowTemplate cmv-pipeline-wf-4 replaced" in capsys.readouterr().out
     template = fake.objects[("WorkflowTemplate", "cmv-test", "cmv-pipeline-wf-4")]
     assert template["metadata"]["resourceVersion"] == "2"
-    config = next(o for (k, _, _), o in fake.objects.items()
-                  if k == "ConfigMap" and o["data"]["CMV_RECIPE"] == "configs/llama-3.2-3b.yaml")
+    config = next(
+        o
+        for (k, _, _), o in fake.objects.items()
+        if k == "ConfigMap" and o["data"]["CMV_RECIPE"] == "configs/llama-3.2-3b.yaml"
+    )
     assert templates(template)["clean"]["container"]["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
     assert [k for k, _ in fake.created()].count("Workflow") == 2
 
@@ -131,8 +147,9 @@ def test_argo_steps_run_in_dag_order_as_local_processes_and_produce_the_report(s
 
     run_id = f"a-{uuid.uuid4().hex[:6]}"
     root = f"{s3_bucket}/runs"
-    settings = tiny_settings(root, run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"], NNODES="1",
-                             MASTER_PORT=str(free_port()))
+    settings = tiny_settings(
+        root, run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"], NNODES="1", MASTER_PORT=str(free_port())
+    )
     run = k8s.plan(k8s.render_objects("jobset", settings=settings, tag=TAG))
     wt = k8s_argo.workflow_template(run)
     by_name = templates(wt)
@@ -141,23 +158,38 @@ def test_argo_steps_run_in_dag_order_as_local_processes_and_produce_the_report(s
         if "resource" in t:  # the JobSet this step creates: its one pod (NNODES=1), as the JobSet would run it
             jobset = yaml.safe_load(t["resource"]["manifest"])
             pod = k8s.pod_template(jobset)
-            job = {"kind": "Job", "metadata": {"name": f"{jobset['metadata']['name']}-node-0"},
-                   "spec": {"completionMode": "Indexed",
-                            "template": {"metadata": {"labels": {**pod["metadata"]["labels"],
-                                         "jobset.sigs.k8s.io/jobset-name": jobset["metadata"]["name"]}},
-                                         "spec": pod["spec"]}}}
+            job = {
+                "kind": "Job",
+                "metadata": {"name": f"{jobset['metadata']['name']}-node-0"},
+                "spec": {
+                    "completionMode": "Indexed",
+                    "template": {
+                        "metadata": {
+                            "labels": {
+                                **pod["metadata"]["labels"],
+                                "jobset.sigs.k8s.io/jobset-name": jobset["metadata"]["name"],
+                            }
+                        },
+                        "spec": pod["spec"],
+                    },
+                },
+            }
             argv, env = pod_process(job, run.config, TEST_SECRETS, index=0)
             assert env["MASTER_ADDR"] == f"{jobset['metadata']['name']}-node-0-0.{jobset['metadata']['name']}"
             env["MASTER_ADDR"] = "127.0.0.1"
             argv = [expand(a, env) if not a.startswith("--master-addr") else "--master-addr=127.0.0.1" for a in argv]
         else:  # a container step: the template's container and pod settings, as Argo's pod would have them
-            job = {"kind": "Job", "metadata": {"name": f"{wt['metadata']['name']}-{name}"},
-                   "spec": {"template": {"metadata": t["metadata"], "spec": {"containers": [t["container"]]}}}}
+            job = {
+                "kind": "Job",
+                "metadata": {"name": f"{wt['metadata']['name']}-{name}"},
+                "spec": {"template": {"metadata": t["metadata"], "spec": {"containers": [t["container"]]}}},
+            }
             argv, env = pod_process(job, run.config, TEST_SECRETS)
         env["TMPDIR"] = str(tmp_path / name)
         os.makedirs(env["TMPDIR"])
-        proc = subprocess.run(argv, env=env, cwd=k8s.default_k8s_dir().parent, capture_output=True, text=True,
-                              timeout=900)
+        proc = subprocess.run(
+            argv, env=env, cwd=k8s.default_k8s_dir().parent, capture_output=True, text=True, timeout=900
+        )
         assert proc.returncode == 0, f"{name}: {explain(proc)}"
         assert storage.exists(f"{root}/{run_id}/{name}/_SUCCESS"), name
     assert storage.read_text(f"{root}/{run_id}/judge/report.md").strip()

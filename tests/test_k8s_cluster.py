@@ -9,12 +9,11 @@ import copy
 import re
 from pathlib import Path
 
+import crd_schema
 import jsonschema
 import pytest
-import yaml
 
-import crd_schema
-from cmv_core import k8s
+from cmv_core.k8s import submit as k8s
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "t-1234567"
@@ -30,8 +29,11 @@ def rendered() -> dict[str, list[dict]]:
 
 
 def workload(objects: list[dict], stage: str) -> dict:
-    return next(o for o in objects if o["kind"] in k8s.WORKLOAD_KINDS
-                and o["metadata"].get("labels", {}).get("cmv.io/stage") == stage)
+    return next(
+        o
+        for o in objects
+        if o["kind"] in k8s.WORKLOAD_KINDS and o["metadata"].get("labels", {}).get("cmv.io/stage") == stage
+    )
 
 
 def main_container(obj: dict) -> dict:
@@ -50,8 +52,16 @@ def pod_templates(obj: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- Pod Security "restricted"
 
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                      "projected", "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def restricted_violations(template: dict) -> list[str]:
@@ -78,7 +88,7 @@ def restricted_violations(template: dict) -> list[str]:
             out.append(f"{name}: capabilities do not drop ALL")
         if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
             out.append(f"{name}: adds capabilities {caps['add']}")
-        if not (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True):
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
             out.append(f"{name}: runAsNonRoot is not true")
         if sc.get("runAsUser") == 0:
             out.append(f"{name}: runAsUser 0")
@@ -105,8 +115,10 @@ def test_the_restricted_check_catches_violations(rendered):
     template["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
     del template["spec"]["securityContext"]["seccompProfile"]
     assert restricted_violations(template) == [
-        "volume host is of type ['hostPath']", "main: allowPrivilegeEscalation is not false",
-        "main: seccompProfile is None"]
+        "volume host is of type ['hostPath']",
+        "main: allowPrivilegeEscalation is not false",
+        "main: seccompProfile is None",
+    ]
 
 
 # ---------------------------------------------------------------- JobSet
@@ -126,8 +138,13 @@ def test_jobset_validates_against_its_crd_and_the_check_rejects_mistakes(rendere
     k8s.pod_template(deep_typo)["spec"]["containers"][0]["resource"] = {}
     wrong_type = copy.deepcopy(jobset)
     wrong_type["spec"]["network"]["enableDNSHostnames"] = "yes"
-    for bad, word in ((misspelt, "maxRestart"), (bad_enum, "Blocking"), (bad_action, "RestartJobSetIgnoring"),
-                      (deep_typo, "resource"), (wrong_type, "yes")):
+    for bad, word in (
+        (misspelt, "maxRestart"),
+        (bad_enum, "Blocking"),
+        (bad_action, "RestartJobSetIgnoring"),
+        (deep_typo, "resource"),
+        (wrong_type, "yes"),
+    ):
         with pytest.raises(jsonschema.ValidationError, match=word):
             crd_schema.validate(bad)
 
@@ -164,7 +181,9 @@ def test_jobset_master_addr_is_pod_zero_of_the_jobset_and_scaling_is_one_value()
     assert inner["template"]["spec"]["completionMode"] == "Indexed"
     c = main_container(jobset)
     env = {e["name"]: e for e in c["env"]}
-    assert env["JOBSET_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['jobset.sigs.k8s.io/jobset-name']"
+    assert (
+        env["JOBSET_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['jobset.sigs.k8s.io/jobset-name']"
+    )
     # <jobset>-<replicated job>-<job index>-<pod index>.<subdomain = jobset name>
     assert env["MASTER_ADDR"]["value"] == "$(JOBSET_NAME)-node-0-0.$(JOBSET_NAME)"
     assert "--node-rank=$(JOB_COMPLETION_INDEX)" in c["args"] and "--master-port=$(MASTER_PORT)" in c["args"]
@@ -213,7 +232,9 @@ def untagged_tree(tmp_path) -> Path:
 
 def test_rendering_refuses_images_without_a_tag_or_tagged_latest(monkeypatch, tmp_path):
     monkeypatch.setattr(k8s, "default_tag", lambda: None)
-    with pytest.raises(k8s.K8sError, match="images without a tag, or tagged latest: localhost:5000/cmv-clean:set-a-tag"):
+    with pytest.raises(
+        k8s.K8sError, match="images without a tag, or tagged latest: localhost:5000/cmv-clean:set-a-tag"
+    ):
         k8s.render("gpu")  # the overlay's placeholder, never rendered
     with pytest.raises(k8s.K8sError, match="images without a tag, or tagged latest: reg.example/cmv-clean,"):
         k8s.render("gpu", registry="reg.example", k8s_dir=untagged_tree(tmp_path))
@@ -221,14 +242,16 @@ def test_rendering_refuses_images_without_a_tag_or_tagged_latest(monkeypatch, tm
         k8s.render("gpu", tag="latest")
     objects = k8s.render_objects("gpu", tag="abc1234")
     assert {main_container(workload(objects, s))["image"] for s in k8s.STAGES} == {
-        f"localhost:5000/cmv-{s}:abc1234" for s in k8s.STAGES}
+        f"localhost:5000/cmv-{s}:abc1234" for s in k8s.STAGES
+    }
 
 
 def test_the_default_tag_is_git_describe_as_make_tags():
     import subprocess
 
-    want = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
+    want = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     assert k8s.default_tag() == want
     make = subprocess.run(["make", "-n", "image-clean"], cwd=REPO, capture_output=True, text=True).stdout
     assert f"-t localhost:5000/cmv-clean:{want} ." in make
@@ -236,29 +259,44 @@ def test_the_default_tag_is_git_describe_as_make_tags():
 
 
 def test_no_latest_anywhere():
-    files = [*(REPO / "k8s").rglob("*.yaml"), *(REPO / "images").glob("*.Dockerfile"), REPO / "Makefile",
-             REPO / "images" / "docker-bake.hcl"]
-    hits = [f"{p.relative_to(REPO)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
-            if re.search(r"(:latest\b|newTag: latest|default = \"latest\")", line) and not line.lstrip().startswith("#")]
+    files = [
+        *(REPO / "k8s").rglob("*.yaml"),
+        *(REPO / "images").glob("*.Dockerfile"),
+        REPO / "Makefile",
+        REPO / "images" / "docker-bake.hcl",
+    ]
+    hits = [
+        f"{p.relative_to(REPO)}:{i}"
+        for p in files
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if re.search(r"(:latest\b|newTag: latest|default = \"latest\")", line) and not line.lstrip().startswith("#")
+    ]
     assert hits == []
 
 
 def test_each_overlay_has_its_own_default_run_id(rendered):
     ids = {overlay: k8s.plan(objects).run_id for overlay, objects in rendered.items()}
     assert len(set(ids.values())) == len(ids), ids
-    names = {overlay: {o["metadata"]["name"] for o in objects if o["kind"] in k8s.WORKLOAD_KINDS}
-             for overlay, objects in rendered.items()}
+    names = {
+        overlay: {o["metadata"]["name"] for o in objects if o["kind"] in k8s.WORKLOAD_KINDS}
+        for overlay, objects in rendered.items()
+    }
     overlays = list(names)
     for i, a in enumerate(overlays):
-        for b in overlays[i + 1:]:
+        for b in overlays[i + 1 :]:
             assert not names[a] & names[b], (a, b)
 
 
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)
 def test_every_job_is_bounded_in_time(rendered, overlay):
     for obj in rendered[overlay]:
-        specs = [r["template"]["spec"] for r in obj["spec"]["replicatedJobs"]] if obj["kind"] == "JobSet" else \
-            [obj["spec"]] if obj["kind"] == "Job" else []
+        specs = (
+            [r["template"]["spec"] for r in obj["spec"]["replicatedJobs"]]
+            if obj["kind"] == "JobSet"
+            else [obj["spec"]]
+            if obj["kind"] == "Job"
+            else []
+        )
         for spec in specs:
             assert spec.get("activeDeadlineSeconds", 0) > 0, f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
 

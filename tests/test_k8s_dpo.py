@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 import yaml
-
 from conftest import REPO
 
-from cmv_core import cli, k8s
+from cmv_core import cli
+from cmv_core.k8s import submit as k8s
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
 
@@ -30,11 +30,22 @@ def render_with_dpo(tmp_path, overlay: str) -> list[dict]:
     rel = lambda p: os.path.relpath(REPO / "k8s" / "overlays" / overlay / p, here)  # noqa: E731
     resources = [rel("../../base")] + ([rel("minio")] if overlay == "dev" else [])
     components = [rel("../../components/dpo")] + [rel(c) for c in OVERLAYS[overlay]] + [rel("../../base/derive")]
-    (here / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": resources, "components": components}))
-    out = subprocess.run(["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(here)],
-                         capture_output=True, text=True, check=True).stdout
+    (here / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": resources,
+                "components": components,
+            }
+        )
+    )
+    out = subprocess.run(
+        ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(here)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
@@ -46,13 +57,18 @@ def test_dpo_job_is_a_second_train_job_reading_the_sft_output(tmp_path, overlay)
     by = {(d["kind"], d["metadata"]["labels"].get("cmv.io/stage")): d for d in docs if d["kind"] in ("Job", "Service")}
     train, dpo, service = by[("Job", "train")], by[("Job", "dpo")], by[("Service", "dpo")]
     name = f"cmv-dpo-{env['RUN_ID']}"
-    assert dpo["metadata"]["name"] == service["metadata"]["name"] == dpo["spec"]["template"]["spec"]["subdomain"] == name
+    assert (
+        dpo["metadata"]["name"] == service["metadata"]["name"] == dpo["spec"]["template"]["spec"]["subdomain"] == name
+    )
     assert service["spec"]["selector"] == {"cmv.io/stage": "dpo", "cmv.io/run-id": env["RUN_ID"]}
     # sized and launched like the train Job (same torchrun contract, same resources)
-    assert dpo["spec"]["completions"] == dpo["spec"]["parallelism"] == train["spec"]["completions"] == int(env["NNODES"])
+    assert (
+        dpo["spec"]["completions"] == dpo["spec"]["parallelism"] == train["spec"]["completions"] == int(env["NNODES"])
+    )
     main = lambda job: job["spec"]["template"]["spec"]["containers"][0]  # noqa: E731
     assert main(dpo)["resources"] == main(train)["resources"] and main(dpo)["command"] == main(train)["command"]
     assert dpo["spec"]["podFailurePolicy"] == train["spec"]["podFailurePolicy"]
+
     # the same arguments `cmv run` gives the dpo step
     def expand(arg: str) -> str:
         for key in ("ARTIFACT_ROOT", "RUN_ID", "CMV_RECIPE"):
@@ -60,7 +76,7 @@ def test_dpo_job_is_a_second_train_job_reading_the_sft_output(tmp_path, overlay)
         return arg
 
     args = [expand(a) for a in main(dpo)["args"]]
-    args = args[args.index("jobs.train") + 1:]
+    args = args[args.index("jobs.train") + 1 :]
     local = cli.stage_argv("dpo", env["ARTIFACT_ROOT"], env["RUN_ID"], env["CMV_RECIPE"], [])
     assert local[:3] == ["train", "--method", "dpo"] and "--method=dpo" in args
     flags = dict(a.split("=", 1) for a in args if a.startswith("--"))
@@ -75,8 +91,12 @@ def test_dpo_job_is_a_second_train_job_reading_the_sft_output(tmp_path, overlay)
 
 def test_overlays_without_the_component_are_unchanged():
     for overlay in OVERLAYS:
-        out = subprocess.run(["kubectl", "kustomize", str(REPO / "k8s" / "overlays" / overlay)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["kubectl", "kustomize", str(REPO / "k8s" / "overlays" / overlay)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert "cmv-dpo" not in out and "--dpo=" not in out
 
 
@@ -86,8 +106,11 @@ TAG = "t-1234567"
 
 
 def workloads_by_stage(docs: list[dict]) -> dict[str, dict]:
-    return {d["metadata"]["labels"]["cmv.io/stage"]: d for d in docs
-            if d["kind"] in k8s.WORKLOAD_KINDS and "cmv.io/stage" in d["metadata"].get("labels", {})}
+    return {
+        d["metadata"]["labels"]["cmv.io/stage"]: d
+        for d in docs
+        if d["kind"] in k8s.WORKLOAD_KINDS and "cmv.io/stage" in d["metadata"].get("labels", {})
+    }
 
 
 @pytest.mark.parametrize("overlay", list(OVERLAYS))
@@ -125,7 +148,9 @@ def test_render_one_stage_of_a_dpo_run(capsys):
     assert cli.main([*base, "--dpo", "--stage", "dpo"]) == 0
     docs = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
     assert sorted((d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] != "ConfigMap") == [
-        ("Job", "cmv-dpo-d1"), ("Service", "cmv-dpo-d1")]
+        ("Job", "cmv-dpo-d1"),
+        ("Service", "cmv-dpo-d1"),
+    ]
     assert k8s.SETTINGS_ANNOTATION in next(d for d in docs if d["kind"] == "Job")["metadata"]["annotations"]
     assert cli.main([*base, "--dpo", "--stage", "generate"]) == 0
     (job,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d and d["kind"] == "Job"]

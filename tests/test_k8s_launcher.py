@@ -1,4 +1,4 @@
-"""cmv_core.torchrun, the train pods' main process, as two "nodes" on CPU (two launchers, gloo, one worker
+"""cmv_core.train.torchrun, the train pods' main process, as two "nodes" on CPU (two launchers, gloo, one worker
 each): the exit codes the pod failure policies read, and a gang stop/resume through the newest checkpoint."""
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIGS, REPO
 from train_fixtures import write_format_output
 
 from cmv_core import storage
-from cmv_core.torchrun import pod_exit_code
+from cmv_core.train.torchrun import pod_exit_code
 
 TINY = str(CONFIGS / "tiny.yaml")
 
@@ -39,9 +38,20 @@ def free_port() -> int:
 
 def launch(node_rank: int, nnodes: int, port: int, train_args: list[str], log: Path, scratch: Path) -> subprocess.Popen:
     """One "node": the train pod's command (k8s/base/train/job.yaml) with the node rank a Job index would give."""
-    cmd = [sys.executable, "-m", "cmv_core.torchrun", f"--nnodes={nnodes}", "--nproc-per-node=1",
-           f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
-           "-m", "cmv_core.cli", "train", *train_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmv_core.train.torchrun",
+        f"--nnodes={nnodes}",
+        "--nproc-per-node=1",
+        f"--node-rank={node_rank}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        "-m",
+        "cmv_core.cli",
+        "train",
+        *train_args,
+    ]
     # Each node has its own local disk (CMV_SCRATCH), as two pods would.
     env = {**os.environ, "CMV_SCRATCH": str(scratch / f"node{node_rank}"), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120"}
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
@@ -64,8 +74,15 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 @pytest.mark.slow
 def test_worker_exit_2_gives_launcher_exit_2(tmp_path):
     """Input never ready: the train stage exits 2; the launcher passes 2 on (plain torchrun would exit 1)."""
-    args = ["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out"), "--config", TINY,
-            "--wait-for-input=0"]
+    args = [
+        "--input",
+        str(tmp_path / "missing"),
+        "--output",
+        str(tmp_path / "out"),
+        "--config",
+        TINY,
+        "--wait-for-input=0",
+    ]
     proc = launch(0, 1, free_port(), args, tmp_path / "node0.log", tmp_path)
     rc = wait_all([proc], 300)[0]
     assert rc == 2, (tmp_path / "node0.log").read_text()[-3000:]
@@ -77,9 +94,22 @@ def test_sigterm_on_one_node_stops_both_with_143_and_the_gang_resumes(tmp_path):
     fmt = write_format_output(str(tmp_path / "format"))
     out = str(tmp_path / "train")
     max_steps = 12
-    args = ["--input", fmt, "--output", out, "--config", TINY, "--set", f"train.max_steps={max_steps}",
-            "--set", "train.save_steps=3", "--set", "train.max_length=256",
-            "--set", "train.per_device_train_batch_size=2"]
+    args = [
+        "--input",
+        fmt,
+        "--output",
+        out,
+        "--config",
+        TINY,
+        "--set",
+        f"train.max_steps={max_steps}",
+        "--set",
+        "train.save_steps=3",
+        "--set",
+        "train.max_length=256",
+        "--set",
+        "train.per_device_train_batch_size=2",
+    ]
     port = free_port()
     logs = [tmp_path / "first0.log", tmp_path / "first1.log"]
     procs = [launch(rank, 2, port, args, logs[rank], tmp_path) for rank in (0, 1)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cmv_core import k8s
+from cmv_core.k8s import submit as k8s
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "k8s" / "checkov.yaml"
@@ -32,16 +32,20 @@ def checkov_bin() -> str:
 
 
 def run_checkov(*args: str) -> list[dict]:
-    proc = subprocess.run([checkov_bin(), "--config-file", str(CONFIG), "-o", "json", *args],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [checkov_bin(), "--config-file", str(CONFIG), "-o", "json", *args], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     report = json.loads(proc.stdout or "[]")
     return report if isinstance(report, list) else [report]
 
 
 def failures(reports: list[dict]) -> list[str]:
-    return [f"{f['check_id']} {f['check_name']}: {f['file_path']} {f.get('resource', '')}"
-            for r in reports for f in r["results"]["failed_checks"]]
+    return [
+        f"{f['check_id']} {f['check_name']}: {f['file_path']} {f.get('resource', '')}"
+        for r in reports
+        for f in r["results"]["failed_checks"]
+    ]
 
 
 def test_every_skipped_check_says_why():

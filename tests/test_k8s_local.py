@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from cmv_core import k8s, storage
+from cmv_core import storage
+from cmv_core.k8s import submit as k8s
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -40,7 +41,9 @@ def expand(text: str, env: dict[str, str]) -> str:
 def image_env_and_entrypoint(image: str) -> tuple[dict[str, str], list[str]]:
     stage = re.match(r"(?:.*/)?cmv-(\w+)(?::.*)?$", image).group(1)
     parser = DockerfileParser(path=str(REPO / "images" / f"{stage}.Dockerfile"))
-    return dict(parser.envs), json.loads(parser.structure[[i["instruction"] for i in parser.structure].index("ENTRYPOINT")]["value"])
+    return dict(parser.envs), json.loads(
+        parser.structure[[i["instruction"] for i in parser.structure].index("ENTRYPOINT")]["value"]
+    )
 
 
 def pod_process(job: dict, config: dict, secrets: dict, index: int | None = None) -> tuple[list[str], dict[str, str]]:
@@ -124,7 +127,9 @@ def test_expansion_follows_kubernetes_rules():
 
 def test_clean_job_as_rendered_writes_its_stage_to_s3(s3_bucket):
     run_id = f"c-{uuid.uuid4().hex[:6]}"
-    run = render_run("dev", **tiny_settings(f"{s3_bucket}/runs", run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"]))
+    run = render_run(
+        "dev", **tiny_settings(f"{s3_bucket}/runs", run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"])
+    )
     proc = run_job(run.job("clean"), run.config)
     assert proc.returncode == 0, explain(proc)
     manifest = storage.read_json(f"{s3_bucket}/runs/{run_id}/clean/_SUCCESS")
@@ -134,8 +139,10 @@ def test_clean_job_as_rendered_writes_its_stage_to_s3(s3_bucket):
 
 def test_a_stage_started_early_waits_for_its_input_then_fails_clearly(s3_bucket):
     run_id = f"w-{uuid.uuid4().hex[:6]}"
-    run = render_run("dev", **tiny_settings(f"{s3_bucket}/runs", run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"],
-                                            INPUT_WAIT_S="2"))
+    run = render_run(
+        "dev",
+        **tiny_settings(f"{s3_bucket}/runs", run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"], INPUT_WAIT_S="2"),
+    )
     job = run.job("format")
     proc = run_job(job, run.config)
     missing = f"{s3_bucket}/runs/{run_id}/clean/_SUCCESS"
@@ -154,8 +161,10 @@ def test_a_stage_started_early_waits_for_its_input_then_fails_clearly(s3_bucket)
 def test_rendered_jobs_run_the_whole_pipeline(s3_bucket, tiny_model_dir):
     run_id = f"p-{uuid.uuid4().hex[:6]}"
     root = f"{s3_bucket}/runs"
-    run = render_run("dev", **tiny_settings(root, run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"],
-                                            MASTER_PORT=str(free_port())))
+    run = render_run(
+        "dev",
+        **tiny_settings(root, run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"], MASTER_PORT=str(free_port())),
+    )
     for stage in k8s.STAGES:
         job = run.job(stage)
         if stage == "train":
@@ -180,8 +189,12 @@ def test_multinode_train_job_for_two_nodes_trains_as_two_processes(s3_bucket, fo
     run_id = f"m-{uuid.uuid4().hex[:6]}"
     root = f"{s3_bucket}/runs"
     storage.upload_dir(format_output, f"{root}/{run_id}/format")
-    run = render_run("multinode", **tiny_settings(root, run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"],
-                                                  NNODES="2", MASTER_PORT=str(free_port())))
+    run = render_run(
+        "multinode",
+        **tiny_settings(
+            root, run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"], NNODES="2", MASTER_PORT=str(free_port())
+        ),
+    )
     job = run.job("train")
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     master = f"{job['metadata']['name']}-0.{job['spec']['template']['spec']['subdomain']}"
@@ -195,8 +208,9 @@ def test_multinode_train_job_for_two_nodes_trains_as_two_processes(s3_bucket, fo
         env["TMPDIR"] = str(tmp_path / f"pod-{index}")  # each pod has its own /tmp (an emptyDir), so its own scratch
         os.makedirs(env["TMPDIR"])
         argv = ["--master-addr=127.0.0.1" if a == f"--master-addr={master}" else a for a in argv]
-        procs.append(subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        procs.append(
+            subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     outputs = []
     for proc in procs:
         try:

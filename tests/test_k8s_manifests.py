@@ -11,11 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import crd_schema
 import pytest
 import yaml
 
-import crd_schema
-from cmv_core import cli, k8s
+from cmv_core import cli
+from cmv_core.k8s import submit as k8s
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 from kubernetes_validate.utils import latest_version  # noqa: E402
@@ -40,8 +41,11 @@ def build(rel: str) -> list[dict]:
 
 def jobs(objects: list[dict]) -> dict[str, dict]:
     """Each stage's workload: a Job, or the jobset overlay's train JobSet."""
-    return {o["metadata"]["labels"]["cmv.io/stage"]: o for o in objects
-            if o["kind"] in k8s.WORKLOAD_KINDS and "cmv.io/stage" in o["metadata"].get("labels", {})}
+    return {
+        o["metadata"]["labels"]["cmv.io/stage"]: o
+        for o in objects
+        if o["kind"] in k8s.WORKLOAD_KINDS and "cmv.io/stage" in o["metadata"].get("labels", {})
+    }
 
 
 def main_container(job: dict) -> dict:
@@ -90,11 +94,16 @@ def test_stage_kustomizations_split_the_pipeline_exactly(overlays):
             kinds = sorted(o["kind"] for o in objects)
             train = ["ConfigMap", "JobSet"] if overlay == "jobset" else ["ConfigMap", "Job", "Service"]
             assert kinds == (train if stage == "train" else ["ConfigMap", "Job"])
-            assert {o["metadata"].get("labels", {}).get("cmv.io/stage") for o in objects if o["kind"] != "ConfigMap"} == {stage}
+            assert {
+                o["metadata"].get("labels", {}).get("cmv.io/stage") for o in objects if o["kind"] != "ConfigMap"
+            } == {stage}
             for o in objects:
                 parts[(o["kind"], o["metadata"]["name"])] = o
-        expected = {(o["kind"], o["metadata"]["name"]): o for o in whole
-                    if o["metadata"].get("labels", {}).get("app.kubernetes.io/name") != "cmv-minio"}
+        expected = {
+            (o["kind"], o["metadata"]["name"]): o
+            for o in whole
+            if o["metadata"].get("labels", {}).get("app.kubernetes.io/name") != "cmv-minio"
+        }
         canon = lambda objs: {f"{k[0]}/{k[1]}": json.dumps(v, sort_keys=True) for k, v in objs.items()}  # noqa: E731
         assert canon(parts) == canon(expected), overlay
 
@@ -119,17 +128,27 @@ def test_run_id_and_node_count_are_each_set_in_one_place():
     for stage in k8s.STAGES:
         assert run.job(stage)["spec"]["template"]["metadata"]["labels"]["cmv.io/run-id"] == "exp-7"
     # The repository sets the node count once: one NNODES= line per overlay chain, no literal sizes.
-    literal = [p for p in K8S.rglob("*.yaml") if re.search(r"^\s*(completions|parallelism): [2-9]", p.read_text(), re.M)]
+    literal = [
+        p for p in K8S.rglob("*.yaml") if re.search(r"^\s*(completions|parallelism): [2-9]", p.read_text(), re.M)
+    ]
     assert not literal, f"train size written outside pipeline.env: {literal}"
     nnodes = [p.relative_to(K8S) for p in K8S.rglob("pipeline.env") if re.search(r"^NNODES=", p.read_text(), re.M)]
-    assert sorted(map(str, nnodes)) == ["base/pipeline/pipeline.env", "overlays/jobset/settings/pipeline.env",
-                                        "overlays/multinode/settings/pipeline.env"]
+    assert sorted(map(str, nnodes)) == [
+        "base/pipeline/pipeline.env",
+        "overlays/jobset/settings/pipeline.env",
+        "overlays/multinode/settings/pipeline.env",
+    ]
     # ...and from 1 to N nodes it is that one value (the gpu overlay has the same Job at NNODES=1).
     gpu = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "exp-7"})).job("train")
     assert gpu["spec"]["completions"] == 1
+
     def strip(job):  # what may differ: the size, multinode's anti-affinity, the ConfigMap's content hash
-        spec = {**job["spec"], "completions": 0, "parallelism": 0,
-                "template": {**job["spec"]["template"], "spec": {**job["spec"]["template"]["spec"], "affinity": None}}}
+        spec = {
+            **job["spec"],
+            "completions": 0,
+            "parallelism": 0,
+            "template": {**job["spec"]["template"], "spec": {**job["spec"]["template"]["spec"], "affinity": None}},
+        }
         text = re.sub(r"cmv-pipeline-\w+", "cmv-pipeline", json.dumps(spec, sort_keys=True))
         return re.sub(r"\"cmv.io/settings-hash\": \"\w+\"", "", text)  # the gang size is part of the settings
 
@@ -153,7 +172,9 @@ def test_jobs_security_retries_and_resources(overlays):
     for overlay, objects in overlays.items():
         stage_jobs = jobs(objects)
         assert sorted(stage_jobs) == sorted(k8s.STAGES)
-        config = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("cmv-pipeline"))
+        config = next(
+            o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("cmv-pipeline")
+        )
         assert not [k for k in config["data"] if SECRET_WORDS.search(k)], "secrets never in the ConfigMap"
         assert not [o for o in objects if o["kind"] == "Secret"], "Secrets are created by the user, never rendered"
         for stage, job in stage_jobs.items():
@@ -236,8 +257,8 @@ def test_job_arguments_match_the_local_runner(overlays, overlay):
         c = main_container(run.job(stage))
         args = [expand(a, env) for a in c["args"]]
         if stage == "train":
-            assert c["command"] == ["python3", "-m", "cmv_core.torchrun"]
-            args = args[args.index("jobs.train") + 1:]
+            assert c["command"] == ["python3", "-m", "cmv_core.train.torchrun"]
+            args = args[args.index("jobs.train") + 1 :]
         local = cli.stage_argv(stage, env["ARTIFACT_ROOT"], run.run_id, env["CMV_RECIPE"], [env["RAW_INPUT"]])
         assert local[0] == stage
         expected = flags(local[1:])
@@ -253,8 +274,13 @@ def test_train_job_runs_torchrun_with_rank_from_the_completion_index(overlays):
     job = jobs(overlays["multinode"])["train"]
     c = main_container(job)
     args = c["args"]
-    for expected in ("--nnodes=$(NNODES)", "--nproc-per-node=$(NPROC_PER_NODE)", "--node-rank=$(JOB_COMPLETION_INDEX)",
-                     "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)"):
+    for expected in (
+        "--nnodes=$(NNODES)",
+        "--nproc-per-node=$(NPROC_PER_NODE)",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+    ):
         assert expected in args
     env = {e["name"]: e for e in c["env"]}
     assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
@@ -265,8 +291,9 @@ def test_train_job_runs_torchrun_with_rank_from_the_completion_index(overlays):
     config = k8s.plan(overlays["multinode"]).settings
     assert str(port) == config["MASTER_PORT"]
     # SIGTERM contract: the trainer checkpoints and exits 143; torchrun and the pod wait long enough for it.
-    assert {"action": "Ignore", "onExitCodes": {"containerName": "main", "operator": "In", "values": [143]}} in \
-        job["spec"]["podFailurePolicy"]["rules"]
+    assert {"action": "Ignore", "onExitCodes": {"containerName": "main", "operator": "In", "values": [143]}} in job[
+        "spec"
+    ]["podFailurePolicy"]["rules"]
     grace = job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"])
     anti = job["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
@@ -280,9 +307,15 @@ def test_dev_overlay_is_cpu_minio_and_the_demo_recipe(overlays):
     assert (REPO / settings["RAW_INPUT"]).exists(), "the dev dump ships in the image (/app)"
     assert settings["AWS_ENDPOINT_URL"] == "http://cmv-minio:9000"
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
-    assert {("Deployment", "cmv-minio"), ("Service", "cmv-minio"), ("Job", "cmv-minio-bucket"),
-            ("PersistentVolumeClaim", "cmv-minio-data")} <= kinds
-    bucket_cm = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("cmv-minio-bucket"))
+    assert {
+        ("Deployment", "cmv-minio"),
+        ("Service", "cmv-minio"),
+        ("Job", "cmv-minio-bucket"),
+        ("PersistentVolumeClaim", "cmv-minio-data"),
+    } <= kinds
+    bucket_cm = next(
+        o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("cmv-minio-bucket")
+    )
     assert settings["ARTIFACT_ROOT"].startswith(f"s3://{bucket_cm['data']['ARTIFACT_BUCKET']}/")
     for settings_file in (K8S / "overlays").glob("*/settings/pipeline.env"):
         text = settings_file.read_text()
@@ -291,11 +324,24 @@ def test_dev_overlay_is_cpu_minio_and_the_demo_recipe(overlays):
 
 def test_render_cli_sets_run_images_and_stage(tmp_path):
     def cmv(*args):
-        return subprocess.run([sys.executable, "-m", "cmv_core.cli", "k8s", "render", *args],
-                              capture_output=True, text=True, cwd=tmp_path)  # any cwd: the tree is found
+        return subprocess.run(
+            [sys.executable, "-m", "cmv_core.cli", "k8s", "render", *args], capture_output=True, text=True, cwd=tmp_path
+        )  # any cwd: the tree is found
 
-    proc = cmv("--overlay", "gpu", "--run-id", "r9", "--registry", "reg.example/cmv", "--tag", "abc1234",
-               "--recipe", "configs/llama-3.2-3b.yaml", "--setting", "INPUT_WAIT_S=60")
+    proc = cmv(
+        "--overlay",
+        "gpu",
+        "--run-id",
+        "r9",
+        "--registry",
+        "reg.example/cmv",
+        "--tag",
+        "abc1234",
+        "--recipe",
+        "configs/llama-3.2-3b.yaml",
+        "--setting",
+        "INPUT_WAIT_S=60",
+    )
     assert proc.returncode == 0, proc.stderr
     objects = [d for d in yaml.safe_load_all(proc.stdout) if d]
     run = k8s.plan(objects)
@@ -304,7 +350,9 @@ def test_render_cli_sets_run_images_and_stage(tmp_path):
     for stage in k8s.STAGES:
         assert main_container(run.job(stage))["image"] == f"reg.example/cmv/cmv-{stage}:abc1234"
     one = [d for d in yaml.safe_load_all(cmv("--overlay", "dev", "--stage", "judge", "--run-id", "r9").stdout) if d]
-    assert sorted((o["kind"], o["metadata"]["name"]) for o in one if o["kind"] != "ConfigMap") == [("Job", "cmv-judge-r9")]
+    assert sorted((o["kind"], o["metadata"]["name"]) for o in one if o["kind"] != "ConfigMap") == [
+        ("Job", "cmv-judge-r9")
+    ]
     bad = cmv("--overlay", "dev", "--run-id", "Run_1")
     assert bad.returncode == 2 and "run id 'Run_1'" in bad.stderr
     missing = cmv("--overlay", "nope")
@@ -319,4 +367,9 @@ def test_render_settings_reach_every_overlay_and_stage(overlay):
         run = k8s.plan(k8s.render_objects(overlay, stage=stage, settings=settings))
         assert run.settings["AWS_ENDPOINT_URL"] == "http://store.example:9000" and run.run_id == "setting-42"
     # The repository's files are untouched: rendering works on a copy.
-    assert "setting-42" not in (K8S / "overlays" / ("gpu" if overlay == "multinode" else overlay) / "settings" / "pipeline.env").read_text()
+    assert (
+        "setting-42"
+        not in (
+            K8S / "overlays" / ("gpu" if overlay == "multinode" else overlay) / "settings" / "pipeline.env"
+        ).read_text()
+    )

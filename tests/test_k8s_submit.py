@@ -13,8 +13,10 @@ import pytest
 
 pytest.importorskip("kubernetes")
 
-from cmv_core import cli, k8s  # noqa: E402
 from fake_k8s_api import FakeK8s, Fault, Script, kubeconfig  # noqa: E402
+
+from cmv_core import cli  # noqa: E402
+from cmv_core.k8s import submit as k8s
 
 STAGES = ["clean", "format", "train", "generate", "judge"]
 
@@ -44,23 +46,39 @@ def fake(tmp_path, monkeypatch):
 def fake_manifest(server: FakeK8s, job: dict, stage: str, run_id: str) -> dict:
     """A _SUCCESS as the real stage writes it: its inputs' manifest digests, its resolved config
     (the recipe's values plus defaults the recipe does not set), the time it finished."""
-    cm_name = next(e["configMapRef"]["name"] for e in k8s.pod_template(job)["spec"]["containers"][0]["envFrom"]
-                   if "configMapRef" in e)
+    cm_name = next(
+        e["configMapRef"]["name"]
+        for e in k8s.pod_template(job)["spec"]["containers"][0]["envFrom"]
+        if "configMapRef" in e
+    )
     values = next(o for (kind, _, name), o in server.objects.items() if kind == "ConfigMap" and name == cm_name)["data"]
     root = Path(values["ARTIFACT_ROOT"])
     args = k8s.pod_template(job)["spec"]["containers"][0]["args"]
     # generate given --dpo=... reads the DPO output too (its variant's manifest is an input)
     ups = k8s.UPSTREAM[stage] + (["dpo"] if any(a.startswith("--dpo=") for a in args) else [])
-    inputs = [{"uri": values["RAW_INPUT"], "digest": "fingerprint:abc"}] if stage == "clean" else [
-        {"uri": str(root / run_id / up), "digest": "sha256:" + hashlib.sha256(
-            (root / run_id / up / "_SUCCESS").read_bytes()).hexdigest()} for up in ups]
+    inputs = (
+        [{"uri": values["RAW_INPUT"], "digest": "fingerprint:abc"}]
+        if stage == "clean"
+        else [
+            {
+                "uri": str(root / run_id / up),
+                "digest": "sha256:" + hashlib.sha256((root / run_id / up / "_SUCCESS").read_bytes()).hexdigest(),
+            }
+            for up in ups
+        ]
+    )
     recipe = k8s.load_recipe_here(values["CMV_RECIPE"]) or {}
     if stage == "dpo":  # `cmv train --method dpo`: a train manifest, dpo: read over train:, on the SFT model
-        assert "--method=dpo" in args and f"--init=$(ARTIFACT_ROOT)/$(RUN_ID)/train" in args
+        assert "--method=dpo" in args and "--init=$(ARTIFACT_ROOT)/$(RUN_ID)/train" in args
         train = {k: v for k, v in (recipe.get("train") or {}).items() if k not in ("packing", "packing_strategy")}
         section = {"a_default_the_recipe_does_not_set": 1, **train, **(recipe.get("dpo") or {})}
-        config = {"train": section, "model": str(root / run_id / "train" / "model"), "method": "dpo",
-                  "init": str(root / run_id / "train"), "base_model": values["CMV_MODEL"]}
+        config = {
+            "train": section,
+            "model": str(root / run_id / "train" / "model"),
+            "method": "dpo",
+            "init": str(root / run_id / "train"),
+            "base_model": values["CMV_MODEL"],
+        }
         return {"stage": "train", "run_id": run_id, "inputs": inputs, "config": config, "finished_at": time.time_ns()}
     section = {"a_default_the_recipe_does_not_set": 1, **(recipe.get(stage) or {})}
     config = {stage: section, "model": values["CMV_MODEL"]} if stage in ("format", "train") else section
@@ -68,8 +86,21 @@ def fake_manifest(server: FakeK8s, job: dict, stage: str, run_id: str) -> dict:
 
 
 def submit(fake, *extra: str, run_id: str = "t1", overlay: str = "gpu") -> int:
-    return cli.main(["k8s", "submit", "--overlay", overlay, "--run-id", run_id, "--artifact-root", str(fake.store),
-                     "--poll", "0.05", *extra])
+    return cli.main(
+        [
+            "k8s",
+            "submit",
+            "--overlay",
+            overlay,
+            "--run-id",
+            run_id,
+            "--artifact-root",
+            str(fake.store),
+            "--poll",
+            "0.05",
+            *extra,
+        ]
+    )
 
 
 def test_creates_each_stage_after_the_previous_one_finished(fake, capsys):
@@ -79,8 +110,14 @@ def test_creates_each_stage_after_the_previous_one_finished(fake, capsys):
     out = capsys.readouterr().out
     created = fake.created()
     assert created[0][0] == "ConfigMap" and created[0][1].startswith("cmv-pipeline-")
-    assert created[1:] == [("Job", "cmv-clean-t1"), ("Job", "cmv-format-t1"), ("Service", "cmv-train-t1"),
-                           ("Job", "cmv-train-t1"), ("Job", "cmv-generate-t1"), ("Job", "cmv-judge-t1")]
+    assert created[1:] == [
+        ("Job", "cmv-clean-t1"),
+        ("Job", "cmv-format-t1"),
+        ("Service", "cmv-train-t1"),
+        ("Job", "cmv-train-t1"),
+        ("Job", "cmv-generate-t1"),
+        ("Job", "cmv-judge-t1"),
+    ]
     # Waiting: no stage's Job was created before the previous stage's Job had finished.
     for before, after in zip(STAGES, STAGES[1:]):
         assert fake.created_at("Job", f"cmv-{after}-t1") >= fake.finished_at(f"cmv-{before}-t1")
@@ -93,14 +130,16 @@ def test_creates_each_stage_after_the_previous_one_finished(fake, capsys):
 
 
 def test_failure_stops_the_run_and_reports_the_pods_last_lines(fake, capsys):
-    fake.scripts["train"] = Script(succeed=False, log=[f"step {i}" for i in range(200)] + ["RuntimeError: CUDA out of memory"])
+    fake.scripts["train"] = Script(
+        succeed=False, log=[f"step {i}" for i in range(200)] + ["RuntimeError: CUDA out of memory"]
+    )
     assert submit(fake, "--tail", "5") == 1
     out = capsys.readouterr().out
-    report = out[out.index("stage train FAILED"):]
+    report = out[out.index("stage train FAILED") :]
     assert "Job cmv-train-t1: BackoffLimitExceeded" in report
     assert "last 5 log lines of pod cmv-train-t1-0-" in report
     lines = report.splitlines()
-    tail = lines[lines.index(next(ln for ln in lines if ln.startswith("--- last 5"))) + 1:][:5]
+    tail = lines[lines.index(next(ln for ln in lines if ln.startswith("--- last 5"))) + 1 :][:5]
     assert tail == ["step 196", "step 197", "step 198", "step 199", "RuntimeError: CUDA out of memory"]
     assert "resume from train" in report
     # Nothing after the failed stage was started.
@@ -136,7 +175,7 @@ def test_resume_trusts_the_jobs_when_the_store_is_not_checked(fake, capsys):
 def test_a_stage_whose_job_is_running_is_waited_for_not_recreated(fake, capsys):
     fake.scripts["clean"] = Script(run_s=1.0, log=["slow clean"])
     # Someone applied the clean stage by hand (kubectl apply -k k8s/overlays/gpu/clean) just before.
-    from cmv_core import k8s
+    from cmv_core.k8s import submit as k8s
 
     run = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store)}))
     cluster = k8s.connect()
@@ -232,10 +271,13 @@ def test_a_changed_recipe_reruns_the_changed_stage_and_those_after_it(fake, caps
     out = capsys.readouterr().out
     assert "=== clean: done (_SUCCESS matches), skipped" in out
     assert "=== format: done (_SUCCESS matches), skipped" in out
-    assert "=== train: _SUCCESS present but config changed: train.learning_rate: 0.0002 -> 0.0001; running it again" \
-        in out
+    assert (
+        "=== train: _SUCCESS present but config changed: train.learning_rate: 0.0002 -> 0.0001; running it again" in out
+    )
     # generate and judge read what train and generate wrote: their inputs changed, so they run again too
-    assert "=== generate: _SUCCESS present but its input " in out and "=== judge: _SUCCESS present but its input " in out
+    assert (
+        "=== generate: _SUCCESS present but its input " in out and "=== judge: _SUCCESS present but its input " in out
+    )
     again = [c.name for c in fake.calls[start:] if c.method == "POST" and c.kind == "Job"]
     assert again == ["cmv-train-t1", "cmv-generate-t1", "cmv-judge-t1"]
     assert (fake.store / "t1" / "judge" / "_SUCCESS").read_bytes() != first_report
@@ -255,15 +297,31 @@ def test_a_changed_recipe_reruns_the_changed_stage_and_those_after_it(fake, caps
 
 def test_a_409_with_another_settings_hash_is_an_error_naming_both(fake, capsys, tmp_path):
     fake.scripts["train"] = Script(run_s=30)
-    first = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store),
-                                                         "CMV_RECIPE": write_recipe(tmp_path / "a.yaml", 2.0e-4)}))
+    first = k8s.plan(
+        k8s.render_objects(
+            "gpu",
+            settings={
+                "RUN_ID": "t1",
+                "ARTIFACT_ROOT": str(fake.store),
+                "CMV_RECIPE": write_recipe(tmp_path / "a.yaml", 2.0e-4),
+            },
+        )
+    )
     cluster = k8s.connect()
     k8s.create_object(cluster, first.config)
     assert k8s.create_object(cluster, first.job("train"))
     assert not k8s.create_object(cluster, first.job("train"))  # same settings: adopted, not an error
     theirs = first.job("train")["metadata"]["annotations"][k8s.SETTINGS_ANNOTATION][:16]
-    second = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store),
-                                                          "CMV_RECIPE": write_recipe(tmp_path / "b.yaml", 1.0e-4)}))
+    second = k8s.plan(
+        k8s.render_objects(
+            "gpu",
+            settings={
+                "RUN_ID": "t1",
+                "ARTIFACT_ROOT": str(fake.store),
+                "CMV_RECIPE": write_recipe(tmp_path / "b.yaml", 1.0e-4),
+            },
+        )
+    )
     ours = second.job("train")["metadata"]["annotations"][k8s.SETTINGS_ANNOTATION][:16]
     assert ours != theirs
     with pytest.raises(k8s.SettingsConflict, match=f"settings hash {theirs}, this submit's is {ours}"):
@@ -278,8 +336,11 @@ def test_a_409_with_another_settings_hash_is_an_error_naming_both(fake, capsys, 
 
 def test_every_job_carries_its_settings_hash_and_only_its_stage_changes_it(tmp_path):
     def hashes(lr: float) -> dict[str, str]:
-        run = k8s.plan(k8s.render_objects("gpu", settings={
-            "RUN_ID": "h1", "CMV_RECIPE": write_recipe(tmp_path / f"{lr}.yaml", lr)}))
+        run = k8s.plan(
+            k8s.render_objects(
+                "gpu", settings={"RUN_ID": "h1", "CMV_RECIPE": write_recipe(tmp_path / f"{lr}.yaml", lr)}
+            )
+        )
         out = {}
         for stage in STAGES:
             job = run.job(stage)
@@ -312,8 +373,14 @@ def test_the_train_service_is_owned_by_the_train_job(fake):
     service = fake.objects[("Service", "cmv-test", "cmv-train-t1")]
     job = fake.objects[("Job", "cmv-test", "cmv-train-t1")]
     assert service["metadata"]["ownerReferences"] == [
-        {"apiVersion": "batch/v1", "kind": "Job", "name": "cmv-train-t1", "uid": job["metadata"]["uid"],
-         "blockOwnerDeletion": False}]
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": "cmv-train-t1",
+            "uid": job["metadata"]["uid"],
+            "blockOwnerDeletion": False,
+        }
+    ]
 
 
 def test_jobs_applied_from_cmv_k8s_render_are_adopted_by_submit(fake, capsys):
@@ -357,9 +424,16 @@ def test_a_dpo_run_creates_and_waits_for_each_stage_in_order_dpo_between_train_a
         fake.scripts[stage] = Script(run_s=0.4, log=[f"{stage} says hello", "done"])
     assert submit(fake, "--dpo", "--recipe", recipe) == 0
     out = capsys.readouterr().out
-    assert fake.created()[1:] == [("Job", "cmv-clean-t1"), ("Job", "cmv-format-t1"), ("Service", "cmv-train-t1"),
-                                  ("Job", "cmv-train-t1"), ("Service", "cmv-dpo-t1"), ("Job", "cmv-dpo-t1"),
-                                  ("Job", "cmv-generate-t1"), ("Job", "cmv-judge-t1")]
+    assert fake.created()[1:] == [
+        ("Job", "cmv-clean-t1"),
+        ("Job", "cmv-format-t1"),
+        ("Service", "cmv-train-t1"),
+        ("Job", "cmv-train-t1"),
+        ("Service", "cmv-dpo-t1"),
+        ("Job", "cmv-dpo-t1"),
+        ("Job", "cmv-generate-t1"),
+        ("Job", "cmv-judge-t1"),
+    ]
     # dpo starts once train has finished, and generate only once dpo has
     for before, after in zip(DPO_PIPELINE, DPO_PIPELINE[1:]):
         assert fake.created_at("Job", f"cmv-{after}-t1") >= fake.finished_at(f"cmv-{before}-t1")
@@ -376,15 +450,30 @@ def test_a_dpo_run_creates_and_waits_for_each_stage_in_order_dpo_between_train_a
     assert json.loads((fake.store / "t1" / "dpo" / "_SUCCESS").read_text())["stage"] == "train"
     assert out.rstrip().endswith(f"report: {fake.store}/t1/judge/report.md")
     # status has the dpo row, after train
-    assert cli.main(["k8s", "status", "--overlay", "gpu", "--run-id", "t1", "--artifact-root", str(fake.store),
-                     "--recipe", recipe, "--dpo"]) == 0
+    assert (
+        cli.main(
+            [
+                "k8s",
+                "status",
+                "--overlay",
+                "gpu",
+                "--run-id",
+                "t1",
+                "--artifact-root",
+                str(fake.store),
+                "--recipe",
+                recipe,
+                "--dpo",
+            ]
+        )
+        == 0
+    )
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [r[0] for r in rows] == DPO_PIPELINE
     assert rows[3][1:4] == ["cmv-dpo-t1", "succeeded", "yes"]
 
 
-def test_a_dpo_run_skips_dpo_when_unchanged_and_reruns_dpo_generate_judge_when_only_dpo_changed(fake, capsys,
-                                                                                                  tmp_path):
+def test_a_dpo_run_skips_dpo_when_unchanged_and_reruns_dpo_generate_judge_when_only_dpo_changed(fake, capsys, tmp_path):
     recipe = write_dpo_recipe(tmp_path / "recipe.yaml", 5.0e-6)
     assert submit(fake, "--dpo", "--recipe", recipe) == 0
     first_dpo = (fake.store / "t1" / "dpo" / "_SUCCESS").read_bytes()
@@ -449,14 +538,20 @@ def test_a_run_without_dpo_ignores_the_dpo_section_and_refuses_stages_dpo(fake, 
     assert "--stages dpo: not a stage of this run (dpo: render it with --dpo)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case, overlay, says", [
-    ("jobset", "jobset", "the jobset overlay trains on a JobSet"),
-    ("argo", "jobset", "--engine argo has no dpo step"),
-    ("disabled", "gpu", "has no dpo: section, or its dpo.enabled is false"),
-])
+@pytest.mark.parametrize(
+    "case, overlay, says",
+    [
+        ("jobset", "jobset", "the jobset overlay trains on a JobSet"),
+        ("argo", "jobset", "--engine argo has no dpo step"),
+        ("disabled", "gpu", "has no dpo: section, or its dpo.enabled is false"),
+    ],
+)
 def test_dpo_where_it_cannot_run_is_a_one_line_error_and_creates_nothing(fake, capsys, tmp_path, case, overlay, says):
-    extra = {"jobset": [], "argo": ["--engine", "argo"],
-             "disabled": ["--recipe", write_dpo_recipe(tmp_path / "off.yaml", 5.0e-6, enabled=False)]}[case]
+    extra = {
+        "jobset": [],
+        "argo": ["--engine", "argo"],
+        "disabled": ["--recipe", write_dpo_recipe(tmp_path / "off.yaml", 5.0e-6, enabled=False)],
+    }[case]
     assert submit(fake, "--dpo", *extra, overlay=overlay) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and err.startswith("cmv k8s submit: error: ") and says in err

@@ -11,8 +11,9 @@ import gzip
 import json
 from pathlib import Path
 
-from cmv_core import storage
 from conftest import CONFIGS, run_cmv
+
+from cmv_core import storage
 
 TINY = str(CONFIGS / "tiny.yaml")
 
@@ -55,10 +56,28 @@ def test_corrupted_line_is_rejected_and_nothing_else_changes(tmp_path, sample_du
     truncated = lines[2][: len(lines[2]) // 2] + b"\n"
     bad.write_bytes(b"".join(lines[:2] + [truncated] + lines[3:]))
 
-    run_cmv("clean", "--input", str(good), "--output", str(tmp_path / "a" / "clean"), "--config", TINY,
-            "--set", "clean.max_reject_fraction=0.5")
-    run_cmv("clean", "--input", str(bad), "--output", str(tmp_path / "b" / "clean"), "--config", TINY,
-            "--set", "clean.max_reject_fraction=0.5")
+    run_cmv(
+        "clean",
+        "--input",
+        str(good),
+        "--output",
+        str(tmp_path / "a" / "clean"),
+        "--config",
+        TINY,
+        "--set",
+        "clean.max_reject_fraction=0.5",
+    )
+    run_cmv(
+        "clean",
+        "--input",
+        str(bad),
+        "--output",
+        str(tmp_path / "b" / "clean"),
+        "--config",
+        TINY,
+        "--set",
+        "clean.max_reject_fraction=0.5",
+    )
 
     def threads(run: str) -> list[dict]:
         with gzip.open(tmp_path / run / "clean" / "conversations.jsonl.gz", "rt") as f:

@@ -10,12 +10,14 @@ import random
 from pathlib import Path
 
 import pytest
-
-from cmv_core import clean, reddit, storage
-from cmv_core.clean import CleanConfig, run_clean
-from cmv_core.errors import InputError
 from conftest import run_cmv
 from test_clean import read_rejects, read_rows
+
+from cmv_core import storage
+from cmv_core.clean import stage as clean
+from cmv_core.clean.stage import CleanConfig, run_clean
+from cmv_core.cmv import reddit
+from cmv_core.errors import InputError
 
 ORPHAN_LINK = "t3_zzzzzz"
 
@@ -72,11 +74,16 @@ def pushshift_zst(data: bytes) -> bytes:
     return out.getvalue()
 
 
-def write_records(directory: Path, subs: list[dict], comments: list[dict], ext: str = "",
-                  bad_line: bool = True) -> tuple[Path, Path]:
+def write_records(
+    directory: Path, subs: list[dict], comments: list[dict], ext: str = "", bad_line: bool = True
+) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    compress = {"": lambda b: b, ".gz": lambda b: gzip.compress(b, mtime=0), ".bz2": bz2.compress,
-                ".zst": pushshift_zst}[ext]
+    compress = {
+        "": lambda b: b,
+        ".gz": lambda b: gzip.compress(b, mtime=0),
+        ".bz2": bz2.compress,
+        ".zst": pushshift_zst,
+    }[ext]
     # the names Pushshift's subreddit dumps have (changemyview_comments.zst)
     name = "{}.zst" if ext == ".zst" else "{}.jsonl" + ext
     sub_path = directory / name.format("changemyview_submissions")
@@ -107,8 +114,13 @@ def check_pushshift_output(out, cornell_rows, files: list[str]) -> None:
     assert read_rows(out) == cornell_rows  # same threads, order, comments, deltas, winning branches
     stats = json.loads((Path(out) / "stats.json").read_text())
     # 30 submissions and a duplicate; 241 comments, a duplicate and an orphan; one broken line
-    assert stats["pushshift"] == {"submissions": 31, "comments": 243, "duplicate_submissions": 1,
-                                  "duplicate_comments": 1, "orphan_comments": 1}
+    assert stats["pushshift"] == {
+        "submissions": 31,
+        "comments": 243,
+        "duplicate_submissions": 1,
+        "duplicate_comments": 1,
+        "orphan_comments": 1,
+    }
     assert stats["lines"] == {"read": 31 + 243 + 1, "blank": 0, "threads_written": 30, "rejected": 1}
     assert stats["rejected_lines_by_reason"] == {"invalid_json": 1}
     assert stats["comments"]["skipped_by_reason"] == {"ancestor_missing": 1, "parent_missing": 1}
@@ -154,7 +166,9 @@ def test_a_directory_holding_both_and_the_fingerprint(records, cornell_rows, tmp
     assert run_clean([str(tmp_path / "in")], str(out), CleanConfig()) is not None
     check_pushshift_output(out, cornell_rows, [str(com_path), str(sub_path)])  # sorted: comments first
     manifest = json.loads((out / "_SUCCESS").read_text())
-    assert manifest["inputs"] == [{"uri": str(tmp_path / "in"), "digest": storage.raw_fingerprint(str(tmp_path / "in"))}]
+    assert manifest["inputs"] == [
+        {"uri": str(tmp_path / "in"), "digest": storage.raw_fingerprint(str(tmp_path / "in"))}
+    ]
     assert manifest["summary"]["pushshift"]["orphan_comments"] == 1
 
     assert run_clean([str(tmp_path / "in")], str(out), CleanConfig()) is None  # same content: skipped
@@ -178,7 +192,9 @@ def test_threads_do_not_depend_on_record_or_file_order(records, cornell_rows, tm
     assert read_rows(tmp_path / "out") == cornell_rows
     # worker processes take the joined thread lines as they take dump lines: the same bytes
     run_clean(inputs, str(tmp_path / "out2"), CleanConfig(workers=2))
-    assert (tmp_path / "out2" / clean.CONVERSATIONS).read_bytes() == (tmp_path / "out" / clean.CONVERSATIONS).read_bytes()
+    assert (tmp_path / "out2" / clean.CONVERSATIONS).read_bytes() == (
+        tmp_path / "out" / clean.CONVERSATIONS
+    ).read_bytes()
 
 
 def test_cli_two_inputs_and_mixed_or_comment_only_inputs_refused(records, sample_dump, cornell_rows, tmp_path):
@@ -201,8 +217,7 @@ def test_cli_two_inputs_and_mixed_or_comment_only_inputs_refused(records, sample
 
 def test_bad_records_rejected_with_file_line_and_reason(tmp_path):
     good = {"id": "abc123", "title": "CMV: x", "selftext": "y", "author": "op", "created_utc": "100"}
-    lines = [good, {"id": "c1", "body": "z", "link_id": 7, "parent_id": "t3_abc123"}, {"foo": 1},
-             {"title": "no id"}]
+    lines = [good, {"id": "c1", "body": "z", "link_id": 7, "parent_id": "t3_abc123"}, {"foo": 1}, {"title": "no id"}]
     path = tmp_path / "records.jsonl"
     path.write_bytes(jsonl(lines))
     with pytest.raises(clean.TooManyRejectsError, match="3 of 4 input lines"):

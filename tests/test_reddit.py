@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from cmv_core import reddit
+from cmv_core.cmv import reddit
 
 FOOTNOTE = (
     "\n\n_____\n\n&gt; *Hello, users of CMV! This is a footnote from your moderators. We'd just like to remind "
@@ -36,13 +36,18 @@ def test_plain_gz_bz2_and_directories(tmp_path):
 
     files = reddit.expand_inputs([str(d), str(plain)])
     assert [f.rsplit("/", 1)[-1] for f in files] == [
-        "heldout_period_data.jsonlist.gz", "train_period_data.jsonlist.bz2", "cmv_20161111.jsonlist",
+        "heldout_period_data.jsonlist.gz",
+        "train_period_data.jsonlist.bz2",
+        "cmv_20161111.jsonlist",
     ]
     got = [(ln.file.rsplit("/", 1)[-1], ln.number, json.loads(ln.raw)["id"]) for ln in reddit.iter_lines(files)]
     assert got == [
-        ("heldout_period_data.jsonlist.gz", 1, "t10"), ("heldout_period_data.jsonlist.gz", 2, "t11"),
-        ("heldout_period_data.jsonlist.gz", 3, "t12"), ("train_period_data.jsonlist.bz2", 1, "t0"),
-        ("train_period_data.jsonlist.bz2", 2, "t1"), ("cmv_20161111.jsonlist", 1, "t20"),
+        ("heldout_period_data.jsonlist.gz", 1, "t10"),
+        ("heldout_period_data.jsonlist.gz", 2, "t11"),
+        ("heldout_period_data.jsonlist.gz", 3, "t12"),
+        ("train_period_data.jsonlist.bz2", 1, "t0"),
+        ("train_period_data.jsonlist.bz2", 2, "t1"),
+        ("cmv_20161111.jsonlist", 1, "t20"),
     ]
 
 
@@ -65,11 +70,14 @@ def test_truncated_gzip_yields_lines_then_one_error(tmp_path):
 # --- parsing -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw,reason", [
-    (b'{"id": "abc", "comments": [', "invalid_json"),
-    (b"\xff\xfe not utf8", "invalid_json"),
-    (b"[1, 2]", "not_an_object"),
-])
+@pytest.mark.parametrize(
+    "raw,reason",
+    [
+        (b'{"id": "abc", "comments": [', "invalid_json"),
+        (b"\xff\xfe not utf8", "invalid_json"),
+        (b"[1, 2]", "not_an_object"),
+    ],
+)
 def test_parse_line_rejects(raw, reason):
     with pytest.raises(reddit.LineRejected) as exc:
         reddit.parse_line(raw)
@@ -91,14 +99,26 @@ def test_comments_must_be_a_list():
 
 
 def test_build_thread_fields():
-    t = reddit.build_thread({
-        "id": "a1", "author": "op", "title": "CMV: A &amp; B", "selftext": "Body &lt;3" + FOOTNOTE,
-        "created_utc": "1478900000.0", "created": 1, "comments": [
-            {"id": "c1", "parent_id": "t3_a1", "author": None, "body": 5, "created_utc": 3},
-        ],
-    })
+    t = reddit.build_thread(
+        {
+            "id": "a1",
+            "author": "op",
+            "title": "CMV: A &amp; B",
+            "selftext": "Body &lt;3" + FOOTNOTE,
+            "created_utc": "1478900000.0",
+            "created": 1,
+            "comments": [
+                {"id": "c1", "parent_id": "t3_a1", "author": None, "body": 5, "created_utc": 3},
+            ],
+        }
+    )
     assert (t.thread_id, t.title, t.op_author, t.op_text, t.created_utc) == (
-        "a1", "CMV: A & B", "op", "Body <3", 1478900000.0)
+        "a1",
+        "CMV: A & B",
+        "op",
+        "Body <3",
+        1478900000.0,
+    )
     assert t.comments == [{"id": "c1", "parent_id": "t3_a1", "author": "[deleted]", "body": "", "created_utc": 3.0}]
 
 
@@ -168,7 +188,7 @@ def test_bundled_sample_is_reproducible(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(reddit.__file__).parent / "data" / "make_sample.py"
+    script = Path(reddit.__file__).parents[1] / "data" / "make_sample.py"
     proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

@@ -4,23 +4,48 @@ from __future__ import annotations
 
 import pytest
 
-from cmv_core import report
+from cmv_core.report import build as report
 
 
 def single(variant, item, scores, status="ok", weighted=None):
-    return {"kind": "single", "id": f"single:{variant}:{item}", "variant": variant, "item_id": item,
-            "status": status, "scores": scores if status == "ok" else None,
-            "weighted_scores": weighted if status == "ok" else None,
-            "raw": None if status == "ok" else "garbage", "error": None if status == "ok" else "invalid JSON",
-            "attempts": 1, "cached_calls": 0, "new_calls": 1, "prompt_tokens": 100, "completion_tokens": 10,
-            "cost_usd": 0.001, "cost_usd_this_run": 0.001}
+    return {
+        "kind": "single",
+        "id": f"single:{variant}:{item}",
+        "variant": variant,
+        "item_id": item,
+        "status": status,
+        "scores": scores if status == "ok" else None,
+        "weighted_scores": weighted if status == "ok" else None,
+        "raw": None if status == "ok" else "garbage",
+        "error": None if status == "ok" else "invalid JSON",
+        "attempts": 1,
+        "cached_calls": 0,
+        "new_calls": 1,
+        "prompt_tokens": 100,
+        "completion_tokens": 10,
+        "cost_usd": 0.001,
+        "cost_usd_this_run": 0.001,
+    }
 
 
 def order(first, second, verdict, status="ok", correct=None):
     pref = {"A": first, "B": second, "tie": "tie"}.get(verdict)
-    out = {"first": first, "second": second, "status": status, "verdict": verdict, "preferred": pref,
-           "attempts": 1, "cached_calls": 1, "new_calls": 0, "prompt_tokens": 50, "completion_tokens": 5,
-           "cost_usd": 0.0005, "cost_usd_this_run": 0.0, "error": None, "raw": None}
+    out = {
+        "first": first,
+        "second": second,
+        "status": status,
+        "verdict": verdict,
+        "preferred": pref,
+        "attempts": 1,
+        "cached_calls": 1,
+        "new_calls": 0,
+        "prompt_tokens": 50,
+        "completion_tokens": 5,
+        "cost_usd": 0.0005,
+        "cost_usd_this_run": 0.0,
+        "error": None,
+        "raw": None,
+    }
     if correct is not None or first in ("winner", "loser"):
         out["correct"] = (pref == "winner") if status == "ok" else None
     return out
@@ -34,17 +59,35 @@ def pair(item, a_first_verdict, b_first_verdict, status="ok"):
     outcome = {"ft": "win", "base": "loss", "tie": "tie"}.get(pref)
     if status != "ok":
         orders[1]["status"] = "unparseable"
-    return {"kind": "pairwise", "id": f"pairwise:ft_vs_base:{item}", "comparison": "ft_vs_base", "a": "ft",
-            "b": "base", "item_id": item, "orders": orders, "status": status, "outcome": outcome,
-            "consistent": consistent}
+    return {
+        "kind": "pairwise",
+        "id": f"pairwise:ft_vs_base:{item}",
+        "comparison": "ft_vs_base",
+        "a": "ft",
+        "b": "base",
+        "item_id": item,
+        "orders": orders,
+        "status": status,
+        "outcome": outcome,
+        "consistent": consistent,
+    }
 
 
 def cal(pid, v_winner_first, v_loser_first, winner_words, loser_words):
     orders = [order("winner", "loser", v_winner_first), order("loser", "winner", v_loser_first)]
-    return {"kind": "calibration", "id": f"calibration:{pid}", "pair_id": pid, "orders": orders, "status": "ok",
-            "consistent": orders[0]["preferred"] == orders[1]["preferred"],
-            "length": {"winner_words": winner_words, "loser_words": loser_words,
-                       "score": 1.0 if winner_words > loser_words else 0.0 if winner_words < loser_words else 0.5}}
+    return {
+        "kind": "calibration",
+        "id": f"calibration:{pid}",
+        "pair_id": pid,
+        "orders": orders,
+        "status": "ok",
+        "consistent": orders[0]["preferred"] == orders[1]["preferred"],
+        "length": {
+            "winner_words": winner_words,
+            "loser_words": loser_words,
+            "score": 1.0 if winner_words > loser_words else 0.0 if winner_words < loser_words else 0.5,
+        },
+    }
 
 
 def test_bootstrap_ci_contains_mean_and_is_seeded():
@@ -67,9 +110,10 @@ def test_wilson_interval_bounds():
 
 
 def test_single_means_exclude_failures_and_histogram_counts():
-    rows = [single("ft", i, {"persuasiveness": s, "fluency": 7}, weighted={"persuasiveness": s + 0.25,
-                                                                          "fluency": None})
-            for i, s in enumerate([6, 6, 5, 7])]
+    rows = [
+        single("ft", i, {"persuasiveness": s, "fluency": 7}, weighted={"persuasiveness": s + 0.25, "fluency": None})
+        for i, s in enumerate([6, 6, 5, 7])
+    ]
     rows.append(single("ft", 9, None, status="unparseable"))
     rows.append(single("base", 0, {"persuasiveness": 2, "fluency": 3}))
     out = report.summarize_single(rows, ["persuasiveness", "fluency"], n_boot=500, seed=0)
@@ -86,10 +130,10 @@ def test_single_means_exclude_failures_and_histogram_counts():
 
 def test_pairwise_rates_sum_to_one_and_inconsistency_is_a_visible_tie():
     rows = [
-        pair(1, "A", "B"),    # ft preferred in both orders: win
-        pair(2, "A", "B"),    # win
-        pair(3, "B", "A"),    # base preferred in both: loss
-        pair(4, "A", "A"),    # first position both times: inconsistent -> tie
+        pair(1, "A", "B"),  # ft preferred in both orders: win
+        pair(2, "A", "B"),  # win
+        pair(3, "B", "A"),  # base preferred in both: loss
+        pair(4, "A", "A"),  # first position both times: inconsistent -> tie
         pair(5, "tie", "tie"),  # consistent tie
         pair(6, "A", "B", status="failed"),
     ]
@@ -108,9 +152,9 @@ def test_pairwise_rates_sum_to_one_and_inconsistency_is_a_visible_tie():
 
 def test_calibration_accuracy_by_order_and_length_baseline():
     rows = [
-        cal("p1", "A", "B", 100, 50),   # right in both orders; winner longer
-        cal("p2", "A", "A", 20, 80),    # position-biased: right once
-        cal("p3", "B", "A", 40, 40),    # wrong in both; equal length counts half
+        cal("p1", "A", "B", 100, 50),  # right in both orders; winner longer
+        cal("p2", "A", "A", 20, 80),  # position-biased: right once
+        cal("p3", "B", "A", 40, 40),  # wrong in both; equal length counts half
     ]
     out = report.summarize_calibration(rows)
     assert out["n_pairs"] == 3 and out["n_ok"] == 3
@@ -125,10 +169,19 @@ def test_calibration_accuracy_by_order_and_length_baseline():
 
 
 def test_build_report_failures_usage_markdown_and_plots():
-    rows = [single("ft", 0, {"persuasiveness": 6}), single("ft", 1, None, status="unparseable"),
-            pair(1, "A", "B"), pair(2, "A", "B", status="failed"), cal("p1", "A", "B", 10, 5)]
-    rep = report.build_report(rows, criteria=["persuasiveness"], n_boot=200,
-                              meta={"run_id": "r1", "judge_model": "m", "backend": "openai", "rubric_version": "v"})
+    rows = [
+        single("ft", 0, {"persuasiveness": 6}),
+        single("ft", 1, None, status="unparseable"),
+        pair(1, "A", "B"),
+        pair(2, "A", "B", status="failed"),
+        cal("p1", "A", "B", 10, 5),
+    ]
+    rep = report.build_report(
+        rows,
+        criteria=["persuasiveness"],
+        n_boot=200,
+        meta={"run_id": "r1", "judge_model": "m", "backend": "openai", "rubric_version": "v"},
+    )
     assert rep["failures"]["failed_calls"] == 2
     assert rep["failures"]["unparseable"] == 2 and rep["failures"]["excluded_judgments"] == 2
     assert rep["failures"]["examples"][0]["raw"] == "garbage"
@@ -146,8 +199,13 @@ def test_build_report_failures_usage_markdown_and_plots():
 
 def test_unpriced_endpoint_model_is_not_reported_as_free():
     rows = [single("ft", 0, {"persuasiveness": 6})]
-    meta = {"run_id": "r1", "judge_model": "my-vllm-judge", "backend": "openai", "rubric_version": "v",
-            "prices_usd_per_mtok": None}
+    meta = {
+        "run_id": "r1",
+        "judge_model": "my-vllm-judge",
+        "backend": "openai",
+        "rubric_version": "v",
+        "prices_usd_per_mtok": None,
+    }
     md = report.render_markdown(report.build_report(rows, criteria=["persuasiveness"], n_boot=50, meta=meta))
     assert "cost: not computed, no price for `my-vllm-judge`" in md and "$0.0000" not in md
     meta["prices_usd_per_mtok"] = {"input": 0.15, "output": 0.60}
@@ -167,12 +225,17 @@ def _calibrated(n, judge_right):
 
 def test_conclusion_lines_lead_the_report_and_say_what_the_data_support():
     wins = [pair(i, "A", "B") for i in range(24)] + [pair(100 + i, "tie", "tie") for i in range(6)]
-    scores = [single("ft", i, {"persuasiveness": 6}) for i in range(30)] + \
-        [single("base", i, {"persuasiveness": 4}) for i in range(30)]
-    meta = {"run_id": "r", "judge_model": "m", "backend": "openai", "rubric_version": "v",
-            "comparisons": [["ft", "base"]]}
-    rep = report.build_report(wins + scores + _calibrated(30, 30), criteria=["persuasiveness"], meta=meta,
-                              n_boot=300)
+    scores = [single("ft", i, {"persuasiveness": 6}) for i in range(30)] + [
+        single("base", i, {"persuasiveness": 4}) for i in range(30)
+    ]
+    meta = {
+        "run_id": "r",
+        "judge_model": "m",
+        "backend": "openai",
+        "rubric_version": "v",
+        "comparisons": [["ft", "base"]],
+    }
+    rep = report.build_report(wins + scores + _calibrated(30, 30), criteria=["persuasiveness"], meta=meta, n_boot=300)
     first = rep["conclusion"][0]
     assert first.startswith("**ft vs base**: ") and "P(ft preferred) 0.90" in first
     assert "the judge prefers ft over base." in first and "30 threads" in first
@@ -182,8 +245,7 @@ def test_conclusion_lines_lead_the_report_and_say_what_the_data_support():
     assert md.splitlines()[2] == "- " + first
 
     # few threads: the report says plainly that the data cannot tell
-    few = report.build_report([pair(i, "A", "B") for i in range(4)], criteria=["persuasiveness"], meta=meta,
-                              n_boot=100)
+    few = report.build_report([pair(i, "A", "B") for i in range(4)], criteria=["persuasiveness"], meta=meta, n_boot=100)
     assert "4 thread(s) are too few to tell ft from base" in few["conclusion"][0]
     # enough threads, no difference: cannot tell
     even = [pair(i, "A", "B") for i in range(10)] + [pair(50 + i, "B", "A") for i in range(10)]
@@ -194,13 +256,30 @@ def test_conclusion_lines_lead_the_report_and_say_what_the_data_support():
 def test_train_period_pairs_enter_only_the_time_split_view():
     """Pairs tagged with a train-period split (a time split's pairs_before.jsonl) leave the calibration and
     instrument numbers as they are on the test pairs alone, and fill the time split's "before" group."""
-    test_rows = [{**cal(f"t{i}", *(("A", "B") if i % 2 else ("B", "A")), 10 + i, 12), "thread_id": f"t{i}",
-                  "created_utc": 2000.0 + i, "split": "test", "period": "after"} for i in range(12)]
-    old_rows = [{**cal(f"o{i}", "A", "B", 5, 9), "thread_id": f"o{i}", "created_utc": 1000.0 + i,
-                 "split": "train" if i % 3 else "val", "period": "before"} for i in range(11)]
+    test_rows = [
+        {
+            **cal(f"t{i}", *(("A", "B") if i % 2 else ("B", "A")), 10 + i, 12),
+            "thread_id": f"t{i}",
+            "created_utc": 2000.0 + i,
+            "split": "test",
+            "period": "after",
+        }
+        for i in range(12)
+    ]
+    old_rows = [
+        {
+            **cal(f"o{i}", "A", "B", 5, 9),
+            "thread_id": f"o{i}",
+            "created_utc": 1000.0 + i,
+            "split": "train" if i % 3 else "val",
+            "period": "before",
+        }
+        for i in range(11)
+    ]
     alone = report.build_report(test_rows, criteria=["persuasiveness"], meta={}, n_boot=200)
-    both = report.build_report(test_rows + old_rows, criteria=["persuasiveness"], meta={"time_split_utc": 1500.0},
-                               n_boot=200)
+    both = report.build_report(
+        test_rows + old_rows, criteria=["persuasiveness"], meta={"time_split_utc": 1500.0}, n_boot=200
+    )
     assert both["calibration"] == alone["calibration"] and both["calibration"]["n_pairs"] == 12
     fc = {k: v for k, v in both["instruments"]["forced_choice"].items() if k != "time_split"}
     assert fc == alone["instruments"]["forced_choice"] and "time_split" not in alone["instruments"]["forced_choice"]

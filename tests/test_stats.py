@@ -123,11 +123,21 @@ def test_length_controlled_preference_removes_a_pure_length_judge():
     rng = np.random.default_rng(3)
     rows = []
     for t in range(60):
-        for group, diff in (("ft_vs_base", abs(rng.normal(0, 40)) + 20),
-                            ("ft_vs_human", rng.choice([-1, 1]) * (abs(rng.normal(0, 40)) + 20))):
+        for group, diff in (
+            ("ft_vs_base", abs(rng.normal(0, 40)) + 20),
+            ("ft_vs_human", rng.choice([-1, 1]) * (abs(rng.normal(0, 40)) + 20)),
+        ):
             for shown_first in (1, -1):
-                rows.append({"group": group, "y": 1.0 if diff > 0 else 0.0, "thread": t,
-                             "length": math.tanh(diff / 40), "first": shown_first, "truncated": 0})
+                rows.append(
+                    {
+                        "group": group,
+                        "y": 1.0 if diff > 0 else 0.0,
+                        "thread": t,
+                        "length": math.tanh(diff / 40),
+                        "first": shown_first,
+                        "truncated": 0,
+                    }
+                )
     out = stats.length_controlled_preference(rows, features=["length", "first", "truncated"])
     base = out["by_group"]["ft_vs_base"]
     assert base["raw"] == 1.0 and base["one_sided_length"]
@@ -154,8 +164,7 @@ def test_bradley_terry_recovers_order_and_gap():
             p = 1 / (1 + math.exp(-(true[a] - true[b])))
             comps.append((a, b, float(rng.random() < p)))
             clusters.append(t)
-    out = stats.bradley_terry_bootstrap(comps, clusters, model="finetuned", base="base", reference="human",
-                                        n_boot=100)
+    out = stats.bradley_terry_bootstrap(comps, clusters, model="finetuned", base="base", reference="human", n_boot=100)
     s = out["strengths"]
     assert s["base"] == 0.0 and s["base"] < s["finetuned"] < s["human"]
     assert s["finetuned"] == pytest.approx(0.6, abs=0.15) and s["human"] == pytest.approx(1.2, abs=0.15)
@@ -173,8 +182,9 @@ def test_two_sample_difference_exact_permutation_and_clusters():
     same = stats.two_sample_difference([1, 0, 1, 0], [1, 2, 3, 4], [0, 1, 0, 1], [5, 6, 7, 8], n_boot=200)
     assert same["estimate"] == 0.0 and same["p_value"] == pytest.approx(1.0)
     # copies of a pair in one thread add no evidence: 3 threads x 10 identical pairs is still 3 units
-    copies = stats.two_sample_difference([1.0] * 30, [i // 10 for i in range(30)], [0.0] * 30,
-                                         [100 + i // 10 for i in range(30)], n_boot=200)
+    copies = stats.two_sample_difference(
+        [1.0] * 30, [i // 10 for i in range(30)], [0.0] * 30, [100 + i // 10 for i in range(30)], n_boot=200
+    )
     assert copies["n_items_first"] == 30 and copies["n_threads_first"] == 3
     assert copies["p_value"] == pytest.approx(2 / math.comb(6, 3))  # = 0.1: cannot tell
     # threads weigh equally within a group: thread x (9 pairs at 1) and y (1 pair at 0) average 0.5
@@ -194,7 +204,16 @@ def test_two_sample_difference_monte_carlo_matches_the_exact_tail_and_rejects_ab
     # under the null (both groups the same coin), the test rejects at 5% about 5% of the time
     rng = np.random.default_rng(7)
     rejections = sum(
-        stats.two_sample_difference(rng.integers(0, 2, 20).tolist(), range(20), rng.integers(0, 2, 20).tolist(),
-                                    range(20, 40), n_boot=50, n_perm=1000, seed=rep)["p_value"] < 0.05
-        for rep in range(200))
+        stats.two_sample_difference(
+            rng.integers(0, 2, 20).tolist(),
+            range(20),
+            rng.integers(0, 2, 20).tolist(),
+            range(20, 40),
+            n_boot=50,
+            n_perm=1000,
+            seed=rep,
+        )["p_value"]
+        < 0.05
+        for rep in range(200)
+    )
     assert rejections / 200 <= 0.09, rejections

@@ -71,8 +71,14 @@ def test_manifest_written_last_and_rerun_skipped(root):
     storage.write_text(storage.join(upstream, "out.txt"), "data")
     manifest = storage.finish_stage(run, {"threads": 3}, required=["out.txt"])
     assert manifest["run_id"] == "run1"
-    assert manifest["files"] == [{"path": "out.txt", "size": 4, "sha256": storage.sha256(storage.join(upstream, "out.txt")),
-                                  "attempt": run.attempt}]
+    assert manifest["files"] == [
+        {
+            "path": "out.txt",
+            "size": 4,
+            "sha256": storage.sha256(storage.join(upstream, "out.txt")),
+            "attempt": run.attempt,
+        }
+    ]
     assert manifest["attempt"] == run.attempt
     assert storage.require_success(upstream)["summary"] == {"threads": 3}
 
@@ -91,7 +97,9 @@ def test_manifest_written_last_and_rerun_skipped(root):
 
 def test_downstream_refuses_input_without_success(root):
     with pytest.raises(storage.MissingInputError, match="no _SUCCESS"):
-        storage.begin_stage("format", storage.join(root, "r", "format"), inputs=[storage.join(root, "r", "clean")], config={})
+        storage.begin_stage(
+            "format", storage.join(root, "r", "format"), inputs=[storage.join(root, "r", "clean")], config={}
+        )
 
 
 def test_upstream_change_invalidates_downstream(root):
@@ -186,6 +194,8 @@ def test_upload_dir_writes_success_last(tmp_path, s3_bucket, monkeypatch):
     order = []
     client = storage.s3_client()
     real = client.upload_file
-    monkeypatch.setattr(client, "upload_file", lambda f, b, k, **kw: (order.append(k.rsplit("/", 1)[1]), real(f, b, k, **kw)))
+    monkeypatch.setattr(
+        client, "upload_file", lambda f, b, k, **kw: (order.append(k.rsplit("/", 1)[1]), real(f, b, k, **kw))
+    )
     storage.upload_dir(src, s3_bucket + "/copy")
     assert order == ["a.jsonl", "z.jsonl", "_SUCCESS"]

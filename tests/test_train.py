@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIGS, run_cmv
 from train_fixtures import conversation, write_format_output
 
 from cmv_core import storage
-from cmv_core.chat_template import (
+from cmv_core.train.chat_template import (
     SMOLLM2_TEMPLATE,
     SMOLLM2_TRAINING_TEMPLATE,
     LabelMaskError,
@@ -20,7 +19,7 @@ from cmv_core.chat_template import (
     renders_identically,
     training_chat_template,
 )
-from cmv_core.training import TrainDataError, load_split
+from cmv_core.train.sft import TrainDataError, load_split
 
 TINY = str(CONFIGS / "tiny.yaml")
 
@@ -49,8 +48,9 @@ def expected_label_ids(tokenizer, text: str, conv: list[dict], end: str, strip: 
             spans.append((start, start + len(piece)))
             pos = start + len(piece)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [tid for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])
-            if any(s <= a and b <= e for s, e in spans)]
+    return [
+        tid for tid, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if any(s <= a and b <= e for s, e in spans)
+    ]
 
 
 @pytest.mark.parametrize("family", ["smollm2", "llama3.2"])
@@ -63,8 +63,13 @@ def test_label_mask_covers_exactly_the_assistant_tokens(tokenizer, tmp_path, fam
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     if family == "llama3.2":
         # Llama 3's structural tokens, as single special tokens like in its real tokenizer
-        tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-                                "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]})
+        tok.add_special_tokens(
+            {
+                "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|eot_id|>",
+                "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"],
+            }
+        )
         tok.chat_template, expected_training = llama32_templates()
         end, strip = "<|eot_id|>", True
     else:
@@ -78,10 +83,17 @@ def test_label_mask_covers_exactly_the_assistant_tokens(tokenizer, tmp_path, fam
 
     tok.chat_template = training
     model = AutoModelForCausalLM.from_pretrained(tokenizer.name_or_path)
-    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, report_to="none", max_length=1024,
-                     gradient_checkpointing=False, bf16=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": c} for c in convs]),
-                         processing_class=tok)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        assistant_only_loss=True,
+        report_to="none",
+        max_length=1024,
+        gradient_checkpointing=False,
+        bf16=False,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list([{"messages": c} for c in convs]), processing_class=tok
+    )
     n_multi = 0
     for conv, row in zip(convs, trainer.train_dataset):
         text = tok.apply_chat_template(conv, tokenize=False, chat_template=original)
@@ -102,8 +114,13 @@ def test_label_mask_check_rejects_empty_and_prompt_masks(tokenizer):
     convs = conversations(2)
     batch_ids, batch_labels = [], []
     for conv in convs:
-        out = tokenizer.apply_chat_template(conv, chat_template=SMOLLM2_TRAINING_TEMPLATE, tokenize=True,
-                                            return_dict=True, return_assistant_tokens_mask=True)
+        out = tokenizer.apply_chat_template(
+            conv,
+            chat_template=SMOLLM2_TRAINING_TEMPLATE,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+        )
         ids = list(out["input_ids"])
         batch_ids.append(ids)
         batch_labels.append([t if m else -100 for t, m in zip(ids, out["assistant_masks"])])
@@ -124,14 +141,16 @@ def test_label_mask_check_rejects_empty_and_prompt_masks(tokenizer):
         check_label_mask(batch([list(ids) for ids in batch_ids]), tokenizer)  # loss on everything
     # one prompt token leaked into an otherwise correct mask (a user turn's <|im_start|>) is caught too
     leaked = [list(lab) for lab in batch_labels]
-    first_user = next(i for i, t in enumerate(batch_ids[0]) if i > 0 and t == tokenizer.convert_tokens_to_ids("<|im_start|>"))
+    first_user = next(
+        i for i, t in enumerate(batch_ids[0]) if i > 0 and t == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    )
     leaked[0][first_user] = batch_ids[0][first_user]
     with pytest.raises(LabelMaskError, match="covers prompt tokens"):
         check_label_mask(batch(leaked), tokenizer)
 
 
 def test_unknown_template_falls_back_to_prompt_completion(tokenizer):
-    from cmv_core.training import to_prompt_completion
+    from cmv_core.train.sft import to_prompt_completion
 
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -181,9 +200,24 @@ def test_tiny_lora_run_learns_and_writes_loadable_model(tmp_path, tiny_model_dir
 
     fmt = write_format_output(str(tmp_path / "format"))
     out = tmp_path / "train"
-    common = ["--input", fmt, "--output", str(out), "--config", TINY, "--set", "train.max_steps=6",
-              "--set", "train.save_steps=3", "--set", "train.eval_on_start=true",
-              "--set", "train.per_device_train_batch_size=4", "--set", "train.max_length=256"]
+    common = [
+        "--input",
+        fmt,
+        "--output",
+        str(out),
+        "--config",
+        TINY,
+        "--set",
+        "train.max_steps=6",
+        "--set",
+        "train.save_steps=3",
+        "--set",
+        "train.eval_on_start=true",
+        "--set",
+        "train.per_device_train_batch_size=4",
+        "--set",
+        "train.max_length=256",
+    ]
     run_cmv("train", *common)
 
     # Learned: eval loss on val fell from before training to after; train loss fell
@@ -218,7 +252,8 @@ def test_tiny_lora_run_learns_and_writes_loadable_model(tmp_path, tiny_model_dir
     assert marker["step"] == 6 and {f["path"] for f in marker["files"]} >= {"optimizer.pt", "trainer_state.json"}
     manifest = storage.require_success(str(out))
     assert {"model/model.safetensors", "adapter/adapter_model.safetensors", "metrics.json"} <= {
-        f["path"] for f in manifest["files"]}
+        f["path"] for f in manifest["files"]
+    }
 
     # Rerun with the same inputs and config: skipped, nothing rewritten
     before = (out / "_SUCCESS").read_bytes()
@@ -233,9 +268,27 @@ def test_tiny_full_finetune_with_packing(tmp_path, tiny_model_dir):
 
     fmt = write_format_output(str(tmp_path / "format"))
     out = tmp_path / "train"
-    run_cmv("train", "--input", fmt, "--output", str(out), "--config", TINY, "--set", "train.method=full",
-            "--set", "train.packing=true", "--set", "train.max_steps=4", "--set", "train.learning_rate=3.0e-3",
-            "--set", "train.eval_on_start=true", "--set", "train.max_length=256")
+    run_cmv(
+        "train",
+        "--input",
+        fmt,
+        "--output",
+        str(out),
+        "--config",
+        TINY,
+        "--set",
+        "train.method=full",
+        "--set",
+        "train.packing=true",
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "train.learning_rate=3.0e-3",
+        "--set",
+        "train.eval_on_start=true",
+        "--set",
+        "train.max_length=256",
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["packing"] is True and metrics["method"] == "full"
     assert metrics["trainable_parameters"] == metrics["parameters"]
@@ -250,7 +303,7 @@ def test_tiny_full_finetune_with_packing(tmp_path, tiny_model_dir):
 
 def test_checkpoint_selection_ignores_incomplete_foreign_and_wrong_world_size(tmp_path):
     """Only a checkpoint with its _COMPLETE marker, from this run's inputs+config, is resumed; pruning keeps N."""
-    from cmv_core.checkpoints import list_checkpoints, newest_resumable, prune_checkpoints
+    from cmv_core.train.checkpoints import list_checkpoints, newest_resumable, prune_checkpoints
 
     out = str(tmp_path / "train")
 
@@ -258,8 +311,10 @@ def test_checkpoint_selection_ignores_incomplete_foreign_and_wrong_world_size(tm
         base = storage.join(out, "checkpoints", f"checkpoint-{step}")
         storage.write_bytes(storage.join(base, "optimizer.pt"), b"x" * step)
         if fingerprint is not None:
-            storage.write_json(storage.join(base, "_COMPLETE"), {"step": step, "fingerprint": fingerprint,
-                                                                  "world_size": world_size, "files": []})
+            storage.write_json(
+                storage.join(base, "_COMPLETE"),
+                {"step": step, "fingerprint": fingerprint, "world_size": world_size, "files": []},
+            )
 
     checkpoint(2, "mine")
     checkpoint(4, "mine", world_size=2)
@@ -282,7 +337,7 @@ def test_recipe_asking_for_missing_hardware_fails_early():
     import torch
 
     from cmv_core.config import ConfigError
-    from cmv_core.training import TrainConfig, check_hardware
+    from cmv_core.train.sft import TrainConfig, check_hardware
 
     if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
         pytest.skip("this machine can run QLoRA")

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIGS, REPO
 from train_fixtures import assert_same_adapter, write_format_output
 
@@ -37,9 +36,30 @@ def test_torchrun_two_processes_zero3_lora_saves_loadable_adapter(tmp_path, tiny
 
     fmt = write_format_output(str(tmp_path / "format"), n_train=16, n_val=4)
     out = tmp_path / "train"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "cmv_core.cli", "train", "--input", fmt, "--output", str(out), "--config", TINY,
-           "--set", "train.deepspeed=zero3", "--set", "train.max_steps=2", "--set", "train.max_length=256"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "cmv_core.cli",
+        "train",
+        "--input",
+        fmt,
+        "--output",
+        str(out),
+        "--config",
+        TINY,
+        "--set",
+        "train.deepspeed=zero3",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.max_length=256",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -48,7 +68,9 @@ def test_torchrun_two_processes_zero3_lora_saves_loadable_adapter(tmp_path, tiny
     # Both ranks saved their own DeepSpeed shards into the mirrored checkpoint
     ckpt = out / "checkpoints" / "checkpoint-2"
     assert {p.name for p in (ckpt / "global_step2").iterdir()} >= {
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    }
     assert json.loads((ckpt / "_COMPLETE").read_text())["world_size"] == 2
 
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
@@ -66,14 +88,36 @@ def test_torchrun_two_processes_zero3_lora_saves_loadable_adapter(tmp_path, tiny
     assert torch.isfinite(torch.tensor(metrics["final_eval_loss"]))
 
 
-def start_training(fmt: str, out: str, max_steps: int, save_steps: int, log_path: Path,
-                   torchrun: bool = False) -> subprocess.Popen:
-    # torchrun: launched as the training Job launches it (cmv_core.torchrun as the main process), one worker
-    launcher = ["-m", "cmv_core.torchrun", "--nproc-per-node=1", f"--master-port={free_port()}"] if torchrun else []
-    cmd = [sys.executable, *launcher, "-m", "cmv_core.cli", "train", "--input", fmt, "--output", out, "--config", TINY,
-           "--set", f"train.max_steps={max_steps}", "--set", f"train.save_steps={save_steps}",
-           "--set", "train.save_total_limit=2", "--set", "train.max_length=256",
-           "--set", "train.per_device_train_batch_size=2"]
+def start_training(
+    fmt: str, out: str, max_steps: int, save_steps: int, log_path: Path, torchrun: bool = False
+) -> subprocess.Popen:
+    # torchrun: launched as the training Job launches it (cmv_core.train.torchrun as the main process), one worker
+    launcher = (
+        ["-m", "cmv_core.train.torchrun", "--nproc-per-node=1", f"--master-port={free_port()}"] if torchrun else []
+    )
+    cmd = [
+        sys.executable,
+        *launcher,
+        "-m",
+        "cmv_core.cli",
+        "train",
+        "--input",
+        fmt,
+        "--output",
+        out,
+        "--config",
+        TINY,
+        "--set",
+        f"train.max_steps={max_steps}",
+        "--set",
+        f"train.save_steps={save_steps}",
+        "--set",
+        "train.save_total_limit=2",
+        "--set",
+        "train.max_length=256",
+        "--set",
+        "train.per_device_train_batch_size=2",
+    ]
     log = open(log_path, "w")
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
 

@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIGS, run_cmv
 from train_fixtures import assert_same_adapter, preference, write_format_output
 
@@ -29,15 +28,19 @@ def test_completion_mask_is_exactly_the_chosen_and_rejected_replies(tokenizer, t
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from cmv_core.chat_template import LabelMaskError, check_completion_mask
+    from cmv_core.train.chat_template import LabelMaskError, check_completion_mask
 
     rng = random.Random(3)
     rows = [preference(i, rng) for i in range(6)]
     rows[1]["prompt"].insert(0, {"role": "system", "content": "You are a thoughtful debater."})
     args = DPOConfig(output_dir=str(tmp_path), report_to="none", max_length=1024, bf16=False, use_cpu=True)
-    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
-                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         peft_config=__import__("peft").LoraConfig(r=4, target_modules="all-linear"))
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=__import__("peft").LoraConfig(r=4, target_modules="all-linear"),
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     n = len(rows)
     for half, key in ((0, "chosen"), (1, "rejected")):
@@ -60,8 +63,8 @@ def test_completion_mask_is_exactly_the_chosen_and_rejected_replies(tokenizer, t
 
 
 def test_bad_preference_lines_name_file_and_line(tmp_path):
-    from cmv_core.dpo import load_preferences
-    from cmv_core.training import TrainDataError
+    from cmv_core.train.dpo import load_preferences
+    from cmv_core.train.sft import TrainDataError
 
     good = preference(0, random.Random(0))
     path = tmp_path / "train_preferences.jsonl"
@@ -76,7 +79,7 @@ def test_bad_preference_lines_name_file_and_line(tmp_path):
 
 def test_dpo_config_passes_knobs_through_and_rejects_unknown(tmp_path):
     from cmv_core.config import ConfigError, load_recipe
-    from cmv_core.dpo import dpo_config, dpo_section
+    from cmv_core.train.dpo import dpo_config, dpo_section
 
     recipe = load_recipe(TINY, ["dpo.dpo_args={beta: 0.05, loss_type: ipo}", "dpo.learning_rate=1.0e-3"])
     cfg = dpo_section(recipe)
@@ -104,11 +107,40 @@ def test_dpo_after_sft_raises_margin_and_accuracy_and_writes_loadable_model(tmp_
 
     fmt = write_format_output(str(tmp_path / "format"), n_train=24, n_val=4)
     sft, dpo = tmp_path / "train", tmp_path / "dpo"
-    run_cmv("train", "--input", fmt, "--output", str(sft), "--config", TINY, "--set", "train.max_steps=2",
-            "--set", "train.max_length=256")
-    common = ["train", "--method", "dpo", "--input", fmt, "--init", str(sft), "--output", str(dpo), "--config", TINY,
-              "--set", "dpo.max_steps=6", "--set", "dpo.save_steps=3", "--set", "dpo.eval_on_start=true",
-              "--set", "dpo.max_length=256"]
+    run_cmv(
+        "train",
+        "--input",
+        fmt,
+        "--output",
+        str(sft),
+        "--config",
+        TINY,
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.max_length=256",
+    )
+    common = [
+        "train",
+        "--method",
+        "dpo",
+        "--input",
+        fmt,
+        "--init",
+        str(sft),
+        "--output",
+        str(dpo),
+        "--config",
+        TINY,
+        "--set",
+        "dpo.max_steps=6",
+        "--set",
+        "dpo.save_steps=3",
+        "--set",
+        "dpo.eval_on_start=true",
+        "--set",
+        "dpo.max_length=256",
+    ]
     run_cmv(*common)
 
     # Learned the preference: margin and accuracy on the train pairs (each logged step is measured before its
@@ -156,31 +188,71 @@ def test_full_dpo_from_base_loads_a_frozen_reference_copy(tmp_path):
     """The counter behind base_weight_copies == 1 for LoRA sees the second copy that full DPO needs."""
     fmt = write_format_output(str(tmp_path / "format"), n_train=8, n_val=2)
     out = tmp_path / "dpo"
-    run_cmv("train", "--method", "dpo", "--init", "base", "--input", fmt, "--output", str(out), "--config", TINY,
-            "--set", "dpo.method=full", "--set", "dpo.max_steps=1", "--set", "dpo.learning_rate=1.0e-4",
-            "--set", "dpo.max_length=256")
+    run_cmv(
+        "train",
+        "--method",
+        "dpo",
+        "--init",
+        "base",
+        "--input",
+        fmt,
+        "--output",
+        str(out),
+        "--config",
+        TINY,
+        "--set",
+        "dpo.method=full",
+        "--set",
+        "dpo.max_steps=1",
+        "--set",
+        "dpo.learning_rate=1.0e-4",
+        "--set",
+        "dpo.max_length=256",
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["reference_model"] == "frozen_copy" and metrics["base_weight_copies"] == 2
     assert metrics["trainable_parameters"] == metrics["parameters"] and not (out / "adapter").exists()
 
 
 # ---------------------------------------------------------------- slow tier: kill/resume on S3, torchrun ZeRO-3
-# (SIGTERM -> checkpoint, exit 143, resume is the same code for SFT and DPO (cmv_core.checkpoints, training.
+# (SIGTERM -> checkpoint, exit 143, resume is the same code for SFT and DPO (cmv_core.train.checkpoints, training.
 # train_resumably): test_train_distributed covers it once.)
 
 
-def start_dpo(fmt: str, init: str, out: str, log_path: Path, max_steps: int = 6, save_steps: int = 2,
-              extra: tuple[str, ...] = ()):
+def start_dpo(
+    fmt: str, init: str, out: str, log_path: Path, max_steps: int = 6, save_steps: int = 2, extra: tuple[str, ...] = ()
+):
     import os
     import subprocess
     import sys
 
     from conftest import REPO
 
-    cmd = [sys.executable, "-m", "cmv_core.cli", "train", "--method", "dpo", "--input", fmt, "--init", init,
-           "--output", out, "--config", TINY, "--set", f"dpo.max_steps={max_steps}",
-           "--set", f"dpo.save_steps={save_steps}", "--set", "dpo.save_total_limit=2", "--set", "dpo.max_length=256",
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmv_core.cli",
+        "train",
+        "--method",
+        "dpo",
+        "--input",
+        fmt,
+        "--init",
+        init,
+        "--output",
+        out,
+        "--config",
+        TINY,
+        "--set",
+        f"dpo.max_steps={max_steps}",
+        "--set",
+        f"dpo.save_steps={save_steps}",
+        "--set",
+        "dpo.save_total_limit=2",
+        "--set",
+        "dpo.max_length=256",
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=dict(os.environ))
 
 
@@ -193,8 +265,19 @@ def test_killed_dpo_run_resumes_from_newest_s3_checkpoint_bit_identical(tmp_path
 
     fmt = write_format_output(str(tmp_path / "format"), n_train=24, n_val=4)
     sft = f"{s3_bucket}/run/train"
-    run_cmv("train", "--input", fmt, "--output", sft, "--config", TINY, "--set", "train.max_steps=2",
-            "--set", "train.max_length=256")
+    run_cmv(
+        "train",
+        "--input",
+        fmt,
+        "--output",
+        sft,
+        "--config",
+        TINY,
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "train.max_length=256",
+    )
     out, max_steps = f"{s3_bucket}/run/dpo", 6
     proc = start_dpo(fmt, sft, out, tmp_path / "first.log")
     try:
@@ -228,17 +311,41 @@ def test_torchrun_two_processes_zero3_dpo_saves_loadable_adapter(tmp_path, tiny_
     import subprocess
     import sys
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from conftest import REPO
+    from peft import PeftModel
     from test_train_distributed import free_port
+    from transformers import AutoModelForCausalLM
 
     fmt = write_format_output(str(tmp_path / "format"), n_train=16, n_val=4)
     out = tmp_path / "dpo"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "cmv_core.cli", "train", "--method", "dpo", "--init", "base", "--input", fmt, "--output", str(out),
-           "--config", TINY, "--set", "dpo.deepspeed=zero3", "--set", "dpo.max_steps=2", "--set", "dpo.max_length=256"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "cmv_core.cli",
+        "train",
+        "--method",
+        "dpo",
+        "--init",
+        "base",
+        "--input",
+        fmt,
+        "--output",
+        str(out),
+        "--config",
+        TINY,
+        "--set",
+        "dpo.deepspeed=zero3",
+        "--set",
+        "dpo.max_steps=2",
+        "--set",
+        "dpo.max_length=256",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -258,7 +365,7 @@ def test_shipped_recipes_have_a_dpo_section_trl_accepts(name):
     from trl import DPOConfig
 
     from cmv_core.config import load_recipe
-    from cmv_core.dpo import dpo_enabled, dpo_section
+    from cmv_core.train.dpo import dpo_enabled, dpo_section
 
     recipe = load_recipe(str(CONFIGS / name))
     cfg = dpo_section(recipe)
@@ -275,8 +382,9 @@ def test_cmv_run_trains_dpo_after_sft_and_the_report_compares_it(tmp_path, clean
     root = tmp_path / "runs"
     for stage, done in (("clean", clean_output), ("format", format_output)):  # the same recipe's, already run
         shutil.copytree(done, root / "r" / stage)
-    proc = run_cmv("run", "--config", TINY, "--root", str(root), "--run-id", "r", "--stages", "train", "dpo",
-                   "generate", "judge")
+    proc = run_cmv(
+        "run", "--config", TINY, "--root", str(root), "--run-id", "r", "--stages", "train", "dpo", "generate", "judge"
+    )
     assert "=== dpo: cmv train --method dpo" in proc.stdout
     dpo = storage.require_success(str(root / "r" / "dpo"))
     assert {i["uri"] for i in dpo["inputs"]} == {str(root / "r" / "format"), str(root / "r" / "train")}

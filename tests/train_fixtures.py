@@ -31,8 +31,13 @@ def preference(i: int, rng: random.Random) -> dict:
     post = f"CMV: {topic} are overrated. " + " ".join(rng.choice(TOPICS) for _ in range(6))
     return {
         "prompt": [{"role": "user", "content": "Write a reply that changes the poster's view.\n\n" + post}],
-        "chosen": [{"role": "assistant", "content": f"I see why you think so about {topic}, but consider the "
-                                                    f"other side: {topic} help many people every day."}],
+        "chosen": [
+            {
+                "role": "assistant",
+                "content": f"I see why you think so about {topic}, but consider the "
+                f"other side: {topic} help many people every day.",
+            }
+        ],
         "rejected": [{"role": "assistant", "content": f"No. Wrong. {topic} {topic} {topic}, stop posting."}],
     }
 
@@ -42,8 +47,10 @@ def write_format_output(uri: str, n_train: int = 48, n_val: int = 8, seed: int =
     rng = random.Random(seed)
     run = storage.begin_stage("format", uri, inputs=[], config={"fixture": True, "seed": seed}, force=True)
     for name, n, offset in (("train", n_train, 0), ("val", n_val, 10_000)):
-        rows = [{"thread_id": f"t{offset + i}", "messages": conversation(offset + i, rng), "meta": {"i": i}}
-                for i in range(n)]
+        rows = [
+            {"thread_id": f"t{offset + i}", "messages": conversation(offset + i, rng), "meta": {"i": i}}
+            for i in range(n)
+        ]
         storage.write_jsonl(storage.join(uri, f"{name}.jsonl"), rows)
         pairs = [{**preference(offset + i, rng), "thread_id": f"t{offset + i}", "meta": {"i": i}} for i in range(n)]
         storage.write_jsonl(storage.join(uri, f"{name}_preferences.jsonl"), pairs)

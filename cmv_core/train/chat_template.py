@@ -143,7 +143,7 @@ def check_label_mask(batch: dict, tokenizer) -> dict:
     bad = on_structure | on_start
     if bool(bad.any()):
         row, pos = (int(x) for x in bad.nonzero()[0])
-        context = tokenizer.decode(input_ids[row, max(0, pos - 8): pos + 8])
+        context = tokenizer.decode(input_ids[row, max(0, pos - 8) : pos + 8])
         raise LabelMaskError(
             f"the label mask covers prompt tokens (row {row}, position {pos}, around {context!r}): the loss would "
             "be computed on the prompt, not only on the assistant's reply"
@@ -154,9 +154,9 @@ def check_label_mask(batch: dict, tokenizer) -> dict:
     return {"trained_tokens": n_trained, "tokens": n_real, "trained_fraction": round(n_trained / n_real, 4)}
 
 
-
 def check_completion_mask(batch: dict, tokenizer) -> dict:
     """:func:`check_label_mask` for a preference batch (DPO): ``completion_mask`` marks the trained tokens."""
     labels = batch["input_ids"].masked_fill(~batch["completion_mask"].bool(), -100)
-    return check_label_mask({"input_ids": batch["input_ids"], "labels": labels,
-                             "attention_mask": batch["attention_mask"]}, tokenizer)
+    return check_label_mask(
+        {"input_ids": batch["input_ids"], "labels": labels, "attention_mask": batch["attention_mask"]}, tokenizer
+    )

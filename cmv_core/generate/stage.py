@@ -36,8 +36,9 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from cmv_core import errors, storage
 
@@ -403,7 +404,9 @@ def run_generate(
     """
     variants = check_config(config)
     inputs = [data] + sorted({root for v in variants for root in _stage_roots(v)})
-    run = storage.begin_stage(STAGE, output, inputs=inputs, config=dataclasses.asdict(config), run_id=run_id, force=force)
+    run = storage.begin_stage(
+        STAGE, output, inputs=inputs, config=dataclasses.asdict(config), run_id=run_id, force=force
+    )
     if run is None:
         return storage.require_success(output)
 
@@ -415,8 +418,12 @@ def run_generate(
     todo = [(v, k) for v in variants for k in range(len(ranges)) if shard_name(v.name, k) not in done]
     log.info(
         "%d prompts x %d variants = %d shards; %d already written, %d to make (backend %s)",
-        len(prompts), len(variants), len(variants) * len(ranges), len(variants) * len(ranges) - len(todo),
-        len(todo), config.backend,
+        len(prompts),
+        len(variants),
+        len(variants) * len(ranges),
+        len(variants) * len(ranges) - len(todo),
+        len(todo),
+        config.backend,
     )
 
     # Generate: one loaded model (or vLLM engine) per group of variants
@@ -600,7 +607,9 @@ def _open_transformers(variant: Variant, config: GenerateConfig) -> Iterator[Gen
         eos_token_id=stop_ids,
         pad_token_id=tokenizer.pad_token_id,
     )
-    log.info("%s: loaded %s on %s (%s) in %.1f s", variant.name, variant.model, device, dtype, time.perf_counter() - started)
+    log.info(
+        "%s: loaded %s on %s (%s) in %.1f s", variant.name, variant.model, device, dtype, time.perf_counter() - started
+    )
 
     def generate(v: Variant, prompts: list[Prompt], seed: int) -> list[Reply]:
         texts = [tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) for p in prompts]

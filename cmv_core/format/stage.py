@@ -94,8 +94,8 @@ import logging
 import re
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from cmv_core import storage
 from cmv_core.errors import InputError
@@ -103,8 +103,7 @@ from cmv_core.errors import InputError
 log = logging.getLogger(__name__)
 
 DEFAULT_INSTRUCTION = (
-    "Below is a post from the Change My View subreddit. "
-    "Write a response that you think will change the author's view."
+    "Below is a post from the Change My View subreddit. Write a response that you think will change the author's view."
 )
 CONVERSATIONS = "conversations.jsonl.gz"
 BEFORE_PAIRS = "pairs_before.jsonl"  # split: time: calibration pairs of the train-period (train + val) threads
@@ -173,8 +172,9 @@ class FormatConfig:
             if not self.test_after:
                 raise ConfigError("format.split: time needs format.test_after (e.g. 2015-05-08)")
             parse_utc(self.test_after)
-        if not (0 <= self.val_fraction <= 1 and 0 <= self.test_fraction <= 1
-                and self.val_fraction + self.test_fraction <= 1):
+        if not (
+            0 <= self.val_fraction <= 1 and 0 <= self.test_fraction <= 1 and self.val_fraction + self.test_fraction <= 1
+        ):
             raise ConfigError("format.val_fraction and format.test_fraction must be in [0, 1] and sum to at most 1")
         if self.max_tokens <= 0 or self.token_batch_size <= 0:
             raise ConfigError("format.max_tokens and format.token_batch_size must be positive")
@@ -238,8 +238,8 @@ def strip_edits(text: str) -> str:
 def strip_delta_leaks(text: str) -> str:
     """Remove what announces a delta from a comment: edit blocks that mention a delta or a changed
     view, then every line that still holds a delta token (outside quotes and code, CMV_DATA.md)."""
-    from cmv_core.deltas import has_delta_token, might_contain_delta
-    from cmv_core.reddit import remove_delta_edits
+    from cmv_core.cmv.deltas import has_delta_token, might_contain_delta
+    from cmv_core.cmv.reddit import remove_delta_edits
 
     text = remove_delta_edits(text)
     if not might_contain_delta(text):
@@ -461,19 +461,21 @@ def build_pairs(thread: dict, branches: list[dict], by_id: dict, cfg: FormatConf
         win_words = words(text)
         scored = [(jaccard(win_words, words(c["text"])), -i, c) for i, c in enumerate(options)]
         score, _, loser = max(scored, key=lambda s: (s[0], s[1]))
-        pairs.append({
-            "pair_id": f"{thread['thread_id']}:{branch['comment_ids'][-1]}",
-            "thread_id": thread["thread_id"],
-            "prompt": prompt,
-            "winner": text,
-            "loser": loser["text"],
-            "winner_author": winner,
-            "loser_author": loser["author"],
-            "winner_comment_ids": list(branch["comment_ids"]),
-            "loser_comment_ids": loser["comment_ids"],
-            "jaccard": round(score, 6),
-            "created_utc": thread.get("created_utc"),
-        })
+        pairs.append(
+            {
+                "pair_id": f"{thread['thread_id']}:{branch['comment_ids'][-1]}",
+                "thread_id": thread["thread_id"],
+                "prompt": prompt,
+                "winner": text,
+                "loser": loser["text"],
+                "winner_author": winner,
+                "loser_author": loser["author"],
+                "winner_comment_ids": list(branch["comment_ids"]),
+                "loser_comment_ids": loser["comment_ids"],
+                "jaccard": round(score, 6),
+                "created_utc": thread.get("created_utc"),
+            }
+        )
     return pairs
 
 
@@ -495,7 +497,7 @@ def preference_rows(pairs: list[dict], tokenizer, cfg: FormatConfig) -> tuple[li
     """
     from statistics import median
 
-    from cmv_core.deltas import has_delta_token
+    from cmv_core.cmv.deltas import has_delta_token
 
     has_template = bool(getattr(tokenizer, "chat_template", None))
     rows, dropped = [], {"delta_token": 0, "too_long": 0, "length_ratio": 0}
@@ -504,14 +506,25 @@ def preference_rows(pairs: list[dict], tokenizer, cfg: FormatConfig) -> tuple[li
         if has_delta_token(p["winner"]) or has_delta_token(p["loser"]):
             dropped["delta_token"] += 1
             continue
-        chosen, rejected = [{"role": "assistant", "content": p["winner"]}], [{"role": "assistant", "content": p["loser"]}]
+        chosen, rejected = (
+            [{"role": "assistant", "content": p["winner"]}],
+            [{"role": "assistant", "content": p["loser"]}],
+        )
         if has_template:
             texts = [tokenizer.apply_chat_template(p["prompt"] + reply, tokenize=False) for reply in (chosen, rejected)]
             totals = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         else:
-            totals = [len(tokenizer("\n\n".join(m["content"] for m in p["prompt"] + reply),
-                                    add_special_tokens=False)["input_ids"]) for reply in (chosen, rejected)]
-        n_chosen, n_rejected = (len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (p["winner"], p["loser"]))
+            totals = [
+                len(
+                    tokenizer("\n\n".join(m["content"] for m in p["prompt"] + reply), add_special_tokens=False)[
+                        "input_ids"
+                    ]
+                )
+                for reply in (chosen, rejected)
+            ]
+        n_chosen, n_rejected = (
+            len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in (p["winner"], p["loser"])
+        )
         if max(totals) > cfg.max_tokens:
             dropped["too_long"] += 1
             continue
@@ -520,22 +533,41 @@ def preference_rows(pairs: list[dict], tokenizer, cfg: FormatConfig) -> tuple[li
         if cfg.preference_max_length_ratio is not None and ratio > float(cfg.preference_max_length_ratio):
             dropped["length_ratio"] += 1
             continue
-        rows.append({
-            "prompt": p["prompt"], "chosen": chosen, "rejected": rejected, "thread_id": p["thread_id"],
-            "metadata": {"pair_id": p["pair_id"], "jaccard": p["jaccard"], "chosen_author": p["winner_author"],
-                         "rejected_author": p["loser_author"], "chosen_comment_ids": p["winner_comment_ids"],
-                         "rejected_comment_ids": p["loser_comment_ids"], "chosen_tokens": n_chosen,
-                         "rejected_tokens": n_rejected, "n_tokens": totals},
-        })
+        rows.append(
+            {
+                "prompt": p["prompt"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "thread_id": p["thread_id"],
+                "metadata": {
+                    "pair_id": p["pair_id"],
+                    "jaccard": p["jaccard"],
+                    "chosen_author": p["winner_author"],
+                    "rejected_author": p["loser_author"],
+                    "chosen_comment_ids": p["winner_comment_ids"],
+                    "rejected_comment_ids": p["loser_comment_ids"],
+                    "chosen_tokens": n_chosen,
+                    "rejected_tokens": n_rejected,
+                    "n_tokens": totals,
+                },
+            }
+        )
 
     def difference(diffs: list[int]) -> dict:
-        return {"n": len(diffs), "median": median(diffs) if diffs else None,
-                "share_chosen_longer": round(sum(d > 0 for d in diffs) / len(diffs), 4) if diffs else None}
+        return {
+            "n": len(diffs),
+            "median": median(diffs) if diffs else None,
+            "share_chosen_longer": round(sum(d > 0 for d in diffs) / len(diffs), 4) if diffs else None,
+        }
 
     kept = [r["metadata"]["chosen_tokens"] - r["metadata"]["rejected_tokens"] for r in rows]
-    return rows, {"pairs_built": len(pairs), "kept": len(rows), "dropped": dropped,
-                  "length_difference_before_balancing": difference(diffs_before),
-                  "length_difference": difference(kept)}
+    return rows, {
+        "pairs_built": len(pairs),
+        "kept": len(rows),
+        "dropped": dropped,
+        "length_difference_before_balancing": difference(diffs_before),
+        "length_difference": difference(kept),
+    }
 
 
 # ---------------------------------------------------------------- tokens
@@ -550,7 +582,7 @@ def token_lengths(tokenizer, examples: list[dict], batch_size: int) -> Iterator[
         log.warning("the tokenizer has no chat template: lengths count the message contents only")
     with tqdm(total=len(examples), desc="format: tokens", unit="ex") as bar:
         for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
+            batch = examples[start : start + batch_size]
             conversations = [e["messages"] for e in batch]
             if has_template:
                 # The exact string training will tokenize (special tokens are in it already).
@@ -572,8 +604,14 @@ def percentiles(values: list[int]) -> dict:
     def rank(p: float) -> int:
         return s[min(len(s) - 1, max(0, -(-len(s) * p // 100) - 1))]
 
-    return {"n": len(s), "mean": round(sum(s) / len(s), 2), "p50": rank(50), "p90": rank(90),
-            "p99": rank(99), "max": s[-1]}
+    return {
+        "n": len(s),
+        "mean": round(sum(s) / len(s), 2),
+        "p50": rank(50),
+        "p90": rank(90),
+        "p99": rank(99),
+        "max": s[-1],
+    }
 
 
 # ---------------------------------------------------------------- reading
@@ -782,9 +820,11 @@ def print_summary(stats: dict) -> None:
         lines.append(f"  pairs (train-period threads, {BEFORE_PAIRS}): {stats['pairs_before']}")
     for split, p in stats.get("preferences", {}).items():
         diff = p["length_difference"]
-        lines.append(f"  preference pairs ({split}): {p['kept']} of {p['pairs_built']} (dropped {p['dropped']}; "
-                     f"{p['threads_without_usable_loser']} threads without a usable loser); chosen - rejected "
-                     f"tokens: median {diff['median']}, chosen longer in {diff['share_chosen_longer']}")
+        lines.append(
+            f"  preference pairs ({split}): {p['kept']} of {p['pairs_built']} (dropped {p['dropped']}; "
+            f"{p['threads_without_usable_loser']} threads without a usable loser); chosen - rejected "
+            f"tokens: median {diff['median']}, chosen longer in {diff['share_chosen_longer']}"
+        )
     print("\n".join(lines), flush=True)
 
 

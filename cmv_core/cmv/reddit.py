@@ -19,13 +19,15 @@ from typing import Any
 import orjson
 
 from cmv_core import storage
-from cmv_core.deltas import Comment, has_delta_token, might_contain_delta
+from cmv_core.cmv.deltas import Comment, has_delta_token, might_contain_delta
 
 # Thread files inside an input directory. Tan et al.'s archive also holds
 # pair_task/ and op_task/ files in another line format: those are not threads.
 # Cornell thread files; Pushshift's subreddit dumps (changemyview_submissions.zst) and monthly ones (RS_2015-01.zst)
-_THREAD_FILE = re.compile(r"\.(?:jsonlist|jsonl|json)(?:\.gz|\.bz2|\.zst)?$"
-                          r"|(?:_submissions|_comments|(?:^|/)R[SC]_\d{4}-\d{2})\.zst$")
+_THREAD_FILE = re.compile(
+    r"\.(?:jsonlist|jsonl|json)(?:\.gz|\.bz2|\.zst)?$"
+    r"|(?:_submissions|_comments|(?:^|/)R[SC]_\d{4}-\d{2})\.zst$"
+)
 _NOT_THREADS = re.compile(r"(?:^|/)(?:pair_task|op_task)/|_pair_data\.|_op_data\.")
 
 
@@ -56,7 +58,9 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
             if _THREAD_FILE.search(rel) and not _NOT_THREADS.search(rel)
         ]
         if not found:
-            raise FileNotFoundError(f"no thread files (*.jsonlist[.gz|.bz2|.zst], *.jsonl..., *_comments.zst) under {uri}")
+            raise FileNotFoundError(
+                f"no thread files (*.jsonlist[.gz|.bz2|.zst], *.jsonl..., *_comments.zst) under {uri}"
+            )
         files.extend(found)
     return files
 
@@ -177,9 +181,7 @@ _BLANKS = re.compile(r"\n{3,}")
 
 # (no two adjacent quantifiers share characters: a line of spaces after "Edit" stays linear)
 _EDIT_START = re.compile(r"^[\s*_#~]*(?:edit|update)[\s#\d]*(?:[*_]+\s*)?[:\-\u2013\u2014]", re.I)
-_ANNOUNCES = re.compile(
-    r"delta|changed my (?:view|mind)|view (?:has been |was |is |got )?changed|\bcmv'?d\b", re.I
-)
+_ANNOUNCES = re.compile(r"delta|changed my (?:view|mind)|view (?:has been |was |is |got )?changed|\bcmv'?d\b", re.I)
 
 
 def remove_delta_edits(text: str) -> str:
@@ -190,9 +192,7 @@ def remove_delta_edits(text: str) -> str:
     outcome into a prompt. Other edits ("EDIT: formatting") stay.
     """
     low = text.lower()
-    if ("edit" not in low and "update" not in low) or (
-        not _ANNOUNCES.search(text) and not has_delta_token(text)
-    ):
+    if ("edit" not in low and "update" not in low) or (not _ANNOUNCES.search(text) and not has_delta_token(text)):
         return text
     lines = text.split("\n")
     keep: list[str] = []
@@ -439,7 +439,7 @@ SNIFF_LINES = 1000  # lines read at most to tell a record file from a thread dum
 
 
 def record_kind(obj: dict[str, Any]) -> str:
-    """"thread" (a Cornell line: a submission with its `comments`), "comment" (a Pushshift
+    """ "thread" (a Cornell line: a submission with its `comments`), "comment" (a Pushshift
     comment record: `body` and `link_id`), "submission" (a Pushshift submission: `title`),
     or "unknown"."""
     if "comments" in obj:
@@ -452,7 +452,7 @@ def record_kind(obj: dict[str, Any]) -> str:
 
 
 def sniff_file(uri: str) -> str:
-    """"cornell" as soon as one of the file's first SNIFF_LINES lines is a thread (has `comments`;
+    """ "cornell" as soon as one of the file's first SNIFF_LINES lines is a thread (has `comments`;
     a dump's thread without comments may lack the key, so one submission-like line decides
     nothing); else "pushshift" when one is a submission or comment record; else "cornell" (the
     thread path reports the lines, or the broken stream, as before)."""
@@ -493,11 +493,15 @@ class RecordStore:
         self.db = sqlite3.connect(path, isolation_level=None)
         for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-65536"):
             self.db.execute("PRAGMA " + pragma)
-        self.db.execute("CREATE TABLE subs (seq INTEGER PRIMARY KEY, link TEXT UNIQUE, retrieved REAL,"
-                        " file INTEGER, line INTEGER, raw BLOB)")
+        self.db.execute(
+            "CREATE TABLE subs (seq INTEGER PRIMARY KEY, link TEXT UNIQUE, retrieved REAL,"
+            " file INTEGER, line INTEGER, raw BLOB)"
+        )
         # id NULL (a comment without a usable id): kept, never merged; build_thread reports it
-        self.db.execute("CREATE TABLE comments (id TEXT UNIQUE, link TEXT, t REAL, retrieved REAL,"
-                        " file INTEGER, line INTEGER, raw BLOB)")
+        self.db.execute(
+            "CREATE TABLE comments (id TEXT UNIQUE, link TEXT, t REAL, retrieved REAL,"
+            " file INTEGER, line INTEGER, raw BLOB)"
+        )
         self.db.execute("BEGIN")
         self.submission_records = 0
         self.comment_records = 0
@@ -516,8 +520,16 @@ class RecordStore:
                 " t=excluded.t, retrieved=excluded.retrieved, file=excluded.file, line=excluded.line,"
                 " raw=excluded.raw WHERE excluded.retrieved IS NULL OR comments.retrieved IS NULL"
                 " OR excluded.retrieved >= comments.retrieved",
-                (cid if type(cid) is str and cid else None, link, _float(obj.get("created_utc")), _retrieved(obj),
-                 file, line, raw.strip()))
+                (
+                    cid if type(cid) is str and cid else None,
+                    link,
+                    _float(obj.get("created_utc")),
+                    _retrieved(obj),
+                    file,
+                    line,
+                    raw.strip(),
+                ),
+            )
             self.comment_records += 1
             return None
         if kind == "submission":
@@ -529,7 +541,8 @@ class RecordStore:
                 "INSERT INTO subs(link, retrieved, file, line, raw) VALUES (?,?,?,?,?) ON CONFLICT(link) DO UPDATE"
                 " SET retrieved=excluded.retrieved, file=excluded.file, line=excluded.line, raw=excluded.raw"
                 " WHERE excluded.retrieved IS NULL OR subs.retrieved IS NULL OR excluded.retrieved >= subs.retrieved",
-                (link, _retrieved(obj), file, line, raw.strip()))
+                (link, _retrieved(obj), file, line, raw.strip()),
+            )
             self.submission_records += 1
             return None
         if kind == "thread":
@@ -554,7 +567,8 @@ class RecordStore:
         """(file, line, link_id, id, raw) of each comment whose submission is not in the store, in input order."""
         yield from self.db.execute(
             "SELECT file, line, link, id, raw FROM comments c WHERE NOT EXISTS"
-            " (SELECT 1 FROM subs s WHERE s.link = c.link) ORDER BY file, line")
+            " (SELECT 1 FROM subs s WHERE s.link = c.link) ORDER BY file, line"
+        )
 
     def thread_lines(self, files: list[str]) -> Iterator[Line]:
         """One Cornell-format thread line per submission, in order of first appearance, located at the
@@ -563,7 +577,8 @@ class RecordStore:
         subs = self.db.cursor()
         for link, file, line, raw in subs.execute("SELECT link, file, line, raw FROM subs ORDER BY seq"):
             comments = self.db.execute(
-                "SELECT raw FROM comments WHERE link = ? ORDER BY t IS NULL, t, length(id), id", (link,))
+                "SELECT raw FROM comments WHERE link = ? ORDER BY t IS NULL, t, length(id), id", (link,)
+            )
             # spliced, not re-encoded: the record is a JSON object without `comments` (checked on load)
             body = b",".join(r for (r,) in comments)
             yield Line(files[file], line, raw[:-1] + b',"comments":[' + body + b"]}")

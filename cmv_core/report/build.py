@@ -1,6 +1,6 @@
 """Summarise judge verdicts: pure functions from judgment rows to numbers, text and plots.
 
-Input rows are the lines of ``judgments.jsonl`` written by ``cmv_core.judging`` (one row per
+Input rows are the lines of ``judgments.jsonl`` written by ``cmv_core.judge.stage`` (one row per
 single-answer grade, per pairwise comparison with both orders inside, per calibration pair).
 Nothing here calls a judge or touches storage; plots are returned as PNG bytes so the caller
 decides where they go. The statistics are in ``cmv_core.stats``: the unit of resampling is the
@@ -15,7 +15,8 @@ its constants must not need them).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from cmv_core import stats
 
@@ -31,8 +32,10 @@ Z95 = 1.959963984540054
 
 # ---------------------------------------------------------------- intervals
 
-def bootstrap_mean_ci(values: list[float], *, n_boot: int = 2000, seed: int = 0,
-                      level: float = 0.95) -> tuple[float, float] | None:
+
+def bootstrap_mean_ci(
+    values: list[float], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the mean; seeded, so a rerun gives the same numbers."""
     if not values:
         return None
@@ -54,9 +57,9 @@ def wilson_ci(successes: float, n: int) -> tuple[float, float] | None:
     if n <= 0:
         return None
     p = successes / n
-    denom = 1.0 + Z95 ** 2 / n
-    centre = (p + Z95 ** 2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / denom
+    denom = 1.0 + Z95**2 / n
+    centre = (p + Z95**2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
@@ -69,6 +72,7 @@ def _mean(values: list[float]) -> float | None:
 
 
 # ---------------------------------------------------------------- sections
+
 
 def _thread(r: dict) -> str:
     return str(r.get("thread_id") or r.get("item_id") or r.get("pair_id") or r["id"])
@@ -86,10 +90,12 @@ def summarize_single(rows: list[dict], criteria: list[str], *, n_boot: int, seed
         for ci, crit in enumerate(criteria):
             scored = [r for r in ok if r["scores"].get(crit) is not None]
             wrows = [r for r in ok if (r.get("weighted_scores") or {}).get(crit) is not None]
-            parsed = stats.cluster_bootstrap_ci([r["scores"][crit] for r in scored], [_thread(r) for r in scored],
-                                                n_boot=n_boot, seed=seed + ci)
-            weighted = stats.cluster_bootstrap_ci([r["weighted_scores"][crit] for r in wrows],
-                                                  [_thread(r) for r in wrows], n_boot=n_boot, seed=seed + ci)
+            parsed = stats.cluster_bootstrap_ci(
+                [r["scores"][crit] for r in scored], [_thread(r) for r in scored], n_boot=n_boot, seed=seed + ci
+            )
+            weighted = stats.cluster_bootstrap_ci(
+                [r["weighted_scores"][crit] for r in wrows], [_thread(r) for r in wrows], n_boot=n_boot, seed=seed + ci
+            )
             per_crit[crit] = {
                 "n": len(scored),
                 "n_threads": parsed["n_threads"],
@@ -100,8 +106,7 @@ def summarize_single(rows: list[dict], criteria: list[str], *, n_boot: int, seed
                 "weighted_ci95": weighted["ci95"],
                 "histogram": {str(k): sum(1 for r in scored if r["scores"][crit] == k) for k in LIKERT},
             }
-        variants[variant] = {"n": len(vrows), "n_ok": len(ok), "n_failed": len(vrows) - len(ok),
-                             "criteria": per_crit}
+        variants[variant] = {"n": len(vrows), "n_ok": len(ok), "n_failed": len(vrows) - len(ok), "criteria": per_crit}
     return {"criteria": list(criteria), "variants": variants}
 
 
@@ -113,8 +118,9 @@ def _score_of(r: dict, crit: str) -> float | None:
     return w if w is not None else r["scores"].get(crit)
 
 
-def summarize_single_differences(rows: list[dict], criteria: list[str], comparisons: list[tuple[str, str]], *,
-                                 n_boot: int, seed: int) -> dict:
+def summarize_single_differences(
+    rows: list[dict], criteria: list[str], comparisons: list[tuple[str, str]], *, n_boot: int, seed: int
+) -> dict:
     """Per comparison (a, b) and criterion: the paired per-thread difference of a's and b's scores
     on the same prompts (probability-weighted where available), interval and sign-flip p-value.
     Prompts where either side failed are excluded from both and counted."""
@@ -129,9 +135,13 @@ def summarize_single_differences(rows: list[dict], criteria: list[str], comparis
         clusters = {i: _thread(r) for i, r in {**rb, **ra}.items()}
         per = {}
         for ci, crit in enumerate(criteria):
-            per[crit] = stats.paired_difference({i: _score_of(r, crit) for i, r in ra.items()},
-                                                {i: _score_of(r, crit) for i, r in rb.items()}, clusters,
-                                                n_boot=n_boot, seed=seed + ci)
+            per[crit] = stats.paired_difference(
+                {i: _score_of(r, crit) for i, r in ra.items()},
+                {i: _score_of(r, crit) for i, r in rb.items()},
+                clusters,
+                n_boot=n_boot,
+                seed=seed + ci,
+            )
         out[f"{a}_vs_{b}"] = {"a": a, "b": b, "criteria": per}
     return out
 
@@ -150,17 +160,20 @@ def summarize_pairwise(rows: list[dict], *, n_boot: int = 2000, seed: int = 0) -
         consistent = sum(1 for r in ok if r["consistent"])
         orders = [o for r in ok for o in r["orders"] if o["verdict"] in ("A", "B")]
         out[comp] = {
-            "a": crows[0]["a"], "b": crows[0]["b"],
-            "n": n, "n_failed": len(crows) - n,
-            "win": _rate(counts["win"], n), "tie": _rate(counts["tie"], n),
+            "a": crows[0]["a"],
+            "b": crows[0]["b"],
+            "n": n,
+            "n_failed": len(crows) - n,
+            "win": _rate(counts["win"], n),
+            "tie": _rate(counts["tie"], n),
             "loss": _rate(counts["loss"], n),
             "inconsistent": n - consistent,
             "position_consistency": _rate(consistent, n),
             # Share of decisive single-order verdicts that picked the first-shown reply: 0.5 is unbiased.
-            "first_position_preference": _rate(sum(1 for o in orders if o["verdict"] == "A"),
-                                               len(orders)),
-            "preference": stats.preference([r["outcome"] for r in crows], [_thread(r) for r in crows],
-                                           n_boot=n_boot, seed=seed),
+            "first_position_preference": _rate(sum(1 for o in orders if o["verdict"] == "A"), len(orders)),
+            "preference": stats.preference(
+                [r["outcome"] for r in crows], [_thread(r) for r in crows], n_boot=n_boot, seed=seed
+            ),
         }
     return out
 
@@ -197,11 +210,18 @@ def pair_units(rows: list[dict]) -> list[dict]:
             continue
         scores = [_order_score(o) for o in r["orders"]]
         probs = [_order_p_winner(o) for o in r["orders"]]
-        units.append({"pair_id": r["pair_id"], "thread": _thread(r), "score": sum(scores) / len(scores),
-                      "p_winner": sum(probs) / len(probs) if all(p is not None for p in probs) else None,
-                      "length": r["length"]["score"],
-                      "length_diff": r["length"]["winner_words"] - r["length"]["loser_words"],
-                      "created_utc": r.get("created_utc"), "headline": is_headline(r)})
+        units.append(
+            {
+                "pair_id": r["pair_id"],
+                "thread": _thread(r),
+                "score": sum(scores) / len(scores),
+                "p_winner": sum(probs) / len(probs) if all(p is not None for p in probs) else None,
+                "length": r["length"]["score"],
+                "length_diff": r["length"]["winner_words"] - r["length"]["loser_words"],
+                "created_utc": r.get("created_utc"),
+                "headline": is_headline(r),
+            }
+        )
     return units
 
 
@@ -216,18 +236,22 @@ def _accuracy_block(units: list[dict], *, n_boot: int, seed: int, folds: int = 5
     cv_scores = [1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5 for p in cv]
     probs = [u["p_winner"] for u in units if u["p_winner"] is not None]
     return {
-        "n_pairs": len(units), "n_threads": acc["n_threads"],
-        "accuracy": acc["estimate"], "accuracy_ci95": acc["ci95"],
+        "n_pairs": len(units),
+        "n_threads": acc["n_threads"],
+        "accuracy": acc["estimate"],
+        "accuracy_ci95": acc["ci95"],
         "brier": stats.brier(probs) if len(probs) == len(units) and units else None,
         "n_with_probabilities": len(probs),
         "length_baseline": stats._mean([u["length"] for u in units]),
-        "vs_length": stats.paired_accuracy_test(scores, [u["length"] for u in units], threads,
-                                                n_boot=n_boot, seed=seed) if units else None,
+        "vs_length": stats.paired_accuracy_test(scores, [u["length"] for u in units], threads, n_boot=n_boot, seed=seed)
+        if units
+        else None,
         "length_cv_accuracy": stats._mean(cv_scores),
         # P(winner) from the length model: its Brier score is comparable to the judge's
         "length_cv_brier": stats.brier(cv) if cv else None,
         "vs_length_cv": stats.paired_accuracy_test(scores, cv_scores, threads, n_boot=n_boot, seed=seed)
-        if units else None,
+        if units
+        else None,
     }
 
 
@@ -244,16 +268,19 @@ def summarize_calibration(rows: list[dict], *, n_boot: int = 2000, seed: int = 0
     block = _accuracy_block(units, n_boot=n_boot, seed=seed)
     correct = sum(1 for o in judged if o["correct"])
     return {
-        "n_pairs": len(rows), "n_ok": len(ok), "n_failed": len(rows) - len(ok),
+        "n_pairs": len(rows),
+        "n_ok": len(ok),
+        "n_failed": len(rows) - len(ok),
         # the rate equals the share of correct orders; the interval resamples threads of pairs
-        "accuracy": {"rate": block["accuracy"], "count": correct, "n_orders": len(judged),
-                     "ci95": block["accuracy_ci95"]},
-        "accuracy_winner_first": _rate(sum(1 for o in by_first["winner"] if o["correct"]),
-                                       len(by_first["winner"])),
-        "accuracy_winner_second": _rate(sum(1 for o in by_first["loser"] if o["correct"]),
-                                        len(by_first["loser"])),
-        "both_orders_correct": _rate(sum(1 for r in ok if all(o["correct"] for o in r["orders"])),
-                                     len(ok)),
+        "accuracy": {
+            "rate": block["accuracy"],
+            "count": correct,
+            "n_orders": len(judged),
+            "ci95": block["accuracy_ci95"],
+        },
+        "accuracy_winner_first": _rate(sum(1 for o in by_first["winner"] if o["correct"]), len(by_first["winner"])),
+        "accuracy_winner_second": _rate(sum(1 for o in by_first["loser"] if o["correct"]), len(by_first["loser"])),
+        "both_orders_correct": _rate(sum(1 for r in ok if all(o["correct"] for o in r["orders"])), len(ok)),
         "position_consistency": _rate(sum(1 for r in ok if r["consistent"]), len(ok)),
         # Longer reply (in words) wins; equal length counts half. On the same (judged) pairs.
         "length_baseline": _rate(sum(u["length"] for u in units), len(units)),
@@ -273,17 +300,33 @@ def _single_units(rows: list[dict], criteria: list[str]) -> list[dict]:
         w, l_ = r["orders"]
         diff = {c: w["scores"][c] - l_["scores"][c] for c in criteria}
         wdiff = {c: (_score_of(w, c) - _score_of(l_, c)) for c in criteria}
-        units.append({"pair_id": r["pair_id"], "thread": _thread(r), "diff": diff, "weighted_diff": wdiff,
-                      "length": r["length"]["score"],
-                      "length_diff": r["length"]["winner_words"] - r["length"]["loser_words"],
-                      "created_utc": r.get("created_utc"), "headline": is_headline(r), "p_winner": None,
-                      # accuracy of the rubric: the reply with the higher (weighted) persuasiveness
-                      "score": 1.0 if wdiff[criteria[0]] > 0 else 0.0 if wdiff[criteria[0]] < 0 else 0.5})
+        units.append(
+            {
+                "pair_id": r["pair_id"],
+                "thread": _thread(r),
+                "diff": diff,
+                "weighted_diff": wdiff,
+                "length": r["length"]["score"],
+                "length_diff": r["length"]["winner_words"] - r["length"]["loser_words"],
+                "created_utc": r.get("created_utc"),
+                "headline": is_headline(r),
+                "p_winner": None,
+                # accuracy of the rubric: the reply with the higher (weighted) persuasiveness
+                "score": 1.0 if wdiff[criteria[0]] > 0 else 0.0 if wdiff[criteria[0]] < 0 else 0.5,
+            }
+        )
     return units
 
 
-def summarize_instruments(calibration_rows: list[dict], validation_rows: list[dict], criteria: list[str], *,
-                          n_boot: int, seed: int, split_utc: float | None = None) -> dict:
+def summarize_instruments(
+    calibration_rows: list[dict],
+    validation_rows: list[dict],
+    criteria: list[str],
+    *,
+    n_boot: int,
+    seed: int,
+    split_utc: float | None = None,
+) -> dict:
     """Every judge instrument scored against real deltas on the same kind of pairs: the
     forced-choice calibration prompt, the pairwise prompt behind the headline preference, and the
     single-answer rubric behind the Likert scores. Per instrument: accuracy (tie = 1/2), Brier of
@@ -293,11 +336,17 @@ def summarize_instruments(calibration_rows: list[dict], validation_rows: list[di
     accuracy on pairs of threads created before that date (with the format stage's time split: its
     train-period pairs) with the accuracy on those after it (:func:`summarize_time_split`)."""
     out: dict[str, dict] = {}
-    sources = {"forced_choice": (pair_units(calibration_rows), calibration_rows),
-               "pairwise": (pair_units([r for r in validation_rows if r["instrument"] == "pairwise"]),
-                            [r for r in validation_rows if r["instrument"] == "pairwise"]),
-               "single": (_single_units([r for r in validation_rows if r["instrument"] == "single"], criteria),
-                          [r for r in validation_rows if r["instrument"] == "single"])}
+    sources = {
+        "forced_choice": (pair_units(calibration_rows), calibration_rows),
+        "pairwise": (
+            pair_units([r for r in validation_rows if r["instrument"] == "pairwise"]),
+            [r for r in validation_rows if r["instrument"] == "pairwise"],
+        ),
+        "single": (
+            _single_units([r for r in validation_rows if r["instrument"] == "single"], criteria),
+            [r for r in validation_rows if r["instrument"] == "single"],
+        ),
+    }
     for name, (all_units, all_rows) in sources.items():
         units = [u for u in all_units if u["headline"]]
         rows = [r for r in all_rows if is_headline(r)]
@@ -326,22 +375,38 @@ def summarize_time_split(units: list[dict], split_utc: float, *, n_boot: int, se
     import datetime as dt
 
     dated = [u for u in units if u.get("created_utc") is not None]
-    groups = {"before": [u for u in dated if u["created_utc"] < split_utc],
-              "after": [u for u in dated if u["created_utc"] >= split_utc]}
-    out: dict[str, Any] = {"split_utc": split_utc,
-                           "split_date": dt.datetime.fromtimestamp(split_utc, dt.timezone.utc).isoformat(),
-                           "n_undated": len(units) - len(dated), "min_threads": MIN_THREADS}
+    groups = {
+        "before": [u for u in dated if u["created_utc"] < split_utc],
+        "after": [u for u in dated if u["created_utc"] >= split_utc],
+    }
+    out: dict[str, Any] = {
+        "split_utc": split_utc,
+        "split_date": dt.datetime.fromtimestamp(split_utc, dt.timezone.utc).isoformat(),
+        "n_undated": len(units) - len(dated),
+        "min_threads": MIN_THREADS,
+    }
     for name, us in groups.items():
-        acc = stats.cluster_bootstrap_ci([u["score"] for u in us], [u["thread"] for u in us], n_boot=n_boot,
-                                         seed=seed)
-        out[name] = {"n_pairs": len(us), "n_threads": acc["n_threads"], "accuracy": acc["estimate"],
-                     "accuracy_ci95": acc["ci95"]}
-    diff = stats.two_sample_difference([u["score"] for u in groups["before"]],
-                                       [u["thread"] for u in groups["before"]],
-                                       [u["score"] for u in groups["after"]],
-                                       [u["thread"] for u in groups["after"]], n_boot=n_boot, seed=seed)
-    out["difference"] = {"estimate": diff["estimate"], "ci95": diff["ci95"], "p_value": diff["p_value"],
-                         "exact_permutation": diff["exact"]}
+        acc = stats.cluster_bootstrap_ci([u["score"] for u in us], [u["thread"] for u in us], n_boot=n_boot, seed=seed)
+        out[name] = {
+            "n_pairs": len(us),
+            "n_threads": acc["n_threads"],
+            "accuracy": acc["estimate"],
+            "accuracy_ci95": acc["ci95"],
+        }
+    diff = stats.two_sample_difference(
+        [u["score"] for u in groups["before"]],
+        [u["thread"] for u in groups["before"]],
+        [u["score"] for u in groups["after"]],
+        [u["thread"] for u in groups["after"]],
+        n_boot=n_boot,
+        seed=seed,
+    )
+    out["difference"] = {
+        "estimate": diff["estimate"],
+        "ci95": diff["ci95"],
+        "p_value": diff["p_value"],
+        "exact_permutation": diff["exact"],
+    }
     if min(out["before"]["n_threads"], out["after"]["n_threads"]) < MIN_THREADS:
         out["reading"] = "too_few"
     elif diff["p_value"] >= ALPHA:
@@ -352,6 +417,7 @@ def summarize_time_split(units: list[dict], split_utc: float, *, n_boot: int, se
 
 
 # ---------------------------------------------------------------- length control, scale
+
 
 def length_control_rows(rows: list[dict]) -> list[dict]:
     """One row per judged order of every pairwise comparison, for the length-controlled model:
@@ -367,26 +433,38 @@ def length_control_rows(rows: list[dict]) -> list[dict]:
     out = []
     for r, d in zip(ok, diffs):
         flags = r.get("flags") or {}
-        trunc = float(bool((flags.get("a") or {}).get("truncated"))) - float(bool((flags.get("b") or {}).get("truncated")))
+        trunc = float(bool((flags.get("a") or {}).get("truncated"))) - float(
+            bool((flags.get("b") or {}).get("truncated"))
+        )
         pre = float(bool((flags.get("a") or {}).get("preamble"))) - float(bool((flags.get("b") or {}).get("preamble")))
         for o in r["orders"]:
             y = 1.0 if o["preferred"] == r["a"] else 0.0 if o["preferred"] == r["b"] else 0.5
-            out.append({"group": r["comparison"], "thread": _thread(r), "y": y, "length": math.tanh(d / sd),
-                        "shown_first": 1.0 if o["first"] == r["a"] else -1.0, "truncated": trunc,
-                        "preamble": pre})
+            out.append(
+                {
+                    "group": r["comparison"],
+                    "thread": _thread(r),
+                    "y": y,
+                    "length": math.tanh(d / sd),
+                    "shown_first": 1.0 if o["first"] == r["a"] else -1.0,
+                    "truncated": trunc,
+                    "preamble": pre,
+                }
+            )
     return out
 
 
 LC_FEATURES = ("length", "shown_first", "truncated", "preamble")
 
 
-def summarize_length_control(pairwise_rows: list[dict], probe_rows: list[dict], *, n_boot: int,
-                             seed: int) -> dict:
+def summarize_length_control(pairwise_rows: list[dict], probe_rows: list[dict], *, n_boot: int, seed: int) -> dict:
     """The preference at equal length and style per comparison, beside the raw one, and the
     length probe: P(the judge prefers the longer of two versions of the same reply)."""
     lc = stats.length_controlled_preference(length_control_rows(pairwise_rows), features=list(LC_FEATURES))
-    probe = stats.preference([r["outcome"] for r in probe_rows], [_thread(r) for r in probe_rows],
-                             n_boot=n_boot, seed=seed) if probe_rows else None
+    probe = (
+        stats.preference([r["outcome"] for r in probe_rows], [_thread(r) for r in probe_rows], n_boot=n_boot, seed=seed)
+        if probe_rows
+        else None
+    )
     return {"model": lc, "probe_prefer_longer": probe}
 
 
@@ -404,8 +482,9 @@ def summarize_scale(pairwise_rows: list[dict], *, base: str, reference: str, n_b
     models = [p for p in players if p not in (base, reference) and not p.startswith(HUMAN_PREFIX)]
     first = None
     for i, m in enumerate(models or [None]):
-        fit = stats.bradley_terry_bootstrap(comps, threads, model=m or base, base=base, reference=reference,
-                                            n_boot=min(n_boot, 500), seed=seed + i)
+        fit = stats.bradley_terry_bootstrap(
+            comps, threads, model=m or base, base=base, reference=reference, n_boot=min(n_boot, 500), seed=seed + i
+        )
         first = first or fit
         if m is not None:
             out["models"][m] = {"gap_closed": fit["gap_closed"], "gap_closed_ci95": fit["gap_closed_ci95"]}
@@ -434,17 +513,28 @@ def summarize_failures(rows: list[dict], max_examples: int = 5) -> dict:
         "refusals": sum(1 for _, c in failed_calls if c["status"] == "refused"),
         "by_kind": by_kind,
         "excluded_judgments": sum(1 for r in rows if r["status"] != "ok"),
-        "examples": [{"id": r["id"], "status": c["status"], "error": c.get("error"),
-                      "raw": (c.get("raw") or "")[:500]} for r, c in failed_calls[:max_examples]],
+        "examples": [
+            {"id": r["id"], "status": c["status"], "error": c.get("error"), "raw": (c.get("raw") or "")[:500]}
+            for r, c in failed_calls[:max_examples]
+        ],
     }
 
 
 def summarize_usage(rows: list[dict]) -> dict:
     """Tokens and cost over every judge call behind these judgments, and the share this run paid."""
     calls = [c for r in rows for c in (r["orders"] if "orders" in r else [r])]
-    total = {k: sum(c.get(k) or 0 for c in calls)
-             for k in ("attempts", "cached_calls", "new_calls", "prompt_tokens",
-                       "completion_tokens", "cost_usd", "cost_usd_this_run")}
+    total = {
+        k: sum(c.get(k) or 0 for c in calls)
+        for k in (
+            "attempts",
+            "cached_calls",
+            "new_calls",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_usd",
+            "cost_usd_this_run",
+        )
+    }
     total["cost_usd"] = round(total["cost_usd"], 6)
     total["cost_usd_this_run"] = round(total["cost_usd_this_run"], 6)
     return total
@@ -459,27 +549,39 @@ def summarize_truncation(rows: list[dict]) -> dict:
     return {v: len(ids) for v, ids in sorted(seen.items())}
 
 
-def build_report(rows: list[dict], *, criteria: list[str], meta: dict, n_boot: int = 2000,
-                 seed: int = 0) -> dict:
+def build_report(rows: list[dict], *, criteria: list[str], meta: dict, n_boot: int = 2000, seed: int = 0) -> dict:
     """The whole report.json object."""
-    kinds = {k: [r for r in rows if r["kind"] == k]
-             for k in ("single", "pairwise", "calibration", "validation", "length_probe")}
-    comparisons = [tuple(c) for c in meta.get("comparisons") or
-                   sorted({(r["a"], r["b"]) for r in kinds["pairwise"]})]
+    kinds = {
+        k: [r for r in rows if r["kind"] == k]
+        for k in ("single", "pairwise", "calibration", "validation", "length_probe")
+    }
+    comparisons = [tuple(c) for c in meta.get("comparisons") or sorted({(r["a"], r["b"]) for r in kinds["pairwise"]})]
     report = {
         **meta,
         "single": summarize_single(kinds["single"], criteria, n_boot=n_boot, seed=seed),
-        "single_differences": summarize_single_differences(kinds["single"], criteria, comparisons,
-                                                           n_boot=n_boot, seed=seed),
+        "single_differences": summarize_single_differences(
+            kinds["single"], criteria, comparisons, n_boot=n_boot, seed=seed
+        ),
         "pairwise": summarize_pairwise(kinds["pairwise"], n_boot=n_boot, seed=seed),
-        "calibration": summarize_calibration([r for r in kinds["calibration"] if is_headline(r)], n_boot=n_boot,
-                                             seed=seed),
-        "instruments": summarize_instruments(kinds["calibration"], kinds["validation"], criteria,
-                                             n_boot=n_boot, seed=seed, split_utc=meta.get("time_split_utc")),
-        "length_control": summarize_length_control(kinds["pairwise"], kinds["length_probe"], n_boot=n_boot,
-                                                    seed=seed),
-        "scale": summarize_scale(kinds["pairwise"], base=meta.get("base_variant", "base"),
-                                 reference=meta.get("human_variant", "human"), n_boot=n_boot, seed=seed),
+        "calibration": summarize_calibration(
+            [r for r in kinds["calibration"] if is_headline(r)], n_boot=n_boot, seed=seed
+        ),
+        "instruments": summarize_instruments(
+            kinds["calibration"],
+            kinds["validation"],
+            criteria,
+            n_boot=n_boot,
+            seed=seed,
+            split_utc=meta.get("time_split_utc"),
+        ),
+        "length_control": summarize_length_control(kinds["pairwise"], kinds["length_probe"], n_boot=n_boot, seed=seed),
+        "scale": summarize_scale(
+            kinds["pairwise"],
+            base=meta.get("base_variant", "base"),
+            reference=meta.get("human_variant", "human"),
+            n_boot=n_boot,
+            seed=seed,
+        ),
         "truncated_generations": summarize_truncation(rows),
         "failures": summarize_failures(rows),
         "usage": summarize_usage(rows),
@@ -507,9 +609,11 @@ def _judge_line(report: dict) -> tuple[str | None, bool | None]:
     vs = cal["vs_length"]
     lo, hi = cal["accuracy"]["ci95"]
     beats = vs["p_value"] < ALPHA and vs["difference"] > 0
-    text = (f"judge agreement with real deltas {100 * cal['accuracy']['rate']:.0f}% [{100 * lo:.0f}, "
-            f"{100 * hi:.0f}] vs length {100 * vs['second']:.0f}% on the same {vs['n']} pairs "
-            f"(exact paired test p = {_sig(vs['p_value'])})")
+    text = (
+        f"judge agreement with real deltas {100 * cal['accuracy']['rate']:.0f}% [{100 * lo:.0f}, "
+        f"{100 * hi:.0f}] vs length {100 * vs['second']:.0f}% on the same {vs['n']} pairs "
+        f"(exact paired test p = {_sig(vs['p_value'])})"
+    )
     return text, beats
 
 
@@ -517,8 +621,10 @@ def time_split_reading(t: dict) -> str:
     """The time-split comparison of one instrument in words."""
     b, a = t["before"], t["after"]
     if t["reading"] == "too_few":
-        return (f"too few pairs to tell (threads: {b['n_threads']} before, {a['n_threads']} after; at least "
-                f"{t['min_threads']} in each needed)")
+        return (
+            f"too few pairs to tell (threads: {b['n_threads']} before, {a['n_threads']} after; at least "
+            f"{t['min_threads']} in each needed)"
+        )
     if t["reading"] == "no_difference":
         return "no difference shown"
     if t["reading"] == "better_before":
@@ -563,31 +669,47 @@ def conclusion_lines(report: dict, criteria: list[str]) -> list[str]:
                 verdict += ", but not at equal length: the preference is explained by reply length"
             verdict += "."
         if g and g.get("one_sided_length"):
-            verdict += (f" ({a}'s replies are always on one side in length here, so the equal-length value "
-                        "rests on the length effect measured in the other comparisons.)")
+            verdict += (
+                f" ({a}'s replies are always on one side in length here, so the equal-length value "
+                "rests on the length effect measured in the other comparisons.)"
+            )
         lines.append(f"{line}. Conclusion: {verdict}")
     if judge_text:
-        tail = "" if beats else (" The judge has not been shown to know more than reply length about which "
-                                 "reply earns a delta: read its verdicts as length-driven until it does.")
+        tail = (
+            ""
+            if beats
+            else (
+                " The judge has not been shown to know more than reply length about which "
+                "reply earns a delta: read its verdicts as length-driven until it does."
+            )
+        )
         lines.append(judge_text[0].upper() + judge_text[1:] + "." + tail)
     elif report["pairwise"]:
-        lines.append("The judge was not validated on real delta pairs (no calibration): its verdicts are "
-                     "unvalidated.")
+        lines.append("The judge was not validated on real delta pairs (no calibration): its verdicts are unvalidated.")
     split = ((report.get("instruments") or {}).get("forced_choice") or {}).get("time_split")
     if split:  # beside the headline (test pairs), not instead of it
         b, a, d = split["before"], split["after"], split["difference"]
         pct = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"  # noqa: E731
-        nums = (f"{pct(b['accuracy'])} on {b['n_pairs']} pairs before vs {pct(a['accuracy'])} on {a['n_pairs']} "
-                f"after" + ("" if d["estimate"] is None else f", difference {d['estimate']:+.2f} {_ci(d['ci95'])} "
-                                                              f"(permutation p = {_sig(d['p_value'])})"))
-        lines.append(f"Time split at {split['split_date'][:10]}: judge agreement with real deltas {nums}: "
-                     f"{time_split_reading(split)}.")
+        nums = (
+            f"{pct(b['accuracy'])} on {b['n_pairs']} pairs before vs {pct(a['accuracy'])} on {a['n_pairs']} "
+            f"after"
+            + (
+                ""
+                if d["estimate"] is None
+                else f", difference {d['estimate']:+.2f} {_ci(d['ci95'])} (permutation p = {_sig(d['p_value'])})"
+            )
+        )
+        lines.append(
+            f"Time split at {split['split_date'][:10]}: judge agreement with real deltas {nums}: "
+            f"{time_split_reading(split)}."
+        )
     if not lines:
         lines.append("Nothing was compared: the data cannot tell anything yet.")
     return lines
 
 
 # ---------------------------------------------------------------- markdown
+
 
 def _f(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
@@ -600,8 +722,10 @@ def _ci(ci: Iterable[float] | None, digits: int = 2) -> str:
 def _vs(v: dict | None) -> str:
     if not v:
         return "n/a"
-    return (f"difference {v['difference']:+.2f} {_ci(v['difference_ci95'])}, discordant pairs "
-            f"{v['discordant_first_better']} judge / {v['discordant_second_better']} length, p = {_sig(v['p_value'])}")
+    return (
+        f"difference {v['difference']:+.2f} {_ci(v['difference_ci95'])}, discordant pairs "
+        f"{v['discordant_first_better']} judge / {v['discordant_second_better']} length, p = {_sig(v['p_value'])}"
+    )
 
 
 def _pct(r: dict) -> str:
@@ -626,36 +750,45 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
         lines.append(f"- human reference: {report['human_reference']}")
     prov = report.get("provenance") or {}
     if prov.get("models"):
-        lines.append("- judge provenance (as returned): model " + ", ".join(f"`{m}`" for m in prov.get("models") or [])
-                     + "; system_fingerprint " + (", ".join(f"`{f}`" for f in prov.get("system_fingerprints") or [])
-                                                   or "none") + f"; seed {prov.get('seed')}")
+        lines.append(
+            "- judge provenance (as returned): model "
+            + ", ".join(f"`{m}`" for m in prov.get("models") or [])
+            + "; system_fingerprint "
+            + (", ".join(f"`{f}`" for f in prov.get("system_fingerprints") or []) or "none")
+            + f"; seed {prov.get('seed')}"
+        )
     lines.append("")
     cal = report.get("calibration")
     lines += ["## How far to trust the judge (calibration on human pairs)", ""]
     if cal:
         lines += [
             "Both replies were written by people in the same thread; one earned the OP's delta. "
-            "The judge saw each pair in both orders.", "",
-            "| measure | value |", "| --- | --- |",
+            "The judge saw each pair in both orders.",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
             f"| judge accuracy (all orders) | {_pct(cal['accuracy'])} |",
             f"| accuracy, winner shown first | {_pct(cal['accuracy_winner_first'])} |",
             f"| accuracy, winner shown second | {_pct(cal['accuracy_winner_second'])} |",
             f"| correct in both orders | {_pct(cal['both_orders_correct'])} |",
             f"| position consistency | {_pct(cal['position_consistency'])} |",
             f"| length baseline on these pairs (longer wins) | {_pct(cal['length_baseline'])} |",
-            f"| judge vs length, exact paired test on the same pairs | "
-            f"{_vs(cal['vs_length'])} |",
+            f"| judge vs length, exact paired test on the same pairs | {_vs(cal['vs_length'])} |",
             f"| Brier score of P(winner), both orders averaged | {_f(cal['brier'], 3)} |",
             f"| Tan et al. 2016 (interplay features, reference) | "
             f"{100 * cal['references']['tan_et_al_2016_interplay_features']:.0f}% |",
             f"| length baseline (literature, reference) | "
             f"{100 * cal['references']['length_baseline_literature']:.0f}% |",
-            f"| pairs judged / failed | {cal['n_ok']} / {cal['n_failed']} |", "",
+            f"| pairs judged / failed | {cal['n_ok']} / {cal['n_failed']} |",
+            "",
         ]
         vs = cal["vs_length"]
         if vs and not (vs["p_value"] < ALPHA and vs["difference"] > 0):
-            lines += ["**The judge is not shown to beat the length baseline on these pairs (paired test "
-                      f"p = {_sig(vs['p_value'])}): read its persuasiveness verdicts with caution.**", ""]
+            lines += [
+                "**The judge is not shown to beat the length baseline on these pairs (paired test "
+                f"p = {_sig(vs['p_value'])}): read its persuasiveness verdicts with caution.**",
+                "",
+            ]
     else:
         lines += ["Not run.", ""]
 
@@ -663,20 +796,22 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
     lines += ["## Single-answer grades (mean, 95% CI)", ""]
     if single["variants"]:
         crits = single["criteria"]
-        lines += ["| variant | n ok / failed | " + " | ".join(crits) + " |",
-                  "| --- | --- |" + " --- |" * len(crits)]
+        lines += ["| variant | n ok / failed | " + " | ".join(crits) + " |", "| --- | --- |" + " --- |" * len(crits)]
         for variant, v in single["variants"].items():
             cells = [f"{_f(c['mean'])} {_ci(c['ci95'])}" for c in v["criteria"].values()]
             lines.append(f"| {variant} | {v['n_ok']} / {v['n_failed']} | " + " | ".join(cells) + " |")
-        weighted = any(c["n_weighted"] for v in single["variants"].values()
-                       for c in v["criteria"].values())
+        weighted = any(c["n_weighted"] for v in single["variants"].values() for c in v["criteria"].values())
         if weighted:
-            lines += ["", "Probability-weighted scores (sum of p(k)·k over the judge's score-token "
-                      "probabilities; steadier than the parsed digit):", "",
-                      "| variant | " + " | ".join(crits) + " |", "| --- |" + " --- |" * len(crits)]
+            lines += [
+                "",
+                "Probability-weighted scores (sum of p(k)·k over the judge's score-token "
+                "probabilities; steadier than the parsed digit):",
+                "",
+                "| variant | " + " | ".join(crits) + " |",
+                "| --- |" + " --- |" * len(crits),
+            ]
             for variant, v in single["variants"].items():
-                cells = [f"{_f(c['weighted_mean'])} {_ci(c['weighted_ci95'])}"
-                         for c in v["criteria"].values()]
+                cells = [f"{_f(c['weighted_mean'])} {_ci(c['weighted_ci95'])}" for c in v["criteria"].values()]
                 lines.append(f"| {variant} | " + " | ".join(cells) + " |")
         lines.append("")
     else:
@@ -684,72 +819,105 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
 
     inst = report.get("instruments") or {}
     if inst:
-        lines += ["## Every instrument on real delta pairs", "",
-                  "Each instrument judged the delta winner and its matched loser (pair = unit, both orders "
-                  "averaged, tie = 1/2). The length model is a logistic model on tanh(word difference / sd), "
-                  "cross-validated by thread on the same pairs.", "",
-                  "| instrument | pairs | accuracy | Brier | length CV accuracy | gain over length CV (p) | "
-                  "AUC of score difference |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Every instrument on real delta pairs",
+            "",
+            "Each instrument judged the delta winner and its matched loser (pair = unit, both orders "
+            "averaged, tie = 1/2). The length model is a logistic model on tanh(word difference / sd), "
+            "cross-validated by thread on the same pairs.",
+            "",
+            "| instrument | pairs | accuracy | Brier | length CV accuracy | gain over length CV (p) | "
+            "AUC of score difference |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for name, b in inst.items():
             gain = b["vs_length_cv"]
-            gain_txt = "n/a" if not gain else f"{gain['difference']:+.2f} {_ci(gain['difference_ci95'])} " \
-                                              f"(p = {_sig(gain['p_value'])})"
+            gain_txt = (
+                "n/a"
+                if not gain
+                else f"{gain['difference']:+.2f} {_ci(gain['difference_ci95'])} (p = {_sig(gain['p_value'])})"
+            )
             aucs = b.get("auc_weighted") or {}
             auc_txt = ", ".join(f"{c} {_f(v)}" for c, v in aucs.items()) if aucs else "-"
-            lines.append(f"| {name} | {b['n_pairs']} ({b['n_failed']} failed) | {_f(b['accuracy'])} "
-                         f"{_ci(b['accuracy_ci95'])} | {_f(b['brier'], 3)} | {_f(b['length_cv_accuracy'])} | "
-                         f"{gain_txt} | {auc_txt} |")
+            lines.append(
+                f"| {name} | {b['n_pairs']} ({b['n_failed']} failed) | {_f(b['accuracy'])} "
+                f"{_ci(b['accuracy_ci95'])} | {_f(b['brier'], 3)} | {_f(b['length_cv_accuracy'])} | "
+                f"{gain_txt} | {auc_txt} |"
+            )
         lines.append("")
         splits = {n: b["time_split"] for n, b in inst.items() if "time_split" in b}
         if splits:
             date = next(iter(splits.values()))["split_date"][:10]
-            lines += [f"### Time split: threads before and after {date}", "",
-                      "The same instruments on delta pairs of threads created before the date (with the format "
-                      "stage's time split: its train-period threads, which the judge may have read in "
-                      "pretraining) and on or after it (the test threads). Accuracy per group is thread-weighted "
-                      "(tie = 1/2) with a thread-cluster interval; the difference has a bootstrap interval and "
-                      "a two-sample permutation test over threads. The rows above use the test pairs only.", "",
-                      "| instrument | before: pairs (threads) | before: accuracy | after: pairs (threads) | "
-                      "after: accuracy | before - after (p) | reading |",
-                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            lines += [
+                f"### Time split: threads before and after {date}",
+                "",
+                "The same instruments on delta pairs of threads created before the date (with the format "
+                "stage's time split: its train-period threads, which the judge may have read in "
+                "pretraining) and on or after it (the test threads). Accuracy per group is thread-weighted "
+                "(tie = 1/2) with a thread-cluster interval; the difference has a bootstrap interval and "
+                "a two-sample permutation test over threads. The rows above use the test pairs only.",
+                "",
+                "| instrument | before: pairs (threads) | before: accuracy | after: pairs (threads) | "
+                "after: accuracy | before - after (p) | reading |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+            ]
             for n, t in splits.items():
                 b, a, d = t["before"], t["after"], t["difference"]
-                diff = "n/a" if d["estimate"] is None else f"{d['estimate']:+.2f} {_ci(d['ci95'])} " \
-                                                              f"(p = {_sig(d['p_value'])})"
-                lines.append(f"| {n} | {b['n_pairs']} ({b['n_threads']}) | {_f(b['accuracy'])} "
-                             f"{_ci(b['accuracy_ci95'])} | {a['n_pairs']} ({a['n_threads']}) | {_f(a['accuracy'])} "
-                             f"{_ci(a['accuracy_ci95'])} "
-                             f"| {diff} | {time_split_reading(t)} |")
+                diff = (
+                    "n/a"
+                    if d["estimate"] is None
+                    else f"{d['estimate']:+.2f} {_ci(d['ci95'])} (p = {_sig(d['p_value'])})"
+                )
+                lines.append(
+                    f"| {n} | {b['n_pairs']} ({b['n_threads']}) | {_f(b['accuracy'])} "
+                    f"{_ci(b['accuracy_ci95'])} | {a['n_pairs']} ({a['n_threads']}) | {_f(a['accuracy'])} "
+                    f"{_ci(a['accuracy_ci95'])} "
+                    f"| {diff} | {time_split_reading(t)} |"
+                )
             lines.append("")
 
     diffs = report.get("single_differences") or {}
     if diffs:
-        lines += ["## Paired score differences (a - b on the same prompts; per-thread means)", "",
-                  "| comparison | criterion | difference | p | threads | excluded |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Paired score differences (a - b on the same prompts; per-thread means)",
+            "",
+            "| comparison | criterion | difference | p | threads | excluded |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for d in diffs.values():
             for crit, v in d["criteria"].items():
-                lines.append(f"| {d['a']} - {d['b']} | {crit} | {_f(v['estimate'])} {_ci(v['ci95'])} | "
-                             f"{_sig(v['p_value'])} | {v['n_threads']} | {v['n_excluded']} |")
+                lines.append(
+                    f"| {d['a']} - {d['b']} | {crit} | {_f(v['estimate'])} {_ci(v['ci95'])} | "
+                    f"{_sig(v['p_value'])} | {v['n_threads']} | {v['n_excluded']} |"
+                )
         lines.append("")
 
     lines += ["## Pairwise (each pair judged in both orders; disagreement counts as a tie)", ""]
     if report["pairwise"]:
-        lines += ["| comparison | n | win | tie | loss | inconsistent | position consistency | "
-                  "first-position preference | failed |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "| comparison | n | win | tie | loss | inconsistent | position consistency | "
+            "first-position preference | failed |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for comp, p in report["pairwise"].items():
-            lines.append(f"| {p['a']} vs {p['b']} | {p['n']} | {_pct(p['win'])} | {_pct(p['tie'])} | "
-                         f"{_pct(p['loss'])} | {p['inconsistent']} | {_pct(p['position_consistency'])} | "
-                         f"{_pct(p['first_position_preference'])} | {p['n_failed']} |")
-        lines += ["", "| comparison | P(a preferred) = win + tie/2 | p (vs 1/2) | at equal length and style | threads |",
-                  "| --- | --- | --- | --- | --- |"]
+            lines.append(
+                f"| {p['a']} vs {p['b']} | {p['n']} | {_pct(p['win'])} | {_pct(p['tie'])} | "
+                f"{_pct(p['loss'])} | {p['inconsistent']} | {_pct(p['position_consistency'])} | "
+                f"{_pct(p['first_position_preference'])} | {p['n_failed']} |"
+            )
+        lines += [
+            "",
+            "| comparison | P(a preferred) = win + tie/2 | p (vs 1/2) | at equal length and style | threads |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         by_group = ((report.get("length_control") or {}).get("model") or {}).get("by_group") or {}
         for comp, p in report["pairwise"].items():
             pr, g = p["preference"], by_group.get(comp)
             lc_txt = f"{g['estimate']:.2f} {_ci(g['ci95'])}" if g else "n/a"
-            lines.append(f"| {p['a']} vs {p['b']} | {_f(pr['estimate'])} {_ci(pr['ci95'])} | "
-                         f"{_sig(pr['p_value'])} | {lc_txt} | {pr['n_threads']} |")
+            lines.append(
+                f"| {p['a']} vs {p['b']} | {_f(pr['estimate'])} {_ci(pr['ci95'])} | "
+                f"{_sig(pr['p_value'])} | {lc_txt} | {pr['n_threads']} |"
+            )
         lines.append("")
     else:
         lines += ["Not run.", ""]
@@ -757,58 +925,86 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
     lc = report.get("length_control") or {}
     if (lc.get("model") or {}).get("coef"):
         m = lc["model"]
-        lines += ["## Length and style control", "",
-                  "A logistic model of each pairwise verdict (per order) with an intercept per comparison and "
-                  "shared terms for tanh(word difference / sd), the reply shown first, truncated replies and "
-                  "meta preambles (\"Here's a revised version...\"); standard errors clustered by thread. "
-                  "The preference at equal length is the intercept's.", "",
-                  "- coefficients: " + ", ".join(f"{k} {v:+.2f} (SE {m['coef_se'][k]:.2f})"
-                                                 for k, v in m["coef"].items())
-                  + (f"; not estimable here (constant): {', '.join(m['dropped'])}" if m["dropped"] else "")]
+        lines += [
+            "## Length and style control",
+            "",
+            "A logistic model of each pairwise verdict (per order) with an intercept per comparison and "
+            "shared terms for tanh(word difference / sd), the reply shown first, truncated replies and "
+            'meta preambles ("Here\'s a revised version..."); standard errors clustered by thread. '
+            "The preference at equal length is the intercept's.",
+            "",
+            "- coefficients: "
+            + ", ".join(f"{k} {v:+.2f} (SE {m['coef_se'][k]:.2f})" for k, v in m["coef"].items())
+            + (f"; not estimable here (constant): {', '.join(m['dropped'])}" if m["dropped"] else ""),
+        ]
         probe = lc.get("probe_prefer_longer")
         if probe and probe["estimate"] is not None:
-            lines.append(f"- length probe (the same reply in full vs trimmed): P(prefer longer | same content) "
-                         f"{probe['estimate']:.2f} {_ci(probe['ci95'])}, {probe['n_threads']} threads")
+            lines.append(
+                f"- length probe (the same reply in full vs trimmed): P(prefer longer | same content) "
+                f"{probe['estimate']:.2f} {_ci(probe['ci95'])}, {probe['n_threads']} threads"
+            )
         lines.append("")
 
     scale = report.get("scale") or {}
     if scale.get("strengths"):
-        lines += ["## A scale anchored on people (Bradley-Terry over every pairwise verdict)", "",
-                  f"Strengths on the logit scale, `{scale['base']}` = 0; share of gap closed = "
-                  f"(model - {scale['base']}) / ({scale['reference']} - {scale['base']}).", "",
-                  "| variant | strength |", "| --- | --- |"]
+        lines += [
+            "## A scale anchored on people (Bradley-Terry over every pairwise verdict)",
+            "",
+            f"Strengths on the logit scale, `{scale['base']}` = 0; share of gap closed = "
+            f"(model - {scale['base']}) / ({scale['reference']} - {scale['base']}).",
+            "",
+            "| variant | strength |",
+            "| --- | --- |",
+        ]
         for v, st in sorted(scale["strengths"].items(), key=lambda kv: kv[1]):
             lines.append(f"| {v} | {st:+.2f} {_ci(scale['strengths_ci95'].get(v))} |")
         for m, g in scale["models"].items():
             lines.append("")
-            lines.append(f"- {m}: share of the gap to `{scale['reference']}` closed "
-                         f"{_f(g['gap_closed'])} {_ci(g['gap_closed_ci95'])}")
+            lines.append(
+                f"- {m}: share of the gap to `{scale['reference']}` closed "
+                f"{_f(g['gap_closed'])} {_ci(g['gap_closed_ci95'])}"
+            )
         lines.append("")
 
     trunc = report.get("truncated_generations") or {}
     if trunc:
-        lines += ["- generated replies cut by the token limit (finish_reason length): "
-                  + ", ".join(f"{v} {n}" for v, n in trunc.items()), ""]
+        lines += [
+            "- generated replies cut by the token limit (finish_reason length): "
+            + ", ".join(f"{v} {n}" for v, n in trunc.items()),
+            "",
+        ]
 
     fail = report["failures"]
-    lines += ["## Failures (excluded from every score, never scored as a number)", "",
-              f"- judge calls that failed: {fail['failed_calls']} "
-              f"(unparseable after retries: {fail['unparseable']}, refusals: {fail.get('refusals', 0)}, "
-              f"transport errors: {fail['errors']})",
-              f"- judgments excluded: {fail['excluded_judgments']}"]
+    lines += [
+        "## Failures (excluded from every score, never scored as a number)",
+        "",
+        f"- judge calls that failed: {fail['failed_calls']} "
+        f"(unparseable after retries: {fail['unparseable']}, refusals: {fail.get('refusals', 0)}, "
+        f"transport errors: {fail['errors']})",
+        f"- judgments excluded: {fail['excluded_judgments']}",
+    ]
     for ex in fail["examples"]:
         lines.append(f"  - `{ex['id']}` {ex['status']}: {ex['error']}; raw: `{ex['raw'][:120]!r}`")
     usage = report["usage"]
     timing = ""
     if report.get("judge_seconds") is not None:
         timing = f"- time: judging {report['judge_seconds']:.0f} s (up to the report)" + (
-            f", training {report['train_seconds']:.0f} s" if report.get("train_seconds") else "")
-    lines += ["", "## Usage", ""] + ([timing] if timing else []) + [
-              f"- judge calls: {usage['attempts']} ({usage['cached_calls']} from cache, "
-              f"{usage['new_calls']} new this run)",
-              f"- tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion"]
-    if report.get("backend") in ("openai", "openai-batch") and "prices_usd_per_mtok" in report \
-            and not report.get("prices_usd_per_mtok"):
+            f", training {report['train_seconds']:.0f} s" if report.get("train_seconds") else ""
+        )
+    lines += (
+        ["", "## Usage", ""]
+        + ([timing] if timing else [])
+        + [
+            f"- judge calls: {usage['attempts']} ({usage['cached_calls']} from cache, "
+            f"{usage['new_calls']} new this run)",
+            f"- tokens: {usage['prompt_tokens']} prompt, {usage['completion_tokens']} completion",
+        ]
+    )
+    if (
+        report.get("backend") in ("openai", "openai-batch")
+        and "prices_usd_per_mtok" in report
+        and not report.get("prices_usd_per_mtok")
+    ):
         # An endpoint model with no price: $0 would read as "free"; say that it was not priced.
         lines += [f"- cost: not computed, no price for `{report.get('judge_model')}` (set judge.prices)", ""]
     else:
@@ -819,6 +1015,7 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
 
 
 # ---------------------------------------------------------------- plots
+
 
 def _png(fig) -> bytes:
     import io

@@ -15,7 +15,7 @@ plus ``thread_id`` and metadata), starting from an earlier train output (the SFT
 - Loss on the completion tokens only: TRL's ``completion_mask`` marks the chosen and rejected replies; the stage
   checks it on a real collated batch (never a prompt token) before training.
 - Checkpoints, resume after SIGKILL/SIGTERM, DeepSpeed, torchrun, rank-0-only outputs: as SFT
-  (:mod:`cmv_core.checkpoints`, the shared steps in :mod:`cmv_core.training`).
+  (:mod:`cmv_core.train.checkpoints`, the shared steps in :mod:`cmv_core.train.sft`).
 
 Outputs: ``model/`` (init model + DPO adapter, merged), ``adapter/`` (LoRA, on the init model),
 ``metrics.json`` (loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies per step and on
@@ -36,14 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from cmv_core import storage
-from cmv_core.chat_template import check_completion_mask, ensure_chat_template
-from cmv_core.checkpoints import make_callbacks, scratch_dir
 from cmv_core.config import ConfigError
-from cmv_core.training import (
+from cmv_core.train.chat_template import check_completion_mask, ensure_chat_template
+from cmv_core.train.checkpoints import make_callbacks, scratch_dir
+from cmv_core.train.sft import (
     TrainConfig,
     TrainDataError,
-    load_validated,
     load_model,
+    load_validated,
     lora_config,
     open_stage,
     preempted,
@@ -66,7 +66,7 @@ VAL_FILE = "val_preferences.jsonl"
 def dpo_over_train(recipe: dict) -> dict:
     """The recipe's ``dpo:`` section over its ``train:`` section (dpo wins), as written (no defaults).
 
-    Also what ``cmv k8s submit`` compares with a dpo ``_SUCCESS`` (cmv_core.k8s, without torch)."""
+    Also what ``cmv k8s submit`` compares with a dpo ``_SUCCESS`` (cmv_core.k8s.submit, without torch)."""
     train, dpo = recipe.get("train") or {}, recipe.get("dpo") or {}
     merged = {k: v for k, v in train.items() if k not in ("packing", "packing_strategy")}  # SFT-only
     return {**merged, **dpo}
@@ -106,7 +106,7 @@ def dpo_config(cfg: TrainConfig, scratch: Path, *, has_eval: bool):
 
 def validate_preference(row: Any, where: str) -> dict:
     """``{prompt, chosen, rejected}`` of one format-stage preference line, or a TrainDataError naming where."""
-    from cmv_core.training import ROLES
+    from cmv_core.train.sft import ROLES
 
     if not isinstance(row, dict):
         raise TrainDataError(f"{where}: expected an object with prompt, chosen and rejected")
@@ -168,8 +168,12 @@ def pairs_dropped(given: int, kept: int, uri: str, cfg: TrainConfig) -> int:
     if kept == 0:
         raise TrainDataError(f"{uri}: every pair's prompt is over dpo.max_length={cfg.max_length} tokens; raise it")
     if kept < given:
-        log.warning("%d of %d pairs dropped: their prompt alone is over dpo.max_length=%d tokens", given - kept,
-                    given, cfg.max_length)
+        log.warning(
+            "%d of %d pairs dropped: their prompt alone is over dpo.max_length=%d tokens",
+            given - kept,
+            given,
+            cfg.max_length,
+        )
     return given - kept
 
 
@@ -187,7 +191,7 @@ def run_dpo(
 ) -> dict | None:
     """DPO from ``init`` (a train output URI, or "base" for ``model``) on the preference pairs at ``input``.
 
-    Returns like :func:`cmv_core.training.run_train`.
+    Returns like :func:`cmv_core.train.sft.run_train`.
     """
     from accelerate import PartialState
     from datasets import Dataset
@@ -207,8 +211,14 @@ def run_dpo(
     # config.model = the weights adapter/ goes on (generate reads it): the init train output's model/
     init_spec = model if init == "base" else storage.join(init, "model")
     inputs = [input] + ([] if init == "base" else [init])
-    opened = open_stage(output, inputs, stage_config_of(cfg, init_spec, method="dpo", init=init, base_model=model),
-                        scratch, run_id, force)
+    opened = open_stage(
+        output,
+        inputs,
+        stage_config_of(cfg, init_spec, method="dpo", init=init, base_model=model),
+        scratch,
+        run_id,
+        force,
+    )
     if opened is None:
         return None
     run, fingerprint = opened
@@ -228,33 +238,66 @@ def run_dpo(
         args.eval_strategy, args.eval_on_start = "no", False
 
     # Train: LoRA -> the reference is the init weights with the adapter disabled (ref_model=None, no copy)
-    mirror, stopper, throughput = make_callbacks(output, fingerprint, cfg.save_total_limit, PartialState().num_processes)
+    mirror, stopper, throughput = make_callbacks(
+        output, fingerprint, cfg.save_total_limit, PartialState().num_processes
+    )
     trainer = DPOTrainer(
-        model=load_model(init_path, cfg), ref_model=None, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tokenizer, peft_config=lora_config(cfg) if cfg.method == "lora" else None,
+        model=load_model(init_path, cfg),
+        ref_model=None,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg) if cfg.method == "lora" else None,
         callbacks=[mirror, stopper, throughput],
     )
     dropped = pairs_dropped(len(train_ds), len(trainer.train_dataset), storage.join(input, TRAIN_FILE), cfg)
     copies = base_weight_copies()
-    log.info("dpo: reference = %s; %d copy(ies) of the weights in memory",
-             "init weights, adapter disabled" if trainer.ref_model is None else "a frozen copy", copies)
+    log.info(
+        "dpo: reference = %s; %d copy(ies) of the weights in memory",
+        "init weights, adapter disabled" if trainer.ref_model is None else "a frozen copy",
+        copies,
+    )
     n_check = min(cfg.label_check_examples, len(trainer.train_dataset))
-    mask_stats = check_completion_mask(trainer.data_collator([trainer.train_dataset[i] for i in range(n_check)]),
-                                       tokenizer)
-    log.info("completion mask OK: %d of %d tokens trained (%.1f%%)", mask_stats["trained_tokens"],
-             mask_stats["tokens"], 100 * mask_stats["trained_fraction"])
+    mask_stats = check_completion_mask(
+        trainer.data_collator([trainer.train_dataset[i] for i in range(n_check)]), tokenizer
+    )
+    log.info(
+        "completion mask OK: %d of %d tokens trained (%.1f%%)",
+        mask_stats["trained_tokens"],
+        mask_stats["tokens"],
+        100 * mask_stats["trained_fraction"],
+    )
     trained = train_resumably(trainer, output, fingerprint, cfg, stopper, scratch)
     if trained["stopped_at"] is not None:
         return preempted(trained, output)
 
     # Save: merged model/ (init + adapter), adapter/, metrics with the reward curves, _SUCCESS
-    summary = save_outputs(trainer, cfg, run, init_path, output, scratch, tokenizer, throughput, trained, extra={
-        "objective": "dpo", "init": init, "reference_model": "adapter_disabled" if trainer.ref_model is None
-        else "frozen_copy", "base_weight_copies": copies, "label_mask": mask_stats,
-        "dpo_args": dict(cfg.dpo_args or {}), "beta": args.beta, "loss_type": list(args.loss_type),
-        "train_examples": len(train_rows), "pairs_dropped_prompt_too_long": dropped, "val_examples": len(val_rows),
-        "model": model,
-    })
+    summary = save_outputs(
+        trainer,
+        cfg,
+        run,
+        init_path,
+        output,
+        scratch,
+        tokenizer,
+        throughput,
+        trained,
+        extra={
+            "objective": "dpo",
+            "init": init,
+            "reference_model": "adapter_disabled" if trainer.ref_model is None else "frozen_copy",
+            "base_weight_copies": copies,
+            "label_mask": mask_stats,
+            "dpo_args": dict(cfg.dpo_args or {}),
+            "beta": args.beta,
+            "loss_type": list(args.loss_type),
+            "train_examples": len(train_rows),
+            "pairs_dropped_prompt_too_long": dropped,
+            "val_examples": len(val_rows),
+            "model": model,
+        },
+    )
     if PartialState().is_local_main_process:
         shutil.rmtree(scratch.parent / f"{scratch.name}-init", ignore_errors=True)  # an S3 init model's copy
     return summary

@@ -48,9 +48,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,20 @@ JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 SETTINGS_LABEL = "cmv.io/settings-hash"
 SETTINGS_ANNOTATION = "cmv.io/settings-sha256"
 # The stage outputs each stage reads (what its _SUCCESS records as inputs, besides RAW_INPUT for clean).
-UPSTREAM = {"clean": [], "format": ["clean"], "train": ["format"], "dpo": ["format", "train"],
-            "generate": ["format", "train"], "judge": ["generate", "format"]}
+UPSTREAM = {
+    "clean": [],
+    "format": ["clean"],
+    "train": ["format"],
+    "dpo": ["format", "train"],
+    "generate": ["format", "train"],
+    "judge": ["generate", "format"],
+}
 
 
 def upstream(stage: str, dpo: bool = False) -> list[str]:
     """The stage outputs ``stage`` reads; generate reads the dpo output too when the run has that stage."""
     return UPSTREAM[stage] + (["dpo"] if dpo and stage == "generate" else [])
+
 
 # Pod hostnames of the Indexed train Job are cmv-train-<run id>-<index>: a DNS label of at most 63 characters.
 RUN_ID_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
@@ -93,7 +101,9 @@ def pod_template(workload: dict) -> dict:
 
 
 def gang_size(workload: dict) -> int:
-    spec = workload["spec"]["replicatedJobs"][0]["template"]["spec"] if workload["kind"] == "JobSet" else workload["spec"]
+    spec = (
+        workload["spec"]["replicatedJobs"][0]["template"]["spec"] if workload["kind"] == "JobSet" else workload["spec"]
+    )
     return int(spec.get("completions") or 1)
 
 
@@ -106,7 +116,7 @@ class K8sError(RuntimeError):
 
 def default_k8s_dir() -> Path:
     """The repository's ``k8s/`` next to the package (editable install), else ``./k8s``."""
-    here = Path(__file__).resolve().parents[1] / "k8s"
+    here = Path(__file__).resolve().parents[2] / "k8s"
     return here if (here / "base").is_dir() else Path("k8s")
 
 
@@ -170,9 +180,13 @@ def prepare_tree(
         raise K8sError(f"no overlay {overlay!r} under {src / 'overlays'}; known: {', '.join(known)}")
     tree = dest / "k8s"
     # Filled-in secret files (k8s/secrets/*.env) never travel with the copy; the pipeline settings do.
-    shutil.copytree(src, tree, ignore=lambda _dir, names: [
-        n for n in names if (n.endswith(".env") and n != "pipeline.env") or n == "__pycache__"
-    ])
+    shutil.copytree(
+        src,
+        tree,
+        ignore=lambda _dir, names: [
+            n for n in names if (n.endswith(".env") and n != "pipeline.env") or n == "__pycache__"
+        ],
+    )
     values = {k: str(v) for k, v in (settings or {}).items()}
     for key, value in values.items():
         if not ENV_LINE_RE.match(f"{key}={value}") or "\n" in value:
@@ -217,8 +231,7 @@ def _add_component(overlay_dir: Path, component: Path, first: bool = False, stag
         rel = os.path.relpath(component, kustomization.parent)
         if any(os.path.normpath(c) == os.path.normpath(rel) for c in comps):
             continue  # the overlay lists it already (by hand)
-        at = 0 if first else next((i for i, c in enumerate(comps) if c.rstrip("/").endswith("base/derive")),
-                                  len(comps))
+        at = 0 if first else next((i for i, c in enumerate(comps) if c.rstrip("/").endswith("base/derive")), len(comps))
         comps.insert(at, rel)
         kustomization.write_text(yaml.safe_dump(doc, sort_keys=False))
 
@@ -293,8 +306,12 @@ def run_settings(
 
 
 # Per GPU of a train pod: CPUs (data loading, NCCL proxies), memory, and /dev/shm (NCCL, DataLoader workers).
-TRAIN_PER_GPU = {"TRAIN_CPU": (8, ""), "TRAIN_MEMORY": (64, "Gi"), "TRAIN_MEMORY_LIMIT": (96, "Gi"),
-                 "TRAIN_SHM": (32, "Gi")}
+TRAIN_PER_GPU = {
+    "TRAIN_CPU": (8, ""),
+    "TRAIN_MEMORY": (64, "Gi"),
+    "TRAIN_MEMORY_LIMIT": (96, "Gi"),
+    "TRAIN_SHM": (32, "Gi"),
+}
 
 
 def train_pod_size(gpus: int) -> dict[str, str]:
@@ -321,8 +338,7 @@ def render(
     whole = dpo or stage == "dpo"
     tag = tag or default_tag()
     with tempfile.TemporaryDirectory(prefix="cmv-k8s-") as tmp:
-        leaf = prepare_tree(Path(tmp), overlay, settings=settings, registry=registry, tag=tag, k8s_dir=k8s_dir,
-                            dpo=dpo)
+        leaf = prepare_tree(Path(tmp), overlay, settings=settings, registry=registry, tag=tag, k8s_dir=k8s_dir, dpo=dpo)
         if stage and not whole:
             leaf = leaf / stage
             if not (leaf / "kustomization.yaml").is_file():
@@ -338,8 +354,12 @@ def only_stage(text: str, stage: str) -> str:
     import yaml
 
     docs = [d for d in yaml.safe_load_all(text) if d]
-    keep = [d for d in docs if (d.get("kind") == "ConfigMap" and d["metadata"]["name"].startswith("cmv-pipeline"))
-            or (d["metadata"].get("labels") or {}).get(STAGE_LABEL) == stage]
+    keep = [
+        d
+        for d in docs
+        if (d.get("kind") == "ConfigMap" and d["metadata"]["name"].startswith("cmv-pipeline"))
+        or (d["metadata"].get("labels") or {}).get(STAGE_LABEL) == stage
+    ]
     if not any(d.get("kind") in WORKLOAD_KINDS for d in keep):
         raise K8sError(f"this run has no {stage} stage" + (" (add --dpo: the dpo component)" if stage == "dpo" else ""))
     return yaml.safe_dump_all(keep, sort_keys=False)
@@ -351,10 +371,14 @@ def stamp_rendered(text: str) -> str:
     import yaml
 
     docs = [d for d in yaml.safe_load_all(text) if d]
-    config = next((d for d in docs if d.get("kind") == "ConfigMap"
-                   and d["metadata"]["name"].startswith("cmv-pipeline")), None)
-    workloads = [d for d in docs if d.get("kind") in WORKLOAD_KINDS
-                 and (d["metadata"].get("labels") or {}).get(STAGE_LABEL) in PIPELINE]
+    config = next(
+        (d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"].startswith("cmv-pipeline")), None
+    )
+    workloads = [
+        d
+        for d in docs
+        if d.get("kind") in WORKLOAD_KINDS and (d["metadata"].get("labels") or {}).get(STAGE_LABEL) in PIPELINE
+    ]
     if config is None or not workloads:
         return text
     values = dict(config.get("data") or {})
@@ -371,23 +395,28 @@ def check_dpo_run(workloads: dict[str, dict], recipe: dict | None, recipe_name: 
     if "dpo" not in workloads:
         return
     if any(w["kind"] != "Job" for s, w in workloads.items() if s in ("train", "dpo")):
-        raise K8sError("the dpo component (--dpo) adds DPO as an Indexed Job like the dev, gpu and multinode "
-                       "overlays' train Job; the jobset overlay trains on a JobSet (and --engine argo needs it), "
-                       "so it has no DPO stage: use --overlay multinode (or gpu) with --dpo")
+        raise K8sError(
+            "the dpo component (--dpo) adds DPO as an Indexed Job like the dev, gpu and multinode "
+            "overlays' train Job; the jobset overlay trains on a JobSet (and --engine argo needs it), "
+            "so it has no DPO stage: use --overlay multinode (or gpu) with --dpo"
+        )
     if recipe is not None:
-        from cmv_core.dpo import dpo_enabled
+        from cmv_core.train.dpo import dpo_enabled
 
         if not dpo_enabled(recipe):
-            raise K8sError(f"--dpo (the dpo component): the recipe {recipe_name} has no dpo: section, or its "
-                           "dpo.enabled is false; add the section or drop --dpo")
+            raise K8sError(
+                f"--dpo (the dpo component): the recipe {recipe_name} has no dpo: section, or its "
+                "dpo.enabled is false; add the section or drop --dpo"
+            )
 
 
 def default_tag() -> str | None:
     """``git describe --always --dirty`` of the repository, as ``make images`` tags (None outside a checkout)."""
     repo = default_k8s_dir().resolve().parent
     try:
-        proc = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, timeout=10)
+        proc = subprocess.run(
+            ["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() or None if proc.returncode == 0 else None
@@ -398,12 +427,19 @@ PLACEHOLDER_TAG = "set-a-tag"  # the gpu overlay's tag until render sets the rea
 
 def check_image_tags(manifests: str) -> None:
     """Every image has an explicit tag or digest, never ``latest`` (a node may run any build under it)."""
-    bad = sorted({m.group(1) for m in re.finditer(r"^\s*-?\s*image:\s*['\"]?([^\s'\"]+)", manifests, re.M)
-                  if not re.search(r"(@sha256:[0-9a-f]{64}|:[\w][\w.-]{0,127})$", m.group(1).split("/")[-1])
-                  or m.group(1).endswith((":latest", f":{PLACEHOLDER_TAG}"))})
+    bad = sorted(
+        {
+            m.group(1)
+            for m in re.finditer(r"^\s*-?\s*image:\s*['\"]?([^\s'\"]+)", manifests, re.M)
+            if not re.search(r"(@sha256:[0-9a-f]{64}|:[\w][\w.-]{0,127})$", m.group(1).split("/")[-1])
+            or m.group(1).endswith((":latest", f":{PLACEHOLDER_TAG}"))
+        }
+    )
     if bad:
-        raise K8sError(f"images without a tag, or tagged latest: {', '.join(bad)}; pass --tag (the TAG of make push, "
-                       "default `git describe --always --dirty`), or render from a git checkout")
+        raise K8sError(
+            f"images without a tag, or tagged latest: {', '.join(bad)}; pass --tag (the TAG of make push, "
+            "default `git describe --always --dirty`), or render from a git checkout"
+        )
 
 
 def render_objects(overlay: str, **kwargs: Any) -> list[dict]:
@@ -417,8 +453,9 @@ def render_objects(overlay: str, **kwargs: Any) -> list[dict]:
 
 def expand_vars(text: str, values: dict[str, str]) -> str:
     """Kubernetes' ``$(VAR)`` expansion of command and args (``$$`` is a literal ``$``)."""
-    return re.sub(r"\$\$|\$\((\w+)\)", lambda m: "$" if m.group(0) == "$$" else values.get(m.group(1), m.group(0)),
-                  text)
+    return re.sub(
+        r"\$\$|\$\((\w+)\)", lambda m: "$" if m.group(0) == "$$" else values.get(m.group(1), m.group(0)), text
+    )
 
 
 def load_recipe_here(recipe: str | None) -> dict | None:
@@ -443,8 +480,9 @@ def load_recipe_here(recipe: str | None) -> dict | None:
         doc = yaml.safe_load(text)
         return doc if isinstance(doc, dict) else None
     except Exception as exc:
-        log.warning("cannot read the recipe %s from here (%s: %s); comparing its path only",
-                    recipe, type(exc).__name__, exc)
+        log.warning(
+            "cannot read the recipe %s from here (%s: %s); comparing its path only", recipe, type(exc).__name__, exc
+        )
         return None
 
 
@@ -464,17 +502,19 @@ def stage_settings(job: dict, values: dict[str, str], recipe: dict | None) -> di
     container = next(c for c in pod_template(job)["spec"]["containers"] if c["name"] == "main")
     args = [expand_vars(a, values) for a in container.get("args") or []]
     ignored = ("--wait-for-input=",) + (("--config=",) if recipe is not None else ())
-    # dpo reads its dpo: section over train: (cmv_core.dpo.dpo_over_train); no other stage reads dpo:.
+    # dpo reads its dpo: section over train: (cmv_core.train.dpo.dpo_over_train); no other stage reads dpo:.
     own = {stage, "train"} if stage == "dpo" else {stage}
     part = None if recipe is None else {k: v for k, v in recipe.items() if k not in PIPELINE or k in own}
-    return _json_safe({
-        "stage": stage,
-        "image": container.get("image"),
-        "command": [expand_vars(a, values) for a in container.get("command") or []],
-        "args": [a for a in args if not a.startswith(ignored)],
-        "nodes": gang_size(job),
-        "recipe": part,
-    })
+    return _json_safe(
+        {
+            "stage": stage,
+            "image": container.get("image"),
+            "command": [expand_vars(a, values) for a in container.get("command") or []],
+            "args": [a for a in args if not a.startswith(ignored)],
+            "nodes": gang_size(job),
+            "recipe": part,
+        }
+    )
 
 
 def settings_hash(settings: dict) -> str:
@@ -515,7 +555,7 @@ def _config_differences(wanted: Any, recorded: Any, where: str) -> list[str]:
     return [] if same else [f"{where}: {recorded!r} -> {wanted!r}"]
 
 
-def manifest_mismatch(run: "Plan", stage: str, manifest: dict, recipe: dict | None = None) -> str | None:
+def manifest_mismatch(run: Plan, stage: str, manifest: dict, recipe: dict | None = None) -> str | None:
     """Why the stage's ``_SUCCESS`` manifest is not the output of this run's settings; None when it is.
 
     Its inputs must be this run's upstream outputs as they are now (the digest of each upstream
@@ -554,7 +594,7 @@ def manifest_mismatch(run: "Plan", stage: str, manifest: dict, recipe: dict | No
         return f"config changed: model: {base!r} -> {model!r}"
     wanted = recipe.get(stage) if recipe is not None else None
     if stage == "dpo" and isinstance(wanted, dict):
-        from cmv_core.dpo import dpo_over_train
+        from cmv_core.train.dpo import dpo_over_train
 
         wanted = dpo_over_train(recipe)
     if isinstance(wanted, dict):
@@ -737,8 +777,13 @@ def owned_by(cluster: Cluster, objects: list[dict], workload: Any) -> None:
     if not uid:
         return
     kind = "JobSet" if isinstance(workload, dict) and workload.get("kind") == "JobSet" else "Job"
-    ref = {"apiVersion": "jobset.x-k8s.io/v1alpha2" if kind == "JobSet" else "batch/v1", "kind": kind,
-           "name": name, "uid": uid, "blockOwnerDeletion": False}
+    ref = {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2" if kind == "JobSet" else "batch/v1",
+        "kind": kind,
+        "name": name,
+        "uid": uid,
+        "blockOwnerDeletion": False,
+    }
     patch = {"metadata": {"ownerReferences": [ref]}}  # strategic merge: added to the list, keyed by uid
     for obj in objects:
         if obj["kind"] == "Service":
@@ -769,13 +814,27 @@ def _jobset_as_job(obj: dict) -> Any:
 
     status = obj.get("status") or {}
     jobs = status.get("replicatedJobsStatus") or []
-    conditions = [NS(type={"Completed": "Complete"}.get(c.get("type"), c.get("type")), status=c.get("status"),
-                     reason=c.get("reason"), message=c.get("message")) for c in status.get("conditions") or []]
+    conditions = [
+        NS(
+            type={"Completed": "Complete"}.get(c.get("type"), c.get("type")),
+            status=c.get("status"),
+            reason=c.get("reason"),
+            message=c.get("message"),
+        )
+        for c in status.get("conditions") or []
+    ]
     meta = obj.get("metadata") or {}
-    return NS(metadata=NS(name=meta.get("name"), annotations=meta.get("annotations") or {}),
-              status=NS(conditions=conditions, active=sum(j.get("active", 0) for j in jobs),
-                        ready=sum(j.get("ready", 0) for j in jobs), succeeded=sum(j.get("succeeded", 0) for j in jobs),
-                        failed=sum(j.get("failed", 0) for j in jobs), restarts=status.get("restarts", 0)))
+    return NS(
+        metadata=NS(name=meta.get("name"), annotations=meta.get("annotations") or {}),
+        status=NS(
+            conditions=conditions,
+            active=sum(j.get("active", 0) for j in jobs),
+            ready=sum(j.get("ready", 0) for j in jobs),
+            succeeded=sum(j.get("succeeded", 0) for j in jobs),
+            failed=sum(j.get("failed", 0) for j in jobs),
+            restarts=status.get("restarts", 0),
+        ),
+    )
 
 
 def read_job(cluster: Cluster, name: str, kind: str = "Job") -> Any | None:
@@ -783,8 +842,9 @@ def read_job(cluster: Cluster, name: str, kind: str = "Job") -> Any | None:
 
     try:
         if kind == "JobSet":
-            return _jobset_as_job(cluster.custom.get_namespaced_custom_object(*JOBSET_API, cluster.namespace,
-                                                                              "jobsets", name))
+            return _jobset_as_job(
+                cluster.custom.get_namespaced_custom_object(*JOBSET_API, cluster.namespace, "jobsets", name)
+            )
         return cluster.batch.read_namespaced_job(name, cluster.namespace)
     except ApiException as exc:
         if _is_status(exc, 404):
@@ -831,11 +891,13 @@ def delete_job(cluster: Cluster, name: str, timeout_s: float = 300, poll_s: floa
 
     try:
         if kind == "JobSet":
-            cluster.custom.delete_namespaced_custom_object(*JOBSET_API, cluster.namespace, "jobsets", name,
-                                                           body=V1DeleteOptions(propagation_policy="Foreground"))
+            cluster.custom.delete_namespaced_custom_object(
+                *JOBSET_API, cluster.namespace, "jobsets", name, body=V1DeleteOptions(propagation_policy="Foreground")
+            )
         else:
-            cluster.batch.delete_namespaced_job(name, cluster.namespace,
-                                                body=V1DeleteOptions(propagation_policy="Foreground"))
+            cluster.batch.delete_namespaced_job(
+                name, cluster.namespace, body=V1DeleteOptions(propagation_policy="Foreground")
+            )
     except ApiException as exc:
         if not _is_status(exc, 404):
             raise
@@ -860,8 +922,14 @@ class LogStreamer:
     (same timestamp and text) are dropped, so no line is lost or printed twice.
     """
 
-    def __init__(self, cluster: Cluster, out: Callable[[str], None], container: str = "main",
-                 reconnects: int = 20, retry_s: float = 1.0):
+    def __init__(
+        self,
+        cluster: Cluster,
+        out: Callable[[str], None],
+        container: str = "main",
+        reconnects: int = 20,
+        retry_s: float = 1.0,
+    ):
         self.cluster, self.out, self.container = cluster, out, container
         self.reconnects, self.retry_s = reconnects, retry_s
         self.threads: dict[str, threading.Thread] = {}
@@ -880,9 +948,13 @@ class LogStreamer:
         if since:
             query.append(("sinceTime", since))  # not a parameter of the generated read_namespaced_pod_log
         return self.cluster.core.api_client.call_api(
-            "/api/v1/namespaces/{namespace}/pods/{name}/log", "GET",
-            path_params={"namespace": self.cluster.namespace, "name": pod}, query_params=query,
-            header_params={"Accept": "*/*"}, auth_settings=["BearerToken"], _preload_content=False,
+            "/api/v1/namespaces/{namespace}/pods/{name}/log",
+            "GET",
+            path_params={"namespace": self.cluster.namespace, "name": pod},
+            query_params=query,
+            header_params={"Accept": "*/*"},
+            auth_settings=["BearerToken"],
+            _preload_content=False,
         )
 
     def _pod_running(self, pod: str) -> bool:
@@ -915,8 +987,13 @@ class LogStreamer:
                         self.out(f"[{pod}] {text}")
                 ended = True
             except Exception as exc:  # a broken stream: reconnect below while the pod runs
-                log.warning("log stream of %s broke (%s: %s); reconnecting from %s", pod, type(exc).__name__, exc,
-                            since or "the start")
+                log.warning(
+                    "log stream of %s broke (%s: %s); reconnecting from %s",
+                    pod,
+                    type(exc).__name__,
+                    exc,
+                    since or "the start",
+                )
             if ended and not self._pod_running(pod):
                 return
             if attempt < self.reconnects:
@@ -932,8 +1009,9 @@ class LogStreamer:
 def tail_logs(cluster: Cluster, pod: str, lines: int, container: str = "main") -> str:
     try:
         # Raw bytes: the client's own decoding of a text/plain body is unreliable across versions.
-        resp = cluster.core.read_namespaced_pod_log(pod, cluster.namespace, container=container, tail_lines=lines,
-                                                    _preload_content=False)
+        resp = cluster.core.read_namespaced_pod_log(
+            pod, cluster.namespace, container=container, tail_lines=lines, _preload_content=False
+        )
         return resp.data.decode("utf-8", errors="replace")
     except Exception as exc:
         return f"(no log: {exc})"
@@ -1064,8 +1142,11 @@ def submit(
     if missing:
         raise K8sError(f"--stages {' '.join(missing)}: not a stage of this run (dpo: render it with --dpo)")
     for obj in run.other:
-        log.info("not created by submit: %s/%s (apply its kustomization once, e.g. k8s/overlays/dev/minio)",
-                 obj["kind"], obj["metadata"]["name"])
+        log.info(
+            "not created by submit: %s/%s (apply its kustomization once, e.g. k8s/overlays/dev/minio)",
+            obj["kind"],
+            obj["metadata"]["name"],
+        )
     create_object(cluster, run.config)
     store_ok = check_store
     for stage in stages:
@@ -1109,12 +1190,14 @@ def submit(
     return 0
 
 
-ARGO_HAS_NO_DPO = ("--engine argo has no dpo step (its WorkflowTemplate runs the five stages): run DPO with "
-                   "--engine jobs and --overlay multinode (or gpu)")
+ARGO_HAS_NO_DPO = (
+    "--engine argo has no dpo step (its WorkflowTemplate runs the five stages): run DPO with "
+    "--engine jobs and --overlay multinode (or gpu)"
+)
 
 
 def argo_template(run: Plan) -> dict:
-    from cmv_core import k8s_argo
+    from cmv_core.k8s import argo as k8s_argo
 
     if run.job("train")["kind"] != "JobSet":
         raise K8sError("--engine argo runs the train stage as a JobSet: use --overlay jobset")
@@ -1131,7 +1214,7 @@ def submit_argo(cluster: Cluster, run: Plan, out: Callable[[str], None] = print)
     """
     from kubernetes.client.exceptions import ApiException
 
-    from cmv_core import k8s_argo
+    from cmv_core.k8s import argo as k8s_argo
 
     template = argo_template(run)
     create_object(cluster, run.config)
@@ -1142,14 +1225,17 @@ def submit_argo(cluster: Cluster, run: Plan, out: Callable[[str], None] = print)
     except ApiException as exc:
         if not _is_status(exc, 409):
             raise
-        current = cluster.custom.get_namespaced_custom_object(group, version, cluster.namespace,
-                                                              "workflowtemplates", name)
+        current = cluster.custom.get_namespaced_custom_object(
+            group, version, cluster.namespace, "workflowtemplates", name
+        )
         template["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-        cluster.custom.replace_namespaced_custom_object(group, version, cluster.namespace, "workflowtemplates",
-                                                        name, template)
+        cluster.custom.replace_namespaced_custom_object(
+            group, version, cluster.namespace, "workflowtemplates", name, template
+        )
         out(f"WorkflowTemplate {name} replaced with this submit's settings")
-    created = cluster.custom.create_namespaced_custom_object(group, version, cluster.namespace, "workflows",
-                                                             k8s_argo.workflow(template))
+    created = cluster.custom.create_namespaced_custom_object(
+        group, version, cluster.namespace, "workflows", k8s_argo.workflow(template)
+    )
     workflow_name = created["metadata"]["name"]
     out(f"Workflow {workflow_name} created from WorkflowTemplate {name}: the pipeline runs in the cluster")
     out(f"follow it: argo watch -n {cluster.namespace} {workflow_name}   (or argo logs -f ...)")
@@ -1186,26 +1272,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--model", help="model spec (CMV_MODEL)")
         p.add_argument("--artifact-root", help="where runs live, e.g. s3://bucket/runs (ARTIFACT_ROOT)")
         p.add_argument("--raw-input", help="the raw dump for clean (RAW_INPUT)")
-        p.add_argument("--setting", action="append", default=[], metavar="KEY=VALUE",
-                       help="any other pipeline.env value (repeatable), e.g. --setting INPUT_WAIT_S=600")
+        p.add_argument(
+            "--setting",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="any other pipeline.env value (repeatable), e.g. --setting INPUT_WAIT_S=600",
+        )
         p.add_argument("--registry", help="image registry, e.g. registry.example.com/cmv (as in make push)")
         p.add_argument("--tag", help="image tag (as in make push; default: `git describe --always --dirty`, as make)")
         p.add_argument("--k8s-dir", help="the kustomize tree (default: the repository's k8s/)")
-        p.add_argument("--dpo", action="store_true",
-                       help="with the DPO stage (k8s/components/dpo): a second train Job after train, from the "
-                            "SFT output, and generate's dpo variant; the recipe needs a dpo: section. Not with the "
-                            "jobset overlay or --engine argo")
+        p.add_argument(
+            "--dpo",
+            action="store_true",
+            help="with the DPO stage (k8s/components/dpo): a second train Job after train, from the "
+            "SFT output, and generate's dpo variant; the recipe needs a dpo: section. Not with the "
+            "jobset overlay or --engine argo",
+        )
 
     def cluster_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--namespace", help="default: the kubeconfig context's namespace, else 'default'")
         p.add_argument("--context", help="kubeconfig context (default: the current one)")
-        p.add_argument("--no-store-check", action="store_true",
-                       help="do not look for _SUCCESS in the artifact store from here; trust the Jobs' status")
+        p.add_argument(
+            "--no-store-check",
+            action="store_true",
+            help="do not look for _SUCCESS in the artifact store from here; trust the Jobs' status",
+        )
 
     def engine(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--engine", choices=["jobs", "argo"], default="jobs",
-                       help="jobs: one Job per stage, run in order from here (default, nothing to install); "
-                            "argo: one Argo WorkflowTemplate running the whole DAG in the cluster (overlay jobset)")
+        p.add_argument(
+            "--engine",
+            choices=["jobs", "argo"],
+            default="jobs",
+            help="jobs: one Job per stage, run in order from here (default, nothing to install); "
+            "argo: one Argo WorkflowTemplate running the whole DAG in the cluster (overlay jobset)",
+        )
 
     p = sub.add_parser("render", help="print the manifests of a run (kubectl apply -f - them, or inspect)")
     common(p)
@@ -1215,8 +1316,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("submit", help="run the pipeline's Jobs in order, stream logs, stop on failure, resume")
     common(p)
     cluster_args(p)
-    p.add_argument("--stages", nargs="+", choices=PIPELINE,
-                   help="run only these, in this order (default: every stage of the run; dpo with --dpo)")
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        choices=PIPELINE,
+        help="run only these, in this order (default: every stage of the run; dpo with --dpo)",
+    )
     p.add_argument("--poll", type=float, default=5, help="seconds between Job status checks")
     p.add_argument("--stage-timeout", type=float, default=0, help="give up waiting on a stage after this (0: never)")
     p.add_argument("--tail", type=int, default=40, help="log lines shown from a failed pod")
@@ -1229,11 +1334,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _plan_from_args(args: argparse.Namespace) -> Plan:
     settings = run_settings(
-        args.run_id, nodes=args.nodes, gpus_per_node=args.gpus_per_node, recipe=args.recipe, model=args.model,
-        artifact_root=args.artifact_root, raw_input=args.raw_input, extra=args.setting,
+        args.run_id,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        recipe=args.recipe,
+        model=args.model,
+        artifact_root=args.artifact_root,
+        raw_input=args.raw_input,
+        extra=args.setting,
     )
-    objects = render_objects(args.overlay, settings=settings, registry=args.registry, tag=args.tag,
-                             k8s_dir=args.k8s_dir, dpo=args.dpo)
+    objects = render_objects(
+        args.overlay, settings=settings, registry=args.registry, tag=args.tag, k8s_dir=args.k8s_dir, dpo=args.dpo
+    )
     return plan(objects)
 
 
@@ -1247,8 +1359,14 @@ def cli_main(args: argparse.Namespace) -> int:
             raise K8sError(ARGO_HAS_NO_DPO)
         if args.k8s_command == "render":
             settings = run_settings(
-                args.run_id, nodes=args.nodes, gpus_per_node=args.gpus_per_node, recipe=args.recipe,
-                model=args.model, artifact_root=args.artifact_root, raw_input=args.raw_input, extra=args.setting,
+                args.run_id,
+                nodes=args.nodes,
+                gpus_per_node=args.gpus_per_node,
+                recipe=args.recipe,
+                model=args.model,
+                artifact_root=args.artifact_root,
+                raw_input=args.raw_input,
+                extra=args.setting,
             )
             if args.engine == "argo":
                 import yaml
@@ -1256,8 +1374,17 @@ def cli_main(args: argparse.Namespace) -> int:
                 run = _plan_from_args(args)
                 sys.stdout.write(yaml.safe_dump_all([run.config, argo_template(run)], sort_keys=False))
                 return 0
-            sys.stdout.write(render(args.overlay, stage=args.stage, settings=settings, registry=args.registry,
-                                    tag=args.tag, k8s_dir=args.k8s_dir, dpo=args.dpo))
+            sys.stdout.write(
+                render(
+                    args.overlay,
+                    stage=args.stage,
+                    settings=settings,
+                    registry=args.registry,
+                    tag=args.tag,
+                    k8s_dir=args.k8s_dir,
+                    dpo=args.dpo,
+                )
+            )
             return 0
         # The store check is a convenience: a store unreachable from here should fail fast, not retry for a minute.
         os.environ.setdefault("CMV_S3_MAX_ATTEMPTS", "2")
@@ -1273,8 +1400,16 @@ def cli_main(args: argparse.Namespace) -> int:
             return 0
         if args.engine == "argo":
             return submit_argo(cluster, run, out=_print)
-        return submit(cluster, run, stages=args.stages, check_store=not args.no_store_check, poll_s=args.poll,
-                      stage_timeout_s=args.stage_timeout, tail=args.tail, out=_print)
+        return submit(
+            cluster,
+            run,
+            stages=args.stages,
+            check_store=not args.no_store_check,
+            poll_s=args.poll,
+            stage_timeout_s=args.stage_timeout,
+            tail=args.tail,
+            out=_print,
+        )
     except K8sError as exc:
         print(f"cmv k8s {args.k8s_command}: error: {exc}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ The train Job's ``podFailurePolicy`` (and the JobSet's ``failurePolicy``) read t
 - **143: stopped on SIGTERM, checkpoint saved, resume me** (a disruption, not the stage's fault). On the
   drained node torchrun itself gets SIGTERM, forwards it to its workers, waits up to
   ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` and raises ``SignalException``. On every *other* node the workers
-  learn of the stop through the OR-reduced stop flag (cmv_core/training.py), save the same step and exit
+  learn of the stop through the OR-reduced stop flag (cmv_core/train/sft.py), save the same step and exit
   143 themselves; torchrun then raises ``ChildFailedError``. Plain ``torchrun`` exits 1 in both cases,
   the same status as a crash; this entry exits 143 in both.
 - **2: the stage cannot succeed on a retry** (bad recipe, bad input, upstream ``_SUCCESS`` never came):
@@ -13,7 +13,7 @@ The train Job's ``podFailurePolicy`` (and the JobSet's ``failurePolicy``) read t
 - **1: anything else** (a crash, a lost peer): counts against the Job's ``backoffLimit``, or restarts the
   whole JobSet, so every node starts again from the newest complete checkpoint.
 
-    python3 -m cmv_core.torchrun --nnodes=2 --nproc-per-node=8 ... -m jobs.train --input ... --output ...
+    python3 -m cmv_core.train.torchrun --nnodes=2 --nproc-per-node=8 ... -m jobs.train --input ... --output ...
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 
-log = logging.getLogger("cmv_core.torchrun")
+log = logging.getLogger("cmv_core.train.torchrun")
 
 EXIT_PREEMPTED = 128 + signal.SIGTERM  # 143
 EXIT_NOT_RETRYABLE = 2

@@ -44,9 +44,9 @@ def list_checkpoints(output: str) -> dict[int, dict | None]:
     root = checkpoints_uri(output)
     for rel in storage.list_files(root):
         name = rel.split("/", 1)[0]
-        if not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX):].isdigit():
+        if not name.startswith(CHECKPOINT_PREFIX) or not name[len(CHECKPOINT_PREFIX) :].isdigit():
             continue
-        step = int(name[len(CHECKPOINT_PREFIX):])
+        step = int(name[len(CHECKPOINT_PREFIX) :])
         found.setdefault(step, None)
         if rel == f"{name}/{CHECKPOINT_MARKER}":
             try:
@@ -65,8 +65,12 @@ def newest_resumable(output: str, fingerprint: str, world_size: int, deepspeed: 
             log.warning("checkpoint-%d was written with other inputs or config; not resuming from it", step)
             continue
         if deepspeed and marker.get("world_size") != world_size:
-            log.warning("checkpoint-%d has DeepSpeed shards for %s processes, not %d; not resuming from it",
-                        step, marker.get("world_size"), world_size)
+            log.warning(
+                "checkpoint-%d has DeepSpeed shards for %s processes, not %d; not resuming from it",
+                step,
+                marker.get("world_size"),
+                world_size,
+            )
             continue
         return step, marker
     return None
@@ -109,9 +113,9 @@ def delete_incomplete_checkpoints(output: str) -> None:
             storage.delete_prefix(storage.join(checkpoints_uri(output), f"{CHECKPOINT_PREFIX}{step}"))
 
 
-
-def fetch_resume_checkpoint(output: str, fingerprint: str, world_size: int, deepspeed: bool, scratch: Path,
-                            local_ckpts: Path) -> tuple[int, Path] | None:
+def fetch_resume_checkpoint(
+    output: str, fingerprint: str, world_size: int, deepspeed: bool, scratch: Path, local_ckpts: Path
+) -> tuple[int, Path] | None:
     """(step, local path) of the newest complete checkpoint of this run, downloaded once per node; or None.
 
     Also clears the node's scratch directory and (rank 0) the output's incomplete leftovers.
@@ -165,15 +169,25 @@ def make_callbacks(output: str, fingerprint: str, save_total_limit: int, world_s
                 storage.upload_dir(local, uri)
             dist.wait_for_everyone()
             if dist.is_main_process:
-                files = [{"path": rel, "size": storage.size(storage.join(uri, rel))}
-                         for rel in storage.list_files(uri) if rel != CHECKPOINT_MARKER]
-                storage.write_json(storage.join(uri, CHECKPOINT_MARKER), {
-                    "step": step, "fingerprint": fingerprint, "world_size": world_size, "files": files,
-                    "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                })
+                files = [
+                    {"path": rel, "size": storage.size(storage.join(uri, rel))}
+                    for rel in storage.list_files(uri)
+                    if rel != CHECKPOINT_MARKER
+                ]
+                storage.write_json(
+                    storage.join(uri, CHECKPOINT_MARKER),
+                    {
+                        "step": step,
+                        "fingerprint": fingerprint,
+                        "world_size": world_size,
+                        "files": files,
+                        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    },
+                )
                 prune_checkpoints(output, save_total_limit)
-                log.info("checkpoint-%d mirrored to %s (%d files, %.1f s)", step, uri, len(files),
-                         time.monotonic() - started)
+                log.info(
+                    "checkpoint-%d mirrored to %s (%d files, %.1f s)", step, uri, len(files), time.monotonic() - started
+                )
             dist.wait_for_everyone()
             return control
 

@@ -52,8 +52,9 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from cmv_core import errors, storage
 
@@ -111,7 +112,7 @@ PAIRWISE_INSTRUCTIONS = (
     "Weigh mainly persuasiveness to this OP: engaging the OP's own reasons, offering arguments or "
     "evidence the OP has not considered; relevance, civility and fluency count only as far as they "
     "affect that. The order in which the replies are shown and their length are not reasons to "
-    "prefer one. Answer \"tie\" only if neither is more persuasive.\n\n"
+    'prefer one. Answer "tie" only if neither is more persuasive.\n\n'
     "First write a short rationale (at most three sentences). Answer with only a JSON object of "
     "this form: {shape}"
 )
@@ -139,59 +140,67 @@ DEFAULT_PRICES = {
 
 @dataclass
 class JudgeConfig:
-    backend: str = "openai"                  # "openai" (any OpenAI-compatible endpoint), "openai-batch" or "local"
-    model: str = "gpt-4o-mini"               # judge model name, or a model spec for the local backend
-    base_url: str | None = None              # default: $OPENAI_BASE_URL, else OpenAI
-    api_key_env: str = "OPENAI_API_KEY"      # the key is read from this variable, never from config
-    concurrency: int = 16                    # judge calls in flight at once
-    max_retries: int = 6                     # the openai client's own retries (429/5xx/timeouts)
-    timeout_s: float = 60.0                  # per request
+    backend: str = "openai"  # "openai" (any OpenAI-compatible endpoint), "openai-batch" or "local"
+    model: str = "gpt-4o-mini"  # judge model name, or a model spec for the local backend
+    base_url: str | None = None  # default: $OPENAI_BASE_URL, else OpenAI
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never from config
+    concurrency: int = 16  # judge calls in flight at once
+    max_retries: int = 6  # the openai client's own retries (429/5xx/timeouts)
+    timeout_s: float = 60.0  # per request
     # aiohttp: less client CPU per call than httpx (3.2 vs 4.1 ms, benchmarks/bench_judge.py), which
     # bounds throughput at high concurrency | httpx: the openai client's default transport
     http_transport: str = "aiohttp"
-    parse_retries: int = 2                   # extra asks after an unparseable verdict
+    parse_retries: int = 2  # extra asks after an unparseable verdict
     temperature: float = 0.0
-    max_tokens: int = 400                    # sent as token_limit_param
+    max_tokens: int = 400  # sent as token_limit_param
     token_limit_param: str = "max_completion_tokens"  # or "max_tokens" for servers that only take that
-    api_seed: int | None = 0                 # sent as `seed` (best-effort determinism), recorded per call
-    response_format: str = "json_schema"     # json_schema | json_object | none
-    logprobs: bool = True                    # ask for top log-probabilities (weighted Likert score)
+    api_seed: int | None = 0  # sent as `seed` (best-effort determinism), recorded per call
+    response_format: str = "json_schema"  # json_schema | json_object | none
+    logprobs: bool = True  # ask for top log-probabilities (weighted Likert score)
     top_logprobs: int = 10
     criteria: list[str] = field(default_factory=lambda: list(CRITERIA))
     single: bool = True
-    grade_human: bool = True                 # also grade the human delta-winning reply
+    grade_human: bool = True  # also grade the human delta-winning reply
     pairwise: bool = True
     # "finetuned" is the SFT model; "dpo" (when generated) the DPO model trained from it. A comparison whose
     # variant no item has (no DPO in this run) is left out.
-    comparisons: list[list[str]] = field(default_factory=lambda: [
-        ["finetuned", "base"], ["finetuned", HUMAN], ["base", HUMAN],
-        ["finetuned", HUMAN_NONDELTA], ["base", HUMAN_NONDELTA],
-        ["dpo", "finetuned"], ["dpo", "base"], ["dpo", HUMAN]])
+    comparisons: list[list[str]] = field(
+        default_factory=lambda: [
+            ["finetuned", "base"],
+            ["finetuned", HUMAN],
+            ["base", HUMAN],
+            ["finetuned", HUMAN_NONDELTA],
+            ["base", HUMAN_NONDELTA],
+            ["dpo", "finetuned"],
+            ["dpo", "base"],
+            ["dpo", HUMAN],
+        ]
+    )
     # Which test prompts get a human reference: "depth1" keeps only winners that reply to the post
     # itself (the judge sees all they answered); "all" also deep winners, which in the single view
     # answer OP turns the judge never sees (unfair to the human side).
     human_reference: str = "depth1"
-    nondelta_reference: bool = True          # add variant human_nondelta: the matched reply that won no delta
+    nondelta_reference: bool = True  # add variant human_nondelta: the matched reply that won no delta
     calibration: bool = True
-    validate_instruments: bool = True        # also run the pairwise prompt and the rubric on the delta pairs
-    length_probe_items: int = 20             # prompts whose reply is judged against its own trimmed version
+    validate_instruments: bool = True  # also run the pairwise prompt and the rubric on the delta pairs
+    length_probe_items: int = 20  # prompts whose reply is judged against its own trimmed version
     validation_split_date: str | None = None  # time-split view; default: format's test_after when split: time
     # Time split: train-period pairs (pairs_before.jsonl) judged by every instrument (seeded sample). None: as
     # many as max_calibration_pairs, or as the test pairs judged when that is unset; 0: none.
     max_before_pairs: int | None = None
-    max_cost_usd: float | None = None        # stop before planned new calls would cost more than this
-    batch_poll_s: float = 30.0               # openai-batch: seconds between polls of a running batch
-    max_items: int | None = None             # cap on test prompts judged (seeded sample)
+    max_cost_usd: float | None = None  # stop before planned new calls would cost more than this
+    batch_poll_s: float = 30.0  # openai-batch: seconds between polls of a running batch
+    max_items: int | None = None  # cap on test prompts judged (seeded sample)
     max_calibration_pairs: int | None = None  # cap on calibration pairs (seeded sample)
-    max_text_chars: int = 6000               # longer post/reply texts are cut (and marked) in prompts
-    local_rationale_tokens: int = 0          # local backend: greedy rationale tokens before scores
-    local_batch_size: int = 8                # local backend: calls answered together (1 = one at a time)
+    max_text_chars: int = 6000  # longer post/reply texts are cut (and marked) in prompts
+    local_rationale_tokens: int = 0  # local backend: greedy rationale tokens before scores
+    local_batch_size: int = 8  # local backend: calls answered together (1 = one at a time)
     # local backend: auto = bfloat16 where the CPU multiplies it natively (AMX or AVX512-BF16: its matmuls
     # ~2.8x, the judge stage ~1.4x faster), else float32 | float32 | bfloat16. Part of the cache key.
     local_dtype: str = "auto"
-    max_failed_fraction: float = 0.2         # more failed calls than this fails the stage
-    cache: str | None = None                 # cache URI (default: <output>/cache)
-    cache_flush_every: int = 50              # S3 cache: entries per uploaded shard
+    max_failed_fraction: float = 0.2  # more failed calls than this fails the stage
+    cache: str | None = None  # cache URI (default: <output>/cache)
+    cache_flush_every: int = 50  # S3 cache: entries per uploaded shard
     bootstrap_samples: int = 2000
     seed: int = 0
     prices: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
@@ -222,6 +231,7 @@ class JudgeFailed(errors.StageFailed):
 
 
 # ---------------------------------------------------------------- forms and parsing
+
 
 def single_form(criteria: list[str]) -> dict[str, list]:
     return {c: list(LIKERT) for c in criteria}
@@ -257,7 +267,7 @@ def parse_verdict(text: str, form: dict[str, list]) -> dict[str, Any]:
     if start < 0 or end <= start:
         raise VerdictError("no JSON object in the answer")
     try:
-        obj = json.loads(text[start:end + 1])
+        obj = json.loads(text[start : end + 1])
     except json.JSONDecodeError as exc:
         raise VerdictError(f"invalid JSON ({exc.msg})") from None
     if not isinstance(obj, dict):
@@ -285,8 +295,7 @@ def parse_verdict(text: str, form: dict[str, list]) -> dict[str, Any]:
     return out
 
 
-def choice_probabilities(tokens: list[dict] | None, name: str, allowed: list,
-                         chosen: Any) -> dict[str, float] | None:
+def choice_probabilities(tokens: list[dict] | None, name: str, allowed: list, chosen: Any) -> dict[str, float] | None:
     """Renormalised probabilities of the allowed values at the token that holds field ``name``'s
     value, from the judge's top log-probabilities; None when they are not available there.
 
@@ -335,6 +344,7 @@ def expected_score(probs: dict[str, float] | None) -> float | None:
 
 # ---------------------------------------------------------------- prompts
 
+
 def _cut(text: str, max_chars: int) -> str:
     text = (text or "").strip()
     if len(text) <= max_chars:
@@ -356,24 +366,29 @@ def render_context(prompt_messages: list[dict], max_chars: int) -> str:
     return "\n\n".join(parts)
 
 
-def single_messages(prompt_messages: list[dict], reply: str, criteria: list[str],
-                    max_chars: int) -> list[dict]:
+def single_messages(prompt_messages: list[dict], reply: str, criteria: list[str], max_chars: int) -> list[dict]:
     rubric = "\n".join(f"- {c}: {CRITERIA[c]}" for c in criteria)
-    system = CMV_INTRO + "\n\n" + SINGLE_INSTRUCTIONS.format(rubric=rubric,
-                                                            shape=form_shape(single_form(criteria)))
+    system = CMV_INTRO + "\n\n" + SINGLE_INSTRUCTIONS.format(rubric=rubric, shape=form_shape(single_form(criteria)))
     user = render_context(prompt_messages, max_chars) + "\n\n## Reply to evaluate\n" + _cut(reply, max_chars)
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
-def two_reply_messages(instructions: str, form: dict, prompt_messages: list[dict], first: str,
-                       second: str, max_chars: int) -> list[dict]:
+def two_reply_messages(
+    instructions: str, form: dict, prompt_messages: list[dict], first: str, second: str, max_chars: int
+) -> list[dict]:
     system = CMV_INTRO + "\n\n" + instructions.format(shape=form_shape(form))
-    user = (render_context(prompt_messages, max_chars) + "\n\n## Reply A\n" + _cut(first, max_chars)
-            + "\n\n## Reply B\n" + _cut(second, max_chars))
+    user = (
+        render_context(prompt_messages, max_chars)
+        + "\n\n## Reply A\n"
+        + _cut(first, max_chars)
+        + "\n\n## Reply B\n"
+        + _cut(second, max_chars)
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 # ---------------------------------------------------------------- cache
+
 
 def _messages_text(messages: list[dict]) -> str:
     return "\n".join(m.get("content") or "" for m in messages)
@@ -382,9 +397,18 @@ def _messages_text(messages: list[dict]) -> str:
 def cache_key(backend: str, model: str, messages: list[dict], form: dict, params: dict) -> str:
     """sha256 over everything that decides the answer: judge, full prompt (replies included),
     form, sampling parameters and the rubric version."""
-    blob = json.dumps({"rubric": RUBRIC_VERSION, "backend": backend, "model": model,
-                       "messages": messages, "form": form, "params": params},
-                      sort_keys=True, ensure_ascii=False)
+    blob = json.dumps(
+        {
+            "rubric": RUBRIC_VERSION,
+            "backend": backend,
+            "model": model,
+            "messages": messages,
+            "form": form,
+            "params": params,
+        },
+        sort_keys=True,
+        ensure_ascii=False,
+    )
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -461,6 +485,7 @@ class ResponseCache:
 
 # ---------------------------------------------------------------- backends
 
+
 class OpenAIBackend:
     """Any OpenAI-compatible chat endpoint. Retries with backoff are the client's (max_retries,
     timeout); concurrency is bounded by the caller."""
@@ -472,9 +497,11 @@ class OpenAIBackend:
         api_key = os.environ.get(cfg.api_key_env)
         if not api_key:
             if base_url is None:
-                raise JudgeCallError(f"${cfg.api_key_env} is not set (needed for the OpenAI judge); "
-                                     "set it, or point judge.base_url / $OPENAI_BASE_URL at another server, "
-                                     "or use judge.backend=local")
+                raise JudgeCallError(
+                    f"${cfg.api_key_env} is not set (needed for the OpenAI judge); "
+                    "set it, or point judge.base_url / $OPENAI_BASE_URL at another server, "
+                    "or use judge.backend=local"
+                )
             api_key = "EMPTY"  # self-hosted servers (vLLM) often need no key
         self.cfg = cfg
         self.base_url = base_url or "https://api.openai.com/v1"
@@ -483,8 +510,13 @@ class OpenAIBackend:
             raise JudgeConfigError(f"judge.http_transport must be 'aiohttp' or 'httpx', got {cfg.http_transport!r}")
         # The client's own transport choice (openai[aiohttp]); its retries and timeouts are the same.
         http_client = DefaultAioHttpClient(timeout=cfg.timeout_s) if cfg.http_transport == "aiohttp" else None
-        self.client = AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=cfg.max_retries,
-                                  timeout=cfg.timeout_s, http_client=http_client)
+        self.client = AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=cfg.max_retries,
+            timeout=cfg.timeout_s,
+            http_client=http_client,
+        )
 
     def _redact(self, text: str) -> str:
         """An error text without the API key (a server or proxy may echo it back)."""
@@ -494,9 +526,15 @@ class OpenAIBackend:
         """Everything besides the prompt that decides the answer (part of the cache key): the
         endpoint too, since two servers can serve different models under one name."""
         c = self.cfg
-        return {"temperature": c.temperature, c.token_limit_param: c.max_tokens, "response_format": c.response_format,
-                "logprobs": c.logprobs, "top_logprobs": c.top_logprobs if c.logprobs else None,
-                "seed": c.api_seed, "base_url": self.base_url.rstrip("/")}
+        return {
+            "temperature": c.temperature,
+            c.token_limit_param: c.max_tokens,
+            "response_format": c.response_format,
+            "logprobs": c.logprobs,
+            "top_logprobs": c.top_logprobs if c.logprobs else None,
+            "seed": c.api_seed,
+            "base_url": self.base_url.rstrip("/"),
+        }
 
     async def complete(self, messages: list[dict], form: dict) -> dict:
         import openai
@@ -510,14 +548,14 @@ class OpenAIBackend:
         try:
             # The raw body, not the client's pydantic objects: building those was most of the
             # client's CPU per call, which bounds throughput at high concurrency.
-            raw = await self.client.chat.completions.with_raw_response.create(**kwargs, messages=[],
-                                                                              extra_body=extra)
+            raw = await self.client.chat.completions.with_raw_response.create(**kwargs, messages=[], extra_body=extra)
             resp = json.loads(raw.content)
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
             # Configuration errors: every call would fail the same way, so stop the stage. The
             # message is redacted and the original exception (which holds it verbatim) not chained.
-            raise JudgeConfigError(self._redact(f"judge endpoint refused the call: {type(exc).__name__}: {exc}")) \
-                from None
+            raise JudgeConfigError(
+                self._redact(f"judge endpoint refused the call: {type(exc).__name__}: {exc}")
+            ) from None
         except (openai.APIError, ValueError) as exc:
             raise JudgeCallError(self._redact(f"{type(exc).__name__}: {exc}")) from None
         if not isinstance(resp, dict):
@@ -530,13 +568,19 @@ class OpenAIBackend:
 
 def request_body(c: JudgeConfig, messages: list[dict], form: dict) -> dict:
     """The chat.completions request for one judge call (also a Batch API line's body)."""
-    body: dict[str, Any] = {"model": c.model, "messages": messages, "temperature": c.temperature,
-                            c.token_limit_param: c.max_tokens}
+    body: dict[str, Any] = {
+        "model": c.model,
+        "messages": messages,
+        "temperature": c.temperature,
+        c.token_limit_param: c.max_tokens,
+    }
     if c.api_seed is not None:
         body["seed"] = c.api_seed
     if c.response_format == "json_schema":
-        body["response_format"] = {"type": "json_schema", "json_schema": {
-            "name": "verdict", "strict": True, "schema": json_schema(form)}}
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "verdict", "strict": True, "schema": json_schema(form)},
+        }
     elif c.response_format == "json_object":
         body["response_format"] = {"type": "json_object"}
     if c.logprobs:
@@ -556,14 +600,23 @@ def completion_record(resp: dict, c: JudgeConfig, redact: Callable[[str], str] =
     tokens = None
     content = (choice.get("logprobs") or {}).get("content")
     if content:
-        tokens = [{"token": t["token"], "top": [[a["token"], a["logprob"]] for a in (t.get("top_logprobs") or [])]}
-                  for t in content]
+        tokens = [
+            {"token": t["token"], "top": [[a["token"], a["logprob"]] for a in (t.get("top_logprobs") or [])]}
+            for t in content
+        ]
     usage = resp.get("usage") or {}
     # redacted before anything stores it (cache, judgments, report): a server may echo the key
-    return {"text": redact(message.get("content") or ""), "finish_reason": choice.get("finish_reason"),
-            "tokens": tokens, "refusal": redact(message.get("refusal") or "") or None,
-            "prompt_tokens": usage.get("prompt_tokens") or 0, "completion_tokens": usage.get("completion_tokens") or 0,
-            "model": resp.get("model"), "system_fingerprint": resp.get("system_fingerprint"), "seed": c.api_seed}
+    return {
+        "text": redact(message.get("content") or ""),
+        "finish_reason": choice.get("finish_reason"),
+        "tokens": tokens,
+        "refusal": redact(message.get("refusal") or "") or None,
+        "prompt_tokens": usage.get("prompt_tokens") or 0,
+        "completion_tokens": usage.get("completion_tokens") or 0,
+        "model": resp.get("model"),
+        "system_fingerprint": resp.get("system_fingerprint"),
+        "seed": c.api_seed,
+    }
 
 
 def local_dtype(name: str) -> str:
@@ -643,8 +696,9 @@ class LocalBackend:
 
     def call_order(self, calls: list[tuple[list[dict], dict]]) -> list[int]:
         """Calls of one form and one post next to each other (see ``_next_batch``)."""
-        return sorted(range(len(calls)), key=lambda i: (json.dumps(calls[i][1], sort_keys=True),
-                                                        _messages_text(calls[i][0])))
+        return sorted(
+            range(len(calls)), key=lambda i: (json.dumps(calls[i][1], sort_keys=True), _messages_text(calls[i][0]))
+        )
 
     def _next_batch(self) -> list:
         """Queued calls of the first call's form, those that share its context (the post, up to the
@@ -657,10 +711,10 @@ class LocalBackend:
         extra = [len(os.path.commonprefix([texts[0], t])) - common for t in texts]
         best = max(extra[1:], default=0)
         if best < 200:  # nothing else shares its post: any calls of the form make the batch
-            return same_form[:self.cfg.local_batch_size]
+            return same_form[: self.cfg.local_batch_size]
         # On a CPU a forward pass costs about its token count whatever the batch, so a smaller batch
         # that shares the post beats a full one that does not.
-        return [q for q, e in zip(same_form, extra) if e >= best // 2][:self.cfg.local_batch_size]
+        return [q for q, e in zip(same_form, extra) if e >= best // 2][: self.cfg.local_batch_size]
 
     def _complete_batch(self, batch: list[tuple[list[dict], dict]]) -> list[dict]:
         """Several calls of one form at once: the same answers as ``_complete`` (up to float
@@ -672,9 +726,13 @@ class LocalBackend:
 
         torch = self.torch
         form = batch[0][1]
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(m, add_generation_prompt=True,
-                                                                            tokenize=False),
-                                         add_special_tokens=False) for m, _ in batch]
+        prompts = [
+            self.tokenizer.encode(
+                self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False,
+            )
+            for m, _ in batch
+        ]
         prefixes = {self._system_prefix(m, ids) for (m, _), ids in zip(batch, prompts)}
         prefix = prefixes.pop() if len(prefixes) == 1 else ()
         if len(batch) == 1 or not prefix:
@@ -689,8 +747,12 @@ class LocalBackend:
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             kv = self._prefix_kv(prefix)
             if shared > len(prefix):
-                self.model(input_ids=torch.tensor([prompts[0][len(prefix):shared]]), cache=kv, use_cache=True,
-                           logits_to_keep=1)
+                self.model(
+                    input_ids=torch.tensor([prompts[0][len(prefix) : shared]]),
+                    cache=kv,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             shared = max(shared, len(prefix))
             kv.batch_repeat_interleave(B)
             mask = torch.ones((B, shared), dtype=torch.long)
@@ -707,16 +769,17 @@ class LocalBackend:
                 new_mask = torch.zeros((B, k), dtype=torch.long)
                 for i, r in enumerate(rows):
                     if r and active[i]:
-                        ids[i, k - len(r):] = torch.tensor(r)  # right-aligned: the last column is real
-                        new_mask[i, k - len(r):] = 1
+                        ids[i, k - len(r) :] = torch.tensor(r)  # right-aligned: the last column is real
+                        new_mask[i, k - len(r) :] = 1
                 nonlocal mask, count
                 pos = count[:, None] + torch.cumsum(new_mask, dim=1) - 1
                 pos = torch.where(new_mask.bool(), pos, torch.zeros_like(pos))
                 mask = torch.cat([mask, new_mask], dim=1)
                 # only the last position's logits: the vocabulary projection of every prompt token
                 # would cost about as much as the rest of this small model
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True,
-                                 logits_to_keep=1)
+                out = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True, logits_to_keep=1
+                )
                 logits = out.logits[:, -1]
                 if last["logits"] is None:
                     last["logits"] = logits.clone()
@@ -746,8 +809,11 @@ class LocalBackend:
                         continue
                     next_id = int(last["logits"][i].argmax())
                     piece = self.tokenizer.decode([next_id])
-                    if next_id == self.tokenizer.eos_token_id or any(ch in piece for ch in '"\\') or \
-                            any(ord(ch) < 32 for ch in piece):
+                    if (
+                        next_id == self.tokenizer.eos_token_id
+                        or any(ch in piece for ch in '"\\')
+                        or any(ord(ch) < 32 for ch in piece)
+                    ):
                         active[i] = False
                         continue
                     emit(i, piece, 1)
@@ -776,8 +842,15 @@ class LocalBackend:
             out = []
             for i in range(B):
                 tokens[i].append({"token": "}", "top": []})
-                out.append({"text": "".join(texts[i]) + "}", "finish_reason": "stop", "tokens": tokens[i],
-                            "prompt_tokens": len(prompts[i]), "completion_tokens": n_out[i] + 1})
+                out.append(
+                    {
+                        "text": "".join(texts[i]) + "}",
+                        "finish_reason": "stop",
+                        "tokens": tokens[i],
+                        "prompt_tokens": len(prompts[i]),
+                        "completion_tokens": n_out[i] + 1,
+                    }
+                )
             return out
 
     def _ids(self, text: str) -> list[int]:
@@ -791,8 +864,12 @@ class LocalBackend:
             return DynamicCache(config=self.model.config)
         if prefix not in self._prefixes:
             self._prefixes[prefix] = DynamicCache(config=self.model.config)
-            self.model(input_ids=self.torch.tensor([list(prefix)]), cache=self._prefixes[prefix], use_cache=True,
-                       logits_to_keep=1)
+            self.model(
+                input_ids=self.torch.tensor([list(prefix)]),
+                cache=self._prefixes[prefix],
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return copy.deepcopy(self._prefixes[prefix])
 
     def _system_prefix(self, messages: list[dict], prompt_ids: list[int]) -> tuple[int, ...]:
@@ -801,7 +878,7 @@ class LocalBackend:
             return ()
         text = self.tokenizer.apply_chat_template(messages[:1], tokenize=False)
         ids = self._ids(text)
-        return tuple(ids) if 0 < len(ids) < len(prompt_ids) and prompt_ids[:len(ids)] == ids else ()
+        return tuple(ids) if 0 < len(ids) < len(prompt_ids) and prompt_ids[: len(ids)] == ids else ()
 
     def _complete(self, messages: list[dict], form: dict) -> dict:
 
@@ -824,13 +901,16 @@ class LocalBackend:
                     pieces.append({"token": text, "top": top or []})
                     state["n"] += len(ids)
 
-            feed(prompt_ids[len(prefix):])
+            feed(prompt_ids[len(prefix) :])
             feed(self._ids('{"rationale": "'), '{"rationale": "')
             for _ in range(self.cfg.local_rationale_tokens):
                 next_id = int(state["logits"].argmax())
                 piece = self.tokenizer.decode([next_id])
-                if next_id == self.tokenizer.eos_token_id or any(ch in piece for ch in '"\\') or \
-                        any(ord(ch) < 32 for ch in piece):
+                if (
+                    next_id == self.tokenizer.eos_token_id
+                    or any(ch in piece for ch in '"\\')
+                    or any(ord(ch) < 32 for ch in piece)
+                ):
                     break
                 feed([next_id], piece)
             for i, (name, allowed) in enumerate(form.items()):
@@ -848,8 +928,13 @@ class LocalBackend:
                 if quoted:
                     feed(self._ids('"'), '"')
             pieces.append({"token": "}", "top": []})
-            return {"text": "".join(p["token"] for p in pieces), "finish_reason": "stop", "tokens": pieces,
-                    "prompt_tokens": len(prompt_ids), "completion_tokens": state["n"] + 1}
+            return {
+                "text": "".join(p["token"] for p in pieces),
+                "finish_reason": "stop",
+                "tokens": pieces,
+                "prompt_tokens": len(prompt_ids),
+                "completion_tokens": state["n"] + 1,
+            }
 
     async def aclose(self) -> None:
         return None
@@ -896,8 +981,9 @@ class BatchBackend:
                 state_uri = self._state_uri(cache)
                 if storage.exists(state_uri):
                     state = storage.read_json(state_uri)
-                    log.info("batch %s of an earlier run is still open: polling it, not resubmitting",
-                             state["batch_id"])
+                    log.info(
+                        "batch %s of an earlier run is still open: polling it, not resubmitting", state["batch_id"]
+                    )
                     self.stats["resumed"] += 1
                     await self._finish(state, cache)
                     continue
@@ -908,24 +994,38 @@ class BatchBackend:
                         todo.setdefault(nxt[1], request_body(self.cfg, nxt[0], form))
                 if not todo:
                     return
-                lines = [json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
-                                     "body": body}, ensure_ascii=False) for key, body in todo.items()]
+                lines = [
+                    json.dumps(
+                        {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body},
+                        ensure_ascii=False,
+                    )
+                    for key, body in todo.items()
+                ]
                 upload = await self.client.files.create(
-                    file=(f"cmv-judge-{round_no}.jsonl", ("\n".join(lines) + "\n").encode("utf-8")),
-                    purpose="batch")
-                batch = await self.client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
-                                                         completion_window="24h",
-                                                         metadata={"source": "cmv-persuasion judge"})
-                state = {"batch_id": batch.id, "input_file_id": upload.id, "requests": len(todo),
-                         "round": round_no, "submitted_at": time.time()}
+                    file=(f"cmv-judge-{round_no}.jsonl", ("\n".join(lines) + "\n").encode("utf-8")), purpose="batch"
+                )
+                batch = await self.client.batches.create(
+                    input_file_id=upload.id,
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                    metadata={"source": "cmv-persuasion judge"},
+                )
+                state = {
+                    "batch_id": batch.id,
+                    "input_file_id": upload.id,
+                    "requests": len(todo),
+                    "round": round_no,
+                    "submitted_at": time.time(),
+                }
                 storage.write_json(state_uri, state)  # before the first poll: a killed stage resumes here
                 self.stats["batches"] += 1
                 self.stats["requests"] += len(todo)
                 log.info("batch %s submitted: %d request(s) (round %d)", batch.id, len(todo), round_no)
                 await self._finish(state, cache)
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
-            raise JudgeConfigError(self._redact(f"batch endpoint refused the call: {type(exc).__name__}: {exc}")) \
-                from None
+            raise JudgeConfigError(
+                self._redact(f"batch endpoint refused the call: {type(exc).__name__}: {exc}")
+            ) from None
         except openai.APIError as exc:
             raise JudgeCallError(self._redact(f"batch: {type(exc).__name__}: {exc}")) from None
 
@@ -966,8 +1066,12 @@ class BatchBackend:
                     err = entry.get("error") or (response.get("body") or {}).get("error") or response
                     self.errors[key] = self._redact(f"batch request failed: {json.dumps(err)[:300]}")
         storage.delete(self._state_uri(cache))
-        log.info("batch %s %s: answers loaded into the cache (%d failed request(s) so far)", batch.id,
-                 batch.status, len(self.errors))
+        log.info(
+            "batch %s %s: answers loaded into the cache (%d failed request(s) so far)",
+            batch.id,
+            batch.status,
+            len(self.errors),
+        )
 
 
 def make_backend(cfg: JudgeConfig):
@@ -981,6 +1085,7 @@ def make_backend(cfg: JudgeConfig):
 
 
 # ---------------------------------------------------------------- one judgment, many judgments
+
 
 def price_name(cfg: JudgeConfig) -> str:
     """The price table entry: the Batch API has its own (half) prices, under "<model>@batch"."""
@@ -1007,12 +1112,17 @@ def reask(messages: list[dict], raw: str, error: str, attempt: int, form: dict) 
     return list(messages) + [
         {"role": "assistant", "content": raw},
         # The attempt number keeps each re-ask (and its cache key) distinct from the last.
-        {"role": "user", "content": f"Attempt {attempt} could not be used: {error}. Answer again "
-                                    f"with only the JSON object, of this form: {form_shape(form)}"}]
+        {
+            "role": "user",
+            "content": f"Attempt {attempt} could not be used: {error}. Answer again "
+            f"with only the JSON object, of this form: {form_shape(form)}",
+        },
+    ]
 
 
-def next_uncached(messages: list[dict], form: dict, cache: ResponseCache, cfg: JudgeConfig,
-                  params: dict) -> tuple[list[dict], str] | None:
+def next_uncached(
+    messages: list[dict], form: dict, cache: ResponseCache, cfg: JudgeConfig, params: dict
+) -> tuple[list[dict], str] | None:
     """The next ask of a call that the cache cannot answer (its messages and key), replaying the
     re-ask sequence from cached answers; None when the call is settled (parsed, refused, or out
     of re-asks). The Batch backend plans each round with this."""
@@ -1035,15 +1145,21 @@ def next_uncached(messages: list[dict], form: dict, cache: ResponseCache, cfg: J
     return None
 
 
-async def judge_call(messages: list[dict], form: dict, *, backend, cache: ResponseCache,
-                     cfg: JudgeConfig) -> dict:
+async def judge_call(messages: list[dict], form: dict, *, backend, cache: ResponseCache, cfg: JudgeConfig) -> dict:
     """Ask until the verdict parses (at most 1 + parse_retries asks), through the cache.
 
     A re-ask shows the judge its unusable answer and why, so it is a different prompt with its
     own cache key: a rerun replays the same sequence from the cache and asks nothing new."""
-    result: dict[str, Any] = {"status": None, "attempts": 0, "cached_calls": 0, "new_calls": 0,
-                              "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
-                              "cost_usd_this_run": 0.0}
+    result: dict[str, Any] = {
+        "status": None,
+        "attempts": 0,
+        "cached_calls": 0,
+        "new_calls": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cost_usd": 0.0,
+        "cost_usd_this_run": 0.0,
+    }
     convo = list(messages)
     raw = error = None
     for attempt in range(1, cfg.parse_retries + 2):
@@ -1067,12 +1183,19 @@ async def judge_call(messages: list[dict], form: dict, *, backend, cache: Respon
         result["cost_usd"] += cost
         result["cost_usd_this_run"] += 0.0 if cached else cost
         raw = completion["text"]
-        result.update(model=completion.get("model"), system_fingerprint=completion.get("system_fingerprint"),
-                      seed=completion.get("seed"))
+        result.update(
+            model=completion.get("model"),
+            system_fingerprint=completion.get("system_fingerprint"),
+            seed=completion.get("seed"),
+        )
         if completion.get("refusal"):
             # A refusal is an answer, not a format slip: asking again would get the same; counted apart.
-            return {**result, "status": "refused", "error": f"the judge refused: {completion['refusal'][:200]}",
-                    "raw": completion["refusal"]}
+            return {
+                **result,
+                "status": "refused",
+                "error": f"the judge refused: {completion['refusal'][:200]}",
+                "raw": completion["refusal"],
+            }
         try:
             verdict = parse_verdict(raw, form)
         except VerdictError as exc:
@@ -1081,15 +1204,23 @@ async def judge_call(messages: list[dict], form: dict, *, backend, cache: Respon
                 error += " (the answer hit max_tokens)"
             convo = reask(messages, raw, error, attempt, form)
             continue
-        probs = {name: choice_probabilities(completion.get("tokens"), name, allowed, verdict[name])
-                 for name, allowed in form.items()}
-        return {**result, "status": "ok", "verdict": {k: verdict[k] for k in form},
-                "rationale": verdict["rationale"], "probs": probs}
+        probs = {
+            name: choice_probabilities(completion.get("tokens"), name, allowed, verdict[name])
+            for name, allowed in form.items()
+        }
+        return {
+            **result,
+            "status": "ok",
+            "verdict": {k: verdict[k] for k in form},
+            "rationale": verdict["rationale"],
+            "probs": probs,
+        }
     return {**result, "status": "unparseable", "error": error, "raw": raw}
 
 
-async def run_calls(calls: list[tuple[list[dict], dict]], *, backend, cache: ResponseCache,
-                    cfg: JudgeConfig) -> list[dict]:
+async def run_calls(
+    calls: list[tuple[list[dict], dict]], *, backend, cache: ResponseCache, cfg: JudgeConfig
+) -> list[dict]:
     """All calls, at most ``concurrency`` in flight; results in the order of ``calls``."""
     from tqdm import tqdm
 
@@ -1114,6 +1245,7 @@ async def run_calls(calls: list[tuple[list[dict], dict]], *, backend, cache: Res
 
 
 # ---------------------------------------------------------------- inputs
+
 
 def _rows(uri: str, required: tuple[str, ...]) -> list[dict]:
     rows = []
@@ -1146,12 +1278,13 @@ def strip_instruction(prompt: list[dict], instruction: str | None) -> list[dict]
     out = [dict(m) for m in prompt]
     first_user = next((m for m in out if m.get("role") == "user"), None)
     if instruction and first_user and first_user["content"].startswith(instruction):
-        first_user["content"] = first_user["content"][len(instruction):].lstrip()
+        first_user["content"] = first_user["content"][len(instruction) :].lstrip()
     return out
 
 
-def load_items(generations_uri: str, test_uri: str | None, instruction: str | None = None,
-               human_reference: str = "all") -> list[dict]:
+def load_items(
+    generations_uri: str, test_uri: str | None, instruction: str | None = None, human_reference: str = "all"
+) -> list[dict]:
     """One item per test prompt: its prompt and the reply of every variant, including the human
     delta winner (variant ``human``: the first assistant turn of the test example, the one that
     answers the same prompt). Joined on the example id that the generate stage copies.
@@ -1162,9 +1295,16 @@ def load_items(generations_uri: str, test_uri: str | None, instruction: str | No
     items: dict[str, dict] = {}
     for row in _rows(generations_uri, ("thread_id", "model", "messages", "response")):
         item_id = str(row.get("id") or row["thread_id"])
-        item = items.setdefault(item_id, {"item_id": item_id, "thread_id": str(row["thread_id"]),
-                                          "prompt": strip_instruction(row["messages"], instruction),
-                                          "replies": {}, "finish": {}})
+        item = items.setdefault(
+            item_id,
+            {
+                "item_id": item_id,
+                "thread_id": str(row["thread_id"]),
+                "prompt": strip_instruction(row["messages"], instruction),
+                "replies": {},
+                "finish": {},
+            },
+        )
         item["replies"][row["model"]] = row["response"]
         item["finish"][row["model"]] = row.get("finish_reason")
     if test_uri:
@@ -1222,10 +1362,19 @@ def load_pairs(pairs_uri: str, instruction: str | None = None, split: str = "tes
         loser = row.get("loser", row.get("losing_reply", row.get("negative")))
         if winner is None or loser is None:
             raise InputError(f"{pairs_uri}: line {lineno}: needs a winning and a losing reply")
-        out.append({"pair_id": str(row.get("pair_id", row.get("id", lineno))), "thread_id": row.get("thread_id"),
-                    "prompt": strip_instruction(_pair_prompt(row), instruction), "winner": _text(winner), "loser": _text(loser),
-                    "loser_comment_ids": row.get("loser_comment_ids"), "created_utc": row.get("created_utc"),
-                    "split": row.get("split") or split, "period": row.get("period")})
+        out.append(
+            {
+                "pair_id": str(row.get("pair_id", row.get("id", lineno))),
+                "thread_id": row.get("thread_id"),
+                "prompt": strip_instruction(_pair_prompt(row), instruction),
+                "winner": _text(winner),
+                "loser": _text(loser),
+                "loser_comment_ids": row.get("loser_comment_ids"),
+                "created_utc": row.get("created_utc"),
+                "split": row.get("split") or split,
+                "period": row.get("period"),
+            }
+        )
     return out
 
 
@@ -1242,21 +1391,43 @@ def _words(text: str) -> int:
 
 # ---------------------------------------------------------------- assembling judgments
 
-CALL_FIELDS = ("status", "attempts", "cached_calls", "new_calls", "prompt_tokens", "completion_tokens",
-               "cost_usd", "cost_usd_this_run", "model", "system_fingerprint", "seed")
+CALL_FIELDS = (
+    "status",
+    "attempts",
+    "cached_calls",
+    "new_calls",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "cost_usd_this_run",
+    "model",
+    "system_fingerprint",
+    "seed",
+)
 
 
 def _order_result(r: dict, first: str, second: str) -> dict:
     verdict = (r.get("verdict") or {}).get("winner")
     preferred = {"A": first, "B": second, "tie": "tie"}.get(verdict)
     keep = {k: r.get(k) for k in CALL_FIELDS}
-    return {"first": first, "second": second, **keep, "verdict": verdict, "preferred": preferred,
-            "probs": (r.get("probs") or {}).get("winner"), "rationale": r.get("rationale"),
-            "error": r.get("error"), "raw": r.get("raw") if r["status"] != "ok" else None}
+    return {
+        "first": first,
+        "second": second,
+        **keep,
+        "verdict": verdict,
+        "preferred": preferred,
+        "probs": (r.get("probs") or {}).get("winner"),
+        "rationale": r.get("rationale"),
+        "error": r.get("error"),
+        "raw": r.get("raw") if r["status"] != "ok" else None,
+    }
 
 
-_PREAMBLE = re.compile(r"^\W*(?:here'?s|here is|sure\b|certainly\b|of course\b|as an ai\b|i'?d be happy|"
-                       r"below is|i can help|okay,? here)", re.I)
+_PREAMBLE = re.compile(
+    r"^\W*(?:here'?s|here is|sure\b|certainly\b|of course\b|as an ai\b|i'?d be happy|"
+    r"below is|i can help|okay,? here)",
+    re.I,
+)
 
 
 def meta_preamble(text: str) -> bool:
@@ -1266,18 +1437,29 @@ def meta_preamble(text: str) -> bool:
 
 
 def reply_flags(item: dict, variant: str) -> dict:
-    return {"truncated": item.get("finish", {}).get(variant) == "length",
-            "preamble": meta_preamble(item["replies"][variant])}
+    return {
+        "truncated": item.get("finish", {}).get(variant) == "length",
+        "preamble": meta_preamble(item["replies"][variant]),
+    }
 
 
 def pairwise_row(comparison: str, item: dict, a: str, b: str, ab: dict, ba: dict, kind: str = "pairwise") -> dict:
     orders = [_order_result(ab, a, b), _order_result(ba, b, a)]
-    row = {"kind": kind, "id": f"{kind}:{comparison}:{item['item_id']}", "comparison": comparison,
-           "item_id": item["item_id"], "thread_id": item["thread_id"], "a": a, "b": b, "orders": orders,
-           "status": "ok" if all(o["status"] == "ok" for o in orders) else "failed",
-           "outcome": None, "consistent": None,
-           "words": {"a": _words(item["replies"][a]), "b": _words(item["replies"][b])},
-           "flags": {"a": reply_flags(item, a), "b": reply_flags(item, b)}}
+    row = {
+        "kind": kind,
+        "id": f"{kind}:{comparison}:{item['item_id']}",
+        "comparison": comparison,
+        "item_id": item["item_id"],
+        "thread_id": item["thread_id"],
+        "a": a,
+        "b": b,
+        "orders": orders,
+        "status": "ok" if all(o["status"] == "ok" for o in orders) else "failed",
+        "outcome": None,
+        "consistent": None,
+        "words": {"a": _words(item["replies"][a]), "b": _words(item["replies"][b])},
+        "flags": {"a": reply_flags(item, a), "b": reply_flags(item, b)},
+    }
     if row["status"] == "ok":
         prefs = {o["preferred"] for o in orders}
         row["consistent"] = len(prefs) == 1
@@ -1302,10 +1484,18 @@ def calibration_row(pair: dict, wl: dict, lw: dict, kind: str = "calibration", i
     for o in orders:
         o["correct"] = o["preferred"] == "winner" if o["status"] == "ok" else None
     ok = all(o["status"] == "ok" for o in orders)
-    row = {"kind": kind, "id": f"{instrument or kind}:{pair['pair_id']}", "pair_id": pair["pair_id"],
-           "thread_id": pair["thread_id"], "created_utc": pair.get("created_utc"), **pair_tags(pair), "orders": orders,
-           "status": "ok" if ok else "failed",
-           "consistent": (orders[0]["preferred"] == orders[1]["preferred"]) if ok else None, "length": _length(pair)}
+    row = {
+        "kind": kind,
+        "id": f"{instrument or kind}:{pair['pair_id']}",
+        "pair_id": pair["pair_id"],
+        "thread_id": pair["thread_id"],
+        "created_utc": pair.get("created_utc"),
+        **pair_tags(pair),
+        "orders": orders,
+        "status": "ok" if ok else "failed",
+        "consistent": (orders[0]["preferred"] == orders[1]["preferred"]) if ok else None,
+        "length": _length(pair),
+    }
     if instrument:
         row["instrument"] = instrument
         row["id"] = f"validation:{instrument}:{pair['pair_id']}"
@@ -1315,13 +1505,22 @@ def calibration_row(pair: dict, wl: dict, lw: dict, kind: str = "calibration", i
 def single_row(item: dict, variant: str, r: dict, criteria: list[str]) -> dict:
     ok = r["status"] == "ok"
     weighted = {c: expected_score(r["probs"][c]) for c in criteria} if ok else None
-    return {"kind": "single", "id": f"single:{variant}:{item['item_id']}", "item_id": item["item_id"],
-            "thread_id": item["thread_id"], "variant": variant,
-            "truncated": item.get("finish", {}).get(variant) == "length",
-            "status": r["status"], "scores": r["verdict"] if ok else None, "weighted_scores": weighted,
-            "score_probs": r["probs"] if ok else None, "rationale": r.get("rationale"),
-            "error": r.get("error"), "raw": r.get("raw") if not ok else None,
-            **{k: r.get(k) for k in CALL_FIELDS if k != "status"}}
+    return {
+        "kind": "single",
+        "id": f"single:{variant}:{item['item_id']}",
+        "item_id": item["item_id"],
+        "thread_id": item["thread_id"],
+        "variant": variant,
+        "truncated": item.get("finish", {}).get(variant) == "length",
+        "status": r["status"],
+        "scores": r["verdict"] if ok else None,
+        "weighted_scores": weighted,
+        "score_probs": r["probs"] if ok else None,
+        "rationale": r.get("rationale"),
+        "error": r.get("error"),
+        "raw": r.get("raw") if not ok else None,
+        **{k: r.get(k) for k in CALL_FIELDS if k != "status"},
+    }
 
 
 def validation_single_row(pair: dict, rw: dict, rl: dict, criteria: list[str]) -> dict:
@@ -1329,15 +1528,28 @@ def validation_single_row(pair: dict, rw: dict, rl: dict, criteria: list[str]) -
     grades = []
     for label, r in (("winner", rw), ("loser", rl)):
         ok = r["status"] == "ok"
-        grades.append({"reply": label, **{k: r.get(k) for k in CALL_FIELDS},
-                       "scores": r["verdict"] if ok else None,
-                       "weighted_scores": {c: expected_score(r["probs"][c]) for c in criteria} if ok else None,
-                       "error": r.get("error"), "raw": r.get("raw") if not ok else None})
-    return {"kind": "validation", "instrument": "single", "id": f"validation:single:{pair['pair_id']}",
-            "pair_id": pair["pair_id"], "thread_id": pair["thread_id"], "created_utc": pair.get("created_utc"),
-            **pair_tags(pair), "orders": grades,
-            "status": "ok" if all(g["status"] == "ok" for g in grades) else "failed",
-            "length": _length(pair)}
+        grades.append(
+            {
+                "reply": label,
+                **{k: r.get(k) for k in CALL_FIELDS},
+                "scores": r["verdict"] if ok else None,
+                "weighted_scores": {c: expected_score(r["probs"][c]) for c in criteria} if ok else None,
+                "error": r.get("error"),
+                "raw": r.get("raw") if not ok else None,
+            }
+        )
+    return {
+        "kind": "validation",
+        "instrument": "single",
+        "id": f"validation:single:{pair['pair_id']}",
+        "pair_id": pair["pair_id"],
+        "thread_id": pair["thread_id"],
+        "created_utc": pair.get("created_utc"),
+        **pair_tags(pair),
+        "orders": grades,
+        "status": "ok" if all(g["status"] == "ok" for g in grades) else "failed",
+        "length": _length(pair),
+    }
 
 
 def trimmed(text: str, keep: float = 0.6) -> str:
@@ -1346,7 +1558,7 @@ def trimmed(text: str, keep: float = 0.6) -> str:
     sentences = re.split(r"(?<=[.!?])\s+", text.strip())
     if len(sentences) < 2:
         words = text.split()
-        return " ".join(words[:max(1, int(len(words) * keep))])
+        return " ".join(words[: max(1, int(len(words) * keep))])
     n = min(len(sentences) - 1, max(1, round(len(sentences) * keep)))
     return " ".join(sentences[:n])
 
@@ -1368,15 +1580,22 @@ def plan_calls(items: list[dict], pairs: list[dict], cfg: JudgeConfig) -> tuple[
             for item in items:
                 if variant in item["replies"]:
                     builders.append(("single", (item, variant), len(calls), 1))
-                    calls.append((single_messages(item["prompt"], item["replies"][variant], cfg.criteria,
-                                                  cfg.max_text_chars), sform))
+                    calls.append(
+                        (
+                            single_messages(item["prompt"], item["replies"][variant], cfg.criteria, cfg.max_text_chars),
+                            sform,
+                        )
+                    )
     if cfg.pairwise:
         present = {v for i in items for v in i["replies"]}
         for a, b in cfg.comparisons:
             comparison = f"{a}_vs_{b}"
             if a not in present or b not in present:
-                log.info("pairwise %s: no replies of %s in the generations; comparison left out", comparison,
-                         " or ".join(v for v in (a, b) if v not in present))
+                log.info(
+                    "pairwise %s: no replies of %s in the generations; comparison left out",
+                    comparison,
+                    " or ".join(v for v in (a, b) if v not in present),
+                )
                 continue
             for item in items:
                 if a not in item["replies"] or b not in item["replies"]:
@@ -1386,14 +1605,17 @@ def plan_calls(items: list[dict], pairs: list[dict], cfg: JudgeConfig) -> tuple[
                 two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], item["replies"][a], item["replies"][b])
         # The length probe: a model's reply against its own trimmed version (same content, shorter).
         probe_variant = next((a for a, _ in cfg.comparisons if not a.startswith(HUMAN)), None)
-        probed = [i for i in items if probe_variant in i["replies"]][:max(0, cfg.length_probe_items)]
+        probed = [i for i in items if probe_variant in i["replies"]][: max(0, cfg.length_probe_items)]
         for item in probed:
             full = item["replies"][probe_variant]
             short = trimmed(full)
             if _words(short) >= _words(full):
                 continue
-            probe_item = {**item, "replies": {"full": full, "trimmed": short},
-                          "finish": {"full": item["finish"].get(probe_variant), "trimmed": "stop"}}
+            probe_item = {
+                **item,
+                "replies": {"full": full, "trimmed": short},
+                "finish": {"full": item["finish"].get(probe_variant), "trimmed": "stop"},
+            }
             builders.append(("length_probe", ("full_vs_trimmed", probe_item, "full", "trimmed"), len(calls), 2))
             two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], full, short)
     for pair in pairs:
@@ -1414,7 +1636,7 @@ def plan_calls(items: list[dict], pairs: list[dict], cfg: JudgeConfig) -> tuple[
 def assemble_rows(builders: list, results: list[dict], cfg: JudgeConfig) -> list[dict]:
     rows = []
     for kind, ctx, start, n in builders:
-        res = results[start:start + n]
+        res = results[start : start + n]
         if kind == "single":
             rows.append(single_row(ctx[0], ctx[1], res[0], cfg.criteria))
         elif kind == "pairwise":
@@ -1430,26 +1652,37 @@ def assemble_rows(builders: list, results: list[dict], cfg: JudgeConfig) -> list
     return rows
 
 
-def estimate_cost(calls: list[tuple[list[dict], dict]], cfg: JudgeConfig, cache: ResponseCache | None,
-                  params: dict) -> dict:
+def estimate_cost(
+    calls: list[tuple[list[dict], dict]], cfg: JudgeConfig, cache: ResponseCache | None, params: dict
+) -> dict:
     """Calls not in the cache, their estimated tokens (prompt: characters / 4; completion: up to
     max_tokens, estimated at a third) and cost at the configured price (batch price for the Batch
     backend). Re-asks after unparseable answers come on top."""
-    new = [(m, f) for m, f in calls
-           if cache is None or cache.get(cache_key(key_backend(cfg), cfg.model, m, f, params)) is None]
+    new = [
+        (m, f)
+        for m, f in calls
+        if cache is None or cache.get(cache_key(key_backend(cfg), cfg.model, m, f, params)) is None
+    ]
     prompt = sum(len(json.dumps(m, ensure_ascii=False)) // 4 for m, _ in new)
     completion = len(new) * max(1, cfg.max_tokens // 3)
     price = cfg.prices.get(price_name(cfg))
     cost = None if price is None else (prompt * price["input"] + completion * price["output"]) / 1e6
     if cfg.backend == "local":
         cost = 0.0
-    return {"calls": len(calls), "new_calls": len(new), "cached_calls": len(calls) - len(new),
-            "est_prompt_tokens": prompt, "est_completion_tokens": completion, "est_cost_usd": cost,
-            "price": price_name(cfg) if price else None}
+    return {
+        "calls": len(calls),
+        "new_calls": len(new),
+        "cached_calls": len(calls) - len(new),
+        "est_prompt_tokens": prompt,
+        "est_completion_tokens": completion,
+        "est_cost_usd": cost,
+        "price": price_name(cfg) if price else None,
+    }
 
 
-def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backend,
-                   cache: ResponseCache) -> tuple[list[dict], dict]:
+def plan_and_judge(
+    items: list[dict], pairs: list[dict], cfg: JudgeConfig, backend, cache: ResponseCache
+) -> tuple[list[dict], dict]:
     """Build every judge call, run them concurrently, and assemble judgment rows in a fixed order."""
     calls, builders, skipped = plan_calls(items, pairs, cfg)
     for comparison, n in skipped.items():
@@ -1461,9 +1694,11 @@ def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backe
     if cfg.max_cost_usd is not None:
         est = estimate_cost(calls, cfg, cache, backend.params())
         if est["est_cost_usd"] is not None and est["est_cost_usd"] > cfg.max_cost_usd:
-            raise JudgeBudgetError(f"the {est['new_calls']} new judge call(s) would cost about "
-                                   f"${est['est_cost_usd']:.2f} > judge.max_cost_usd={cfg.max_cost_usd}; nothing "
-                                   f"was sent (cmv judge --dry-run shows the plan)")
+            raise JudgeBudgetError(
+                f"the {est['new_calls']} new judge call(s) would cost about "
+                f"${est['est_cost_usd']:.2f} > judge.max_cost_usd={cfg.max_cost_usd}; nothing "
+                f"was sent (cmv judge --dry-run shows the plan)"
+            )
 
     async def go():
         try:
@@ -1479,20 +1714,24 @@ def plan_and_judge(items: list[dict], pairs: list[dict], cfg: JudgeConfig, backe
 
 # ---------------------------------------------------------------- the stage
 
+
 def _validate(cfg: JudgeConfig) -> None:
     unknown = [c for c in cfg.criteria if c not in CRITERIA]
     if unknown or not cfg.criteria:
         raise errors.InputError(f"judge.criteria: unknown {unknown}; known: {list(CRITERIA)}")
     if cfg.response_format not in ("json_schema", "json_object", "none"):
-        raise errors.InputError(f"judge.response_format must be json_schema, json_object or none, got {cfg.response_format!r}")
+        raise errors.InputError(
+            f"judge.response_format must be json_schema, json_object or none, got {cfg.response_format!r}"
+        )
     for comp in cfg.comparisons:
         if len(comp) != 2 or comp[0] == comp[1]:
             raise errors.InputError(f"judge.comparisons: each entry is two different variants, got {comp!r}")
     if cfg.human_reference not in ("depth1", "all"):
         raise errors.InputError(f"judge.human_reference must be depth1 or all, got {cfg.human_reference!r}")
     if cfg.token_limit_param not in ("max_completion_tokens", "max_tokens"):
-        raise errors.InputError(f"judge.token_limit_param must be max_completion_tokens or max_tokens, "
-                         f"got {cfg.token_limit_param!r}")
+        raise errors.InputError(
+            f"judge.token_limit_param must be max_completion_tokens or max_tokens, got {cfg.token_limit_param!r}"
+        )
 
 
 def load_inputs(generations: str, data: str, config: JudgeConfig) -> tuple[list[dict], list[dict]]:
@@ -1503,8 +1742,9 @@ def load_inputs(generations: str, data: str, config: JudgeConfig) -> tuple[list[
     if generations_uri is None:
         raise InputError(f"{generations} has no generations.jsonl")
     test_uri = _first_file(data, ("test.jsonl", "test.jsonl.gz"))
-    items = _sample(load_items(generations_uri, test_uri, instruction, config.human_reference),
-                    config.max_items, config.seed)
+    items = _sample(
+        load_items(generations_uri, test_uri, instruction, config.human_reference), config.max_items, config.seed
+    )
     pairs_uri = _first_file(data, ("pairs.jsonl", "pairs.jsonl.gz"))
     all_pairs = load_pairs(pairs_uri, instruction) if pairs_uri else []
     if config.nondelta_reference:
@@ -1516,14 +1756,19 @@ def load_inputs(generations: str, data: str, config: JudgeConfig) -> tuple[list[
             pairs = _sample(all_pairs, config.max_calibration_pairs, config.seed)
         else:
             log.warning("%s has no pairs.jsonl: no calibration", data)
-        # The format stage writes it under split: time (file name of cmv_core.formatting.BEFORE_PAIRS).
+        # The format stage writes it under split: time (file name of cmv_core.format.stage.BEFORE_PAIRS).
         before_uri = _first_file(data, ("pairs_before.jsonl", "pairs_before.jsonl.gz"))
         if before_uri:
-            before = _sample(load_pairs(before_uri, instruction, split="train"),
-                             before_pairs_cap(config, len(pairs)), config.seed)
-    log.info("loaded %d prompt(s) with variants %s, %d calibration pair(s)%s", len(items),
-             sorted({v for i in items for v in i["replies"]}), len(pairs),
-             f" and {len(before)} train-period pair(s) for the time split" if before else "")
+            before = _sample(
+                load_pairs(before_uri, instruction, split="train"), before_pairs_cap(config, len(pairs)), config.seed
+            )
+    log.info(
+        "loaded %d prompt(s) with variants %s, %d calibration pair(s)%s",
+        len(items),
+        sorted({v for i in items for v in i["replies"]}),
+        len(pairs),
+        f" and {len(before)} train-period pair(s) for the time split" if before else "",
+    )
     return items, pairs + before
 
 
@@ -1542,11 +1787,11 @@ def before_pairs_cap(config: JudgeConfig, n_test_pairs: int) -> int:
 def time_split_utc(data: str, config: JudgeConfig) -> float | None:
     """The date of the time-split view: judge.validation_split_date, else the format stage's
     test_after when it split by time."""
-    from cmv_core.formatting import parse_utc
+    from cmv_core.format.stage import parse_utc
 
     when = config.validation_split_date
     if when is None:
-        fmt = (storage.require_success(data).get("config") or {})
+        fmt = storage.require_success(data).get("config") or {}
         fmt = fmt.get("format", fmt)
         if fmt.get("split") == "time":
             when = fmt.get("test_after")
@@ -1569,18 +1814,23 @@ def planned_params(cfg: JudgeConfig) -> dict:
     if cfg.backend == "local":
         return {"rationale_tokens": cfg.local_rationale_tokens, "dtype": local_dtype(cfg.local_dtype)}
     base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-    return {"temperature": cfg.temperature, cfg.token_limit_param: cfg.max_tokens,
-            "response_format": cfg.response_format, "logprobs": cfg.logprobs,
-            "top_logprobs": cfg.top_logprobs if cfg.logprobs else None, "seed": cfg.api_seed,
-            "base_url": base_url.rstrip("/")}
+    return {
+        "temperature": cfg.temperature,
+        cfg.token_limit_param: cfg.max_tokens,
+        "response_format": cfg.response_format,
+        "logprobs": cfg.logprobs,
+        "top_logprobs": cfg.top_logprobs if cfg.logprobs else None,
+        "seed": cfg.api_seed,
+        "base_url": base_url.rstrip("/"),
+    }
 
 
 HUMAN_REFERENCE_TEXT = {
     "depth1": "only delta winners that reply to the post itself (depth 1) are used as the human reference, "
-              "and only depth-1 non-delta replies as the ordinary-commenter reference, so the judge sees "
-              "everything the human reply answered.",
+    "and only depth-1 non-delta replies as the ordinary-commenter reference, so the judge sees "
+    "everything the human reply answered.",
     "all": "every delta winner is used as the human reference, including deep ones that answered OP "
-           "follow-ups the judge does not see in the single view (unfair to the human side).",
+    "follow-ups the judge does not see in the single view (unfair to the human side).",
 }
 
 
@@ -1588,8 +1838,9 @@ def stage_seconds(manifest: dict) -> float | None:
     import datetime as dt
 
     try:
-        return (dt.datetime.fromisoformat(manifest["finished_at"])
-                - dt.datetime.fromisoformat(manifest["started_at"])).total_seconds()
+        return (
+            dt.datetime.fromisoformat(manifest["finished_at"]) - dt.datetime.fromisoformat(manifest["started_at"])
+        ).total_seconds()
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -1615,21 +1866,25 @@ def training_seconds(generations: str) -> float | None:
 def provenance(rows: list[dict], cfg: JudgeConfig) -> dict:
     """The model snapshots and system fingerprints the endpoint reported, over every call."""
     calls = [c for r in rows for c in (r["orders"] if "orders" in r else [r])]
-    return {"models": sorted({c["model"] for c in calls if c.get("model")}),
-            "system_fingerprints": sorted({c["system_fingerprint"] for c in calls if c.get("system_fingerprint")}),
-            "seed": cfg.api_seed if cfg.backend != "local" else None}
+    return {
+        "models": sorted({c["model"] for c in calls if c.get("model")}),
+        "system_fingerprints": sorted({c["system_fingerprint"] for c in calls if c.get("system_fingerprint")}),
+        "seed": cfg.api_seed if cfg.backend != "local" else None,
+    }
 
 
-def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run_id: str | None = None,
-              force: bool = False) -> dict:
+def run_judge(
+    generations: str, data: str, output: str, config: JudgeConfig, run_id: str | None = None, force: bool = False
+) -> dict:
     """Judge the generate stage's replies; writes judgments.jsonl, report.json, report.md and plots."""
     from cmv_core import config as config_mod
-    from cmv_core import report as report_mod
+    from cmv_core.report import build as report_mod
 
     _validate(config)
     # Begin (skipped when _SUCCESS matches inputs and config)
-    run = storage.begin_stage("judge", output, inputs=[generations, data], config=config_mod.to_dict(config),
-                              run_id=run_id, force=force)
+    run = storage.begin_stage(
+        "judge", output, inputs=[generations, data], config=config_mod.to_dict(config), run_id=run_id, force=force
+    )
     if run is None:
         return storage.require_success(output)
     started = time.monotonic()
@@ -1647,17 +1902,28 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
 
     # Write judgments, report and plots
     storage.write_jsonl(storage.join(output, "judgments.jsonl"), rows)
-    meta = {"run_id": run.run_id, "rubric_version": RUBRIC_VERSION, "backend": config.backend,
-            "judge_model": config.model, "n_prompts": len(items), "calls_planned": plan["calls"],
-            "skipped_pairwise": plan["skipped_pairwise"], "prices_usd_per_mtok": config.prices.get(price_name(config)),
-            "comparisons": [list(c) for c in config.comparisons], "base_variant": "base", "human_variant": HUMAN,
-            "human_reference": HUMAN_REFERENCE_TEXT[config.human_reference] + (
-                f" Every text passes the same cut rule: at most {config.max_text_chars} characters, marked "
-                "'[...cut]'."),
-            "time_split_utc": time_split_utc(data, config), "provenance": provenance(rows, config),
-            "judge_seconds": round(time.monotonic() - started, 1), "train_seconds": training_seconds(generations)}
-    report = report_mod.build_report(rows, criteria=config.criteria, meta=meta,
-                                     n_boot=config.bootstrap_samples, seed=config.seed)
+    meta = {
+        "run_id": run.run_id,
+        "rubric_version": RUBRIC_VERSION,
+        "backend": config.backend,
+        "judge_model": config.model,
+        "n_prompts": len(items),
+        "calls_planned": plan["calls"],
+        "skipped_pairwise": plan["skipped_pairwise"],
+        "prices_usd_per_mtok": config.prices.get(price_name(config)),
+        "comparisons": [list(c) for c in config.comparisons],
+        "base_variant": "base",
+        "human_variant": HUMAN,
+        "human_reference": HUMAN_REFERENCE_TEXT[config.human_reference]
+        + (f" Every text passes the same cut rule: at most {config.max_text_chars} characters, marked '[...cut]'."),
+        "time_split_utc": time_split_utc(data, config),
+        "provenance": provenance(rows, config),
+        "judge_seconds": round(time.monotonic() - started, 1),
+        "train_seconds": training_seconds(generations),
+    }
+    report = report_mod.build_report(
+        rows, criteria=config.criteria, meta=meta, n_boot=config.bootstrap_samples, seed=config.seed
+    )
     plots = report_mod.render_plots(report)
     for name, png in plots.items():
         storage.write_bytes(storage.join(output, name), png)
@@ -1666,26 +1932,47 @@ def run_judge(generations: str, data: str, output: str, config: JudgeConfig, run
     storage.write_text(storage.join(output, "report.md"), report_mod.render_markdown(report, sorted(plots)))
 
     usage, failures = report["usage"], report["failures"]
-    log.info("judge: %d judgment(s), %d call(s) (%d cached, %d new), %d failed call(s), %d+%d tokens, $%.4f "
-             "this run, %.1f s", len(rows), usage["attempts"], usage["cached_calls"], usage["new_calls"],
-             failures["failed_calls"], usage["prompt_tokens"], usage["completion_tokens"],
-             usage["cost_usd_this_run"], time.monotonic() - started)
+    log.info(
+        "judge: %d judgment(s), %d call(s) (%d cached, %d new), %d failed call(s), %d+%d tokens, $%.4f "
+        "this run, %.1f s",
+        len(rows),
+        usage["attempts"],
+        usage["cached_calls"],
+        usage["new_calls"],
+        failures["failed_calls"],
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+        usage["cost_usd_this_run"],
+        time.monotonic() - started,
+    )
     train_s = meta["train_seconds"]
-    print(f"judge time {meta['judge_seconds']:.0f} s" + (f" (training took {train_s:.0f} s)" if train_s else ""),
-          flush=True)
+    print(
+        f"judge time {meta['judge_seconds']:.0f} s" + (f" (training took {train_s:.0f} s)" if train_s else ""),
+        flush=True,
+    )
     total_calls = sum(len(r.get("orders", [r])) for r in rows)
     if total_calls and failures["failed_calls"] / total_calls > config.max_failed_fraction:
-        raise JudgeFailed(f"{failures['failed_calls']} of {total_calls} judge calls failed "
-                          f"(> judge.max_failed_fraction={config.max_failed_fraction}); see "
-                          f"{storage.join(output, 'report.md')}. No _SUCCESS written; a rerun reuses the cache.")
+        raise JudgeFailed(
+            f"{failures['failed_calls']} of {total_calls} judge calls failed "
+            f"(> judge.max_failed_fraction={config.max_failed_fraction}); see "
+            f"{storage.join(output, 'report.md')}. No _SUCCESS written; a rerun reuses the cache."
+        )
 
     # Finish: _SUCCESS last
-    summary = {"judgments": len(rows), "failed_calls": failures["failed_calls"],
-               "judge_seconds": meta["judge_seconds"], "train_seconds": meta["train_seconds"],
-               "excluded_judgments": failures["excluded_judgments"], "calls": usage["attempts"],
-               "cached_calls": usage["cached_calls"], "new_calls": usage["new_calls"],
-               "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
-               "cost_usd": usage["cost_usd"], "cost_usd_this_run": usage["cost_usd_this_run"]}
+    summary = {
+        "judgments": len(rows),
+        "failed_calls": failures["failed_calls"],
+        "judge_seconds": meta["judge_seconds"],
+        "train_seconds": meta["train_seconds"],
+        "excluded_judgments": failures["excluded_judgments"],
+        "calls": usage["attempts"],
+        "cached_calls": usage["cached_calls"],
+        "new_calls": usage["new_calls"],
+        "prompt_tokens": usage["prompt_tokens"],
+        "completion_tokens": usage["completion_tokens"],
+        "cost_usd": usage["cost_usd"],
+        "cost_usd_this_run": usage["cost_usd_this_run"],
+    }
     if report["calibration"]:
         summary["calibration_accuracy"] = report["calibration"]["accuracy"]["rate"]
     return storage.finish_stage(run, summary, declared=True)
@@ -1695,8 +1982,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generations", required=True, help="generate stage output (dir or URI)")
     parser.add_argument("--data", required=True, help="format stage output (test.jsonl, pairs.jsonl)")
     parser.add_argument("--output", required=True, help="where judgments and the report go (dir or URI)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the number of judge calls, estimated tokens and cost, and exit (nothing is sent)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the number of judge calls, estimated tokens and cost, and exit (nothing is sent)",
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -1707,15 +1997,29 @@ def cli_main(args: argparse.Namespace) -> int:
     if getattr(args, "dry_run", False):
         est = dry_run(args.generations, args.data, args.output, cfg)
         cost = "unpriced" if est["est_cost_usd"] is None else f"${est['est_cost_usd']:.4f}"
-        print(f"dry run: {est['calls']} judge call(s), {est['new_calls']} new ({est['cached_calls']} cached); "
-              f"estimated {est['est_prompt_tokens']} prompt + {est['est_completion_tokens']} completion tokens; "
-              f"estimated cost {cost} (re-asks after unparseable answers not included)")
+        print(
+            f"dry run: {est['calls']} judge call(s), {est['new_calls']} new ({est['cached_calls']} cached); "
+            f"estimated {est['est_prompt_tokens']} prompt + {est['est_completion_tokens']} completion tokens; "
+            f"estimated cost {cost} (re-asks after unparseable answers not included)"
+        )
         print(json.dumps(est))
         return 0
     manifest = run_judge(args.generations, args.data, args.output, cfg, run_id=args.run_id, force=args.force)
     print(f"report: {storage.join(args.output, 'report.md')}")
     summary = manifest.get("summary", {})
-    print(json.dumps({k: summary.get(k) for k in ("judgments", "failed_calls", "new_calls", "cached_calls",
-                                                  "cost_usd_this_run", "calibration_accuracy")}))
+    print(
+        json.dumps(
+            {
+                k: summary.get(k)
+                for k in (
+                    "judgments",
+                    "failed_calls",
+                    "new_calls",
+                    "cached_calls",
+                    "cost_usd_this_run",
+                    "calibration_accuracy",
+                )
+            }
+        )
+    )
     return 0
-

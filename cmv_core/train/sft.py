@@ -1,4 +1,4 @@
-"""Train stage: supervised fine-tuning (SFT), and the pieces SFT and DPO (:mod:`cmv_core.dpo`) share.
+"""Train stage: supervised fine-tuning (SFT), and the pieces SFT and DPO (:mod:`cmv_core.train.dpo`) share.
 
 TRL's ``SFTTrainer`` on ``train.jsonl`` / ``val.jsonl`` (conversational ``messages``), with:
 
@@ -12,8 +12,8 @@ TRL's ``SFTTrainer`` on ``train.jsonl`` / ``val.jsonl`` (conversational ``messag
 - optional DeepSpeed ZeRO-2/ZeRO-3 (``configs/deepspeed/zero{2,3}.json``, every size ``"auto"`` so the
   recipe decides precision and batch sizes);
 - checkpoints every ``save_steps`` mirrored to ``<output>/checkpoints/checkpoint-N/`` (S3 too), resumed after
-  a kill, a final one on SIGTERM (exit 143, no ``_SUCCESS``): :mod:`cmv_core.checkpoints`. Chat templates and
-  the label-mask check: :mod:`cmv_core.chat_template`.
+  a kill, a final one on SIGTERM (exit 143, no ``_SUCCESS``): :mod:`cmv_core.train.checkpoints`. Chat templates and
+  the label-mask check: :mod:`cmv_core.train.chat_template`.
 
 Outputs (rank 0 only): ``model/`` (merged full weights + tokenizer; plain ``transformers``/vLLM load it),
 ``adapter/`` (LoRA/QLoRA), ``checkpoints/``, ``metrics.json``, ``loss.png``, then ``_SUCCESS``.
@@ -28,7 +28,7 @@ Several processes / nodes: torchrun starts one process per GPU and each runs the
 Kubernetes training Job (an Indexed Job, one pod per node) is expected to run, as the container's main
 process (``exec``, so that it receives SIGTERM)::
 
-    exec python3 -m cmv_core.torchrun \\
+    exec python3 -m cmv_core.train.torchrun \\
         --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --node_rank="$JOB_COMPLETION_INDEX" \\
         --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \\
         -m cmv_core.cli train --input s3://B/runs/R/format --output s3://B/runs/R/train \\
@@ -46,7 +46,7 @@ with these environment variables:
 - ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``: seconds torchrun waits for its workers after forwarding SIGTERM (default
   30) before SIGKILL; set it, and the pod's ``terminationGracePeriodSeconds`` above it, to more than one
   training step plus one checkpoint upload. Exit code 143 means "stopped on SIGTERM, checkpoint saved": count
-  it as a disruption, not a failure, in the pod failure policy. (``cmv_core.torchrun`` is torchrun that keeps
+  it as a disruption, not a failure, in the pod failure policy. (``cmv_core.train.torchrun`` is torchrun that keeps
   that status: plain torchrun exits 1 after forwarding SIGTERM, the same as on a crash.)
 
 Every rank must see the same ``--output`` (S3 when there is more than one node); each node downloads the
@@ -66,25 +66,31 @@ import resource
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cmv_core import storage
-from cmv_core.chat_template import (
-    LabelMaskError,
+from cmv_core.config import ConfigError
+from cmv_core.errors import InputError
+from cmv_core.train.chat_template import (
     check_label_mask,
     ensure_chat_template,
     renders_identically,
     training_chat_template,
 )
-from cmv_core.checkpoints import EXIT_PREEMPTED, checkpoints_uri, fetch_resume_checkpoint, make_callbacks, scratch_dir
-from cmv_core.config import ConfigError
-from cmv_core.errors import InputError
+from cmv_core.train.checkpoints import (
+    EXIT_PREEMPTED,
+    checkpoints_uri,
+    fetch_resume_checkpoint,
+    make_callbacks,
+    scratch_dir,
+)
 
 log = logging.getLogger(__name__)
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ROLES = ("system", "user", "assistant")
 
 
@@ -143,15 +149,25 @@ class TrainConfig:
     seed: int = 42
     dataloader_num_workers: int = 0
     label_check_examples: int = 8  # examples in the collated batch whose label mask is verified
-    # DPO only: the recipe's dpo: section, read over train: (cmv_core.dpo.dpo_section); packing is not used
+    # DPO only: the recipe's dpo: section, read over train: (cmv_core.train.dpo.dpo_section); packing is not used
     enabled: bool = True  # dpo: whether `cmv run` runs DPO after SFT
-    init: str = "train"  # dpo: start from "train" (this run's SFT output), "base" (the recipe's model), or a train output URI
-    dpo_args: dict | None = None  # dpo: passed to TRL's DPOConfig as they are (beta, loss_type, ...); TRL's defaults otherwise
+    init: str = (
+        "train"  # dpo: start from "train" (this run's SFT output), "base" (the recipe's model), or a train output URI
+    )
+    dpo_args: dict | None = (
+        None  # dpo: passed to TRL's DPOConfig as they are (beta, loss_type, ...); TRL's defaults otherwise
+    )
 
     def __post_init__(self) -> None:
         # YAML reads "2e-4" (no dot) as a string: accept it for the float settings
-        for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm", "num_train_epochs",
-                    "lora_dropout"):
+        for key in (
+            "learning_rate",
+            "warmup_steps",
+            "weight_decay",
+            "max_grad_norm",
+            "num_train_epochs",
+            "lora_dropout",
+        ):
             value = getattr(self, key)
             if isinstance(value, str):
                 try:
@@ -182,10 +198,15 @@ class TrainConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="the format stage's output (dir or URI with _SUCCESS)")
     parser.add_argument("--output", required=True, help="where model/, checkpoints/, metrics.json go (dir or s3://)")
-    parser.add_argument("--method", choices=("sft", "dpo"), default="sft",
-                        help="sft (the recipe's train: section) or dpo (its dpo: section over train:)")
-    parser.add_argument("--init", help="dpo: the train output to start from (the SFT run), or 'base'; "
-                                       "default: the recipe's dpo.init")
+    parser.add_argument(
+        "--method",
+        choices=("sft", "dpo"),
+        default="sft",
+        help="sft (the recipe's train: section) or dpo (its dpo: section over train:)",
+    )
+    parser.add_argument(
+        "--init", help="dpo: the train output to start from (the SFT run), or 'base'; default: the recipe's dpo.init"
+    )
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -193,7 +214,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.config, args.set)
     if args.method == "dpo":
-        from cmv_core.dpo import dpo_section
+        from cmv_core.train.dpo import dpo_section
 
         cfg = dpo_section(recipe)
     else:
@@ -201,10 +222,17 @@ def cli_main(args: argparse.Namespace) -> int:
     if cfg.deepspeed:
         cfg.deepspeed = resolve_deepspeed_config(cfg.deepspeed, recipe.get("_source"))
     if args.method == "dpo":
-        from cmv_core.dpo import run_dpo
+        from cmv_core.train.dpo import run_dpo
 
-        result = run_dpo(args.input, args.output, cfg, model_spec(recipe), init=args.init or cfg.init,
-                         run_id=args.run_id, force=args.force)
+        result = run_dpo(
+            args.input,
+            args.output,
+            cfg,
+            model_spec(recipe),
+            init=args.init or cfg.init,
+            run_id=args.run_id,
+            force=args.force,
+        )
     else:
         result = run_train(args.input, args.output, cfg, model_spec(recipe), run_id=args.run_id, force=args.force)
     if result is not None and result.get("preempted"):
@@ -309,8 +337,9 @@ def check_hardware(cfg: TrainConfig) -> None:
     flash_module = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
     module = flash_module.get(cfg.attn_implementation)
     if module and (not torch.cuda.is_available() or importlib.util.find_spec(module) is None):
-        raise ConfigError(f"train.attn_implementation={cfg.attn_implementation} needs a GPU and the {module} "
-                          "package; use sdpa")
+        raise ConfigError(
+            f"train.attn_implementation={cfg.attn_implementation} needs a GPU and the {module} package; use sdpa"
+        )
 
 
 def load_model(model_path: str, cfg: TrainConfig):
@@ -324,8 +353,11 @@ def load_model(model_path: str, cfg: TrainConfig):
 
         compute = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,  # storage dtype: ZeRO-3 compatible
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_quant_storage=compute,  # storage dtype: ZeRO-3 compatible
         )
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     model.config.use_cache = False  # no KV cache while training
@@ -336,8 +368,12 @@ def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
     return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM", bias="none",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        task_type="CAUSAL_LM",
+        bias="none",
     )
 
 
@@ -425,8 +461,12 @@ def trainer_arguments(cfg: TrainConfig, scratch: Path, *, has_eval: bool, count_
 def sft_config(cfg: TrainConfig, scratch: Path, *, has_eval: bool):
     from trl import SFTConfig
 
-    return SFTConfig(**trainer_arguments(cfg, scratch, has_eval=has_eval, count_padding=cfg.packing),
-                     packing=cfg.packing, packing_strategy=cfg.packing_strategy, assistant_only_loss=True)
+    return SFTConfig(
+        **trainer_arguments(cfg, scratch, has_eval=has_eval, count_padding=cfg.packing),
+        packing=cfg.packing,
+        packing_strategy=cfg.packing_strategy,
+        assistant_only_loss=True,
+    )
 
 
 # ---------------------------------------------------------------- outputs (rank 0)
@@ -517,12 +557,21 @@ def peak_memory() -> dict:
 
     if torch.cuda.is_available():
         return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_allocated"}
-    return {"peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
-            "peak_memory_kind": "cpu_max_rss"}
+    return {
+        "peak_memory_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024,
+        "peak_memory_kind": "cpu_max_rss",
+    }
 
 
-TRAIN_LOG_KEYS = ("step", "loss", "learning_rate", "grad_norm", "num_tokens", "mean_token_accuracy",
-                  "num_input_tokens_seen")
+TRAIN_LOG_KEYS = (
+    "step",
+    "loss",
+    "learning_rate",
+    "grad_norm",
+    "num_tokens",
+    "mean_token_accuracy",
+    "num_input_tokens_seen",
+)
 # What DPOTrainer logs besides the loss (train; "eval_" + these on val)
 PREFERENCE_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
@@ -532,8 +581,13 @@ def build_metrics(state, throughput, *, final_eval: dict | None, extra: dict) ->
     train_loss = [{k: h[k] for k in TRAIN_LOG_KEYS + PREFERENCE_KEYS if k in h} for h in history if "loss" in h]
     # the final evaluate() repeats the last periodic eval when they fall on the same step: keep one per step
     eval_keys = ("eval_loss",) + tuple("eval_" + k for k in PREFERENCE_KEYS)
-    eval_loss = list({h["step"]: {"step": h["step"], **{k: h[k] for k in eval_keys if k in h}}
-                      for h in history if "eval_loss" in h}.values())
+    eval_loss = list(
+        {
+            h["step"]: {"step": h["step"], **{k: h[k] for k in eval_keys if k in h}}
+            for h in history
+            if "eval_loss" in h
+        }.values()
+    )
     return {
         "global_step": state.global_step,
         "max_steps": state.max_steps,
@@ -546,7 +600,6 @@ def build_metrics(state, throughput, *, final_eval: dict | None, extra: dict) ->
         **peak_memory(),
         **extra,
     }
-
 
 
 @contextlib.contextmanager
@@ -566,15 +619,15 @@ def zero3_init_disabled():
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
-def _publish(trainer, cfg: TrainConfig, model_path: str, output: str, final_local: Path, scratch: Path,
-             tokenizer) -> dict:
+def _publish(
+    trainer, cfg: TrainConfig, model_path: str, output: str, final_local: Path, scratch: Path, tokenizer
+) -> dict:
     """Rank 0: check what save_model wrote, merge LoRA, upload adapter/ and model/."""
     with zero3_init_disabled():
         return _publish_local(cfg, model_path, output, final_local, scratch, tokenizer)
 
 
-def _publish_local(cfg: TrainConfig, model_path: str, output: str, final_local: Path, scratch: Path,
-                   tokenizer) -> dict:
+def _publish_local(cfg: TrainConfig, model_path: str, output: str, final_local: Path, scratch: Path, tokenizer) -> dict:
     for stale in ("model", "adapter"):  # a previous run's files must not survive into this manifest
         storage.delete_prefix(storage.join(output, stale))
     (final_local / "training_args.bin").unlink(missing_ok=True)  # a pickle of this run's args: not an artifact
@@ -583,8 +636,12 @@ def _publish_local(cfg: TrainConfig, model_path: str, output: str, final_local: 
         tokenizer.save_pretrained(final_local)
         storage.upload_dir(final_local, storage.join(output, "adapter"))
         merged = scratch / "merged"
-        merge_adapter(model_path, final_local, merged, weights_dtype(cfg) if cfg.method == "lora" else
-                      ("bfloat16" if cfg.precision == "bf16" else "float16"))
+        merge_adapter(
+            model_path,
+            final_local,
+            merged,
+            weights_dtype(cfg) if cfg.method == "lora" else ("bfloat16" if cfg.precision == "bf16" else "float16"),
+        )
         model_dir = merged
     else:
         adapter_tensors = adapter_elements = 0
@@ -595,8 +652,12 @@ def _publish_local(cfg: TrainConfig, model_path: str, output: str, final_local: 
     if elements != expected:
         raise RuntimeError(f"model/ holds {elements} parameters, the architecture has {expected}: incomplete save")
     storage.upload_dir(model_dir, storage.join(output, "model"))
-    return {"model_tensors": tensors, "model_parameters": elements,
-            "adapter_tensors": adapter_tensors, "adapter_parameters": adapter_elements}
+    return {
+        "model_tensors": tensors,
+        "model_parameters": elements,
+        "adapter_tensors": adapter_tensors,
+        "adapter_parameters": adapter_elements,
+    }
 
 
 # ---------------------------------------------------------------- steps every method's stage shares
@@ -614,12 +675,20 @@ def prepare_launch(cfg: TrainConfig) -> None:
     if cfg.deepspeed and not cfg.deepspeed.endswith(".json"):
         cfg.deepspeed = resolve_deepspeed_config(cfg.deepspeed)
     if cfg.deepspeed and "WORLD_SIZE" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+        os.environ.update(
+            {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(_free_port()),
+            }
+        )
 
 
-def open_stage(output: str, inputs: list[str], stage_config: dict, scratch: Path, run_id: str | None,
-               force: bool) -> tuple[Any, str] | None:
+def open_stage(
+    output: str, inputs: list[str], stage_config: dict, scratch: Path, run_id: str | None, force: bool
+) -> tuple[Any, str] | None:
     """(the stage run on rank 0 / None elsewhere, the run's fingerprint), or None when the output is up to date.
 
     Rank 0 decides and the others follow. Call after the trainer arguments exist (they start the process group).
@@ -638,8 +707,9 @@ def open_stage(output: str, inputs: list[str], stage_config: dict, scratch: Path
         else:
             if had_success:  # a finished run's checkpoints must not be "resumed" by a forced or changed rerun
                 storage.delete_prefix(checkpoints_uri(output))
-            fingerprint = hashlib.sha256(json.dumps(
-                {"inputs": run.inputs, "config": run.config}, sort_keys=True).encode()).hexdigest()
+            fingerprint = hashlib.sha256(
+                json.dumps({"inputs": run.inputs, "config": run.config}, sort_keys=True).encode()
+            ).hexdigest()
             decision[0] = {"skip": False, "fingerprint": fingerprint}
     if dist.num_processes > 1:
         broadcast_object_list(decision)
@@ -656,8 +726,11 @@ def stage_config_of(cfg: TrainConfig, model: str, **extra) -> dict:
     so the same run in another checkout or image matches its manifest and resumes its checkpoints."""
     from cmv_core.config import to_dict
 
-    return {"train": {**to_dict(cfg), "deepspeed": deepspeed_dict(cfg.deepspeed) if cfg.deepspeed else None},
-            "model": model, **extra}
+    return {
+        "train": {**to_dict(cfg), "deepspeed": deepspeed_dict(cfg.deepspeed) if cfg.deepspeed else None},
+        "model": model,
+        **extra,
+    }
 
 
 def train_resumably(trainer, output: str, fingerprint: str, cfg: TrainConfig, stopper, scratch: Path) -> dict:
@@ -669,8 +742,9 @@ def train_resumably(trainer, output: str, fingerprint: str, cfg: TrainConfig, st
     from accelerate import PartialState
 
     world_size = PartialState().num_processes
-    found = fetch_resume_checkpoint(output, fingerprint, world_size, bool(cfg.deepspeed), scratch,
-                                    Path(trainer.args.output_dir))
+    found = fetch_resume_checkpoint(
+        output, fingerprint, world_size, bool(cfg.deepspeed), scratch, Path(trainer.args.output_dir)
+    )
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731  (ZeRO-3 partitions at load)
     trainable = sum(numel(p) for p in trainer.model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in trainer.model.parameters())
@@ -679,8 +753,13 @@ def train_resumably(trainer, output: str, fingerprint: str, cfg: TrainConfig, st
         trainer.train(resume_from_checkpoint=str(found[1]) if found else None)
     finally:
         stopper.restore()
-    result = {"resumed_from_step": found[0] if found else None, "stopped_at": stopper.stopped_at,
-              "final_eval": None, "trainable_parameters": trainable, "parameters": total}
+    result = {
+        "resumed_from_step": found[0] if found else None,
+        "stopped_at": stopper.stopped_at,
+        "final_eval": None,
+        "trainable_parameters": trainable,
+        "parameters": total,
+    }
     if stopper.stopped_at is None:
         last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
         if last_eval is not None and last_eval["step"] == trainer.state.global_step:
@@ -692,13 +771,27 @@ def train_resumably(trainer, output: str, fingerprint: str, cfg: TrainConfig, st
 
 
 def preempted(trained: dict, output: str) -> dict:
-    log.warning("stopped on SIGTERM at step %d; checkpoint mirrored to %s; exiting %d so the Job resumes",
-                trained["stopped_at"], checkpoints_uri(output), EXIT_PREEMPTED)
+    log.warning(
+        "stopped on SIGTERM at step %d; checkpoint mirrored to %s; exiting %d so the Job resumes",
+        trained["stopped_at"],
+        checkpoints_uri(output),
+        EXIT_PREEMPTED,
+    )
     return {"preempted": True, "step": trained["stopped_at"], "resumed_from_step": trained["resumed_from_step"]}
 
 
-def save_outputs(trainer, cfg: TrainConfig, run, base_model_path: str, output: str, scratch: Path, tokenizer,
-                 throughput, trained: dict, extra: dict) -> dict:
+def save_outputs(
+    trainer,
+    cfg: TrainConfig,
+    run,
+    base_model_path: str,
+    output: str,
+    scratch: Path,
+    tokenizer,
+    throughput,
+    trained: dict,
+    extra: dict,
+) -> dict:
     """Gather the weights from every rank (ZeRO-3 safe); rank 0 merges, checks, uploads model/ adapter/
     metrics.json loss.png, then ``_SUCCESS``. ``base_model_path``: the weights the adapter was trained on."""
     from accelerate import PartialState
@@ -709,21 +802,40 @@ def save_outputs(trainer, cfg: TrainConfig, run, base_model_path: str, output: s
     summary: dict[str, Any] = {}
     if dist.is_main_process:
         summary = _publish(trainer, cfg, base_model_path, output, final_local, scratch, tokenizer)
-        metrics = build_metrics(trainer.state, throughput, final_eval=trained["final_eval"], extra={
-            "resumed_from_step": trained["resumed_from_step"], "train_runtime_s": trained["train_runtime_s"],
-            "world_size": dist.num_processes, "method": cfg.method,
-            "deepspeed": Path(cfg.deepspeed).name if cfg.deepspeed else None, "precision": cfg.precision,
-            "trainable_parameters": trained["trainable_parameters"], "parameters": trained["parameters"], **extra,
-        })
+        metrics = build_metrics(
+            trainer.state,
+            throughput,
+            final_eval=trained["final_eval"],
+            extra={
+                "resumed_from_step": trained["resumed_from_step"],
+                "train_runtime_s": trained["train_runtime_s"],
+                "world_size": dist.num_processes,
+                "method": cfg.method,
+                "deepspeed": Path(cfg.deepspeed).name if cfg.deepspeed else None,
+                "precision": cfg.precision,
+                "trainable_parameters": trained["trainable_parameters"],
+                "parameters": trained["parameters"],
+                **extra,
+            },
+        )
         storage.write_json(storage.join(output, "metrics.json"), metrics)
         write_loss_plot(trainer.state.log_history, storage.join(output, "loss.png"))
         if not cfg.keep_checkpoints:
             storage.delete_prefix(checkpoints_uri(output))
-        summary.update({k: metrics[k] for k in ("global_step", "final_eval_loss", "tokens_seen",
-                                                 "tokens_per_second", "resumed_from_step")})
+        summary.update(
+            {
+                k: metrics[k]
+                for k in ("global_step", "final_eval_loss", "tokens_seen", "tokens_per_second", "resumed_from_step")
+            }
+        )
         storage.finish_stage(run, summary, declared=True)
-        log.info("train: %d steps, final eval loss %s, %s tokens/s; wrote %s", metrics["global_step"],
-                 metrics["final_eval_loss"], metrics["tokens_per_second"], output)
+        log.info(
+            "train: %d steps, final eval loss %s, %s tokens/s; wrote %s",
+            metrics["global_step"],
+            metrics["final_eval_loss"],
+            metrics["tokens_per_second"],
+            output,
+        )
     dist.wait_for_everyone()
     if dist.is_local_main_process:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -777,8 +889,10 @@ def run_train(
         loss_masking = "assistant_turns"
         to_row = lambda conv: {"messages": conv}  # noqa: E731
     else:
-        log.warning("no chat template with generation markers renders like this model's own: training on the "
-                    "last assistant turn of each conversation only (prompt/completion data)")
+        log.warning(
+            "no chat template with generation markers renders like this model's own: training on the "
+            "last assistant turn of each conversation only (prompt/completion data)"
+        )
         loss_masking = "last_assistant_turn"
         args.assistant_only_loss, args.completion_only_loss = False, True
         to_row = to_prompt_completion
@@ -788,29 +902,61 @@ def run_train(
         args.eval_strategy, args.eval_on_start = "no", False
 
     # Train: the trainer, the loss mask checked on a real collated batch, then train (resuming if it can)
-    mirror, stopper, throughput = make_callbacks(output, fingerprint, cfg.save_total_limit, PartialState().num_processes)
+    mirror, stopper, throughput = make_callbacks(
+        output, fingerprint, cfg.save_total_limit, PartialState().num_processes
+    )
     trainer = SFTTrainer(
-        model=load_model(model_path, cfg), args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tokenizer, peft_config=lora_config(cfg) if cfg.method in ("lora", "qlora") else None,
+        model=load_model(model_path, cfg),
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg) if cfg.method in ("lora", "qlora") else None,
         callbacks=[mirror, stopper, throughput],
     )
     if len(trainer.train_dataset) == 0:
-        raise TrainDataError(f"{storage.join(input, 'train.jsonl')}: every example lost its assistant turn to "
-                             f"truncation at train.max_length={cfg.max_length}; raise it or lower format.max_tokens")
+        raise TrainDataError(
+            f"{storage.join(input, 'train.jsonl')}: every example lost its assistant turn to "
+            f"truncation at train.max_length={cfg.max_length}; raise it or lower format.max_tokens"
+        )
     if not cfg.packing and len(trainer.train_dataset) < len(train_ds):
-        log.warning("%d of %d training examples dropped: their reply starts after train.max_length=%d tokens",
-                    len(train_ds) - len(trainer.train_dataset), len(train_ds), cfg.max_length)
+        log.warning(
+            "%d of %d training examples dropped: their reply starts after train.max_length=%d tokens",
+            len(train_ds) - len(trainer.train_dataset),
+            len(train_ds),
+            cfg.max_length,
+        )
     n_check = min(cfg.label_check_examples, len(trainer.train_dataset))  # first rows: no sampler RNG consumed
     mask_stats = check_label_mask(trainer.data_collator([trainer.train_dataset[i] for i in range(n_check)]), tokenizer)
-    log.info("label mask OK: %d of %d tokens trained (%.1f%%), masking=%s", mask_stats["trained_tokens"],
-             mask_stats["tokens"], 100 * mask_stats["trained_fraction"], loss_masking)
+    log.info(
+        "label mask OK: %d of %d tokens trained (%.1f%%), masking=%s",
+        mask_stats["trained_tokens"],
+        mask_stats["tokens"],
+        100 * mask_stats["trained_fraction"],
+        loss_masking,
+    )
     trained = train_resumably(trainer, output, fingerprint, cfg, stopper, scratch)
     if trained["stopped_at"] is not None:
         return preempted(trained, output)
 
     # Save: ship the model's own template (renders the same), merged model/, adapter/, metrics, _SUCCESS
     tokenizer.chat_template = shipped_template
-    return save_outputs(trainer, cfg, run, model_path, output, scratch, tokenizer, throughput, trained, extra={
-        "packing": cfg.packing, "loss_masking": loss_masking, "label_mask": mask_stats,
-        "train_examples": len(train_rows), "val_examples": len(val_rows), "model": model,
-    })
+    return save_outputs(
+        trainer,
+        cfg,
+        run,
+        model_path,
+        output,
+        scratch,
+        tokenizer,
+        throughput,
+        trained,
+        extra={
+            "packing": cfg.packing,
+            "loss_masking": loss_masking,
+            "label_mask": mask_stats,
+            "train_examples": len(train_rows),
+            "val_examples": len(val_rows),
+            "model": model,
+        },
+    )

@@ -58,8 +58,10 @@ def _stale(holder: dict, now: float) -> bool:
 
 def describe(holder: dict) -> str:
     until = time.strftime("%H:%M:%S", time.gmtime(float(holder.get("until", 0))))
-    return (f"attempt {holder.get('attempt')} (host {holder.get('host')}, pid {holder.get('pid')}, "
-            f"started {holder.get('since')}, lease until {until} UTC)")
+    return (
+        f"attempt {holder.get('attempt')} (host {holder.get('host')}, pid {holder.get('pid')}, "
+        f"started {holder.get('since')}, lease until {until} UTC)"
+    )
 
 
 @dataclass
@@ -75,10 +77,15 @@ class Lease:
 
     def body(self) -> bytes:
         now = time.time()
-        return json.dumps({
-            "attempt": self.attempt, "host": socket.gethostname(), "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "until": now + self.ttl,
-        }).encode()
+        return json.dumps(
+            {
+                "attempt": self.attempt,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                "until": now + self.ttl,
+            }
+        ).encode()
 
     def _renew(self) -> None:
         from cmv_core import storage
@@ -124,8 +131,10 @@ class Lease:
         holder = _read(self.uri)
         if self.lost or holder is None or holder.get("attempt") != self.attempt:
             who = describe(holder) if holder else "nobody"
-            raise LeaseHeld(f"{self.output}: this attempt ({self.attempt}) lost its lease "
-                            f"({self.lost or 'now held by ' + who}); no {storage.SUCCESS} written")
+            raise LeaseHeld(
+                f"{self.output}: this attempt ({self.attempt}) lost its lease "
+                f"({self.lost or 'now held by ' + who}); no {storage.SUCCESS} written"
+            )
 
     def release(self) -> None:
         from cmv_core import storage
@@ -171,7 +180,8 @@ def acquire(output: str, attempt: str) -> Lease:
         if not _stale(holder, time.time()) and not _dies_unrenewed(lease.uri, holder):
             raise LeaseHeld(
                 f"{output} is being written by {describe(holder)}; a second writer is refused. Wait for it, "
-                f"or, if it is dead on another host, for its lease to expire (CMV_LEASE_TTL_S={lease.ttl:.0f})")
+                f"or, if it is dead on another host, for its lease to expire (CMV_LEASE_TTL_S={lease.ttl:.0f})"
+            )
         log.info("taking over the stale lease of %s from %s", output, describe(holder))
         _remove_stale(lease.uri, etag, holder.get("attempt"))
     raise LeaseHeld(f"{output}: could not take the lease (other writers keep taking it)")
@@ -183,8 +193,11 @@ def _dies_unrenewed(uri: str, holder: dict) -> bool:
     if holder.get("host") == socket.gethostname():
         return False  # a live process here: no need to wait to know
     until = float(holder.get("until", 0))
-    log.info("waiting until %s for the lease of %s to be renewed or to expire",
-             time.strftime("%H:%M:%S", time.gmtime(until)), describe(holder))
+    log.info(
+        "waiting until %s for the lease of %s to be renewed or to expire",
+        time.strftime("%H:%M:%S", time.gmtime(until)),
+        describe(holder),
+    )
     while time.time() <= until + 1:
         time.sleep(min(1.0, max(0.05, until + 1 - time.time())))
         now = _read(uri)

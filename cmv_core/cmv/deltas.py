@@ -28,9 +28,7 @@ _CODE_SPAN = re.compile(r"(`+).*?\1")
 _AWARDED = re.compile(r"(?:delta|point) awarded to\s+(?:/?u/)?([A-Za-z0-9_\-\\]+)", re.IGNORECASE)
 # A DeltaBot reply that says the delta was rejected or taken back confirms nothing,
 # even when it names the user ("The delta awarded to /u/NAME has been removed.").
-_NOT_CONFIRMED = re.compile(
-    r"\brejected\b|has been removed|\bcan(?:not|'t) award\b|\balready awarded\b", re.IGNORECASE
-)
+_NOT_CONFIRMED = re.compile(r"\brejected\b|has been removed|\bcan(?:not|'t) award\b|\balready awarded\b", re.IGNORECASE)
 _DB3_PARAMS = re.compile(r"DB3PARAMSSTART.*?(?:DB3PARAMSEND|\Z)", re.DOTALL)
 
 
@@ -264,9 +262,7 @@ def winning_branches(deltas: Iterable[Delta], comments: Sequence[Comment]) -> li
         if d.rewarded_comment_id in seen:
             continue
         seen.add(d.rewarded_comment_id)
-        branches.append(
-            {"recipient": d.recipient, "comment_ids": path_to_root(d.rewarded_comment_id, by_id)}
-        )
+        branches.append({"recipient": d.recipient, "comment_ids": path_to_root(d.rewarded_comment_id, by_id)})
     return branches
 
 

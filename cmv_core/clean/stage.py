@@ -59,9 +59,10 @@ from typing import IO, Any
 
 import orjson
 
-from cmv_core import reddit, storage
+from cmv_core import storage
+from cmv_core.cmv import reddit
+from cmv_core.cmv.deltas import Delta, find_deltas, op_known, winning_branches
 from cmv_core.config import load_recipe, section, to_dict
-from cmv_core.deltas import Delta, find_deltas, op_known, winning_branches
 from cmv_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,11 @@ class TooManyRejectsError(InputError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--input", action="extend", nargs="+", required=True, metavar="URI",
+        "--input",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="URI",
         help="raw dump: a .jsonlist file (plain, .gz, .bz2 or .zst), a directory/prefix of them, "
         "or several (repeat --input or list them); read in the order given. Or Pushshift exports: "
         "a submissions file and a comments file (one record a line), in any order, joined by link_id",
@@ -254,6 +259,7 @@ def _die_with_parent(parent: int) -> None:
         if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
             raise OSError(ctypes.get_errno(), "prctl")
     except (OSError, AttributeError):
+
         def watch() -> None:
             while os.getppid() == parent:
                 time.sleep(1)
@@ -358,7 +364,9 @@ def _file_tasks(files: list[str], strip_delta_edits: bool) -> Iterator[Task]:
 
 
 def cleaned_lines(
-    lines: Iterable[reddit.Line], strip_delta_edits: bool, workers: int,
+    lines: Iterable[reddit.Line],
+    strip_delta_edits: bool,
+    workers: int,
     fingerprints: dict[str, storage.RawDigest] | None = None,
 ) -> Iterator[tuple[reddit.Line, LineResult]]:
     """(line, result) for every line, in input order; batches go to `workers` processes
@@ -368,7 +376,9 @@ def cleaned_lines(
 
 
 def cleaned_files(
-    files: list[str], strip_delta_edits: bool, workers: int,
+    files: list[str],
+    strip_delta_edits: bool,
+    workers: int,
     fingerprints: dict[str, storage.RawDigest] | None = None,
 ) -> Iterator[tuple[reddit.Line, LineResult]]:
     """cleaned_lines of every line of `files`: a plain local file's chunks are read by the workers
@@ -377,8 +387,9 @@ def cleaned_files(
     return _results(_file_tasks(files, strip_delta_edits), workers, fingerprints)
 
 
-def _results(tasks: Iterable[Task], workers: int,
-             fingerprints: dict[str, storage.RawDigest] | None) -> Iterator[tuple[reddit.Line, LineResult]]:
+def _results(
+    tasks: Iterable[Task], workers: int, fingerprints: dict[str, storage.RawDigest] | None
+) -> Iterator[tuple[reddit.Line, LineResult]]:
     def digest_of(uri: str) -> storage.RawDigest:
         return storage.RawDigest() if fingerprints is None else fingerprints.setdefault(uri, storage.RawDigest())
 
@@ -401,8 +412,10 @@ def _results(tasks: Iterable[Task], workers: int,
         if isinstance(out, str):
             broken.add(index)
             digest_of(uri).broken = True
-            yield (reddit.Line(uri, number + 1, b"", error=out),
-                   LineResult("reject", reason="unreadable_stream", detail=out))
+            yield (
+                reddit.Line(uri, number + 1, b"", error=out),
+                LineResult("reject", reason="unreadable_stream", detail=out),
+            )
             continue
         results, digest = out
         digest_of(uri).add(n_bytes, digest)
@@ -463,8 +476,11 @@ def make_stats(totals: Counter[str], lines_per_file: dict[str, int], config: Cle
         },
         "deltas": {k: totals[k] for k in DELTA_KINDS},
         "winning_branches": totals["winning_branches"],
-        **({"pushshift": {k: totals["pushshift:" + k] for k in PUSHSHIFT_KEYS}}
-           if "pushshift:submissions" in totals else {}),
+        **(
+            {"pushshift": {k: totals["pushshift:" + k] for k in PUSHSHIFT_KEYS}}
+            if "pushshift:submissions" in totals
+            else {}
+        ),
     }
 
 
@@ -490,11 +506,16 @@ def summary_text(stats: dict[str, Any], output: str, seconds: float) -> str:
             f"  DeltaBot rejected {dl['rejected_by_deltabot']:>10,}",
             f"  winning branches  {stats['winning_branches']:>10,}   in {th['with_winning_branch']:,} threads",
         ]
-        + ([f"  pushshift records {ps['submissions']:>10,} submissions, {ps['comments']:,} comments; duplicates "
-            f"{ps['duplicate_submissions']:,} / {ps['duplicate_comments']:,}, orphan comments "
-            f"{ps['orphan_comments']:,}"] if (ps := stats.get("pushshift")) else [])
+        + (
+            [
+                f"  pushshift records {ps['submissions']:>10,} submissions, {ps['comments']:,} comments; duplicates "
+                f"{ps['duplicate_submissions']:,} / {ps['duplicate_comments']:,}, orphan comments "
+                f"{ps['orphan_comments']:,}"
+            ]
+            if (ps := stats.get("pushshift"))
+            else []
+        )
     )
-
 
 
 # --- output ---------------------------------------------------------------------------------------------
@@ -584,9 +605,7 @@ def _reject_record(line: reddit.Line, reason: str, detail: str = "", **extra: An
     return orjson.dumps(rec, option=orjson.OPT_APPEND_NEWLINE)
 
 
-def _check_rejects(
-    stats: dict[str, Any], files: list[str], rejects_uri: str, first: list[str] | None = None
-) -> None:
+def _check_rejects(stats: dict[str, Any], files: list[str], rejects_uri: str, first: list[str] | None = None) -> None:
     """Raise TooManyRejectsError when nothing was read or rejects exceed the limit.
 
     `first`: "file:line: reason (detail)" for the first rejected lines, named in the message."""
@@ -597,7 +616,8 @@ def _check_rejects(
     if records is not None and records["submissions"] == 0:
         raise TooManyRejectsError(
             f"no Pushshift submission records in {', '.join(files)} ({records['comments']:,} comment records, "
-            f"all orphans): pass the submissions file too")
+            f"all orphans): pass the submissions file too"
+        )
     limit = stats["max_reject_fraction"]
     if rejected / read > limit:
         reasons = ", ".join(f"{k} {v}" for k, v in stats["rejected_lines_by_reason"].items())
@@ -615,7 +635,7 @@ def _check_rejects(
 
 
 def input_format(files: list[str]) -> str:
-    """"cornell" or "pushshift" (reddit.sniff_file); a mix of the two is refused (InputError)."""
+    """ "cornell" or "pushshift" (reddit.sniff_file); a mix of the two is refused (InputError)."""
     kinds = {f: reddit.sniff_file(f) for f in files}
     cornell = [f for f, k in kinds.items() if k == "cornell"]
     records = [f for f, k in kinds.items() if k == "pushshift"]
@@ -644,8 +664,13 @@ PUSHSHIFT_KEYS = ("submissions", "comments", "duplicate_submissions", "duplicate
 
 
 def _load_records(
-    files: list[str], store: reddit.RecordStore, totals: Counter[str], lines_per_file: dict[str, int],
-    rejects: IO[bytes], first_rejects: list[str], fingerprints: dict[str, storage.RawDigest] | None,
+    files: list[str],
+    store: reddit.RecordStore,
+    totals: Counter[str],
+    lines_per_file: dict[str, int],
+    rejects: IO[bytes],
+    first_rejects: list[str],
+    fingerprints: dict[str, storage.RawDigest] | None,
 ) -> None:
     """Every record line into `store`; unusable lines and orphan comments to `rejects`. Each line
     counts in lines.read (the reject fraction is over record lines); each file is fingerprinted here,
@@ -665,8 +690,9 @@ def _load_records(
             if digest is not None and size:
                 digest.add(size, chunk.digest())
             current, chunk, size = line.file, storage.chunk_hash(), 0
-            digest = storage.RawDigest() if fingerprints is None else fingerprints.setdefault(line.file,
-                                                                                              storage.RawDigest())
+            digest = (
+                storage.RawDigest() if fingerprints is None else fingerprints.setdefault(line.file, storage.RawDigest())
+            )
         if line.error is not None:
             digest.broken = True
             totals["lines_read"] += 1
@@ -695,16 +721,29 @@ def _load_records(
     counts["orphan_comments"] = 0
     for file, number, link, comment_id, raw in store.orphans():
         counts["orphan_comments"] += 1
-        rejects.write(_reject_record(
-            reddit.Line(files[file], number, b""), "orphan_comment", f"no submission {link} in the inputs",
-            level="comment", thread_id=link[3:], comment_id=comment_id, raw=raw.decode("utf-8", errors="replace")))
+        rejects.write(
+            _reject_record(
+                reddit.Line(files[file], number, b""),
+                "orphan_comment",
+                f"no submission {link} in the inputs",
+                level="comment",
+                thread_id=link[3:],
+                comment_id=comment_id,
+                raw=raw.decode("utf-8", errors="replace"),
+            )
+        )
     for key in PUSHSHIFT_KEYS:
         totals["pushshift:" + key] += counts[key]
 
 
-def _stream(files: list[str], output: str, config: CleanConfig, workers: int,
-            fingerprints: dict[str, storage.RawDigest] | None = None,
-            pushshift: bool = False) -> tuple[dict, Exception | None]:
+def _stream(
+    files: list[str],
+    output: str,
+    config: CleanConfig,
+    workers: int,
+    fingerprints: dict[str, storage.RawDigest] | None = None,
+    pushshift: bool = False,
+) -> tuple[dict, Exception | None]:
     """Read every line; write conversations and rejects; returns (stats, failure).
     `pushshift`: the files are Pushshift record files, joined into threads first (_load_records).
 
@@ -726,12 +765,21 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int,
                     # Group the records into thread lines (their lines are counted and hashed here)
                     store = scratch.enter_context(_record_store())
                     _load_records(files, store, totals, lines_per_file, rejects, first_rejects, fingerprints)
-                    lines = tqdm(store.thread_lines(files), total=store.threads, unit=" threads",
-                                 mininterval=2.0, desc="clean: threads")
+                    lines = tqdm(
+                        store.thread_lines(files),
+                        total=store.threads,
+                        unit=" threads",
+                        mininterval=2.0,
+                        desc="clean: threads",
+                    )
                     cleaned = cleaned_lines(lines, config.strip_delta_edits, workers)
                 else:
-                    cleaned = tqdm(cleaned_files(files, config.strip_delta_edits, workers, fingerprints),
-                                   unit=" threads", mininterval=2.0, desc="clean")
+                    cleaned = tqdm(
+                        cleaned_files(files, config.strip_delta_edits, workers, fingerprints),
+                        unit=" threads",
+                        mininterval=2.0,
+                        desc="clean",
+                    )
                 for line, res in cleaned:
                     if line.error is None and store is None:
                         lines_per_file[line.file] = line.number
@@ -742,8 +790,11 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int,
                         totals["lines_read"] += 1
                     if res.kind == "thread" and res.thread_id in seen:
                         if res.span is not None:  # read by a worker: its raw text is read back for the rejects
-                            line = reddit.Line(line.file, line.number, storage.read_range(
-                                line.file, res.span[0], res.span[0] + res.span[1]))
+                            line = reddit.Line(
+                                line.file,
+                                line.number,
+                                storage.read_range(line.file, res.span[0], res.span[0] + res.span[1]),
+                            )
                         res = LineResult("reject", reason="duplicate_thread", detail=f"{res.thread_id} read before")
                     if res.kind == "reject":
                         totals["rejected:" + res.reason] += 1
@@ -758,8 +809,11 @@ def _stream(files: list[str], output: str, config: CleanConfig, workers: int,
                         where = line
                         if store is not None and (found := store.locate(comment_id)) is not None:
                             where = reddit.Line(files[found[0]], found[1], b"")  # the comment's own record
-                        rejects.write(_reject_record(where, reason, level="comment", thread_id=res.thread_id,
-                                                     comment_id=comment_id, raw=raw))
+                        rejects.write(
+                            _reject_record(
+                                where, reason, level="comment", thread_id=res.thread_id, comment_id=comment_id, raw=raw
+                            )
+                        )
                     out.write(res.row)
                 stats = make_stats(totals, lines_per_file, config)
                 _check_rejects(stats, files, rejects_uri, first_rejects)
@@ -817,8 +871,9 @@ def _run(run: storage.StageRun, inputs: list[str], output: str, config: CleanCon
     storage.finish_stage(run, summary, declared=True)
     seconds = time.monotonic() - started
     print(summary_text(stats, output, seconds), flush=True)
-    log.info("clean: %d threads to %s in %.1f s with %d worker(s)", summary["threads_written"], output, seconds,
-             workers)
+    log.info(
+        "clean: %d threads to %s in %.1f s with %d worker(s)", summary["threads_written"], output, seconds, workers
+    )
     if "pushshift" in stats:
         log.info("clean: Pushshift records: %s", ", ".join(f"{k} {v:,}" for k, v in stats["pushshift"].items()))
     return stats

@@ -43,10 +43,11 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import IO, Any
 from urllib.parse import urlparse
 
 from cmv_core.errors import InputError, IntegrityError, OutputError
@@ -65,8 +66,10 @@ LEASE = "_LEASE"
 # output file is one line here.
 STAGE_OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "clean": (("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"), ()),
-    "format": (("train.jsonl", "val.jsonl", "test.jsonl", "pairs.jsonl", "stats.json"),
-               ("train_preferences.jsonl", "val_preferences.jsonl", "pairs_before.jsonl")),
+    "format": (
+        ("train.jsonl", "val.jsonl", "test.jsonl", "pairs.jsonl", "stats.json"),
+        ("train_preferences.jsonl", "val_preferences.jsonl", "pairs_before.jsonl"),
+    ),
     "train": (("metrics.json", "loss.png", "model/config.json"), ("model/*", "adapter/*", "checkpoints/*")),
     "generate": (("generations.jsonl", "stats.json"), ("shards/*",)),
     "judge": (("judgments.jsonl", "report.json", "report.md"), ("*.png", "*.json", "*.md", "*.csv", "cache/*")),
@@ -104,15 +107,19 @@ def check_uri(uri: str) -> str:
     """``uri`` itself, or an InputError for a scheme this store does not speak (``ftp://``)."""
     m = _SCHEME.match(str(uri))
     if m and m.group(1) not in KNOWN_SCHEMES:
-        raise InputError(f"{uri}: unknown URI scheme {m.group(1)}://; use a path, file:///abs/path or s3://bucket/prefix")
+        raise InputError(
+            f"{uri}: unknown URI scheme {m.group(1)}://; use a path, file:///abs/path or s3://bucket/prefix"
+        )
     return str(uri)
 
 
 def check_run_id(run_id: str) -> str:
     """A run id names one folder under the root: letters, digits, '.', '_', '-'; no '..' or '/'."""
     if not RUN_ID_RE.match(str(run_id or "")) or ".." in str(run_id):
-        raise InputError(f"run id {run_id!r} is not valid: use letters, digits, '.', '_' and '-' "
-                         f"(no '/' or '..'), at most 100 characters")
+        raise InputError(
+            f"run id {run_id!r} is not valid: use letters, digits, '.', '_' and '-' "
+            f"(no '/' or '..'), at most 100 characters"
+        )
     return str(run_id)
 
 
@@ -162,8 +169,11 @@ def _s3_client():
     budget = float(os.environ.get("CMV_S3_RETRY_BUDGET_S", "60"))
     attempts = int(os.environ.get("CMV_S3_MAX_ATTEMPTS") or s3_max_attempts(budget))
     mode = os.environ.get("CMV_S3_RETRY_MODE", "standard")
-    cfg = Config(retries={"total_max_attempts": attempts, "mode": mode}, connect_timeout=5,
-                 read_timeout=float(os.environ.get("CMV_S3_READ_TIMEOUT_S", "60")))
+    cfg = Config(
+        retries={"total_max_attempts": attempts, "mode": mode},
+        connect_timeout=5,
+        read_timeout=float(os.environ.get("CMV_S3_READ_TIMEOUT_S", "60")),
+    )
     return boto3.session.Session().client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=cfg)
 
 
@@ -255,7 +265,7 @@ def _key(uri: str) -> str:
 def _under(key: str, root_key: str) -> str | None:
     """``key`` relative to ``root_key``, or None when it is not under it."""
     if key.startswith(root_key.rstrip("/") + "/"):
-        return key[len(root_key.rstrip("/")) + 1:]
+        return key[len(root_key.rstrip("/")) + 1 :]
     return None
 
 
@@ -271,8 +281,10 @@ def _expected(uri: str) -> Expected | None:
     for root, manifest in _VERIFIED_ROOTS.items():
         rel = _under(key, root)
         if rel is not None and rel not in (SUCCESS, LEASE):
-            raise IntegrityError(f"{uri}: not listed in {manifest}; the input does not hold this file as its stage "
-                                 f"wrote it (rerun the upstream stage)")
+            raise IntegrityError(
+                f"{uri}: not listed in {manifest}; the input does not hold this file as its stage "
+                f"wrote it (rerun the upstream stage)"
+            )
     return None
 
 
@@ -394,7 +406,7 @@ class ZstdReader(io.RawIOBase):
     def readinto(self, buffer) -> int:
         self._fill()
         n = min(len(buffer), len(self._out) - self._pos)
-        buffer[:n] = memoryview(self._out)[self._pos:self._pos + n]
+        buffer[:n] = memoryview(self._out)[self._pos : self._pos + n]
         self._pos += n
         return n
 
@@ -592,7 +604,7 @@ def _s3_objects(uri: str) -> Iterator[dict]:
     paginator = s3_client().get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
-            yield {**obj, "Rel": obj["Key"][len(prefix):]}
+            yield {**obj, "Rel": obj["Key"][len(prefix) :]}
 
 
 def list_files(uri: str) -> list[str]:
@@ -669,7 +681,7 @@ def delete_prefix(uri: str) -> None:
         bucket, _ = _split_s3(uri)
         keys = [o["Key"] for o in _s3_objects(uri)]
         for i in range(0, len(keys), 1000):
-            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
+            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]})
     else:
         shutil.rmtree(local_path(uri), ignore_errors=True)
 
@@ -772,23 +784,36 @@ def parse_manifest(data: bytes, uri: str, stage: str | tuple[str, ...] | None = 
     """A ``_SUCCESS``'s content, checked: JSON, a stage manifest (stage, files with size and sha256), of
     the expected stage; anything else is a ManifestError in one line."""
     if not data.strip():
-        raise ManifestError(f"{uri} is empty: not a stage manifest (the stage that wrote it did not finish); "
-                            f"rerun that stage")
+        raise ManifestError(
+            f"{uri} is empty: not a stage manifest (the stage that wrote it did not finish); rerun that stage"
+        )
     try:
         manifest = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         where = f" (line {exc.lineno}, column {exc.colno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise ManifestError(f"{uri} is not valid JSON{where}: not a stage manifest; rerun the stage that writes it") \
-            from None
+        raise ManifestError(
+            f"{uri} is not valid JSON{where}: not a stage manifest; rerun the stage that writes it"
+        ) from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if (not isinstance(manifest, dict) or not isinstance(manifest.get("stage"), str) or not isinstance(files, list)
-            or not all(isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int)
-                       and isinstance(f.get("sha256"), str) for f in files)):
+    if (
+        not isinstance(manifest, dict)
+        or not isinstance(manifest.get("stage"), str)
+        or not isinstance(files, list)
+        or not all(
+            isinstance(f, dict)
+            and isinstance(f.get("path"), str)
+            and isinstance(f.get("size"), int)
+            and isinstance(f.get("sha256"), str)
+            for f in files
+        )
+    ):
         raise ManifestError(f"{uri} is not a stage manifest (needs stage and files with path, size and sha256)")
     allowed = (stage,) if isinstance(stage, str) else stage
     if allowed and manifest["stage"] not in allowed:
-        raise ManifestError(f"{uri} is the manifest of stage {manifest['stage']!r}, expected "
-                            f"{' or '.join(repr(a) for a in allowed)}: wrong input folder?")
+        raise ManifestError(
+            f"{uri} is the manifest of stage {manifest['stage']!r}, expected "
+            f"{' or '.join(repr(a) for a in allowed)}: wrong input folder?"
+        )
     return manifest
 
 
@@ -861,8 +886,11 @@ def _input_digest(uri: str, stage: str) -> str:
 def _sizes(uri: str) -> dict[str, int]:
     """rel path -> size of every file under a stage directory, from one listing."""
     if is_s3(uri):
-        return {o["Rel"]: int(o["Size"]) for o in _s3_objects(uri)
-                if o["Rel"] and o["Rel"].rsplit("/", 1)[-1] not in (SUCCESS, LEASE)}
+        return {
+            o["Rel"]: int(o["Size"])
+            for o in _s3_objects(uri)
+            if o["Rel"] and o["Rel"].rsplit("/", 1)[-1] not in (SUCCESS, LEASE)
+        }
     root = local_path(uri)
     return {rel: (root / rel).stat().st_size for rel in list_files(uri) if rel != SUCCESS}
 
@@ -881,11 +909,15 @@ def _check_listing(uri: str, manifest: dict) -> None:
         problems.append(f"there but not listed: {', '.join(extra[:5])}")
     resized = sorted(r for r in set(listed) & set(there) if listed[r] != there[r])
     if resized:
-        problems.append("size differs from the manifest: " + ", ".join(
-            f"{r} ({there[r]} bytes, listed {listed[r]})" for r in resized[:5]))
+        problems.append(
+            "size differs from the manifest: "
+            + ", ".join(f"{r} ({there[r]} bytes, listed {listed[r]})" for r in resized[:5])
+        )
     if problems:
-        raise IntegrityError(f"{uri} does not match {manifest_uri}: {'; '.join(problems)}. "
-                             f"The output changed after its stage finished; rerun that stage (with --force)")
+        raise IntegrityError(
+            f"{uri} does not match {manifest_uri}: {'; '.join(problems)}. "
+            f"The output changed after its stage finished; rerun that stage (with --force)"
+        )
 
 
 def _file_sha256(path: str | Path) -> str:
@@ -940,8 +972,7 @@ def plain_local(uri: str) -> bool:
     """A local regular file read as it is stored (not .gz/.bz2/.zst, not a verified hand-off file): its
     bytes can be read by offset (raw_chunks, read_range), so clean's workers read their own parts of it."""
     uri = str(uri)
-    return (not is_s3(uri) and not uri.endswith(COMPRESSED) and local_path(uri).is_file()
-            and _expected(uri) is None)
+    return not is_s3(uri) and not uri.endswith(COMPRESSED) and local_path(uri).is_file() and _expected(uri) is None
 
 
 def raw_chunks(uri: str) -> Iterator[tuple[int, int]]:
@@ -1124,7 +1155,7 @@ def begin_stage(
     to :func:`finish_stage`. A stale manifest and a dead attempt's temp files are removed first, so a run
     killed midway never leaves one behind.
     """
-    from cmv_core import lease as lease_mod
+    from cmv_core.storage import lease as lease_mod
 
     output = check_uri(str(output))
     if run_id is not None:
@@ -1132,8 +1163,13 @@ def begin_stage(
     for u in inputs:
         check_uri(str(u))
     digests: dict[str, str | None] = {
-        str(u): (None if raw_inputs and not is_s3(str(u)) else raw_fingerprint(str(u)) if raw_inputs
-                 else _input_digest(str(u), stage))
+        str(u): (
+            None
+            if raw_inputs and not is_s3(str(u))
+            else raw_fingerprint(str(u))
+            if raw_inputs
+            else _input_digest(str(u), stage)
+        )
         for u in inputs
     }
     config = json.loads(json.dumps(config, default=str))
@@ -1243,8 +1279,10 @@ def finish_stage(
             problems.append(f"missing {', '.join(missing)}")
         foreign = [rel for rel in present if not _matches(rel, required + optional)]
         if foreign:
-            problems.append(f"not declared by stage {run.stage}: {', '.join(foreign[:10])}"
-                            + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""))
+            problems.append(
+                f"not declared by stage {run.stage}: {', '.join(foreign[:10])}"
+                + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+            )
     files = []
     for rel in present:
         entry = run.written.get(rel)
@@ -1266,8 +1304,10 @@ def finish_stage(
                 problems.append(f"{rel} was written by this attempt but is not in the store any more")
     if problems:
         abort_stage(run)
-        raise OutputError(f"{run.output}: no {SUCCESS} written, the output is not exactly what attempt "
-                          f"{run.attempt} of stage {run.stage} wrote: {'; '.join(problems)}. Rerun the stage")
+        raise OutputError(
+            f"{run.output}: no {SUCCESS} written, the output is not exactly what attempt "
+            f"{run.attempt} of stage {run.stage} wrote: {'; '.join(problems)}. Rerun the stage"
+        )
     if run.lease is not None:
         run.lease.check()
     # raw inputs: the fingerprint taken while the stage streamed them (files it did not read are hashed now)

@@ -32,9 +32,12 @@ def _container_template(stage: str, job: dict) -> dict:
         "container": next(c for c in spec["containers"] if c["name"] == "main"),
         "activeDeadlineSeconds": job["spec"]["activeDeadlineSeconds"],
         # Like the Job's backoffLimit and podFailurePolicy: retry crashes and lost nodes, never an exit 2.
-        "retryStrategy": {"limit": str(job["spec"].get("backoffLimit", 2)), "retryPolicy": "Always",
-                          "expression": "lastRetry.exitCode != '2'",
-                          "backoff": {"duration": "30s", "factor": "2", "maxDuration": "1h"}},
+        "retryStrategy": {
+            "limit": str(job["spec"].get("backoffLimit", 2)),
+            "retryPolicy": "Always",
+            "expression": "lastRetry.exitCode != '2'",
+            "backoff": {"duration": "30s", "factor": "2", "maxDuration": "1h"},
+        },
     }
     for key in ("volumes", "securityContext", "tolerations", "affinity", "automountServiceAccountToken"):
         if key in spec:
@@ -52,8 +55,11 @@ def _resource_template(stage: str, workload: dict) -> dict:
         "name": stage,
         "activeDeadlineSeconds": workload["spec"]["replicatedJobs"][0]["template"]["spec"]["activeDeadlineSeconds"],
         # Only API errors while creating or watching: the JobSet restarts its own gang (failurePolicy).
-        "retryStrategy": {"limit": "3", "retryPolicy": "OnError",
-                          "backoff": {"duration": "30s", "factor": "2", "maxDuration": "10m"}},
+        "retryStrategy": {
+            "limit": "3",
+            "retryPolicy": "OnError",
+            "backoff": {"duration": "30s", "factor": "2", "maxDuration": "10m"},
+        },
         "resource": {
             "action": "create",
             "setOwnerReference": True,
@@ -65,8 +71,8 @@ def _resource_template(stage: str, workload: dict) -> dict:
 
 
 def workflow_template(run: Any, service_account: str | None = None) -> dict:
-    """The WorkflowTemplate of a rendered run (a :class:`cmv_core.k8s.Plan` of the jobset overlay)."""
-    from cmv_core import k8s
+    """The WorkflowTemplate of a rendered run (a :class:`cmv_core.k8s.submit.Plan` of the jobset overlay)."""
+    from cmv_core.k8s import submit as k8s
 
     tasks, templates, previous = [], [], None
     for stage in k8s.STAGES:
@@ -101,8 +107,10 @@ def workflow(template: dict) -> dict:
     return {
         "apiVersion": "/".join(ARGO_API),
         "kind": "Workflow",
-        "metadata": {"generateName": f"{template['metadata']['name']}-",
-                     "labels": dict(template["metadata"]["labels"])},
+        "metadata": {
+            "generateName": f"{template['metadata']['name']}-",
+            "labels": dict(template["metadata"]["labels"]),
+        },
         "spec": {"workflowTemplateRef": {"name": template["metadata"]["name"]}},
     }
 
