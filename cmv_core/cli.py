@@ -22,21 +22,12 @@ import subprocess
 import sys
 import time
 
-STAGE_MODULES = {
-    "clean": "cmv_core.clean.stage",
-    "format": "cmv_core.format.stage",
-    "train": "cmv_core.train.sft",
-    "generate": "cmv_core.generate.stage",
-    "judge": "cmv_core.judge.stage",
-}
-PIPELINE = ["clean", "format", "train", "dpo", "generate", "judge"]  # dpo: only when the recipe has a dpo: section
-STAGE_HELP = {
-    "clean": "raw CMV dump -> conversations with deltas and winning branches",
-    "format": "conversations -> SFT train/val/test + judge calibration pairs",
-    "train": "SFT (LoRA or full) with TRL, PEFT, DeepSpeed",
-    "generate": "replies for every test prompt, per model variant",
-    "judge": "LLM-as-judge scores, pairwise comparisons, calibration, report",
-}
+from cmv_core import stages
+
+# The ``cmv`` subcommand of each stage image -> its entry module (dpo is ``cmv train --method dpo``).
+STAGE_MODULES = {s.command: s.entry for s in stages.PIPELINE if s.name == s.command}
+STAGE_HELP = {s.command: s.help for s in stages.PIPELINE if s.name == s.command}
+PIPELINE = [s.name for s in stages.PIPELINE]  # dpo: only when the recipe has a dpo: section
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +132,7 @@ def run_local(args: argparse.Namespace) -> int:
     """Run stages as separate processes, as the cluster would run separate Jobs."""
     from cmv_core import storage
     from cmv_core.config import load_recipe, validate_recipe
-    from cmv_core.train.dpo import dpo_enabled
+    from cmv_core.stages import dpo_enabled
 
     # Check: every stage's settings, the root and the run id, before the first stage starts
     storage.check_run_id(args.run_id)

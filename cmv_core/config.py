@@ -14,27 +14,21 @@ section is one line there.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import importlib
 import typing
 from typing import Any, TypeVar
 
 import yaml
 
+from cmv_core import stages
 from cmv_core.errors import InputError
 
 T = TypeVar("T")
 
 # Every top-level key a recipe may have -> the dataclass ("module:Class") its section becomes,
 # or None for a plain value (``model:``).
-SECTIONS: dict[str, str | None] = {
-    "model": None,
-    "clean": "cmv_core.clean.stage:CleanConfig",
-    "format": "cmv_core.format.stage:FormatConfig",
-    "train": "cmv_core.train.sft:TrainConfig",
-    "dpo": "cmv_core.train.sft:TrainConfig",  # read over train: (cmv_core.train.dpo.dpo_section)
-    "generate": "cmv_core.generate.stage:GenerateConfig",
-    "judge": "cmv_core.judge.stage:JudgeConfig",
-}
+SECTIONS: dict[str, str | None] = {"model": None, **{st.name: st.config for st in stages.PIPELINE}}
 
 
 class ConfigError(InputError):
@@ -152,3 +146,14 @@ def model_spec(recipe: dict, default: str | None = None) -> str:
     from cmv_core.models import EMBEDDED_DEFAULT
 
     return str(recipe.get("model") or default or EMBEDDED_DEFAULT)
+
+
+def parse_utc(value: str) -> float:
+    """Seconds since the epoch of a date or ISO datetime; naive values are UTC."""
+    try:
+        when = dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        raise ConfigError(f"format.test_after: {value!r} is not a date (YYYY-MM-DD) or ISO datetime") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 
 from cmv_core import storage
-from cmv_core.config import ConfigError
+from cmv_core.config import ConfigError, parse_utc
 from cmv_core.format.stage import (
     DEFAULT_INSTRUCTION,
     FormatConfig,
     FormatInputError,
     assign_split,
-    parse_utc,
     run_format,
     strip_edits,
 )

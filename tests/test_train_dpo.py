@@ -365,7 +365,8 @@ def test_shipped_recipes_have_a_dpo_section_trl_accepts(name):
     from trl import DPOConfig
 
     from cmv_core.config import load_recipe
-    from cmv_core.train.dpo import dpo_enabled, dpo_section
+    from cmv_core.stages import dpo_enabled
+    from cmv_core.train.dpo import dpo_section
 
     recipe = load_recipe(str(CONFIGS / name))
     cfg = dpo_section(recipe)

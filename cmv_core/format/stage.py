@@ -98,6 +98,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from cmv_core import storage
+from cmv_core.config import parse_utc
 from cmv_core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -180,19 +181,6 @@ class FormatConfig:
             raise ConfigError("format.max_tokens and format.token_batch_size must be positive")
         if self.preference_max_length_ratio is not None and float(self.preference_max_length_ratio) < 1:
             raise ConfigError("format.preference_max_length_ratio must be at least 1 (or null: no balancing)")
-
-
-def parse_utc(value: str) -> float:
-    """Seconds since the epoch of a date or ISO datetime; naive values are UTC."""
-    from cmv_core.config import ConfigError
-
-    try:
-        when = dt.datetime.fromisoformat(str(value))
-    except ValueError:
-        raise ConfigError(f"format.test_after: {value!r} is not a date (YYYY-MM-DD) or ISO datetime") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
 
 
 # ---------------------------------------------------------------- text

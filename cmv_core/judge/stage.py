@@ -1787,7 +1787,7 @@ def before_pairs_cap(config: JudgeConfig, n_test_pairs: int) -> int:
 def time_split_utc(data: str, config: JudgeConfig) -> float | None:
     """The date of the time-split view: judge.validation_split_date, else the format stage's
     test_after when it split by time."""
-    from cmv_core.format.stage import parse_utc
+    from cmv_core.config import parse_utc
 
     when = config.validation_split_date
     if when is None:

@@ -53,13 +53,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cmv_core import stages as graph
+
 log = logging.getLogger(__name__)
 
-STAGES = ["clean", "format", "train", "generate", "judge"]  # every run's stages, one image each
+STAGES = list(graph.COMMANDS)  # every run's stages, one image each
 # dpo: optional, a second train Job (image cmv-train) after SFT, in a run rendered with the dpo component
-# (k8s/components/dpo, `--dpo`); generate then reads its output too. As `cmv run` orders them (cli.PIPELINE).
-OPTIONAL_STAGES = ["dpo"]
-PIPELINE = ["clean", "format", "train", "dpo", "generate", "judge"]
+# (k8s/components/dpo, `--dpo`); generate then reads its output too. As `cmv run` orders them.
+OPTIONAL_STAGES = list(graph.OPT_IN)
+PIPELINE = [s.name for s in graph.PIPELINE]
 OVERLAYS = ["dev", "gpu", "multinode", "jobset"]
 IMAGES = [f"cmv-{s}" for s in STAGES]
 DPO_COMPONENT = "components/dpo"
@@ -70,19 +72,8 @@ JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 SETTINGS_LABEL = "cmv.io/settings-hash"
 SETTINGS_ANNOTATION = "cmv.io/settings-sha256"
 # The stage outputs each stage reads (what its _SUCCESS records as inputs, besides RAW_INPUT for clean).
-UPSTREAM = {
-    "clean": [],
-    "format": ["clean"],
-    "train": ["format"],
-    "dpo": ["format", "train"],
-    "generate": ["format", "train"],
-    "judge": ["generate", "format"],
-}
-
-
-def upstream(stage: str, dpo: bool = False) -> list[str]:
-    """The stage outputs ``stage`` reads; generate reads the dpo output too when the run has that stage."""
-    return UPSTREAM[stage] + (["dpo"] if dpo and stage == "generate" else [])
+UPSTREAM = {s.name: list(s.reads) for s in graph.PIPELINE}
+upstream = graph.upstream
 
 
 # Pod hostnames of the Indexed train Job are cmv-train-<run id>-<index>: a DNS label of at most 63 characters.
@@ -401,7 +392,7 @@ def check_dpo_run(workloads: dict[str, dict], recipe: dict | None, recipe_name: 
             "so it has no DPO stage: use --overlay multinode (or gpu) with --dpo"
         )
     if recipe is not None:
-        from cmv_core.train.dpo import dpo_enabled
+        from cmv_core.stages import dpo_enabled
 
         if not dpo_enabled(recipe):
             raise K8sError(
@@ -502,7 +493,7 @@ def stage_settings(job: dict, values: dict[str, str], recipe: dict | None) -> di
     container = next(c for c in pod_template(job)["spec"]["containers"] if c["name"] == "main")
     args = [expand_vars(a, values) for a in container.get("args") or []]
     ignored = ("--wait-for-input=",) + (("--config=",) if recipe is not None else ())
-    # dpo reads its dpo: section over train: (cmv_core.train.dpo.dpo_over_train); no other stage reads dpo:.
+    # dpo reads its dpo: section over train: (cmv_core.stages.dpo_over_train); no other stage reads dpo:.
     own = {stage, "train"} if stage == "dpo" else {stage}
     part = None if recipe is None else {k: v for k, v in recipe.items() if k not in PIPELINE or k in own}
     return _json_safe(
@@ -594,7 +585,7 @@ def manifest_mismatch(run: Plan, stage: str, manifest: dict, recipe: dict | None
         return f"config changed: model: {base!r} -> {model!r}"
     wanted = recipe.get(stage) if recipe is not None else None
     if stage == "dpo" and isinstance(wanted, dict):
-        from cmv_core.train.dpo import dpo_over_train
+        from cmv_core.stages import dpo_over_train
 
         wanted = dpo_over_train(recipe)
     if isinstance(wanted, dict):

@@ -22,7 +22,7 @@ The contract is checked, not just written:
   and gives the attempt an id; every file written through this module under the
   output is recorded (size, sha256 computed while writing, the attempt id in its S3
   metadata); ``finish_stage`` writes ``_SUCCESS`` only when the output holds exactly
-  the files the stage declares (``STAGE_OUTPUTS``) and each required one is the one
+  the files the stage declares (``cmv_core.stages``) and each required one is the one
   this attempt wrote.
 """
 
@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
+from cmv_core import stages
 from cmv_core.errors import InputError, IntegrityError, OutputError
 
 log = logging.getLogger(__name__)
@@ -64,25 +65,6 @@ LEASE = "_LEASE"
 # fnmatch patterns over the paths under the output ("*" also crosses "/").
 # finish_stage refuses a _SUCCESS over anything else. A new stage or a new
 # output file is one line here.
-STAGE_OUTPUTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "clean": (("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"), ()),
-    "format": (
-        ("train.jsonl", "val.jsonl", "test.jsonl", "pairs.jsonl", "stats.json"),
-        ("train_preferences.jsonl", "val_preferences.jsonl", "pairs_before.jsonl"),
-    ),
-    "train": (("metrics.json", "loss.png", "model/config.json"), ("model/*", "adapter/*", "checkpoints/*")),
-    "generate": (("generations.jsonl", "stats.json"), ("shards/*",)),
-    "judge": (("judgments.jsonl", "report.json", "report.md"), ("*.png", "*.json", "*.md", "*.csv", "cache/*")),
-}
-# The stages whose output each stage reads; an input manifest of another stage is refused.
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "format": ("clean",),
-    "train": ("format", "train"),  # DPO starts from an earlier train output (the SFT model)
-    "generate": ("format", "train"),
-    "judge": ("generate", "format"),
-}
-
-
 class MissingInputError(InputError):
     """An input stage directory has no ``_SUCCESS`` manifest."""
 
@@ -877,7 +859,7 @@ def _input_digest(uri: str, stage: str) -> str:
         raise MissingInputError(
             f"input {uri} has no {SUCCESS}: the stage that writes it has not finished (or failed)"
         ) from None
-    manifest = parse_manifest(data, manifest_uri, UPSTREAM.get(stage))
+    manifest = parse_manifest(data, manifest_uri, stages.accepted_inputs(stage) or None)
     _check_listing(uri, manifest)
     _verify_input(uri, manifest)
     return "sha256:" + hashlib.sha256(data).hexdigest()
@@ -1261,14 +1243,14 @@ def finish_stage(
 ) -> dict:
     """Write the ``_SUCCESS`` manifest last, listing every output file.
 
-    With ``declared=True`` (``STAGE_OUTPUTS[run.stage]``) or explicit ``required``/``optional``
+    With ``declared=True`` (``stages.outputs(run.stage)``) or explicit ``required``/``optional``
     patterns, the output must hold exactly those files: a required one missing, or a file no pattern
     declares, and no ``_SUCCESS`` is written (OutputError). A file this attempt wrote is listed with the
     size and sha256 hashed while it was written, after checking it is still that file (S3: the attempt
     id in its metadata); only an optional file may be carried over from an earlier attempt (a cache,
     checkpoints), and it is hashed here. Without a declaration (test fixtures) whatever is there is listed."""
     if declared:
-        required, optional = STAGE_OUTPUTS[run.stage]
+        required, optional = stages.outputs(run.stage)
     strict = required is not None
     required, optional = tuple(required or ()), tuple(optional)
     present = [rel for rel in list_files(run.output) if rel != SUCCESS]

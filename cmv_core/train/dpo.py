@@ -35,7 +35,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cmv_core import storage
+from cmv_core import stages, storage
 from cmv_core.config import ConfigError
 from cmv_core.train.chat_template import check_completion_mask, ensure_chat_template
 from cmv_core.train.checkpoints import make_callbacks, scratch_dir
@@ -63,28 +63,13 @@ VAL_FILE = "val_preferences.jsonl"
 # ---------------------------------------------------------------- config
 
 
-def dpo_over_train(recipe: dict) -> dict:
-    """The recipe's ``dpo:`` section over its ``train:`` section (dpo wins), as written (no defaults).
-
-    Also what ``cmv k8s submit`` compares with a dpo ``_SUCCESS`` (cmv_core.k8s.submit, without torch)."""
-    train, dpo = recipe.get("train") or {}, recipe.get("dpo") or {}
-    merged = {k: v for k, v in train.items() if k not in ("packing", "packing_strategy")}  # SFT-only
-    return {**merged, **dpo}
-
-
 def dpo_section(recipe: dict) -> TrainConfig:
     """The recipe's ``dpo:`` section over its ``train:`` section (dpo wins), as a TrainConfig."""
     from cmv_core.config import section
 
     if not isinstance(recipe.get("dpo"), dict):
         raise ConfigError(f"{recipe.get('_source', '<overrides>')}: no dpo: section (needed for --method dpo)")
-    return section({**recipe, "dpo": dpo_over_train(recipe)}, "dpo", TrainConfig)
-
-
-def dpo_enabled(recipe: dict) -> bool:
-    """Whether ``cmv run`` runs DPO after SFT: a ``dpo:`` section whose ``enabled`` is not false."""
-    dpo = recipe.get("dpo")
-    return isinstance(dpo, dict) and dpo.get("enabled", True) is not False
+    return section({**recipe, "dpo": stages.dpo_over_train(recipe)}, "dpo", TrainConfig)
 
 
 def dpo_config(cfg: TrainConfig, scratch: Path, *, has_eval: bool):
