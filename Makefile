@@ -65,7 +65,8 @@ REGISTRY ?= localhost:5000
 TAG ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 PLATFORM ?= linux/amd64
 DOCKER ?= docker
-STAGE_IMAGES := clean format train generate judge
+# One image per stage command, as the stage graph lists them (cmv_core/stages.py: plain data, no dependencies).
+STAGE_IMAGES := $(shell $(PYTHON) -c 'from cmv_core.stages import COMMANDS; print(*COMMANDS)')
 .PHONY: images push build-and-push images-constraints docker-check \
 	image-clean image-format image-train image-generate image-judge \
 	push-clean push-format push-train push-generate push-judge

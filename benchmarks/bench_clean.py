@@ -51,12 +51,13 @@ print(n)
 # spawned workers (which hash the dump's chunks) are patched too.
 UNVERIFIED_SITE = """
 from cmv_core import storage
-from cmv_core.clean import stage as clean
-storage._expected = lambda uri: None
-storage._check_listing = lambda uri, manifest: None
-storage.raw_fingerprint = lambda uri, streamed=None: "unverified"
-storage.record_raw_digest = lambda run, uri, digest: None
-clean._digest_of = lambda parts: b""  # the workers' sha256 of each chunk
+from cmv_core.clean import workers
+from cmv_core.storage import digests, manifests, tracking
+tracking.expected = lambda uri: None
+manifests._check_listing = lambda uri, manifest: None
+digests.raw_fingerprint = lambda uri, streamed=None: "unverified"
+storage.record_raw_digest = lambda run, uri, digest: None  # clean calls it through the facade
+workers._digest_of = lambda parts: b""  # the workers' hash of each chunk
 """
 
 
@@ -142,22 +143,43 @@ def main() -> int:
         while f.read(16 * 2**20):
             pass
 
+    # Measure, interleaved
     load = os.getloadavg()[0]
-    py = sys.executable
-    floor_cmd = [py, "-c", FLOOR, str(dump)]
     out_dir = Path(tempfile.mkdtemp(prefix="cmv-bench-clean-"))
+    try:
+        runs = measure_all(dump, out_dir, args.repeat, with_format=not args.no_format)
+        summary = runs["auto"][-1][2].strip()
+        out_size = (out_dir / "clean" / "conversations.jsonl.gz").stat().st_size / 2**20
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
 
+    # Report
+    floor_out = min(runs["floor"])[2]
+    lines = int(floor_out.strip() or 0)
+    print()
+    print(summary)
+    print()
+    print(
+        f"input: {dump} ({size_mib:,.0f} MiB, {lines:,} lines); conversations.jsonl.gz {out_size:,.0f} MiB; "
+        f"{os.cpu_count()} cores, load average {load:.1f} before"
+    )
+    print_table(runs)
+    return 0
+
+
+def measure_all(dump: Path, out_dir: Path, repeat: int, with_format: bool) -> dict[str, list]:
+    """Every measured run, by kind, `repeat` times each; interleaved, so all see the same machine load."""
+    py = sys.executable
     site = out_dir / "unverified-site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(UNVERIFIED_SITE)
     unverified_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}
 
-    def cli(verified: bool) -> list[str]:
-        return [py, "-m", "cmv_core.cli"]
-
-    def clean_cmd(workers: int, verified: bool = True) -> list[str]:
+    def clean_cmd(workers: int) -> list[str]:
         return [
-            *cli(verified),
+            py,
+            "-m",
+            "cmv_core.cli",
             "clean",
             "--input",
             str(dump),
@@ -170,49 +192,40 @@ def main() -> int:
             f"clean.workers={workers}",
         ]
 
-    def format_cmd(verified: bool = True) -> list[str]:
-        return [
-            *cli(verified),
-            "format",
-            "--input",
-            str(out_dir / "clean"),
-            "--output",
-            str(out_dir / "format"),
-            "--force",
-            "--log-level",
-            "WARNING",
-            "--config",
-            str(REPO / "configs" / "tiny.yaml"),
-        ]
-
+    format_cmd = [
+        py,
+        "-m",
+        "cmv_core.cli",
+        "format",
+        "--input",
+        str(out_dir / "clean"),
+        "--output",
+        str(out_dir / "format"),
+        "--force",
+        "--log-level",
+        "WARNING",
+        "--config",
+        str(REPO / "configs" / "tiny.yaml"),
+    ]
     conversations = str(out_dir / "clean" / "conversations.jsonl.gz")
     runs: dict[str, list] = {
         k: [] for k in ("floor", "auto", "auto_unverified", "serial", "format_floor", "format", "format_unverified")
     }
-    try:
-        for _ in range(args.repeat):  # interleaved, so all see the same machine load
-            runs["floor"].append(run_measured(floor_cmd))
-            runs["auto_unverified"].append(run_measured(clean_cmd(0, verified=False), unverified_env))
-            runs["serial"].append(run_measured(clean_cmd(1)))
-            runs["auto"].append(run_measured(clean_cmd(0)))  # last: format reads its verified output
-            if not args.no_format:
-                runs["format_floor"].append(run_measured([py, "-c", FLOOR, conversations]))
-                runs["format_unverified"].append(run_measured(format_cmd(verified=False), unverified_env))
-                runs["format"].append(run_measured(format_cmd()))
-        summary = runs["auto"][-1][2].strip()
-        out_size = (out_dir / "clean" / "conversations.jsonl.gz").stat().st_size / 2**20
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    for _ in range(repeat):
+        runs["floor"].append(run_measured([py, "-c", FLOOR, str(dump)]))
+        runs["auto_unverified"].append(run_measured(clean_cmd(0), unverified_env))
+        runs["serial"].append(run_measured(clean_cmd(1)))
+        runs["auto"].append(run_measured(clean_cmd(0)))  # last: format reads its verified output
+        if with_format:
+            runs["format_floor"].append(run_measured([py, "-c", FLOOR, conversations]))
+            runs["format_unverified"].append(run_measured(format_cmd, unverified_env))
+            runs["format"].append(run_measured(format_cmd))
+    return runs
 
-    floor_s, floor_rss, floor_out, floor_cpu = min(runs["floor"])
-    lines = int(floor_out.strip() or 0)
-    print()
-    print(summary)
-    print()
-    print(
-        f"input: {dump} ({size_mib:,.0f} MiB, {lines:,} lines); conversations.jsonl.gz {out_size:,.0f} MiB; "
-        f"{os.cpu_count()} cores, load average {load:.1f} before"
-    )
+
+def print_table(runs: dict[str, list]) -> None:
+    """Wall, CPU, peak RSS and the ratio to the floor of the fastest run of each kind; the cost of verification."""
+    floor_s, floor_rss, _, floor_cpu = min(runs["floor"])
     print(f"{'':40s} {'wall':>8s} {'CPU':>8s} {'peak RSS':>10s} {'wall/floor':>11s}")
     print(f"{'floor (read + orjson.loads each line)':40s} {floor_s:7.1f}s {floor_cpu:7.1f}s {floor_rss:6.0f} MiB")
     rows = [
@@ -236,7 +249,6 @@ def main() -> int:
         verify_pct["format"] = 100 * (min(runs["format"])[0] / min(runs["format_unverified"])[0] - 1)
     print("verification cost (wall, checks on vs off): " + ", ".join(f"{k} {v:+.1f}%" for k, v in verify_pct.items()))
     print("targets: clean wall <= 2x floor, peak RSS < 1 GiB (all processes), verification < 5%")
-    return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmv_core.generate import stage as gen  # noqa: E402
+from cmv_core.generate.backends import open_backend  # noqa: E402
+from cmv_core.generate.config import GenerateConfig, Prompt, Variant  # noqa: E402
 from cmv_core.models import EMBEDDED_DEFAULT  # noqa: E402
 
 TOPICS = [
@@ -47,12 +48,12 @@ REASON = (
 )
 
 
-def prompts(n: int) -> list[gen.Prompt]:
+def prompts(n: int) -> list[Prompt]:
     """CMV-like prompts of varied length (1 to 4 paragraphs of reasons), like real posts."""
     out = []
     for i in range(n):
         body = f"CMV: {TOPICS[i % len(TOPICS)]}.\n\n" + REASON * (1 + i % 4)
-        out.append(gen.Prompt(id=f"b{i}", thread_id=f"b{i}", messages=[{"role": "user", "content": body}]))
+        out.append(Prompt(id=f"b{i}", thread_id=f"b{i}", messages=[{"role": "user", "content": body}]))
     return out
 
 
@@ -68,7 +69,7 @@ def main() -> int:
     import torch
 
     batch = prompts(args.prompts)
-    variant = gen.Variant("base", args.model)
+    variant = Variant("base", args.model)
     common = dict(max_new_tokens=args.max_new_tokens, device="cpu", variants=[{"name": "base", "model": args.model}])
     modes = {"one at a time": 1, f"batched (size {args.batch_size})": args.batch_size}
     print(
@@ -78,7 +79,7 @@ def main() -> int:
     best: dict[str, tuple[float, int]] = {}
     with contextlib.ExitStack() as stack:
         backends = {
-            name: stack.enter_context(gen.open_backend([variant], gen.GenerateConfig(batch_size=size, **common)))
+            name: stack.enter_context(open_backend([variant], GenerateConfig(batch_size=size, **common)))
             for name, size in modes.items()
         }
         for generate in backends.values():

@@ -26,7 +26,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cmv_core.judge import stage as judging  # noqa: E402
+from cmv_core.judge.backends.openai import OpenAIBackend  # noqa: E402
+from cmv_core.judge.cache import ResponseCache  # noqa: E402
+from cmv_core.judge.calls import run_calls  # noqa: E402
+from cmv_core.judge.config import JudgeConfig  # noqa: E402
+from cmv_core.judge.plan import make_backend  # noqa: E402
+from cmv_core.judge.prompts import single_form, single_messages  # noqa: E402
 
 
 def main() -> int:
@@ -61,13 +66,11 @@ def main() -> int:
 
 
 def make_calls(cfg, n):
-    form = judging.single_form(cfg.criteria)
+    form = single_form(cfg.criteria)
     post = [{"role": "user", "content": "CMV: benchmarks should measure one thing at a time.\n\n" + "Because. " * 200}]
     return [
         (
-            judging.single_messages(
-                post, f"Reply number {i}. " + "An argument. " * 80, cfg.criteria, cfg.max_text_chars
-            ),
+            single_messages(post, f"Reply number {i}. " + "An argument. " * 80, cfg.criteria, cfg.max_text_chars),
             form,
         )
         for i in range(n)
@@ -75,7 +78,7 @@ def make_calls(cfg, n):
 
 
 def sync_pass(port: int, n: int, concurrency: int, latency_ms: float, transport: str) -> int:
-    cfg = judging.JudgeConfig(
+    cfg = JudgeConfig(
         backend="openai",
         model="gpt-4o-mini",
         base_url=f"http://127.0.0.1:{port}/v1",
@@ -87,22 +90,22 @@ def sync_pass(port: int, n: int, concurrency: int, latency_ms: float, transport:
     calls = make_calls(cfg, n)
 
     async def judge_all(cache):
-        backend = judging.OpenAIBackend(cfg)
+        backend = OpenAIBackend(cfg)
         try:
-            return await judging.run_calls(calls, backend=backend, cache=cache, cfg=cfg)
+            return await run_calls(calls, backend=backend, cache=cache, cfg=cfg)
         finally:
             await backend.aclose()
 
     with tempfile.TemporaryDirectory() as tmp:
         import openai  # noqa: F401  (import time is not judging time)
 
-        cache = judging.ResponseCache(str(Path(tmp) / "cache"))
+        cache = ResponseCache(str(Path(tmp) / "cache"))
         t0, cpu0 = time.perf_counter(), time.process_time()
         results = asyncio.run(judge_all(cache))
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         cache.close()
         ok = sum(r["status"] == "ok" for r in results)
-        cache2 = judging.ResponseCache(str(Path(tmp) / "cache"))
+        cache2 = ResponseCache(str(Path(tmp) / "cache"))
         t1 = time.perf_counter()
         again = asyncio.run(judge_all(cache2))
         cached_wall = time.perf_counter() - t1
@@ -126,7 +129,7 @@ def sync_pass(port: int, n: int, concurrency: int, latency_ms: float, transport:
 def batch_pass(port: int, n: int) -> int:
     """The Batch backend end to end; the fake processes a batch when first polled, so everything
     measured is the pipeline's own overhead (JSONL build, upload, create, poll, download, load)."""
-    cfg = judging.JudgeConfig(
+    cfg = JudgeConfig(
         backend="openai-batch",
         model="gpt-4o-mini",
         base_url=f"http://127.0.0.1:{port}/v1",
@@ -137,18 +140,18 @@ def batch_pass(port: int, n: int) -> int:
     calls = make_calls(cfg, n)
 
     async def judge_all(cache):
-        backend = judging.make_backend(cfg)
+        backend = make_backend(cfg)
         try:
             t0 = time.perf_counter()
             await backend.prefetch(calls, cache)
             loaded = time.perf_counter() - t0
-            results = await judging.run_calls(calls, backend=backend, cache=cache, cfg=cfg)
+            results = await run_calls(calls, backend=backend, cache=cache, cfg=cfg)
             return results, loaded, time.perf_counter() - t0, backend.stats
         finally:
             await backend.aclose()
 
     with tempfile.TemporaryDirectory() as tmp:
-        cache = judging.ResponseCache(str(Path(tmp) / "cache"))
+        cache = ResponseCache(str(Path(tmp) / "cache"))
         results, loaded, total, stats = asyncio.run(judge_all(cache))
         cache.close()
     ok = sum(r["status"] == "ok" for r in results)

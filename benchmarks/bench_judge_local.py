@@ -6,7 +6,7 @@
 Runs clean and format of the bundled sample with the demo recipe (into a temp dir), writes
 generations for two stand-in variants (parts of the human reply: realistic lengths, no model
 needed), plans the demo's judge calls (configs/demo.yaml judge section) and answers the same calls
-three ways through judging.LocalBackend and the judge's real scheduler (run_calls):
+three ways through LocalBackend (cmv_core/judge/backends/local.py) and the judge's real scheduler (run_calls):
 - one at a time (judge.local_batch_size: 1);
 - batched in plan order, any calls of one form together (how it batched before the calls that share
   a post were grouped; a patch in this process only);
@@ -31,7 +31,11 @@ sys.path.insert(0, str(REPO))
 
 from cmv_core import storage  # noqa: E402
 from cmv_core.config import load_recipe, section  # noqa: E402
-from cmv_core.judge import stage as judging
+from cmv_core.judge.backends.local import LocalBackend  # noqa: E402
+from cmv_core.judge.calls import run_calls  # noqa: E402
+from cmv_core.judge.config import JudgeConfig  # noqa: E402
+from cmv_core.judge.inputs import load_inputs  # noqa: E402
+from cmv_core.judge.plan import plan_calls  # noqa: E402
 
 
 class NoCache:
@@ -90,7 +94,7 @@ def inputs(root: Path) -> tuple[str, str]:
 
 
 def answer(calls, cfg, mode: str) -> tuple[float, dict, list[str]]:
-    backend = judging.LocalBackend(cfg)
+    backend = LocalBackend(cfg)
     if mode == "plan order":
         backend.call_order = lambda calls: list(range(len(calls)))
         backend._next_batch = lambda: [q for q in backend._queue if q[1] == backend._queue[0][1]][
@@ -106,7 +110,7 @@ def answer(calls, cfg, mode: str) -> tuple[float, dict, list[str]]:
 
     backend.model.forward = counted
     started = time.perf_counter()
-    results = asyncio.run(judging.run_calls(calls, backend=backend, cache=NoCache(), cfg=cfg))
+    results = asyncio.run(run_calls(calls, backend=backend, cache=NoCache(), cfg=cfg))
     return time.perf_counter() - started, fed, [r.get("raw") or json.dumps(r.get("verdict")) for r in results]
 
 
@@ -118,11 +122,11 @@ def main() -> int:
         str(REPO / "configs" / "demo.yaml"),
         [f"judge.max_items={args.items}", "judge.comparisons=[[finetuned, base], [finetuned, human], [base, human]]"],
     )
-    cfg = section(recipe, "judge", judging.JudgeConfig)
+    cfg = section(recipe, "judge", JudgeConfig)
     with tempfile.TemporaryDirectory(prefix="cmv-bench-judge-local-") as tmp:
         gen, data = inputs(Path(tmp))
-        items, pairs = judging.load_inputs(gen, data, cfg)
-        calls, _, _ = judging.plan_calls(items, pairs, cfg)
+        items, pairs = load_inputs(gen, data, cfg)
+        calls, _, _ = plan_calls(items, pairs, cfg)
         print(
             f"{len(calls)} judge calls ({len(items)} prompts, {len(pairs)} calibration pairs), "
             f"load average {__import__('os').getloadavg()[0]:.2f}",
@@ -134,7 +138,7 @@ def main() -> int:
             ("plan order", cfg.local_batch_size),
             ("shared post", cfg.local_batch_size),
         ):
-            mode_cfg = judging.JudgeConfig(**{**cfg.__dict__, "local_batch_size": batch})
+            mode_cfg = JudgeConfig(**{**cfg.__dict__, "local_batch_size": batch})
             runs[mode] = answer(calls, mode_cfg, mode)
     base_s, base_fed, base_answers = runs["one at a time"]
     print(f"{'mode':<16}{'wall s':>8}{'x':>7}{'tokens fed':>12}{'passes':>8}  answers as one at a time")

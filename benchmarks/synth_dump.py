@@ -157,6 +157,14 @@ def make_thread(rng: random.Random, index: int, bodies: list[str], users: list[s
         children = kids.get(c["id"])
         if children:
             c["replies"] = {"kind": "Listing", "data": {"children": children}}
+    return _submission(rng, tid, op, t0, bodies, comments, len(real))
+
+
+def _submission(
+    rng: random.Random, tid: str, op: str, t0: float, bodies: list[str], comments: list[dict], n_real: int
+) -> dict:
+    """The thread's line: a submission with its flat `comments` list."""
+    link = "t3_" + tid
     return {
         "domain": "self.changemyview",
         "subreddit": "changemyview",
@@ -167,7 +175,7 @@ def make_thread(rng: random.Random, index: int, bodies: list[str], users: list[s
         "author": op,
         "score": rng.randint(0, 900),
         "over_18": False,
-        "num_comments": len(real),
+        "num_comments": n_real,
         "subreddit_id": SUBREDDIT_ID,
         "edited": False,
         "link_flair_text": None,

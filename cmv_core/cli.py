@@ -81,7 +81,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=run_local)
     p = sub.add_parser("k8s", help="render, submit and watch the pipeline on Kubernetes")
     if only == "k8s":
-        module = importlib.import_module("cmv_core.k8s.submit")
+        module = importlib.import_module("cmv_core.k8s.cli")
         module.add_arguments(p)
         p.set_defaults(func=module.cli_main)
     return parser
@@ -157,9 +157,8 @@ def run_local(args: argparse.Namespace) -> int:
         if rc != 0:
             print(f"stage {stage} failed with exit code {rc}; later stages not run", file=sys.stderr)
             return rc
-    print(
-        f"\npipeline finished in {time.monotonic() - started:.0f} s; artifacts under {stage_uri(args.root, args.run_id, '')}"
-    )
+    artifacts = stage_uri(args.root, args.run_id, "")
+    print(f"\npipeline finished in {time.monotonic() - started:.0f} s; artifacts under {artifacts}")
     if "judge" in args.stages:
         print(f"report: {stage_uri(args.root, args.run_id, 'judge')}/report.md")
     return 0

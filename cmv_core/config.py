@@ -155,5 +155,5 @@ def parse_utc(value: str) -> float:
     except ValueError:
         raise ConfigError(f"format.test_after: {value!r} is not a date (YYYY-MM-DD) or ISO datetime") from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
     return when.timestamp()

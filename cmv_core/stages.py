@@ -44,7 +44,7 @@ PIPELINE: tuple[Stage, ...] = (
         extra="clean",
         reads=(),
         required=("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"),
-        config="cmv_core.clean.stage:CleanConfig",
+        config="cmv_core.clean.config:CleanConfig",
     ),
     Stage(
         name="format",
@@ -55,30 +55,30 @@ PIPELINE: tuple[Stage, ...] = (
         reads=("clean",),
         required=("train.jsonl", "val.jsonl", "test.jsonl", "pairs.jsonl", "stats.json"),
         optional=("train_preferences.jsonl", "val_preferences.jsonl", "pairs_before.jsonl"),
-        config="cmv_core.format.stage:FormatConfig",
+        config="cmv_core.format.config:FormatConfig",
     ),
     Stage(
         name="train",
         help="SFT (LoRA or full) with TRL, PEFT, DeepSpeed",
         command="train",
-        entry="cmv_core.train.sft",
+        entry="cmv_core.train.cli",
         extra="train",
         reads=("format",),
         required=_TRAIN_OUTPUTS[0],
         optional=_TRAIN_OUTPUTS[1],
-        config="cmv_core.train.sft:TrainConfig",
+        config="cmv_core.train.config:TrainConfig",
     ),
     Stage(
         name="dpo",
         help="DPO from the SFT model on the train split's preference pairs",
         command="train",
-        entry="cmv_core.train.sft",
+        entry="cmv_core.train.cli",
         extra="train",
         reads=("format", "train"),
         required=_TRAIN_OUTPUTS[0],
         optional=_TRAIN_OUTPUTS[1],
         # read over train: (dpo_over_train)
-        config="cmv_core.train.sft:TrainConfig",
+        config="cmv_core.train.config:TrainConfig",
         opt_in=True,
     ),
     Stage(
@@ -90,7 +90,7 @@ PIPELINE: tuple[Stage, ...] = (
         reads=("format", "train"),
         required=("generations.jsonl", "stats.json"),
         optional=("shards/*",),
-        config="cmv_core.generate.stage:GenerateConfig",
+        config="cmv_core.generate.config:GenerateConfig",
     ),
     Stage(
         name="judge",
@@ -101,7 +101,7 @@ PIPELINE: tuple[Stage, ...] = (
         reads=("generate", "format"),
         required=("judgments.jsonl", "report.json", "report.md"),
         optional=("*.png", "*.json", "*.md", "*.csv", "cache/*"),
-        config="cmv_core.judge.stage:JudgeConfig",
+        config="cmv_core.judge.config:JudgeConfig",
     ),
 )
 STAGES: dict[str, Stage] = {s.name: s for s in PIPELINE}

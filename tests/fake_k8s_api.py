@@ -24,8 +24,8 @@ Fault injection, the way real API servers fail:
 
 Each Job runs a script chosen by its ``cmv.io/stage`` label (:class:`Script`):
 its pods are Running for ``run_s`` seconds, then Succeeded (exit 0) or Failed,
-and print ``log`` lines (``{index}`` becomes the pod's completion index). ``on_success(job)`` lets a test write the stage's
-``_SUCCESS`` the way the real stage would. Every request is recorded in
+and print ``log`` lines (``{index}`` becomes the pod's completion index). ``on_success(job)`` lets a test
+write the stage's ``_SUCCESS`` the way the real stage would. Every request is recorded in
 ``calls`` with a monotonic timestamp, for order and waiting assertions.
 """
 
@@ -69,7 +69,7 @@ class Call:
 
 
 def _now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class FakeK8s:
@@ -311,7 +311,7 @@ class FakeK8s:
                 },
                 "_job": job,
                 "_index": index,
-                "_started": dt.datetime.now(dt.timezone.utc).replace(microsecond=0),
+                "_started": dt.datetime.now(dt.UTC).replace(microsecond=0),
             }
 
     def _log(self, pod: dict) -> list[str]:

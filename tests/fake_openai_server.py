@@ -80,7 +80,7 @@ def token_logprobs(content: str, distributions: dict[str, dict[str, float]]) -> 
     out, pos = [], 0
     value_at = {}
     for name, dist in distributions.items():
-        m = list(re.finditer(r'"%s"\s*:\s*"?' % re.escape(name), content))[-1]
+        m = list(re.finditer(rf'"{re.escape(name)}"\s*:\s*"?', content))[-1]
         value_at[m.end()] = dist
     for tok in tokens:
         dist = value_at.get(pos)

@@ -11,13 +11,15 @@ import pytest
 from conftest import CONFIGS, run_cmv
 
 from cmv_core import storage
-from cmv_core.clean import stage as clean
-from cmv_core.clean.stage import CleanConfig, run_clean
+from cmv_core.clean.config import CONVERSATIONS, REJECTS, STATS, CleanConfig
+from cmv_core.clean.rows import clean_line
+from cmv_core.clean.stage import run_clean
+from cmv_core.clean.stats import TooManyRejectsError
 
 TINY = str(CONFIGS / "tiny.yaml")
 THREAD_KEYS = {"thread_id", "title", "op_author", "op_text", "created_utc", "comments", "deltas", "winning_branches"}
 COMMENT_KEYS = {"id", "parent_id", "author", "body", "created_utc"}
-OUTPUTS = (clean.CONVERSATIONS, clean.REJECTS, clean.STATS)
+OUTPUTS = (CONVERSATIONS, REJECTS, STATS)
 DELTA_KEYS = {"awarding_comment_id", "awarder", "rewarded_comment_id", "recipient", "from_op", "confirmed"}
 
 
@@ -79,7 +81,7 @@ def test_exact_branches_in_the_sample(clean_output):
     assert "Edit: formatting." in edited and "My view has been changed" not in edited
 
 
-# Every thread of the bundled sample (make_sample.py scenario in the comment): its winning branches and
+# Every thread of the bundled sample (sample_threads.yaml scenario in the comment): its winning branches and
 # its deltas as (awarding, rewarded, from_op, confirmed), exactly.
 SAMPLE_EXPECTED = {
     "9l7cag": ([["dpmfhrw"]], [("dppsfay", "dpmfhrw", True, True)]),  # 1 basic, old format
@@ -221,7 +223,7 @@ def test_too_many_rejects_fails_with_a_clear_message(tmp_path, sample_dump):
 def test_no_thread_lines_is_an_error(tmp_path):
     empty = tmp_path / "empty.jsonlist"
     empty.write_bytes(b"\n\n")
-    with pytest.raises(clean.TooManyRejectsError, match="no thread lines"):
+    with pytest.raises(TooManyRejectsError, match="no thread lines"):
         run_clean([str(empty)], str(tmp_path / "out"), CleanConfig())
 
 
@@ -291,7 +293,9 @@ def test_only_a_possible_skip_hashes_the_dump_before_the_run(tmp_path, sample_du
     digest = storage.require_success(out)["inputs"][0]["digest"]
     hashed = []
     raw_file_digest = storage.raw_file_digest
-    monkeypatch.setattr(storage, "raw_file_digest", lambda uri: (hashed.append(uri), raw_file_digest(uri))[1])
+    monkeypatch.setattr(
+        "cmv_core.storage.digests.raw_file_digest", lambda uri: (hashed.append(uri), raw_file_digest(uri))[1]
+    )
     assert run_clean([sample_dump], out, CleanConfig(), force=True) is not None
     assert run_clean([sample_dump], out, CleanConfig(max_reject_fraction=0.2)) is not None
     assert hashed == [] and storage.require_success(out)["inputs"][0]["digest"] == digest
@@ -319,6 +323,7 @@ def test_worker_processes_give_byte_identical_output(tmp_path, sample_dump, monk
     big = tmp_path / "big.jsonlist"
     big.write_bytes(b"".join(lines[:8] + [b"{broken\n"] + lines[8:]))
     monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", 40_000)  # several batches in flight
+    monkeypatch.setattr("cmv_core.storage.digests.RAW_CHUNK_BYTES", 40_000)
     for workers in (1, 2):
         run_clean([str(big)], str(tmp_path / f"w{workers}"), CleanConfig(workers=workers, max_reject_fraction=0.1))
     for name in ("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json"):
@@ -358,13 +363,13 @@ def test_raw_chunks_cut_where_the_streamed_lines_do(tmp_path, sample_dump, monke
     packed.write_bytes(gzip.compress(data))  # streamed (decompressed line by line): the reference digest
     (tmp_path / "empty.jsonlist").write_bytes(b"")
     for chunk in (1, 2, on_newline - 1, on_newline, on_newline + 1, 40_000, len(data), 10**9):
-        monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", chunk)
+        monkeypatch.setattr("cmv_core.storage.digests.RAW_CHUNK_BYTES", chunk)
         cuts = list(storage.raw_chunks(str(plain)))
         assert cuts == streamed_cuts(plain, chunk), chunk
         assert b"".join(storage.read_range(str(plain), a, b) for a, b in cuts) == data
         assert storage.raw_file_digest(str(plain)) == storage.raw_file_digest(str(packed)), chunk
         assert list(storage.raw_chunks(str(tmp_path / "empty.jsonlist"))) == []
-    monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", on_newline)
+    monkeypatch.setattr("cmv_core.storage.digests.RAW_CHUNK_BYTES", on_newline)
     assert list(storage.raw_chunks(str(plain)))[0] == (0, on_newline)  # the boundary on a newline itself
     assert storage.plain_local(str(plain)) and not storage.plain_local(str(packed))
     with pytest.raises(OSError, match="the file changed"):
@@ -378,13 +383,15 @@ def test_byte_ranges_give_the_streamed_output_and_fingerprint(tmp_path, sample_d
     dump = tmp_path / "dump.jsonlist"
     dump.write_bytes(data)
     monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", on_newline)  # ~2 lines a chunk: many in flight
+    monkeypatch.setattr("cmv_core.storage.digests.RAW_CHUNK_BYTES", on_newline)
     chunked = []
     raw_chunks = storage.raw_chunks
     monkeypatch.setattr(storage, "raw_chunks", lambda uri: (chunked.append(uri), raw_chunks(uri))[1])
+    monkeypatch.setattr("cmv_core.storage.digests.raw_chunks", lambda uri: (chunked.append(uri), raw_chunks(uri))[1])
     outputs = {}
     for path in ("ranges", "streamed"):
         if path == "streamed":
-            monkeypatch.setattr(clean, "_ranged", lambda uri: False)
+            monkeypatch.setattr("cmv_core.clean.workers._ranged", lambda uri: False)
         for workers in (1, 2):
             chunked.clear()
             out = tmp_path / f"{path}{workers}"
@@ -414,6 +421,7 @@ def test_a_byte_range_that_cannot_be_read_rejects_the_rest_of_its_file(tmp_path,
     first.write_bytes(b"".join(lines[:20]))
     second.write_bytes(b"".join(lines[20:]))
     monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", len(lines[0]) + len(lines[1]) + 1)  # 3 lines a chunk
+    monkeypatch.setattr("cmv_core.storage.digests.RAW_CHUNK_BYTES", len(lines[0]) + len(lines[1]) + 1)
     read_range = storage.read_range
 
     def failing(uri, start, end):
@@ -422,6 +430,7 @@ def test_a_byte_range_that_cannot_be_read_rejects_the_rest_of_its_file(tmp_path,
         return read_range(uri, start, end)
 
     monkeypatch.setattr(storage, "read_range", failing)
+    monkeypatch.setattr("cmv_core.storage.digests.read_range", failing)
     out = tmp_path / "out"
     stats = run_clean([str(first), str(second)], str(out), CleanConfig(workers=1, max_reject_fraction=0.5))
     assert [r["thread_id"] for r in read_rows(out)] == [json.loads(x)["id"] for x in lines[:3] + lines[20:]]
@@ -432,19 +441,19 @@ def test_a_byte_range_that_cannot_be_read_rejects_the_rest_of_its_file(tmp_path,
 
 
 def test_clean_line_is_pure_and_reports_malformed_fields():
-    ok = clean.clean_line(
+    ok = clean_line(
         b'{"id": "a", "author": "op", "comments": [{"id": "c", "parent_id": "t3_a", '
         b'"author": "x", "body": "hi", "created_utc": 1.0}]}\n'
     )
     assert ok.kind == "thread" and json.loads(ok.row)["comments"][0]["body"] == "hi"
     assert ok.counts["comments_kept"] == 1 and ok.counts["threads_written"] == 1
-    odd = clean.clean_line(
+    odd = clean_line(
         b'{"id": "a", "author": "op", "comments": [{"id": "c", "parent_id": "t3_a", '
         b'"author": 5, "body": "!delta", "created_utc": 1.0}, {"id": "d", "parent_id": "t1_c", '
         b'"author": 7, "body": "\\u2206", "created_utc": 2.0}]}'
     )
     assert (odd.kind, odd.reason) == ("reject", "malformed_thread") and "int" in odd.detail
-    assert clean.clean_line(b"  \n").kind == "blank"
+    assert clean_line(b"  \n").kind == "blank"
 
 
 def test_s3_output(s3_bucket, sample_dump, tmp_path):
@@ -468,6 +477,7 @@ def test_a_zst_dump_is_decompressed_not_read_by_byte_range(tmp_path, sample_dump
     import zstandard
 
     monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", 8192)  # many batches for the workers
+    monkeypatch.setattr("cmv_core.storage.digests.RAW_CHUNK_BYTES", 8192)
     data = Path(sample_dump).read_bytes()
     packed = tmp_path / "dump.jsonlist.zst"
     packed.write_bytes(zstandard.ZstdCompressor().compress(data))

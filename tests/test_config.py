@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cmv_core import config
+from cmv_core import config, stages
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -39,16 +39,11 @@ def test_every_shipped_recipe_loads(path):
     assert first.startswith("#"), f"{path.name} must start with a comment saying how to run it"
     recipe = config.load_recipe(str(path))
     assert recipe.get("model")
-    stage_configs = {
-        "clean": ("cmv_core.clean.stage", "CleanConfig"),
-        "format": ("cmv_core.format.stage", "FormatConfig"),
-        "train": ("cmv_core.train.sft", "TrainConfig"),
-        "generate": ("cmv_core.generate.stage", "GenerateConfig"),
-        "judge": ("cmv_core.judge.stage", "JudgeConfig"),
-    }
-    for name, (module_name, cls_name) in stage_configs.items():
+    # every section a recipe may have, through the same check the stages run (cmv_core/stages.py)
+    for stage in stages.PIPELINE:
+        module_name, cls_name = stage.config.split(":")
         module = importlib.import_module(module_name)
-        cfg = config.section(recipe, name, getattr(module, cls_name))
+        cfg = config.section(recipe, stage.name, getattr(module, cls_name))
         assert dataclasses.is_dataclass(cfg)
 
 

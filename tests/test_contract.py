@@ -19,6 +19,7 @@ from conftest import CONFIGS, REPO, run_cmv
 from cmv_core import errors, storage
 from cmv_core.clean.stage import CleanConfig, run_clean
 from cmv_core.storage import lease
+from cmv_core.storage.uris import split_s3
 
 TINY = str(CONFIGS / "tiny.yaml")
 CLEAN_FILES = ("conversations.jsonl.gz", "rejects.jsonl.gz", "stats.json")
@@ -149,7 +150,7 @@ def test_finish_refuses_missing_foreign_or_replaced_files(tmp_path, s3_bucket):
             storage.write_text(storage.join(out, name), name)
         # another writer replaces one file, through its own client (no attempt of ours)
         if storage.is_s3(out):
-            bucket, key = storage._split_s3(storage.join(out, "stats.json"))
+            bucket, key = split_s3(storage.join(out, "stats.json"))
             storage.s3_client().put_object(Bucket=bucket, Key=key, Body=b"stats.json")
         else:
             other = Path(storage.local_path(out)) / ".other"
@@ -213,7 +214,7 @@ def test_a_lease_of_another_host_is_taken_only_when_it_expires_unrenewed(s3_buck
         holder = {"attempt": "elsewhere", "host": "other-node", "pid": 1, "since": "t", "until": time.time() + 3}
         storage.write_json(uri, holder)
 
-        def renew():  # a live holder on another node renews its lease
+        def renew(uri=uri, holder=holder):  # a live holder on another node renews its lease
             time.sleep(1)
             storage.write_json(uri, {**holder, "until": time.time() + 60})
 
@@ -277,7 +278,8 @@ def test_s3_server_lost_mid_stage_and_replaced_by_a_fresh_one(tmp_path, sample_d
         monkeypatch.setattr(client, "upload_file", upload_then_lose_the_server)
         with pytest.raises(
             errors.OutputError,
-            match="missing conversations.jsonl.gz; conversations.jsonl.gz was written by this attempt but is not in the store",
+            match="missing conversations.jsonl.gz; "
+            "conversations.jsonl.gz was written by this attempt but is not in the store",
         ):
             _clean(sample_dump, out)
         assert not storage.exists(storage.join(out, storage.SUCCESS))

@@ -9,9 +9,11 @@ import json
 import orjson
 import pytest
 
-from cmv_core.clean import stage as clean
-from cmv_core.cmv import deltas, reddit
-from cmv_core.format import stage as formatting
+from cmv_core.clean.rows import clean_line
+from cmv_core.cmv import deltas
+from cmv_core.cmv.text import unescape
+from cmv_core.format.config import FormatConfig
+from cmv_core.format.examples import build_example, build_pairs
 
 TID = "1abcde"
 
@@ -64,7 +66,7 @@ def thread_line(pushshift=False) -> bytes:
 
 @pytest.mark.parametrize("pushshift", [False, True], ids=["cornell", "pushshift"])
 def test_deep_and_2013_deltas_pinned_and_no_delta_text_reaches_a_target(pushshift):
-    res = clean.clean_line(thread_line(pushshift))
+    res = clean_line(thread_line(pushshift))
     assert res.kind == "thread", res
     row = json.loads(res.row)
     assert row["created_utc"] == 1370000000.0 and row["title"] == "CMV: costs don't matter"
@@ -84,19 +86,19 @@ def test_deep_and_2013_deltas_pinned_and_no_delta_text_reaches_a_target(pushshif
     # the double-escaped entity ends as the character, not as "&#8710;"
     assert "\u2206" in by_id["o2"]["body"] and "&#8710;" not in by_id["o2"]["body"]
 
-    cfg = formatting.FormatConfig(view="multi")
+    cfg = FormatConfig(view="multi")
     texts = []
     for branch in row["winning_branches"]:
-        example, reason = formatting.build_example(row, branch, by_id, cfg)
+        example, reason = build_example(row, branch, by_id, cfg)
         assert reason is None
         texts += [m["content"] for m in example["messages"]]
-    single = formatting.FormatConfig(single_target="branch")
+    single = FormatConfig(single_target="branch")
     for branch in row["winning_branches"]:
-        example, _ = formatting.build_example(row, branch, by_id, single)
+        example, _ = build_example(row, branch, by_id, single)
         texts.append(example["messages"][-1]["content"])
     assert texts[-2] == "Consider the cost side of it.\n\nCosts fall on the poor."
     assert texts[-1] == "Look at history instead."
-    pairs = formatting.build_pairs(row, row["winning_branches"], by_id, formatting.FormatConfig())
+    pairs = build_pairs(row, row["winning_branches"], by_id, FormatConfig())
     assert [(p["winner_comment_ids"], p["loser_comment_ids"]) for p in pairs] == [
         (["a1", "o1", "a2"], ["c1"]),
         (["b1"], ["c1"]),
@@ -108,11 +110,11 @@ def test_deep_and_2013_deltas_pinned_and_no_delta_text_reaches_a_target(pushshif
 
 
 def test_the_leak_strip_is_an_option():
-    line = clean.clean_line(thread_line())
+    line = clean_line(thread_line())
     row = json.loads(line.row)
     by_id = {c["id"]: c for c in row["comments"]}
-    keep = formatting.FormatConfig(strip_comment_delta_edits=False)
-    example, _ = formatting.build_example(row, row["winning_branches"][0], by_id, keep)
+    keep = FormatConfig(strip_comment_delta_edits=False)
+    example, _ = build_example(row, row["winning_branches"][0], by_id, keep)
     assert "EDIT: thanks for the \u2206!" in example["messages"][-1]["content"]
 
 
@@ -123,7 +125,7 @@ def test_deltabot_2013_wordings_confirm_and_rejections_do_not():
 
 
 def test_unescape_double_escaped_entities():
-    assert reddit.unescape("&amp;#8710;") == "\u2206"
-    assert reddit.unescape("a &amp;gt; b &amp;amp; c") == "a > b & c"
-    assert reddit.unescape("&gt; quoted &amp; fine") == "> quoted & fine"
-    assert reddit.unescape("AT&T; no entity") == "AT&T; no entity"
+    assert unescape("&amp;#8710;") == "\u2206"
+    assert unescape("a &amp;gt; b &amp;amp; c") == "a > b & c"
+    assert unescape("&gt; quoted &amp; fine") == "> quoted & fine"
+    assert unescape("AT&T; no entity") == "AT&T; no entity"

@@ -1,7 +1,7 @@
-"""Every delta rule and every placeholder/deletion case of CMV_DATA.md, with the exact ids found.
+"""Every delta rule and every placeholder/deletion case of docs/DATA.md, with the exact ids found.
 
 Threads are built as raw dump objects (the format of cmv_20161111.jsonlist) and go
-through reddit.build_thread, so tree rebuilding and the delta rules are tested together.
+through threads.build_thread, so tree rebuilding and the delta rules are tested together.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import itertools
 import pytest
 
 from cmv_core.cmv import deltas as D
-from cmv_core.cmv import reddit
+from cmv_core.cmv.threads import build_thread
 
 TID = "5abcde"
 OLD = "Confirmed: 1 delta awarded to /u/{}. ^[[History](/r/changemyview/wiki/user/{})]"
@@ -76,7 +76,7 @@ def analyse(comments: list, op: str = "op"):
         "created_utc": 1.0,
         "comments": comments,
     }
-    thread = reddit.build_thread(sub)
+    thread = build_thread(sub)
     found = D.find_deltas(thread.comments, thread.op_author)
     # build_thread's pre-filtered candidates must give exactly the same deltas
     assert D.find_deltas(thread.comments, thread.op_author, thread.delta_candidates) == found

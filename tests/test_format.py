@@ -9,14 +9,10 @@ import pytest
 
 from cmv_core import storage
 from cmv_core.config import ConfigError, parse_utc
-from cmv_core.format.stage import (
-    DEFAULT_INSTRUCTION,
-    FormatConfig,
-    FormatInputError,
-    assign_split,
-    run_format,
-    strip_edits,
-)
+from cmv_core.format.config import DEFAULT_INSTRUCTION, FormatConfig, FormatInputError
+from cmv_core.format.split import assign_split
+from cmv_core.format.stage import run_format
+from cmv_core.format.text import strip_edits
 
 OP = "alice"
 TITLE = "CMV: Cats are better pets than dogs"
@@ -305,7 +301,7 @@ def test_multi_turn_deleted_turns(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("others", ["drop", "merge"])
 def test_branch_through_a_deleted_comment_keeps_it_out_of_every_turn(tmp_path, tiny_model_dir, others):
-    # CMV_DATA.md: a deleted comment stays in the tree (the branch runs through it) but its
+    # docs/DATA.md: a deleted comment stays in the tree (the branch runs through it) but its
     # "[deleted]"/"[removed]" text never reaches a prompt or a target.
     comments = [
         c("z1", "", "[deleted]", "[deleted]"),

@@ -107,7 +107,8 @@ def test_preference_pairs_on_the_sample_never_cross_splits_nor_leak(format_outpu
     from test_format import REPO
 
     from cmv_core import config
-    from cmv_core.format.stage import FormatConfig, assign_split
+    from cmv_core.format.config import FormatConfig
+    from cmv_core.format.split import assign_split
 
     recipe = config.section(config.load_recipe(str(REPO / "configs" / "tiny.yaml")), "format", FormatConfig)
     split = split_of(format_output)  # thread -> split of the SFT examples
@@ -131,7 +132,7 @@ def test_preference_pairs_on_the_sample_never_cross_splits_nor_leak(format_outpu
 
 def test_preference_balancing_ratio_is_validated():
     from cmv_core.config import ConfigError
-    from cmv_core.format.stage import FormatConfig
+    from cmv_core.format.config import FormatConfig
 
     with pytest.raises(ConfigError, match="preference_max_length_ratio"):
         FormatConfig(preference_max_length_ratio=0.5)

@@ -12,7 +12,18 @@ from conftest import CONFIGS, run_cmv
 
 from cmv_core import storage
 from cmv_core.generate import stage as gen
-from cmv_core.generate.stage import GenerateConfig, InputError, Variant
+from cmv_core.generate.config import GenerateConfig, InputError, Reply, Variant, check_config
+from cmv_core.generate.hf import reply_from_ids
+from cmv_core.generate.prompts import prompt_messages
+from cmv_core.generate.stop_tokens import end_of_turn_ids
+from cmv_core.generate.variants import parse_variant, variants_from_args
+from cmv_core.generate.vllm_engine import (
+    adapter_rank,
+    reply_from_vllm,
+    vllm_engine_kwargs,
+    vllm_lora_rank,
+    vllm_sampling_kwargs,
+)
 
 SYSTEM = "You reply to Change My View posts."
 PROMPT_BODIES = [
@@ -109,32 +120,32 @@ def test_prompt_stops_before_first_assistant_turn():
         {"role": "assistant", "content": "a1"},
         {"role": "user", "content": "u2"},
     ]
-    assert gen.prompt_messages(messages) == messages[:2]
+    assert prompt_messages(messages) == messages[:2]
     with pytest.raises(ValueError, match="end with a user turn"):
-        gen.prompt_messages([{"role": "assistant", "content": "a"}])
+        prompt_messages([{"role": "assistant", "content": "a"}])
 
 
 def test_reply_cut_at_first_stop_token():
     decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
-    stop = gen.reply_from_ids([5, 6, 2, 9, 2], {2}, 11, decode)
-    assert stop == gen.Reply("5 6", "stop", 11, 3)  # the stop token counts; what follows is padding
-    assert gen.reply_from_ids([5, 6, 7], {2}, 4, decode) == gen.Reply("5 6 7", "length", 4, 3)
+    stop = reply_from_ids([5, 6, 2, 9, 2], {2}, 11, decode)
+    assert stop == Reply("5 6", "stop", 11, 3)  # the stop token counts; what follows is padding
+    assert reply_from_ids([5, 6, 7], {2}, 4, decode) == Reply("5 6 7", "length", 4, 3)
 
 
 def test_end_of_turn_ids_include_chat_end_token(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    ids = gen.end_of_turn_ids(tok, [7, 8])
+    ids = end_of_turn_ids(tok, [7, 8])
     assert tok.convert_tokens_to_ids("<|im_end|>") in ids
     assert {7, 8, tok.eos_token_id} <= set(ids)
 
 
 def test_parse_variant():
-    assert gen.parse_variant("ft=s3://b/run/train/model") == ("ft", "s3://b/run/train/model", None)
-    assert gen.parse_variant("ft=embedded:x,adapter=/a/b") == ("ft", "embedded:x", "/a/b")
+    assert parse_variant("ft=s3://b/run/train/model") == ("ft", "s3://b/run/train/model", None)
+    assert parse_variant("ft=embedded:x,adapter=/a/b") == ("ft", "embedded:x", "/a/b")
     with pytest.raises(InputError, match="NAME=MODEL"):
-        gen.parse_variant("justaname")
+        parse_variant("justaname")
 
 
 def _fake_train_output(root: Path, with_model=True, with_adapter=True, trained_from=None) -> str:
@@ -151,46 +162,43 @@ def _fake_train_output(root: Path, with_model=True, with_adapter=True, trained_f
 
 def test_variants_from_train_output(tmp_path):
     trained = _fake_train_output(tmp_path)
-    merged = gen.variants_from_args(model=None, recipe_model="embedded:base", trained=trained)
+    merged = variants_from_args(model=None, recipe_model="embedded:base", trained=trained)
     assert merged == [Variant("base", "embedded:base"), Variant("finetuned", f"{trained}/model")]
-    via_adapter = gen.variants_from_args(
+    via_adapter = variants_from_args(
         model=None, recipe_model="embedded:base", trained=trained, finetuned_weights="adapter"
     )
     assert via_adapter[1] == Variant("finetuned", "embedded:base", f"{trained}/adapter")
     # A train output given as --model is read as --trained (the base is the recipe's model).
-    assert gen.variants_from_args(model=trained, recipe_model="embedded:base") == merged
+    assert variants_from_args(model=trained, recipe_model="embedded:base") == merged
     # Only an adapter (no merged model/): base + adapter even when merged weights are asked for.
     only_adapter = _fake_train_output(tmp_path / "x", with_model=False)
-    assert (
-        gen.variants_from_args(model="m", recipe_model="r", trained=only_adapter)[1].adapter
-        == f"{only_adapter}/adapter"
-    )
+    assert variants_from_args(model="m", recipe_model="r", trained=only_adapter)[1].adapter == f"{only_adapter}/adapter"
     # The adapter goes on the model the train stage started from, whatever --model says.
     recorded = _fake_train_output(tmp_path / "y", trained_from="embedded:trained-from")
-    assert gen.variants_from_args(model="other", recipe_model="r", trained=recorded, finetuned_weights="adapter") == [
+    assert variants_from_args(model="other", recipe_model="r", trained=recorded, finetuned_weights="adapter") == [
         Variant("base", "other"),
         Variant("finetuned", "embedded:trained-from", f"{recorded}/adapter"),
     ]
-    explicit = gen.variants_from_args(model=None, recipe_model="r", variant_args=["a=m1", f"b={trained}"])
+    explicit = variants_from_args(model=None, recipe_model="r", variant_args=["a=m1", f"b={trained}"])
     assert explicit == [Variant("a", "m1"), Variant("b", f"{trained}/model")]
     with pytest.raises(InputError, match="replaces"):
-        gen.variants_from_args(model="m", recipe_model="r", variant_args=["a=m1"])
+        variants_from_args(model="m", recipe_model="r", variant_args=["a=m1"])
 
 
 def test_check_config_rejects_bad_settings():
     with pytest.raises(InputError, match="backend"):
-        gen.check_config(config("m", backend="onnx"))
+        check_config(config("m", backend="onnx"))
     with pytest.raises(InputError, match="unique"):
-        gen.check_config(config("m", variants=[{"name": "a", "model": "m"}, {"name": "a", "model": "n"}]))
+        check_config(config("m", variants=[{"name": "a", "model": "m"}, {"name": "a", "model": "n"}]))
     with pytest.raises(InputError, match="variant name"):
-        gen.check_config(config("m", variants=[{"name": "a/b", "model": "m"}]))
+        check_config(config("m", variants=[{"name": "a/b", "model": "m"}]))
 
 
 def test_vllm_engine_kwargs_lora_rank_and_pass_through():
     cfg = config(
         "m", tensor_parallel_size=2, seed=7, vllm_engine_args={"gpu_memory_utilization": 0.8, "max_model_len": 4096}
     )
-    kwargs = gen.vllm_engine_kwargs("/models/base", [12, 4], cfg)
+    kwargs = vllm_engine_kwargs("/models/base", [12, 4], cfg)
     assert kwargs == {
         "model": "/models/base",
         "tensor_parallel_size": 2,
@@ -201,23 +209,23 @@ def test_vllm_engine_kwargs_lora_rank_and_pass_through():
         "gpu_memory_utilization": 0.8,
         "max_model_len": 4096,
     }
-    assert "enable_lora" not in gen.vllm_engine_kwargs("/m", [], cfg)
+    assert "enable_lora" not in vllm_engine_kwargs("/m", [], cfg)
     # The recipe may raise the LoRA limits; it may not set what the stage owns.
-    assert gen.vllm_engine_kwargs("/m", [8], config("m", vllm_engine_args={"max_lora_rank": 64}))["max_lora_rank"] == 64
+    assert vllm_engine_kwargs("/m", [8], config("m", vllm_engine_args={"max_lora_rank": 64}))["max_lora_rank"] == 64
     with pytest.raises(InputError, match="tensor_parallel_size"):
-        gen.vllm_engine_kwargs("/m", [], config("m", vllm_engine_args={"tensor_parallel_size": 4}))
-    assert [gen.vllm_lora_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+        vllm_engine_kwargs("/m", [], config("m", vllm_engine_args={"tensor_parallel_size": 4}))
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
     with pytest.raises(InputError):
-        gen.vllm_lora_rank(1024)
+        vllm_lora_rank(1024)
 
 
 def test_adapter_rank_reads_rank_pattern(tmp_path):
     storage.write_json(str(tmp_path / "adapter_config.json"), {"r": 8, "rank_pattern": {"q_proj": 24}})
-    assert gen.adapter_rank(str(tmp_path)) == 24
+    assert adapter_rank(str(tmp_path)) == 24
 
 
 def test_vllm_sampling_and_output_mapping():
-    greedy = gen.vllm_sampling_kwargs(config("m", max_new_tokens=50, top_p=0.9), 2, 100, [2, 3])
+    greedy = vllm_sampling_kwargs(config("m", max_new_tokens=50, top_p=0.9), 2, 100, [2, 3])
     assert greedy == [
         {
             "n": 1,
@@ -238,17 +246,17 @@ def test_vllm_sampling_and_output_mapping():
             "skip_special_tokens": True,
         },
     ]
-    sampled = gen.vllm_sampling_kwargs(config("m", temperature=0.7, top_p=0.9), 1, 5, [2])[0]
+    sampled = vllm_sampling_kwargs(config("m", temperature=0.7, top_p=0.9), 1, 5, [2])[0]
     assert (sampled["temperature"], sampled["top_p"]) == (0.7, 0.9)
     out = SimpleNamespace(
         request_id="0",
         prompt_token_ids=[1, 2, 3, 4],
         outputs=[SimpleNamespace(text=" Hello there ", token_ids=[10, 11, 2], finish_reason="stop")],
     )
-    assert gen.reply_from_vllm(out) == gen.Reply("Hello there", "stop", 4, 3)
+    assert reply_from_vllm(out) == Reply("Hello there", "stop", 4, 3)
     out.outputs[0].finish_reason = "abort"
     with pytest.raises(RuntimeError, match="abort"):
-        gen.reply_from_vllm(out)
+        reply_from_vllm(out)
 
 
 def test_bad_test_line_names_file_and_line(tmp_path, tiny_model_dir):
@@ -405,7 +413,8 @@ def test_resume_after_kill_is_byte_identical(tmp_path, format_dir, varied_model_
 KILL_SCRIPT = """
 import json, os, signal, sys
 from cmv_core.generate import stage as gen
-data, out, cfg = sys.argv[1], sys.argv[2], gen.GenerateConfig(**json.loads(sys.argv[3]))
+from cmv_core.generate.config import GenerateConfig
+data, out, cfg = sys.argv[1], sys.argv[2], GenerateConfig(**json.loads(sys.argv[3]))
 made = []
 def kill(variant, k):
     made.append((variant, k))

@@ -10,15 +10,17 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from dockerfile_parse import DockerfileParser
+
+from cmv_core import stages
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / "images"
-STAGES = ["clean", "format", "train", "generate", "judge"]
+STAGES = list(stages.COMMANDS)
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.I)
 
 sys.path.insert(0, str(IMAGES))
@@ -230,6 +232,7 @@ def test_make_targets_build_and_push_each_image():
     for target in ["images", "push", "build-and-push", *[f"image-{s}" for s in STAGES]]:
         assert re.search(rf"^\s+{target}\s", helptext, re.M), f"make help does not list {target}"
     bake = (IMAGES / "docker-bake.hcl").read_text()
+    assert re.search(r'group "default" \{\s*targets = \[(.*?)\]', bake).group(1) == ", ".join(f'"{s}"' for s in STAGES)
     for stage in STAGES:
         assert f'dockerfile = "images/{stage}.Dockerfile"' in bake
 

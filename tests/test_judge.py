@@ -27,8 +27,12 @@ from fake_openai_server import (
 )
 
 from cmv_core import storage
+from cmv_core.judge import cache as judge_cache
 from cmv_core.judge import stage as judging
-from cmv_core.judge.stage import JudgeConfig
+from cmv_core.judge.cache import ResponseCache, cache_key
+from cmv_core.judge.config import CRITERIA, InputError, JudgeCallError, JudgeConfig, JudgeFailed, VerdictError
+from cmv_core.judge.parse import choice_probabilities, expected_score, parse_verdict
+from cmv_core.judge.prompts import CALIBRATION_FORM, PAIRWISE_FORM, single_form, single_messages
 
 INSTRUCTION = (
     "Below is a post from the Change My View subreddit. Write a response that you think will change the author's view."
@@ -185,7 +189,7 @@ def test_judge_end_to_end_swap_calibration_report_and_cache(tmp_path, inputs, mo
         single = rep["single"]["variants"]
         assert set(single) == {"base", "finetuned", "human"}
         for variant, expected in (("finetuned", 6), ("base", 3), ("human", 5)):
-            for crit in judging.CRITERIA:
+            for crit in CRITERIA:
                 c = single[variant]["criteria"][crit]
                 assert c["mean"] == expected and c["n"] == N_ITEMS
                 assert c["ci95"][0] <= c["mean"] <= c["ci95"][1]
@@ -228,7 +232,7 @@ def test_judge_end_to_end_swap_calibration_report_and_cache(tmp_path, inputs, mo
         ]
 
         # A new rubric version invalidates the cache (the key includes it).
-        monkeypatch.setattr(judging, "RUBRIC_VERSION", "test-v2")
+        monkeypatch.setattr(judge_cache, "RUBRIC_VERSION", "test-v2")
         judging.run_judge(gen, fmt, out, cfg, run_id="r1", force=True)
         assert srv.count == 2 * planned
 
@@ -341,7 +345,7 @@ def test_transport_errors_are_failures_not_cached_and_too_many_fail_the_stage(tm
     out = str(tmp_path / "judge")
     with FakeOpenAI(handler) as srv:
         cfg = config(srv, max_retries=2, grade_human=False, pairwise=False, calibration=False, max_failed_fraction=0.2)
-        with pytest.raises(judging.JudgeFailed, match="2 of 6 judge calls failed"):
+        with pytest.raises(JudgeFailed, match="2 of 6 judge calls failed"):
             judging.run_judge(gen, fmt, out, cfg)
         assert len([b for b in srv.requests if replies_shown(b) == ("FT reply 0",)]) == 3  # 1 + 2 client retries
         assert not storage.exists(storage.join(out, "_SUCCESS"))
@@ -515,7 +519,7 @@ def test_missing_api_key_is_a_clear_error(tmp_path, inputs, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     gen, fmt = inputs
-    with pytest.raises(judging.JudgeCallError, match="OPENAI_API_KEY is not set"):
+    with pytest.raises(JudgeCallError, match="OPENAI_API_KEY is not set"):
         judging.run_judge(gen, fmt, str(tmp_path / "judge"), JudgeConfig())
 
 
@@ -529,7 +533,7 @@ def test_bad_generation_line_names_file_and_line(tmp_path, inputs):
     path.write_text("\n".join(lines) + "\n")
     storage.finish_stage(run, {})
     with FakeOpenAI(smart_judge) as srv:
-        with pytest.raises(judging.InputError, match=r"generations.jsonl: line 3: missing field\(s\) response"):
+        with pytest.raises(InputError, match=r"generations.jsonl: line 3: missing field\(s\) response"):
             judging.run_judge(gen, fmt, str(tmp_path / "judge"), config(srv), force=True)
         assert srv.count == 0
 
@@ -547,7 +551,7 @@ def test_local_backend_tiny_model(tmp_path, inputs, tiny_model_dir):
     rows = judgments(out)
     assert rows and all(r["status"] == "ok" for r in rows)
     for r in (r for r in rows if r["kind"] == "single"):
-        for crit in judging.CRITERIA:
+        for crit in CRITERIA:
             probs = r["score_probs"][crit]
             assert set(probs) == {str(k) for k in range(1, 8)} and sum(probs.values()) == pytest.approx(1.0)
             assert r["scores"][crit] == int(max(probs, key=probs.get))  # the most likely digit
@@ -560,7 +564,7 @@ def test_local_backend_tiny_model(tmp_path, inputs, tiny_model_dir):
 
 # ---------------------------------------------------------------- units
 
-FORM = judging.single_form(["persuasiveness", "fluency"])
+FORM = single_form(["persuasiveness", "fluency"])
 
 
 @pytest.mark.parametrize(
@@ -574,7 +578,7 @@ FORM = judging.single_form(["persuasiveness", "fluency"])
     ],
 )
 def test_parse_verdict_accepts(text, expected):
-    out = judging.parse_verdict(text, FORM)
+    out = parse_verdict(text, FORM)
     assert {k: out[k] for k in FORM} == expected
 
 
@@ -591,46 +595,46 @@ def test_parse_verdict_accepts(text, expected):
     ],
 )
 def test_parse_verdict_rejects(text, message):
-    with pytest.raises(judging.VerdictError, match=message):
-        judging.parse_verdict(text, FORM)
+    with pytest.raises(VerdictError, match=message):
+        parse_verdict(text, FORM)
 
 
 def test_parse_winner_is_case_insensitive_and_strict():
-    assert judging.parse_verdict('{"winner": "b"}', judging.PAIRWISE_FORM)["winner"] == "B"
-    assert judging.parse_verdict('{"winner": "TIE"}', judging.PAIRWISE_FORM)["winner"] == "tie"
-    with pytest.raises(judging.VerdictError):
-        judging.parse_verdict('{"winner": "tie"}', judging.CALIBRATION_FORM)
+    assert parse_verdict('{"winner": "b"}', PAIRWISE_FORM)["winner"] == "B"
+    assert parse_verdict('{"winner": "TIE"}', PAIRWISE_FORM)["winner"] == "tie"
+    with pytest.raises(VerdictError):
+        parse_verdict('{"winner": "tie"}', CALIBRATION_FORM)
 
 
 def test_cache_key_covers_model_prompt_reply_and_rubric(monkeypatch):
-    msgs = judging.single_messages([{"role": "user", "content": "post"}], "reply", ["fluency"], 100)
-    key = judging.cache_key("openai", "m", msgs, FORM, {})
-    assert key == judging.cache_key("openai", "m", [dict(m) for m in msgs], FORM, {})
-    assert key != judging.cache_key("openai", "m2", msgs, FORM, {})
-    other = judging.single_messages([{"role": "user", "content": "post"}], "reply2", ["fluency"], 100)
-    assert key != judging.cache_key("openai", "m", other, FORM, {})
-    monkeypatch.setattr(judging, "RUBRIC_VERSION", "other")
-    assert key != judging.cache_key("openai", "m", msgs, FORM, {})
+    msgs = single_messages([{"role": "user", "content": "post"}], "reply", ["fluency"], 100)
+    key = cache_key("openai", "m", msgs, FORM, {})
+    assert key == cache_key("openai", "m", [dict(m) for m in msgs], FORM, {})
+    assert key != cache_key("openai", "m2", msgs, FORM, {})
+    other = single_messages([{"role": "user", "content": "post"}], "reply2", ["fluency"], 100)
+    assert key != cache_key("openai", "m", other, FORM, {})
+    monkeypatch.setattr(judge_cache, "RUBRIC_VERSION", "other")
+    assert key != cache_key("openai", "m", msgs, FORM, {})
 
 
 def test_cache_tolerates_a_torn_last_line(tmp_path):
-    cache = judging.ResponseCache(str(tmp_path / "cache"))
+    cache = ResponseCache(str(tmp_path / "cache"))
     cache.put("k1", {"text": "a"})
     cache.put("k2", {"text": "b"})
     cache.close()
     f = next((tmp_path / "cache").glob("*.jsonl"))
     f.write_text(f.read_text() + '{"key": "k3", "compl')  # killed mid-write
-    again = judging.ResponseCache(str(tmp_path / "cache"))
+    again = ResponseCache(str(tmp_path / "cache"))
     assert again.get("k1") == {"text": "a"} and again.get("k2") == {"text": "b"} and again.get("k3") is None
 
 
 def test_choice_probabilities_needs_a_clean_value_token():
     tokens = [{"token": t, "top": []} for t in ['{"', "fluency", '":', " ", "5", "}"]]
     tokens[4]["top"] = [["5", math.log(0.6)], ["6", math.log(0.2)], [" 4", math.log(0.1)], ["x", math.log(0.1)]]
-    probs = judging.choice_probabilities(tokens, "fluency", list(range(1, 8)), 5)
+    probs = choice_probabilities(tokens, "fluency", list(range(1, 8)), 5)
     assert probs == pytest.approx({"4": 1 / 9, "5": 6 / 9, "6": 2 / 9})
-    assert judging.expected_score(probs) == pytest.approx((4 + 30 + 12) / 9)
+    assert expected_score(probs) == pytest.approx((4 + 30 + 12) / 9)
     # value merged with other characters into one token: no distribution rather than a wrong one
     merged = [{"token": t, "top": [[t, 0.0]]} for t in ['{"', "fluency", '":', " 5}"]]
-    assert judging.choice_probabilities(merged, "fluency", list(range(1, 8)), 5) is None
-    assert judging.choice_probabilities(None, "fluency", list(range(1, 8)), 5) is None
+    assert choice_probabilities(merged, "fluency", list(range(1, 8)), 5) is None
+    assert choice_probabilities(None, "fluency", list(range(1, 8)), 5) is None

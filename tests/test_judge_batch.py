@@ -17,7 +17,7 @@ from test_judge import make_inputs, replies_shown, smart_judge
 
 from cmv_core import storage
 from cmv_core.judge import stage as judging
-from cmv_core.judge.stage import JudgeConfig
+from cmv_core.judge.config import JudgeConfig
 
 PRICES = {"gpt-4o-mini": {"input": 0.15, "output": 0.60}, "gpt-4o-mini@batch": {"input": 0.15, "output": 0.60}}
 

@@ -19,7 +19,18 @@ from test_judge import INSTRUCTION, replies_shown, write_stage_outputs
 
 from cmv_core import storage
 from cmv_core.judge import stage as judging
-from cmv_core.judge.stage import JudgeConfig
+from cmv_core.judge.backends.local import LocalBackend, local_dtype
+from cmv_core.judge.backends.openai import OpenAIBackend, request_body
+from cmv_core.judge.cache import cache_key, key_backend
+from cmv_core.judge.config import JudgeBudgetError, JudgeConfig, JudgeConfigError
+from cmv_core.judge.plan import planned_params
+from cmv_core.judge.prompts import (
+    PAIRWISE_FORM,
+    PAIRWISE_INSTRUCTIONS,
+    single_form,
+    single_messages,
+    two_reply_messages,
+)
 
 CRITS = ["persuasiveness"]
 
@@ -287,7 +298,7 @@ def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
 def test_max_cost_stops_before_any_call(tmp_path):
     gen, fmt = make_inputs(tmp_path, 3, lambda v, i: f"{v} reply {i}", lambda i: (f"WIN {i}", f"LOSE {i}"))
     with FakeOpenAI(longer_judge) as srv:
-        with pytest.raises(judging.JudgeBudgetError, match="max_cost_usd"):
+        with pytest.raises(JudgeBudgetError, match="max_cost_usd"):
             judging.run_judge(gen, fmt, str(tmp_path / "judge"), cfg(srv, max_cost_usd=1e-6))
         assert srv.count == 0
 
@@ -338,23 +349,21 @@ def test_local_judge_batches_calls_with_the_same_answers(tiny_model_dir):
     import asyncio
 
     post = [{"role": "user", "content": "CMV: x is y.\n\nBecause z."}]
-    sform = judging.single_form(CRITS)
+    sform = single_form(CRITS)
     calls = []
     for i in range(6):
-        calls.append((judging.single_messages(post, "Reply " + "word " * (i * 7 + 1), CRITS, 1000), sform))
+        calls.append((single_messages(post, "Reply " + "word " * (i * 7 + 1), CRITS, 1000), sform))
         calls.append(
             (
-                judging.two_reply_messages(
-                    judging.PAIRWISE_INSTRUCTIONS, judging.PAIRWISE_FORM, post, "A " * (i + 1), "B " * (9 - i), 1000
-                ),
-                judging.PAIRWISE_FORM,
+                two_reply_messages(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, post, "A " * (i + 1), "B " * (9 - i), 1000),
+                PAIRWISE_FORM,
             )
         )
     answers = {}
     for batch_size in (1, 4):
         # float32: "the same up to rounding" (bfloat16 keeps 3 digits, too few for a random tiny model's
         # near-uniform logits)
-        backend = judging.LocalBackend(
+        backend = LocalBackend(
             JudgeConfig(
                 backend="local",
                 model=tiny_model_dir,
@@ -365,9 +374,14 @@ def test_local_judge_batches_calls_with_the_same_answers(tiny_model_dir):
         )
         sizes = []
         original = backend._complete_batch
-        backend._complete_batch = lambda batch: (sizes.append(len(batch)), original(batch))[1]
 
-        async def go():
+        def counted(batch, sizes=sizes, original=original):
+            sizes.append(len(batch))
+            return original(batch)
+
+        backend._complete_batch = counted
+
+        async def go(backend=backend):
             return await asyncio.gather(*(backend.complete(m, f) for m, f in calls))
 
         answers[batch_size] = asyncio.run(go())
@@ -388,25 +402,25 @@ def test_local_judge_dtype_is_resolved_recorded_and_keyed(tiny_model_dir, monkey
     import torch
 
     for amx, avx512_bf16, expected in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-        assert judging.local_dtype("auto") == expected
-    assert judging.local_dtype("float32") == "float32"
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda avx512_bf16=avx512_bf16: avx512_bf16)
+        assert local_dtype("auto") == expected
+    assert local_dtype("float32") == "float32"
     with pytest.raises(ValueError, match="judge.local_dtype must be"):
-        judging.local_dtype("fp8")
+        local_dtype("fp8")
     monkeypatch.undo()
     keys = set()
     for dtype in ("bfloat16", "float32"):
         cfg = JudgeConfig(backend="local", model=tiny_model_dir, local_dtype=dtype)
-        backend = judging.LocalBackend(cfg)
+        backend = LocalBackend(cfg)
         assert next(backend.model.parameters()).dtype == getattr(torch, dtype)
-        assert backend.params() == judging.planned_params(cfg)
+        assert backend.params() == planned_params(cfg)
         keys.add(
-            judging.cache_key(
-                judging.key_backend(cfg),
+            cache_key(
+                key_backend(cfg),
                 cfg.model,
                 [{"role": "user", "content": "x"}],
-                judging.PAIRWISE_FORM,
+                PAIRWISE_FORM,
                 backend.params(),
             )
         )
@@ -448,19 +462,19 @@ def test_the_sync_backend_sends_exactly_the_request_body(response_format, transp
     either of the client's transports; an unknown transport is a configuration error."""
     import asyncio
 
-    messages = judging.single_messages([{"role": "user", "content": "CMV: x.\n\nBecause y."}], "A reply.", CRITS, 1000)
-    form = judging.single_form(CRITS)
+    messages = single_messages([{"role": "user", "content": "CMV: x.\n\nBecause y."}], "A reply.", CRITS, 1000)
+    form = single_form(CRITS)
     with FakeOpenAI(longer_judge) as srv:
         c = cfg(srv, response_format=response_format, http_transport=transport)
-        with pytest.raises(judging.JudgeConfigError, match="judge.http_transport must be"):
-            judging.OpenAIBackend(cfg(srv, http_transport="requests"))
+        with pytest.raises(JudgeConfigError, match="judge.http_transport must be"):
+            OpenAIBackend(cfg(srv, http_transport="requests"))
 
         async def one():
-            backend = judging.OpenAIBackend(c)
+            backend = OpenAIBackend(c)
             try:
                 return await backend.complete(messages, form)
             finally:
                 await backend.aclose()
 
         asyncio.run(one())
-        assert srv.requests == [judging.request_body(c, messages, form)]
+        assert srv.requests == [request_body(c, messages, form)]

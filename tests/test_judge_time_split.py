@@ -18,7 +18,8 @@ from test_judge_stats import cfg
 
 from cmv_core import storage
 from cmv_core.config import parse_utc
-from cmv_core.format.stage import FormatConfig, run_format
+from cmv_core.format.config import FormatConfig
+from cmv_core.format.stage import run_format
 from cmv_core.judge import stage as judging
 
 CUT = "2015-05-08"

@@ -17,13 +17,15 @@ from test_k8s_cluster import restricted_violations
 
 from cmv_core import cli, storage
 from cmv_core.k8s import argo as k8s_argo
-from cmv_core.k8s import submit as k8s
+from cmv_core.k8s import names as k8s_names
+from cmv_core.k8s import render as k8s_render
+from cmv_core.k8s import submit as k8s_submit
 
 TAG = "t-1234567"
 
 
-def plan(**settings: str) -> k8s.Plan:
-    return k8s.plan(k8s.render_objects("jobset", settings=settings, tag=TAG))
+def plan(**settings: str) -> k8s_render.Plan:
+    return k8s_render.plan(k8s_render.render_objects("jobset", settings=settings, tag=TAG))
 
 
 def templates(wt: dict) -> dict[str, dict]:
@@ -47,13 +49,13 @@ def test_template_validates_and_the_check_rejects_mistakes():
 def test_dag_runs_the_five_stages_in_order_with_deadlines_retries_ttl_and_pod_gc():
     wt = k8s_argo.workflow_template(plan(RUN_ID="wf-1"))
     assert wt["metadata"]["name"] == "cmv-pipeline-wf-1"
-    assert k8s_argo.dag_order(wt) == k8s.STAGES
+    assert k8s_argo.dag_order(wt) == k8s_names.STAGES
     spec = wt["spec"]
     assert spec["activeDeadlineSeconds"] > 0 and spec["ttlStrategy"]["secondsAfterFailure"] > 0
     assert spec["podGC"] == {"strategy": "OnPodSuccess"}
     assert spec["serviceAccountName"] == "cmv-workflow"
     by_name = templates(wt)
-    for stage in k8s.STAGES:
+    for stage in k8s_names.STAGES:
         t = by_name[stage]
         assert t["activeDeadlineSeconds"] > 0 and int(t["retryStrategy"]["limit"]) >= 1, stage
     for stage in ("clean", "format", "generate", "judge"):
@@ -80,8 +82,8 @@ def test_the_steps_are_the_rendered_jobs():
 
 
 def test_engine_argo_needs_a_jobset_train():
-    with pytest.raises(k8s.K8sError, match="--overlay jobset"):
-        k8s.argo_template(k8s.plan(k8s.render_objects("gpu", tag=TAG)))
+    with pytest.raises(k8s_names.K8sError, match="--overlay jobset"):
+        k8s_submit.argo_template(k8s_render.plan(k8s_render.render_objects("gpu", tag=TAG)))
 
 
 def test_render_engine_argo_prints_the_configmap_and_the_template(capsys):
@@ -150,14 +152,14 @@ def test_argo_steps_run_in_dag_order_as_local_processes_and_produce_the_report(s
     settings = tiny_settings(
         root, run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"], NNODES="1", MASTER_PORT=str(free_port())
     )
-    run = k8s.plan(k8s.render_objects("jobset", settings=settings, tag=TAG))
+    run = k8s_render.plan(k8s_render.render_objects("jobset", settings=settings, tag=TAG))
     wt = k8s_argo.workflow_template(run)
     by_name = templates(wt)
     for name in k8s_argo.dag_order(wt):
         t = by_name[name]
         if "resource" in t:  # the JobSet this step creates: its one pod (NNODES=1), as the JobSet would run it
             jobset = yaml.safe_load(t["resource"]["manifest"])
-            pod = k8s.pod_template(jobset)
+            pod = k8s_names.pod_template(jobset)
             job = {
                 "kind": "Job",
                 "metadata": {"name": f"{jobset['metadata']['name']}-node-0"},
@@ -188,7 +190,7 @@ def test_argo_steps_run_in_dag_order_as_local_processes_and_produce_the_report(s
         env["TMPDIR"] = str(tmp_path / name)
         os.makedirs(env["TMPDIR"])
         proc = subprocess.run(
-            argv, env=env, cwd=k8s.default_k8s_dir().parent, capture_output=True, text=True, timeout=900
+            argv, env=env, cwd=k8s_names.default_k8s_dir().parent, capture_output=True, text=True, timeout=900
         )
         assert proc.returncode == 0, f"{name}: {explain(proc)}"
         assert storage.exists(f"{root}/{run_id}/{name}/_SUCCESS"), name

@@ -13,31 +13,33 @@ import crd_schema
 import jsonschema
 import pytest
 
-from cmv_core.k8s import submit as k8s
+from cmv_core.k8s import names as k8s_names
+from cmv_core.k8s import render as k8s_render
+from cmv_core.k8s import settings as k8s_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TAG = "t-1234567"
 
 
 def render(overlay: str, **settings: str) -> list[dict]:
-    return k8s.render_objects(overlay, settings=settings, tag=TAG)
+    return k8s_render.render_objects(overlay, settings=settings, tag=TAG)
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict]]:
-    return {overlay: render(overlay) for overlay in k8s.OVERLAYS}
+    return {overlay: render(overlay) for overlay in k8s_names.OVERLAYS}
 
 
 def workload(objects: list[dict], stage: str) -> dict:
     return next(
         o
         for o in objects
-        if o["kind"] in k8s.WORKLOAD_KINDS and o["metadata"].get("labels", {}).get("cmv.io/stage") == stage
+        if o["kind"] in k8s_names.WORKLOAD_KINDS and o["metadata"].get("labels", {}).get("cmv.io/stage") == stage
     )
 
 
 def main_container(obj: dict) -> dict:
-    return next(c for c in k8s.pod_template(obj)["spec"]["containers"] if c["name"] == "main")
+    return next(c for c in k8s_names.pod_template(obj)["spec"]["containers"] if c["name"] == "main")
 
 
 def pod_templates(obj: dict) -> list[dict]:
@@ -100,7 +102,7 @@ def restricted_violations(template: dict) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+@pytest.mark.parametrize("overlay", k8s_names.OVERLAYS)
 def test_every_pod_template_meets_pod_security_restricted(rendered, overlay):
     templates = [(o["kind"], o["metadata"]["name"], t) for o in rendered[overlay] for t in pod_templates(o)]
     assert len(templates) >= 5
@@ -109,7 +111,7 @@ def test_every_pod_template_meets_pod_security_restricted(rendered, overlay):
 
 
 def test_the_restricted_check_catches_violations(rendered):
-    template = copy.deepcopy(k8s.pod_template(workload(rendered["gpu"], "train")))
+    template = copy.deepcopy(k8s_names.pod_template(workload(rendered["gpu"], "train")))
     assert restricted_violations(template) == []
     template["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
     template["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
@@ -135,7 +137,7 @@ def test_jobset_validates_against_its_crd_and_the_check_rejects_mistakes(rendere
     bad_action = copy.deepcopy(jobset)
     bad_action["spec"]["failurePolicy"]["rules"][0]["action"] = "RestartJobSetIgnoringMaxRestarts"
     deep_typo = copy.deepcopy(jobset)  # inside the pod template the CRD embeds
-    k8s.pod_template(deep_typo)["spec"]["containers"][0]["resource"] = {}
+    k8s_names.pod_template(deep_typo)["spec"]["containers"][0]["resource"] = {}
     wrong_type = copy.deepcopy(jobset)
     wrong_type["spec"]["network"]["enableDNSHostnames"] = "yes"
     for bad, word in (
@@ -188,20 +190,20 @@ def test_jobset_master_addr_is_pod_zero_of_the_jobset_and_scaling_is_one_value()
     assert env["MASTER_ADDR"]["value"] == "$(JOBSET_NAME)-node-0-0.$(JOBSET_NAME)"
     assert "--node-rank=$(JOB_COMPLETION_INDEX)" in c["args"] and "--master-port=$(MASTER_PORT)" in c["args"]
     assert c["ports"] == [{"name": "rendezvous", "containerPort": 29600}]
-    assert k8s.plan(objects).settings["MASTER_PORT"] == "29600"
+    assert k8s_render.plan(objects).settings["MASTER_PORT"] == "29600"
 
 
 def test_jobset_pod_template_is_the_indexed_jobs(rendered):
     """One pod definition in two files (base/train, base/train-jobset): they must not drift apart."""
-    job = k8s.pod_template(workload(rendered["multinode"], "train"))
-    jobset = k8s.pod_template(workload(rendered["jobset"], "train"))
+    job = k8s_names.pod_template(workload(rendered["multinode"], "train"))
+    jobset = k8s_names.pod_template(workload(rendered["jobset"], "train"))
 
     def comparable(template: dict) -> dict:
         t = copy.deepcopy(template)
         t["spec"].pop("subdomain", None)
         t["spec"].pop("affinity", None)
         t["metadata"]["labels"].pop("cmv.io/run-id")
-        t["metadata"]["labels"].pop(k8s.SETTINGS_LABEL, None)
+        t["metadata"]["labels"].pop(k8s_names.SETTINGS_LABEL, None)
         c = t["spec"]["containers"][0]
         c["env"] = [e for e in c["env"] if e["name"] not in ("JOB_NAME", "JOBSET_NAME", "MASTER_ADDR")]
         c["envFrom"][0]["configMapRef"]["name"] = "cmv-pipeline"  # its hash: the overlays' settings differ
@@ -231,18 +233,18 @@ def untagged_tree(tmp_path) -> Path:
 
 
 def test_rendering_refuses_images_without_a_tag_or_tagged_latest(monkeypatch, tmp_path):
-    monkeypatch.setattr(k8s, "default_tag", lambda: None)
+    monkeypatch.setattr(k8s_render, "default_tag", lambda: None)
     with pytest.raises(
-        k8s.K8sError, match="images without a tag, or tagged latest: localhost:5000/cmv-clean:set-a-tag"
+        k8s_names.K8sError, match="images without a tag, or tagged latest: localhost:5000/cmv-clean:set-a-tag"
     ):
-        k8s.render("gpu")  # the overlay's placeholder, never rendered
-    with pytest.raises(k8s.K8sError, match="images without a tag, or tagged latest: reg.example/cmv-clean,"):
-        k8s.render("gpu", registry="reg.example", k8s_dir=untagged_tree(tmp_path))
-    with pytest.raises(k8s.K8sError, match="tagged latest"):
-        k8s.render("gpu", tag="latest")
-    objects = k8s.render_objects("gpu", tag="abc1234")
-    assert {main_container(workload(objects, s))["image"] for s in k8s.STAGES} == {
-        f"localhost:5000/cmv-{s}:abc1234" for s in k8s.STAGES
+        k8s_render.render("gpu")  # the overlay's placeholder, never rendered
+    with pytest.raises(k8s_names.K8sError, match="images without a tag, or tagged latest: reg.example/cmv-clean,"):
+        k8s_render.render("gpu", registry="reg.example", k8s_dir=untagged_tree(tmp_path))
+    with pytest.raises(k8s_names.K8sError, match="tagged latest"):
+        k8s_render.render("gpu", tag="latest")
+    objects = k8s_render.render_objects("gpu", tag="abc1234")
+    assert {main_container(workload(objects, s))["image"] for s in k8s_names.STAGES} == {
+        f"localhost:5000/cmv-{s}:abc1234" for s in k8s_names.STAGES
     }
 
 
@@ -252,7 +254,7 @@ def test_the_default_tag_is_git_describe_as_make_tags():
     want = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
     ).stdout.strip()
-    assert k8s.default_tag() == want
+    assert k8s_render.default_tag() == want
     make = subprocess.run(["make", "-n", "image-clean"], cwd=REPO, capture_output=True, text=True).stdout
     assert f"-t localhost:5000/cmv-clean:{want} ." in make
     assert "docker info" in make  # docker-check asks the engine, not only whether a CLI exists
@@ -275,10 +277,10 @@ def test_no_latest_anywhere():
 
 
 def test_each_overlay_has_its_own_default_run_id(rendered):
-    ids = {overlay: k8s.plan(objects).run_id for overlay, objects in rendered.items()}
+    ids = {overlay: k8s_render.plan(objects).run_id for overlay, objects in rendered.items()}
     assert len(set(ids.values())) == len(ids), ids
     names = {
-        overlay: {o["metadata"]["name"] for o in objects if o["kind"] in k8s.WORKLOAD_KINDS}
+        overlay: {o["metadata"]["name"] for o in objects if o["kind"] in k8s_names.WORKLOAD_KINDS}
         for overlay, objects in rendered.items()
     }
     overlays = list(names)
@@ -287,7 +289,7 @@ def test_each_overlay_has_its_own_default_run_id(rendered):
             assert not names[a] & names[b], (a, b)
 
 
-@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+@pytest.mark.parametrize("overlay", k8s_names.OVERLAYS)
 def test_every_job_is_bounded_in_time(rendered, overlay):
     for obj in rendered[overlay]:
         specs = (
@@ -303,17 +305,17 @@ def test_every_job_is_bounded_in_time(rendered, overlay):
 
 @pytest.mark.parametrize("overlay", ["gpu", "multinode", "jobset"])
 def test_train_cpu_memory_and_shm_follow_the_gpus_per_node(overlay):
-    settings = k8s.run_settings(gpus_per_node=8)
-    train = workload(k8s.render_objects(overlay, settings=settings, tag=TAG), "train")
+    settings = k8s_settings.run_settings(gpus_per_node=8)
+    train = workload(k8s_render.render_objects(overlay, settings=settings, tag=TAG), "train")
     resources = main_container(train)["resources"]
     assert resources["requests"] == {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}
     assert resources["limits"] == {"cpu": "64", "memory": "768Gi", "nvidia.com/gpu": "8"}
-    shm = next(v for v in k8s.pod_template(train)["spec"]["volumes"] if v["name"] == "dshm")
+    shm = next(v for v in k8s_names.pod_template(train)["spec"]["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "256Gi"}
     one = main_container(workload(render(overlay), "train"))["resources"]
     assert one["requests"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"}
     # An explicit value wins over the derived one.
-    assert k8s.run_settings(gpus_per_node=8, extra=["TRAIN_CPU=48"])["TRAIN_CPU"] == "48"
+    assert k8s_settings.run_settings(gpus_per_node=8, extra=["TRAIN_CPU=48"])["TRAIN_CPU"] == "48"
 
 
 def test_master_port_reaches_the_container_and_the_service():
@@ -332,7 +334,7 @@ def test_hf_home_is_on_a_volume_sized_by_the_settings():
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         assert env["HF_HOME"] == "/cache/huggingface", stage
         assert {"name": "hf-cache", "mountPath": "/cache"} in c["volumeMounts"], stage
-        cache = next(v for v in k8s.pod_template(obj)["spec"]["volumes"] if v["name"] == "hf-cache")
+        cache = next(v for v in k8s_names.pod_template(obj)["spec"]["volumes"] if v["name"] == "hf-cache")
         assert cache["emptyDir"]["sizeLimit"] == "80Gi", stage
 
 

@@ -11,7 +11,8 @@ import yaml
 from conftest import REPO
 
 from cmv_core import cli
-from cmv_core.k8s import submit as k8s
+from cmv_core.k8s import names as k8s_names
+from cmv_core.k8s import render as k8s_render
 
 pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
 
@@ -109,7 +110,7 @@ def workloads_by_stage(docs: list[dict]) -> dict[str, dict]:
     return {
         d["metadata"]["labels"]["cmv.io/stage"]: d
         for d in docs
-        if d["kind"] in k8s.WORKLOAD_KINDS and "cmv.io/stage" in d["metadata"].get("labels", {})
+        if d["kind"] in k8s_names.WORKLOAD_KINDS and "cmv.io/stage" in d["metadata"].get("labels", {})
     }
 
 
@@ -118,12 +119,12 @@ def test_render_dpo_is_the_component_listed_first_and_sizes_dpo_like_train(tmp_p
     settings = {"RUN_ID": "d1", "MASTER_PORT": "29611", "HF_CACHE_SIZE": "77Gi"}
     if overlay != "dev":  # (KUEUE_QUEUE does not render with dev: base/kueue is added to dev/minio too)
         settings["KUEUE_QUEUE"] = "gpu-team"
-    docs = k8s.render_objects(overlay, settings=settings, tag=TAG, dpo=True)
+    docs = k8s_render.render_objects(overlay, settings=settings, tag=TAG, dpo=True)
     hand_docs = render_with_dpo(tmp_path, overlay)
     by_hand = workloads_by_stage(hand_docs)
-    assert k8s.plan(hand_docs).order == k8s.PIPELINE  # listed by hand, submit runs it too
+    assert k8s_render.plan(hand_docs).order == k8s_names.PIPELINE  # listed by hand, submit runs it too
     jobs = workloads_by_stage(docs)
-    assert sorted(jobs) == sorted(k8s.PIPELINE) == sorted(by_hand)
+    assert sorted(jobs) == sorted(k8s_names.PIPELINE) == sorted(by_hand)
     main = lambda job: job["spec"]["template"]["spec"]["containers"][0]  # noqa: E731
     for stage in ("dpo", "generate"):
         assert main(jobs[stage])["args"] == main(by_hand[stage])["args"]
@@ -151,7 +152,7 @@ def test_render_one_stage_of_a_dpo_run(capsys):
         ("Job", "cmv-dpo-d1"),
         ("Service", "cmv-dpo-d1"),
     ]
-    assert k8s.SETTINGS_ANNOTATION in next(d for d in docs if d["kind"] == "Job")["metadata"]["annotations"]
+    assert k8s_names.SETTINGS_ANNOTATION in next(d for d in docs if d["kind"] == "Job")["metadata"]["annotations"]
     assert cli.main([*base, "--dpo", "--stage", "generate"]) == 0
     (job,) = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d and d["kind"] == "Job"]
     assert "--dpo=$(ARTIFACT_ROOT)/$(RUN_ID)/dpo" in job["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cmv_core.k8s import submit as k8s
+from cmv_core.k8s import names as k8s_names
+from cmv_core.k8s import render as k8s_render
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "k8s" / "checkov.yaml"
@@ -62,8 +63,8 @@ def test_every_skipped_check_says_why():
 def test_checkov_passes_on_manifests_and_dockerfiles(tmp_path):
     manifests = tmp_path / "manifests"
     manifests.mkdir()
-    for overlay in k8s.OVERLAYS:
-        (manifests / f"{overlay}.yaml").write_text(k8s.render(overlay, tag="t-1234567"))
+    for overlay in k8s_names.OVERLAYS:
+        (manifests / f"{overlay}.yaml").write_text(k8s_render.render(overlay, tag="t-1234567"))
     reports = run_checkov("-d", str(manifests), "--framework", "kubernetes")
     assert sum(r["summary"]["passed"] for r in reports) > 100  # it did look at them
     assert failures(reports) == []

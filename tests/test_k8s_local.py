@@ -23,7 +23,8 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from cmv_core import storage
-from cmv_core.k8s import submit as k8s
+from cmv_core.k8s import names as k8s_names
+from cmv_core.k8s import render as k8s_render
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -95,8 +96,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def render_run(overlay: str, **settings: str) -> k8s.Plan:
-    return k8s.plan(k8s.render_objects(overlay, settings=settings))
+def render_run(overlay: str, **settings: str) -> k8s_render.Plan:
+    return k8s_render.plan(k8s_render.render_objects(overlay, settings=settings))
 
 
 def tiny_settings(root: str, run_id: str, **extra: str) -> dict[str, str]:
@@ -165,7 +166,7 @@ def test_rendered_jobs_run_the_whole_pipeline(s3_bucket, tiny_model_dir):
         "dev",
         **tiny_settings(root, run_id, AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"], MASTER_PORT=str(free_port())),
     )
-    for stage in k8s.STAGES:
+    for stage in k8s_names.STAGES:
         job = run.job(stage)
         if stage == "train":
             argv, env = pod_process(job, run.config, TEST_SECRETS, index=0)

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from cmv_core import cli
-from cmv_core.k8s import submit as k8s
+from cmv_core.k8s import names as k8s_names
+from cmv_core.k8s import render as k8s_render
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 from kubernetes_validate.utils import latest_version  # noqa: E402
@@ -36,7 +37,7 @@ def kustomization_dirs() -> list[str]:
 
 
 def build(rel: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all(k8s.kustomize(REPO / rel)) if d]
+    return [d for d in yaml.safe_load_all(k8s_render.kustomize(REPO / rel)) if d]
 
 
 def jobs(objects: list[dict]) -> dict[str, dict]:
@@ -44,24 +45,24 @@ def jobs(objects: list[dict]) -> dict[str, dict]:
     return {
         o["metadata"]["labels"]["cmv.io/stage"]: o
         for o in objects
-        if o["kind"] in k8s.WORKLOAD_KINDS and "cmv.io/stage" in o["metadata"].get("labels", {})
+        if o["kind"] in k8s_names.WORKLOAD_KINDS and "cmv.io/stage" in o["metadata"].get("labels", {})
     }
 
 
 def main_container(job: dict) -> dict:
-    return next(c for c in k8s.pod_template(job)["spec"]["containers"] if c["name"] == "main")
+    return next(c for c in k8s_names.pod_template(job)["spec"]["containers"] if c["name"] == "main")
 
 
 @pytest.fixture(scope="module")
 def overlays() -> dict[str, list[dict]]:
-    return {name: build(f"k8s/overlays/{name}") for name in k8s.OVERLAYS}
+    return {name: build(f"k8s/overlays/{name}") for name in k8s_names.OVERLAYS}
 
 
 def test_the_tree_has_every_overlay_and_stage():
     dirs = set(kustomization_dirs())
-    for overlay in k8s.OVERLAYS:
+    for overlay in k8s_names.OVERLAYS:
         assert f"k8s/overlays/{overlay}" in dirs
-        for stage in k8s.STAGES:
+        for stage in k8s_names.STAGES:
             assert f"k8s/overlays/{overlay}/{stage}" in dirs
     assert "k8s/overlays/dev/minio" in dirs and "k8s/base" in dirs
 
@@ -89,7 +90,7 @@ def test_stage_kustomizations_split_the_pipeline_exactly(overlays):
     """overlays/<o>/<stage> applies one stage: together they are the whole overlay (less dev's MinIO)."""
     for overlay, whole in overlays.items():
         parts: dict[tuple, dict] = {}
-        for stage in k8s.STAGES:
+        for stage in k8s_names.STAGES:
             objects = build(f"k8s/overlays/{overlay}/{stage}")
             kinds = sorted(o["kind"] for o in objects)
             train = ["ConfigMap", "JobSet"] if overlay == "jobset" else ["ConfigMap", "Job", "Service"]
@@ -109,11 +110,11 @@ def test_stage_kustomizations_split_the_pipeline_exactly(overlays):
 
 
 def test_run_id_and_node_count_are_each_set_in_one_place():
-    objects = k8s.render_objects("multinode", settings={"RUN_ID": "exp-7", "NNODES": "3"})
-    run = k8s.plan(objects)
+    objects = k8s_render.render_objects("multinode", settings={"RUN_ID": "exp-7", "NNODES": "3"})
+    run = k8s_render.plan(objects)
     assert run.run_id == "exp-7" and run.settings["NNODES"] == "3"
     names = {o["metadata"]["name"] for o in objects if o["kind"] in ("Job", "Service")}
-    assert names == {f"cmv-{s}-exp-7" for s in k8s.STAGES}
+    assert names == {f"cmv-{s}-exp-7" for s in k8s_names.STAGES}
     train = run.job("train")
     service = next(o for o in objects if o["kind"] == "Service")
     assert train["spec"]["completions"] == train["spec"]["parallelism"] == 3
@@ -125,7 +126,7 @@ def test_run_id_and_node_count_are_each_set_in_one_place():
     for o in objects:
         if o["kind"] in ("Job", "Service", "ConfigMap"):
             assert o["metadata"]["labels"]["cmv.io/run-id"] == "exp-7"
-    for stage in k8s.STAGES:
+    for stage in k8s_names.STAGES:
         assert run.job(stage)["spec"]["template"]["metadata"]["labels"]["cmv.io/run-id"] == "exp-7"
     # The repository sets the node count once: one NNODES= line per overlay chain, no literal sizes.
     literal = [
@@ -139,7 +140,7 @@ def test_run_id_and_node_count_are_each_set_in_one_place():
         "overlays/multinode/settings/pipeline.env",
     ]
     # ...and from 1 to N nodes it is that one value (the gpu overlay has the same Job at NNODES=1).
-    gpu = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "exp-7"})).job("train")
+    gpu = k8s_render.plan(k8s_render.render_objects("gpu", settings={"RUN_ID": "exp-7"})).job("train")
     assert gpu["spec"]["completions"] == 1
 
     def strip(job):  # what may differ: the size, multinode's anti-affinity, the ConfigMap's content hash
@@ -156,14 +157,14 @@ def test_run_id_and_node_count_are_each_set_in_one_place():
 
 
 def test_gpus_per_node_follow_nproc_per_node():
-    run = k8s.plan(k8s.render_objects("multinode", settings={"NPROC_PER_NODE": "8"}))
+    run = k8s_render.plan(k8s_render.render_objects("multinode", settings={"NPROC_PER_NODE": "8"}))
     resources = main_container(run.job("train"))["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"] == "8"
 
 
 def test_two_runs_never_share_an_object():
-    a = k8s.render_objects("gpu", settings={"RUN_ID": "run-a"})
-    b = k8s.render_objects("gpu", settings={"RUN_ID": "run-b"})
+    a = k8s_render.render_objects("gpu", settings={"RUN_ID": "run-a"})
+    b = k8s_render.render_objects("gpu", settings={"RUN_ID": "run-b"})
     names = lambda objs: {(o["kind"], o["metadata"]["name"]) for o in objs}  # noqa: E731
     assert not names(a) & names(b)
 
@@ -171,14 +172,14 @@ def test_two_runs_never_share_an_object():
 def test_jobs_security_retries_and_resources(overlays):
     for overlay, objects in overlays.items():
         stage_jobs = jobs(objects)
-        assert sorted(stage_jobs) == sorted(k8s.STAGES)
+        assert sorted(stage_jobs) == sorted(k8s_names.STAGES)
         config = next(
             o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("cmv-pipeline")
         )
         assert not [k for k in config["data"] if SECRET_WORDS.search(k)], "secrets never in the ConfigMap"
         assert not [o for o in objects if o["kind"] == "Secret"], "Secrets are created by the user, never rendered"
         for stage, job in stage_jobs.items():
-            spec, pod = job["spec"], k8s.pod_template(job)["spec"]
+            spec, pod = job["spec"], k8s_names.pod_template(job)["spec"]
             where = f"{overlay}/{stage}"
             assert spec["ttlSecondsAfterFinished"] > 0, where
             if job["kind"] == "Job":  # the JobSet's retries: test_k8s_cluster.py
@@ -248,12 +249,12 @@ def flags(argv: list[str]) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+@pytest.mark.parametrize("overlay", k8s_names.OVERLAYS)
 def test_job_arguments_match_the_local_runner(overlays, overlay):
     """The Jobs pass each stage the same inputs and output that `cmv run` does, for the same root and run."""
-    run = k8s.plan(overlays[overlay])
+    run = k8s_render.plan(overlays[overlay])
     env = run.settings
-    for stage in k8s.STAGES:
+    for stage in k8s_names.STAGES:
         c = main_container(run.job(stage))
         args = [expand(a, env) for a in c["args"]]
         if stage == "train":
@@ -288,7 +289,7 @@ def test_train_job_runs_torchrun_with_rank_from_the_completion_index(overlays):
     assert env["MASTER_ADDR"]["value"] == "$(JOB_NAME)-0.$(JOB_NAME)"
     assert job["spec"]["template"]["spec"]["subdomain"] == job["metadata"]["name"]
     port = c["ports"][0]["containerPort"]
-    config = k8s.plan(overlays["multinode"]).settings
+    config = k8s_render.plan(overlays["multinode"]).settings
     assert str(port) == config["MASTER_PORT"]
     # SIGTERM contract: the trainer checkpoints and exits 143; torchrun and the pod wait long enough for it.
     assert {"action": "Ignore", "onExitCodes": {"containerName": "main", "operator": "In", "values": [143]}} in job[
@@ -302,7 +303,7 @@ def test_train_job_runs_torchrun_with_rank_from_the_completion_index(overlays):
 
 def test_dev_overlay_is_cpu_minio_and_the_demo_recipe(overlays):
     objects = overlays["dev"]
-    settings = k8s.plan(objects).settings
+    settings = k8s_render.plan(objects).settings
     assert settings["CMV_RECIPE"] == "configs/demo.yaml" and (REPO / settings["CMV_RECIPE"]).exists()
     assert (REPO / settings["RAW_INPUT"]).exists(), "the dev dump ships in the image (/app)"
     assert settings["AWS_ENDPOINT_URL"] == "http://cmv-minio:9000"
@@ -344,10 +345,10 @@ def test_render_cli_sets_run_images_and_stage(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     objects = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    run = k8s.plan(objects)
+    run = k8s_render.plan(objects)
     assert run.run_id == "r9" and run.settings["CMV_RECIPE"] == "configs/llama-3.2-3b.yaml"
     assert run.settings["INPUT_WAIT_S"] == "60"
-    for stage in k8s.STAGES:
+    for stage in k8s_names.STAGES:
         assert main_container(run.job(stage))["image"] == f"reg.example/cmv/cmv-{stage}:abc1234"
     one = [d for d in yaml.safe_load_all(cmv("--overlay", "dev", "--stage", "judge", "--run-id", "r9").stdout) if d]
     assert sorted((o["kind"], o["metadata"]["name"]) for o in one if o["kind"] != "ConfigMap") == [
@@ -359,12 +360,12 @@ def test_render_cli_sets_run_images_and_stage(tmp_path):
     assert missing.returncode == 2 and "no overlay 'nope'" in missing.stderr and "dev" in missing.stderr
 
 
-@pytest.mark.parametrize("overlay", k8s.OVERLAYS)
+@pytest.mark.parametrize("overlay", k8s_names.OVERLAYS)
 def test_render_settings_reach_every_overlay_and_stage(overlay):
     # A key the overlay does not have yet (gpu has no AWS_ENDPOINT_URL; dev has one) and one it has.
     settings = {"AWS_ENDPOINT_URL": "http://store.example:9000", "RUN_ID": "setting-42"}
     for stage in (None, "train"):
-        run = k8s.plan(k8s.render_objects(overlay, stage=stage, settings=settings))
+        run = k8s_render.plan(k8s_render.render_objects(overlay, stage=stage, settings=settings))
         assert run.settings["AWS_ENDPOINT_URL"] == "http://store.example:9000" and run.run_id == "setting-42"
     # The repository's files are untouched: rendering works on a copy.
     assert (

@@ -16,7 +16,10 @@ pytest.importorskip("kubernetes")
 from fake_k8s_api import FakeK8s, Fault, Script, kubeconfig  # noqa: E402
 
 from cmv_core import cli  # noqa: E402
-from cmv_core.k8s import submit as k8s
+from cmv_core.k8s import api as k8s_api
+from cmv_core.k8s import names as k8s_names
+from cmv_core.k8s import render as k8s_render
+from cmv_core.k8s import settings as k8s_settings
 
 STAGES = ["clean", "format", "train", "generate", "judge"]
 
@@ -48,14 +51,14 @@ def fake_manifest(server: FakeK8s, job: dict, stage: str, run_id: str) -> dict:
     (the recipe's values plus defaults the recipe does not set), the time it finished."""
     cm_name = next(
         e["configMapRef"]["name"]
-        for e in k8s.pod_template(job)["spec"]["containers"][0]["envFrom"]
+        for e in k8s_names.pod_template(job)["spec"]["containers"][0]["envFrom"]
         if "configMapRef" in e
     )
     values = next(o for (kind, _, name), o in server.objects.items() if kind == "ConfigMap" and name == cm_name)["data"]
     root = Path(values["ARTIFACT_ROOT"])
-    args = k8s.pod_template(job)["spec"]["containers"][0]["args"]
+    args = k8s_names.pod_template(job)["spec"]["containers"][0]["args"]
     # generate given --dpo=... reads the DPO output too (its variant's manifest is an input)
-    ups = k8s.UPSTREAM[stage] + (["dpo"] if any(a.startswith("--dpo=") for a in args) else [])
+    ups = k8s_names.UPSTREAM[stage] + (["dpo"] if any(a.startswith("--dpo=") for a in args) else [])
     inputs = (
         [{"uri": values["RAW_INPUT"], "digest": "fingerprint:abc"}]
         if stage == "clean"
@@ -67,7 +70,7 @@ def fake_manifest(server: FakeK8s, job: dict, stage: str, run_id: str) -> dict:
             for up in ups
         ]
     )
-    recipe = k8s.load_recipe_here(values["CMV_RECIPE"]) or {}
+    recipe = k8s_settings.load_recipe_here(values["CMV_RECIPE"]) or {}
     if stage == "dpo":  # `cmv train --method dpo`: a train manifest, dpo: read over train:, on the SFT model
         assert "--method=dpo" in args and "--init=$(ARTIFACT_ROOT)/$(RUN_ID)/train" in args
         train = {k: v for k, v in (recipe.get("train") or {}).items() if k not in ("packing", "packing_strategy")}
@@ -175,12 +178,10 @@ def test_resume_trusts_the_jobs_when_the_store_is_not_checked(fake, capsys):
 def test_a_stage_whose_job_is_running_is_waited_for_not_recreated(fake, capsys):
     fake.scripts["clean"] = Script(run_s=1.0, log=["slow clean"])
     # Someone applied the clean stage by hand (kubectl apply -k k8s/overlays/gpu/clean) just before.
-    from cmv_core.k8s import submit as k8s
-
-    run = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store)}))
-    cluster = k8s.connect()
-    k8s.create_object(cluster, run.config)
-    k8s.create_object(cluster, run.job("clean"))
+    run = k8s_render.plan(k8s_render.render_objects("gpu", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store)}))
+    cluster = k8s_api.connect()
+    k8s_api.create_object(cluster, run.config)
+    k8s_api.create_object(cluster, run.job("clean"))
     assert submit(fake, "--stages", "clean", "format") == 0
     out = capsys.readouterr().out
     assert "=== clean: Job cmv-clean-t1 already running, waiting for it" in out
@@ -254,7 +255,7 @@ def test_a_dropped_log_stream_is_reconnected_without_losing_or_doubling_a_line(f
 def write_recipe(path: Path, learning_rate: float) -> str:
     import yaml
 
-    recipe = yaml.safe_load((k8s.default_k8s_dir().parent / "configs" / "llama-3.2-1b.yaml").read_text())
+    recipe = yaml.safe_load((k8s_names.default_k8s_dir().parent / "configs" / "llama-3.2-1b.yaml").read_text())
     recipe["train"]["learning_rate"] = learning_rate
     path.write_text(yaml.safe_dump(recipe))
     return str(path)
@@ -297,8 +298,8 @@ def test_a_changed_recipe_reruns_the_changed_stage_and_those_after_it(fake, caps
 
 def test_a_409_with_another_settings_hash_is_an_error_naming_both(fake, capsys, tmp_path):
     fake.scripts["train"] = Script(run_s=30)
-    first = k8s.plan(
-        k8s.render_objects(
+    first = k8s_render.plan(
+        k8s_render.render_objects(
             "gpu",
             settings={
                 "RUN_ID": "t1",
@@ -307,13 +308,13 @@ def test_a_409_with_another_settings_hash_is_an_error_naming_both(fake, capsys, 
             },
         )
     )
-    cluster = k8s.connect()
-    k8s.create_object(cluster, first.config)
-    assert k8s.create_object(cluster, first.job("train"))
-    assert not k8s.create_object(cluster, first.job("train"))  # same settings: adopted, not an error
-    theirs = first.job("train")["metadata"]["annotations"][k8s.SETTINGS_ANNOTATION][:16]
-    second = k8s.plan(
-        k8s.render_objects(
+    cluster = k8s_api.connect()
+    k8s_api.create_object(cluster, first.config)
+    assert k8s_api.create_object(cluster, first.job("train"))
+    assert not k8s_api.create_object(cluster, first.job("train"))  # same settings: adopted, not an error
+    theirs = first.job("train")["metadata"]["annotations"][k8s_names.SETTINGS_ANNOTATION][:16]
+    second = k8s_render.plan(
+        k8s_render.render_objects(
             "gpu",
             settings={
                 "RUN_ID": "t1",
@@ -322,10 +323,10 @@ def test_a_409_with_another_settings_hash_is_an_error_naming_both(fake, capsys, 
             },
         )
     )
-    ours = second.job("train")["metadata"]["annotations"][k8s.SETTINGS_ANNOTATION][:16]
+    ours = second.job("train")["metadata"]["annotations"][k8s_names.SETTINGS_ANNOTATION][:16]
     assert ours != theirs
-    with pytest.raises(k8s.SettingsConflict, match=f"settings hash {theirs}, this submit's is {ours}"):
-        k8s.create_object(cluster, second.job("train"))
+    with pytest.raises(k8s_names.SettingsConflict, match=f"settings hash {theirs}, this submit's is {ours}"):
+        k8s_api.create_object(cluster, second.job("train"))
     # Through the CLI: the running Job is not adopted by a submit with other settings, nor deleted.
     start = len(fake.calls)
     assert submit(fake, "--stages", "train", "--recipe", str(tmp_path / "b.yaml")) == 2
@@ -336,17 +337,17 @@ def test_a_409_with_another_settings_hash_is_an_error_naming_both(fake, capsys, 
 
 def test_every_job_carries_its_settings_hash_and_only_its_stage_changes_it(tmp_path):
     def hashes(lr: float) -> dict[str, str]:
-        run = k8s.plan(
-            k8s.render_objects(
+        run = k8s_render.plan(
+            k8s_render.render_objects(
                 "gpu", settings={"RUN_ID": "h1", "CMV_RECIPE": write_recipe(tmp_path / f"{lr}.yaml", lr)}
             )
         )
         out = {}
         for stage in STAGES:
             job = run.job(stage)
-            digest = job["metadata"]["annotations"][k8s.SETTINGS_ANNOTATION]
-            assert job["metadata"]["labels"][k8s.SETTINGS_LABEL] == digest[:16]
-            assert job["spec"]["template"]["metadata"]["labels"][k8s.SETTINGS_LABEL] == digest[:16]
+            digest = job["metadata"]["annotations"][k8s_names.SETTINGS_ANNOTATION]
+            assert job["metadata"]["labels"][k8s_names.SETTINGS_LABEL] == digest[:16]
+            assert job["spec"]["template"]["metadata"]["labels"][k8s_names.SETTINGS_LABEL] == digest[:16]
             out[stage] = digest
         return out
 
@@ -387,13 +388,13 @@ def test_jobs_applied_from_cmv_k8s_render_are_adopted_by_submit(fake, capsys):
     import yaml
 
     fake.scripts["clean"] = Script(run_s=1.0, log=["applied by hand"])
-    text = k8s.render("gpu", stage="clean", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store)})
+    text = k8s_render.render("gpu", stage="clean", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store)})
     docs = [d for d in yaml.safe_load_all(text) if d]
     job = next(d for d in docs if d["kind"] == "Job")
-    assert k8s.SETTINGS_ANNOTATION in job["metadata"]["annotations"]  # render | kubectl apply -f - carries it
-    cluster = k8s.connect()
+    assert k8s_names.SETTINGS_ANNOTATION in job["metadata"]["annotations"]  # render | kubectl apply -f - carries it
+    cluster = k8s_api.connect()
     for doc in docs:
-        k8s.create_object(cluster, doc)
+        k8s_api.create_object(cluster, doc)
     assert submit(fake, "--stages", "clean") == 0
     assert "=== clean: Job cmv-clean-t1 already running, waiting for it" in capsys.readouterr().out
     assert [n for _, n in fake.created("Job")] == ["cmv-clean-t1"]
@@ -407,7 +408,7 @@ DPO_PIPELINE = ["clean", "format", "train", "dpo", "generate", "judge"]
 def write_dpo_recipe(path: Path, dpo_learning_rate: float, train_learning_rate: float = 2.0e-4, **dpo) -> str:
     import yaml
 
-    recipe = yaml.safe_load((k8s.default_k8s_dir().parent / "configs" / "llama-3.2-1b.yaml").read_text())
+    recipe = yaml.safe_load((k8s_names.default_k8s_dir().parent / "configs" / "llama-3.2-1b.yaml").read_text())
     recipe["train"]["learning_rate"] = train_learning_rate
     recipe["dpo"].update(learning_rate=dpo_learning_rate, **dpo)
     path.write_text(yaml.safe_dump(recipe))
@@ -439,9 +440,9 @@ def test_a_dpo_run_creates_and_waits_for_each_stage_in_order_dpo_between_train_a
         assert fake.created_at("Job", f"cmv-{after}-t1") >= fake.finished_at(f"cmv-{before}-t1")
     assert "] dpo says hello" in out and "=== dpo: Job cmv-dpo-t1 succeeded" in out
     dpo = fake.objects[("Job", "cmv-test", "cmv-dpo-t1")]
-    assert k8s.pod_template(dpo)["spec"]["containers"][0]["image"].split("/")[-1].startswith("cmv-train:")
+    assert k8s_names.pod_template(dpo)["spec"]["containers"][0]["image"].split("/")[-1].startswith("cmv-train:")
     generate = fake.objects[("Job", "cmv-test", "cmv-generate-t1")]
-    assert "--dpo=$(ARTIFACT_ROOT)/$(RUN_ID)/dpo" in k8s.pod_template(generate)["spec"]["containers"][0]["args"]
+    assert "--dpo=$(ARTIFACT_ROOT)/$(RUN_ID)/dpo" in k8s_names.pod_template(generate)["spec"]["containers"][0]["args"]
     # the dpo Job owns its headless Service and (with the others) the run's ConfigMap
     service = fake.objects[("Service", "cmv-test", "cmv-dpo-t1")]
     assert [r["name"] for r in service["metadata"]["ownerReferences"]] == ["cmv-dpo-t1"]
@@ -561,9 +562,11 @@ def test_dpo_where_it_cannot_run_is_a_one_line_error_and_creates_nothing(fake, c
 def test_the_dpo_jobs_settings_hash_follows_the_train_and_dpo_sections_and_no_other_stages_does(tmp_path):
     def hashes(name: str, dpo_lr: float, train_lr: float) -> dict[str, str]:
         recipe = write_dpo_recipe(tmp_path / f"{name}.yaml", dpo_lr, train_learning_rate=train_lr)
-        run = k8s.plan(k8s.render_objects("gpu", settings={"RUN_ID": "h1", "CMV_RECIPE": recipe}, dpo=True))
+        run = k8s_render.plan(
+            k8s_render.render_objects("gpu", settings={"RUN_ID": "h1", "CMV_RECIPE": recipe}, dpo=True)
+        )
         assert run.order == DPO_PIPELINE
-        return {s: run.job(s)["metadata"]["annotations"][k8s.SETTINGS_ANNOTATION] for s in run.order}
+        return {s: run.job(s)["metadata"]["annotations"][k8s_names.SETTINGS_ANNOTATION] for s in run.order}
 
     a, b, c = hashes("a", 5.0e-6, 2.0e-4), hashes("b", 1.0e-5, 2.0e-4), hashes("c", 5.0e-6, 1.0e-4)
     assert [s for s in DPO_PIPELINE if a[s] != b[s]] == ["dpo"]

@@ -14,9 +14,11 @@ from conftest import run_cmv
 from test_clean import read_rejects, read_rows
 
 from cmv_core import storage
-from cmv_core.clean import stage as clean
-from cmv_core.clean.stage import CleanConfig, run_clean
-from cmv_core.cmv import reddit
+from cmv_core.clean.config import CONVERSATIONS, CleanConfig
+from cmv_core.clean.readers import input_format
+from cmv_core.clean.stage import run_clean
+from cmv_core.clean.stats import TooManyRejectsError
+from cmv_core.cmv.records import sniff_file
 from cmv_core.errors import InputError
 
 ORPHAN_LINK = "t3_zzzzzz"
@@ -160,6 +162,7 @@ def test_pushshift_files_give_the_cornell_conversations(ext, records, cornell_ro
 def test_a_directory_holding_both_and_the_fingerprint(records, cornell_rows, tmp_path, monkeypatch):
     # small fingerprint chunks, so the files span many: the streamed digest must match storage's own
     monkeypatch.setattr(storage, "RAW_CHUNK_BYTES", 4096)
+    monkeypatch.setattr("cmv_core.storage.digests.RAW_CHUNK_BYTES", 4096)
     subs, comments, _ = records
     sub_path, com_path = write_records(tmp_path / "in", subs, comments, ".gz")
     out = tmp_path / "clean"
@@ -192,9 +195,7 @@ def test_threads_do_not_depend_on_record_or_file_order(records, cornell_rows, tm
     assert read_rows(tmp_path / "out") == cornell_rows
     # worker processes take the joined thread lines as they take dump lines: the same bytes
     run_clean(inputs, str(tmp_path / "out2"), CleanConfig(workers=2))
-    assert (tmp_path / "out2" / clean.CONVERSATIONS).read_bytes() == (
-        tmp_path / "out" / clean.CONVERSATIONS
-    ).read_bytes()
+    assert (tmp_path / "out2" / CONVERSATIONS).read_bytes() == (tmp_path / "out" / CONVERSATIONS).read_bytes()
 
 
 def test_cli_two_inputs_and_mixed_or_comment_only_inputs_refused(records, sample_dump, cornell_rows, tmp_path):
@@ -210,7 +211,7 @@ def test_cli_two_inputs_and_mixed_or_comment_only_inputs_refused(records, sample
     assert proc.returncode == 2 and "mix a Cornell thread dump" in proc.stderr
     assert not (tmp_path / "m2" / "_SUCCESS").exists()
 
-    with pytest.raises(clean.TooManyRejectsError, match="no Pushshift submission records"):
+    with pytest.raises(TooManyRejectsError, match="no Pushshift submission records"):
         run_clean([str(com_path)], str(tmp_path / "only"), CleanConfig())
     assert [r["reason"] for r in read_rejects(tmp_path / "only")].count("orphan_comment") == 242  # once each
 
@@ -220,7 +221,7 @@ def test_bad_records_rejected_with_file_line_and_reason(tmp_path):
     lines = [good, {"id": "c1", "body": "z", "link_id": 7, "parent_id": "t3_abc123"}, {"foo": 1}, {"title": "no id"}]
     path = tmp_path / "records.jsonl"
     path.write_bytes(jsonl(lines))
-    with pytest.raises(clean.TooManyRejectsError, match="3 of 4 input lines"):
+    with pytest.raises(TooManyRejectsError, match="3 of 4 input lines"):
         run_clean([str(path)], str(tmp_path / "out"), CleanConfig())
     got = [(r["line"], r["reason"]) for r in read_rejects(tmp_path / "out")]
     assert got == [(2, "bad_link_id"), (3, "unknown_record"), (4, "missing_id")]
@@ -247,9 +248,9 @@ def test_a_dump_is_told_from_record_files_by_content(sample_dump, records, tmp_p
     dump.write_bytes(json.dumps(first).encode() + b"\n" + b"".join(lines[1:]))
     subs, comments, _ = records
     sub_path, com_path = write_records(tmp_path / "in", subs, comments, ".bz2")
-    assert [reddit.sniff_file(str(p)) for p in (dump, sub_path, com_path)] == ["cornell", "pushshift", "pushshift"]
-    assert clean.input_format([str(sub_path), str(com_path)]) == "pushshift"
-    assert clean.input_format([str(dump), sample_dump]) == "cornell"
+    assert [sniff_file(str(p)) for p in (dump, sub_path, com_path)] == ["cornell", "pushshift", "pushshift"]
+    assert input_format([str(sub_path), str(com_path)]) == "pushshift"
+    assert input_format([str(dump), sample_dump]) == "cornell"
 
 
 def test_a_duplicate_submission_keeps_its_first_place_and_the_later_copy(records, cornell_rows, tmp_path):

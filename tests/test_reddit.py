@@ -8,7 +8,10 @@ import json
 
 import pytest
 
-from cmv_core.cmv import reddit
+from cmv_core.cmv import threads
+from cmv_core.cmv.dump import expand_inputs, iter_lines
+from cmv_core.cmv.text import clean_op_text, remove_delta_edits, remove_footnote, unescape
+from cmv_core.cmv.threads import LineRejected, build_thread, parse_line, thread_id_of
 
 FOOTNOTE = (
     "\n\n_____\n\n&gt; *Hello, users of CMV! This is a footnote from your moderators. We'd just like to remind "
@@ -34,13 +37,13 @@ def test_plain_gz_bz2_and_directories(tmp_path):
     plain = tmp_path / "cmv_20161111.jsonlist"
     plain.write_bytes(_lines(1, 20))
 
-    files = reddit.expand_inputs([str(d), str(plain)])
+    files = expand_inputs([str(d), str(plain)])
     assert [f.rsplit("/", 1)[-1] for f in files] == [
         "heldout_period_data.jsonlist.gz",
         "train_period_data.jsonlist.bz2",
         "cmv_20161111.jsonlist",
     ]
-    got = [(ln.file.rsplit("/", 1)[-1], ln.number, json.loads(ln.raw)["id"]) for ln in reddit.iter_lines(files)]
+    got = [(ln.file.rsplit("/", 1)[-1], ln.number, json.loads(ln.raw)["id"]) for ln in iter_lines(files)]
     assert got == [
         ("heldout_period_data.jsonlist.gz", 1, "t10"),
         ("heldout_period_data.jsonlist.gz", 2, "t11"),
@@ -53,14 +56,14 @@ def test_plain_gz_bz2_and_directories(tmp_path):
 
 def test_empty_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no thread files"):
-        reddit.expand_inputs([str(tmp_path)])
+        expand_inputs([str(tmp_path)])
 
 
 def test_truncated_gzip_yields_lines_then_one_error(tmp_path):
     data = gzip.compress(_lines(200))
     path = tmp_path / "cut.jsonlist.gz"
     path.write_bytes(data[: len(data) // 2])
-    lines = list(reddit.iter_lines([str(path)]))
+    lines = list(iter_lines([str(path)]))
     assert lines[-1].error is not None and lines[-1].raw == b""
     good = [ln for ln in lines if ln.error is None]
     assert all(json.loads(ln.raw)["id"] == f"t{i}" for i, ln in enumerate(good[:-1]))
@@ -79,27 +82,27 @@ def test_truncated_gzip_yields_lines_then_one_error(tmp_path):
     ],
 )
 def test_parse_line_rejects(raw, reason):
-    with pytest.raises(reddit.LineRejected) as exc:
-        reddit.parse_line(raw)
+    with pytest.raises(LineRejected) as exc:
+        parse_line(raw)
     assert exc.value.reason == reason
 
 
 def test_thread_id_from_id_or_name():
-    assert reddit.thread_id_of({"id": "5c8xdc"}) == "5c8xdc"
-    assert reddit.thread_id_of({"name": "t3_5c8xdc"}) == "5c8xdc"
-    with pytest.raises(reddit.LineRejected) as exc:
-        reddit.thread_id_of({"title": "no id"})
+    assert thread_id_of({"id": "5c8xdc"}) == "5c8xdc"
+    assert thread_id_of({"name": "t3_5c8xdc"}) == "5c8xdc"
+    with pytest.raises(LineRejected) as exc:
+        thread_id_of({"title": "no id"})
     assert exc.value.reason == "missing_id"
 
 
 def test_comments_must_be_a_list():
-    with pytest.raises(reddit.LineRejected) as exc:
-        reddit.build_thread({"id": "a", "comments": {"x": 1}})
+    with pytest.raises(LineRejected) as exc:
+        build_thread({"id": "a", "comments": {"x": 1}})
     assert exc.value.reason == "bad_comments"
 
 
 def test_build_thread_fields():
-    t = reddit.build_thread(
+    t = build_thread(
         {
             "id": "a1",
             "author": "op",
@@ -126,15 +129,15 @@ def test_build_thread_fields():
 
 
 def test_footnote_removed_with_its_rule_and_quote():
-    text = reddit.unescape("My view.\n\nSecond paragraph." + FOOTNOTE)
-    assert reddit.remove_footnote(text) == "My view.\n\nSecond paragraph."
-    assert reddit.remove_footnote("no footnote > here") == "no footnote > here"
+    text = unescape("My view.\n\nSecond paragraph." + FOOTNOTE)
+    assert remove_footnote(text) == "My view.\n\nSecond paragraph."
+    assert remove_footnote("no footnote > here") == "no footnote > here"
 
 
 @pytest.mark.parametrize("lead", ["\n\n", "\n\n&gt; ", "\n\n---\n\n&gt;", "\n_____\n&gt; ", "\n\n*****\n\n"])
 def test_footnote_removed_whatever_leads_into_it(lead):
     text = "My view.\n\n&gt; a quote I keep" + lead + FOOTNOTE.split("&gt; ", 1)[1] + "\n\nmore footnote"
-    assert reddit.clean_op_text(text, strip_delta_edits=False) == "My view.\n\n> a quote I keep"
+    assert clean_op_text(text, strip_delta_edits=False) == "My view.\n\n> a quote I keep"
 
 
 def test_delta_edit_markers_and_a_long_run_of_spaces():
@@ -143,7 +146,7 @@ def test_delta_edit_markers_and_a_long_run_of_spaces():
     spaces = "Edit" + " " * 400 + "and then my view changed\n\nEnd."  # no ":" or "-": not an edit marker
     text = "View.\n\nEdit #2 - delta to bob\n\n__Update__: \u2206 given\n\nEDIT 3 **:** cmv'd\n\n" + spaces
     started = time.monotonic()
-    assert reddit.remove_delta_edits(text) == "View.\n\n" + spaces
+    assert remove_delta_edits(text) == "View.\n\n" + spaces
     assert time.monotonic() - started < 1.0  # the marker pattern must not backtrack over the spaces
 
 
@@ -152,20 +155,20 @@ def test_delta_edits_removed_other_edits_kept():
         "My view is X.\n\nEdit: formatting.\n\n**EDIT 2:** My view has been changed by /u/bob, thanks!\n"
         "More of the same edit.\n\nUPDATE - \u2206 awarded to alice\n\nClosing line."
     )
-    assert reddit.remove_delta_edits(text) == "My view is X.\n\nEdit: formatting.\n\nClosing line."
-    assert reddit.clean_op_text(text, strip_delta_edits=False) == text
+    assert remove_delta_edits(text) == "My view is X.\n\nEdit: formatting.\n\nClosing line."
+    assert clean_op_text(text, strip_delta_edits=False) == text
 
 
 def test_op_text_keeps_markdown_structure():
     text = "Points:\n\n* one\n* two\n\n> a quote I agree with\n\n1. numbered"
-    assert reddit.clean_op_text(text, strip_delta_edits=True) == text
+    assert clean_op_text(text, strip_delta_edits=True) == text
 
 
 # --- the bundled sample -------------------------------------------------------------------------------------
 
 
 def test_bundled_sample_is_in_the_raw_format(sample_dump):
-    subs = [reddit.parse_line(ln.raw) for ln in reddit.iter_lines([sample_dump])]
+    subs = [parse_line(ln.raw) for ln in iter_lines([sample_dump])]
     assert len(subs) >= 24
     kinds = {"more": 0, "stub": 0, "real": 0}
     for s in subs:
@@ -188,18 +191,18 @@ def test_bundled_sample_is_reproducible(tmp_path):
     import sys
     from pathlib import Path
 
-    script = Path(reddit.__file__).parents[1] / "data" / "make_sample.py"
+    script = Path(threads.__file__).parents[1] / "data" / "make_sample.py"
     proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_missing_input_is_an_error_not_a_reject(tmp_path):
     with pytest.raises(FileNotFoundError):
-        list(reddit.iter_lines([str(tmp_path / "nope.jsonlist")]))
+        list(iter_lines([str(tmp_path / "nope.jsonlist")]))
 
 
 def test_not_really_gzip_is_an_unreadable_stream(tmp_path):
     fake = tmp_path / "fake.jsonlist.gz"
     fake.write_bytes(b'{"id": "a"}\n')
-    lines = list(reddit.iter_lines([str(fake)]))
+    lines = list(iter_lines([str(fake)]))
     assert len(lines) == 1 and "BadGzipFile" in lines[0].error

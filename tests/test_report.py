@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from cmv_core.report import build as report
+from cmv_core.report.build import build_report
+from cmv_core.report.calibration import summarize_calibration
+from cmv_core.report.intervals import bootstrap_mean_ci, wilson_ci
+from cmv_core.report.markdown import render_markdown
+from cmv_core.report.plots import render_plots
+from cmv_core.report.variants import summarize_pairwise, summarize_single
 
 
 def single(variant, item, scores, status="ok", weighted=None):
@@ -92,21 +97,21 @@ def cal(pid, v_winner_first, v_loser_first, winner_words, loser_words):
 
 def test_bootstrap_ci_contains_mean_and_is_seeded():
     values = [1, 2, 2, 3, 5, 6, 7, 7, 4, 4]
-    ci = report.bootstrap_mean_ci(values, n_boot=1000, seed=3)
+    ci = bootstrap_mean_ci(values, n_boot=1000, seed=3)
     mean = sum(values) / len(values)
     assert ci[0] < mean < ci[1]
-    assert ci == report.bootstrap_mean_ci(values, n_boot=1000, seed=3)
-    assert ci != report.bootstrap_mean_ci(values, n_boot=1000, seed=4)
-    assert report.bootstrap_mean_ci([], n_boot=10) is None
-    assert report.bootstrap_mean_ci([5.0], n_boot=10) == (5.0, 5.0)
+    assert ci == bootstrap_mean_ci(values, n_boot=1000, seed=3)
+    assert ci != bootstrap_mean_ci(values, n_boot=1000, seed=4)
+    assert bootstrap_mean_ci([], n_boot=10) is None
+    assert bootstrap_mean_ci([5.0], n_boot=10) == (5.0, 5.0)
 
 
 def test_wilson_interval_bounds():
-    lo, hi = report.wilson_ci(0, 10)
+    lo, hi = wilson_ci(0, 10)
     assert lo == 0.0 and 0.2 < hi < 0.35  # not the useless [0, 0] of the normal approximation
-    lo, hi = report.wilson_ci(5, 10)
+    lo, hi = wilson_ci(5, 10)
     assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
-    assert report.wilson_ci(0, 0) is None
+    assert wilson_ci(0, 0) is None
 
 
 def test_single_means_exclude_failures_and_histogram_counts():
@@ -116,7 +121,7 @@ def test_single_means_exclude_failures_and_histogram_counts():
     ]
     rows.append(single("ft", 9, None, status="unparseable"))
     rows.append(single("base", 0, {"persuasiveness": 2, "fluency": 3}))
-    out = report.summarize_single(rows, ["persuasiveness", "fluency"], n_boot=500, seed=0)
+    out = summarize_single(rows, ["persuasiveness", "fluency"], n_boot=500, seed=0)
     ft = out["variants"]["ft"]
     assert ft["n"] == 5 and ft["n_ok"] == 4 and ft["n_failed"] == 1
     p = ft["criteria"]["persuasiveness"]
@@ -137,7 +142,7 @@ def test_pairwise_rates_sum_to_one_and_inconsistency_is_a_visible_tie():
         pair(5, "tie", "tie"),  # consistent tie
         pair(6, "A", "B", status="failed"),
     ]
-    out = report.summarize_pairwise(rows)["ft_vs_base"]
+    out = summarize_pairwise(rows)["ft_vs_base"]
     assert out["n"] == 5 and out["n_failed"] == 1
     assert out["win"]["count"] == 2 and out["loss"]["count"] == 1 and out["tie"]["count"] == 2
     assert out["win"]["rate"] + out["tie"]["rate"] + out["loss"]["rate"] == pytest.approx(1.0)
@@ -156,7 +161,7 @@ def test_calibration_accuracy_by_order_and_length_baseline():
         cal("p2", "A", "A", 20, 80),  # position-biased: right once
         cal("p3", "B", "A", 40, 40),  # wrong in both; equal length counts half
     ]
-    out = report.summarize_calibration(rows)
+    out = summarize_calibration(rows)
     assert out["n_pairs"] == 3 and out["n_ok"] == 3
     assert out["accuracy"]["rate"] == pytest.approx(3 / 6)
     assert out["accuracy_winner_first"]["rate"] == pytest.approx(2 / 3)
@@ -165,7 +170,7 @@ def test_calibration_accuracy_by_order_and_length_baseline():
     assert out["position_consistency"]["rate"] == pytest.approx(2 / 3)
     assert out["length_baseline"]["rate"] == pytest.approx(1.5 / 3)
     assert out["references"]["tan_et_al_2016_interplay_features"] == 0.65
-    assert report.summarize_calibration([]) is None
+    assert summarize_calibration([]) is None
 
 
 def test_build_report_failures_usage_markdown_and_plots():
@@ -176,7 +181,7 @@ def test_build_report_failures_usage_markdown_and_plots():
         pair(2, "A", "B", status="failed"),
         cal("p1", "A", "B", 10, 5),
     ]
-    rep = report.build_report(
+    rep = build_report(
         rows,
         criteria=["persuasiveness"],
         n_boot=200,
@@ -190,9 +195,9 @@ def test_build_report_failures_usage_markdown_and_plots():
     assert usage["prompt_tokens"] == 2 * 100 + 6 * 50
     assert usage["cost_usd"] == pytest.approx(2 * 0.001 + 6 * 0.0005)
     assert usage["cost_usd_this_run"] == pytest.approx(0.002)
-    md = report.render_markdown(rep, ["scores_histogram.png"])
+    md = render_markdown(rep, ["scores_histogram.png"])
     assert "ft vs base" in md and "Tan et al." in md and "6.00" in md and "![scores_histogram.png]" in md
-    plots = report.render_plots(rep)
+    plots = render_plots(rep)
     assert set(plots) == {"scores_histogram.png", "pairwise.png"}
     assert all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in plots.values())
 
@@ -206,10 +211,10 @@ def test_unpriced_endpoint_model_is_not_reported_as_free():
         "rubric_version": "v",
         "prices_usd_per_mtok": None,
     }
-    md = report.render_markdown(report.build_report(rows, criteria=["persuasiveness"], n_boot=50, meta=meta))
+    md = render_markdown(build_report(rows, criteria=["persuasiveness"], n_boot=50, meta=meta))
     assert "cost: not computed, no price for `my-vllm-judge`" in md and "$0.0000" not in md
     meta["prices_usd_per_mtok"] = {"input": 0.15, "output": 0.60}
-    md = report.render_markdown(report.build_report(rows, criteria=["persuasiveness"], n_boot=50, meta=meta))
+    md = render_markdown(build_report(rows, criteria=["persuasiveness"], n_boot=50, meta=meta))
     assert "cost: $0.0010 in all, $0.0010 this run" in md
 
 
@@ -235,21 +240,21 @@ def test_conclusion_lines_lead_the_report_and_say_what_the_data_support():
         "rubric_version": "v",
         "comparisons": [["ft", "base"]],
     }
-    rep = report.build_report(wins + scores + _calibrated(30, 30), criteria=["persuasiveness"], meta=meta, n_boot=300)
+    rep = build_report(wins + scores + _calibrated(30, 30), criteria=["persuasiveness"], meta=meta, n_boot=300)
     first = rep["conclusion"][0]
     assert first.startswith("**ft vs base**: ") and "P(ft preferred) 0.90" in first
     assert "the judge prefers ft over base." in first and "30 threads" in first
     # the judge is always right and the length baseline too: no discordant pair, so not shown better
     assert "has not been shown to know more than reply length" in rep["conclusion"][-1]
-    md = report.render_markdown(rep)
+    md = render_markdown(rep)
     assert md.splitlines()[2] == "- " + first
 
     # few threads: the report says plainly that the data cannot tell
-    few = report.build_report([pair(i, "A", "B") for i in range(4)], criteria=["persuasiveness"], meta=meta, n_boot=100)
+    few = build_report([pair(i, "A", "B") for i in range(4)], criteria=["persuasiveness"], meta=meta, n_boot=100)
     assert "4 thread(s) are too few to tell ft from base" in few["conclusion"][0]
     # enough threads, no difference: cannot tell
     even = [pair(i, "A", "B") for i in range(10)] + [pair(50 + i, "B", "A") for i in range(10)]
-    flat = report.build_report(even, criteria=["persuasiveness"], meta=meta, n_boot=100)
+    flat = build_report(even, criteria=["persuasiveness"], meta=meta, n_boot=100)
     assert "the data cannot tell ft from base apart" in flat["conclusion"][0]
 
 
@@ -276,10 +281,8 @@ def test_train_period_pairs_enter_only_the_time_split_view():
         }
         for i in range(11)
     ]
-    alone = report.build_report(test_rows, criteria=["persuasiveness"], meta={}, n_boot=200)
-    both = report.build_report(
-        test_rows + old_rows, criteria=["persuasiveness"], meta={"time_split_utc": 1500.0}, n_boot=200
-    )
+    alone = build_report(test_rows, criteria=["persuasiveness"], meta={}, n_boot=200)
+    both = build_report(test_rows + old_rows, criteria=["persuasiveness"], meta={"time_split_utc": 1500.0}, n_boot=200)
     assert both["calibration"] == alone["calibration"] and both["calibration"]["n_pairs"] == 12
     fc = {k: v for k, v in both["instruments"]["forced_choice"].items() if k != "time_split"}
     assert fc == alone["instruments"]["forced_choice"] and "time_split" not in alone["instruments"]["forced_choice"]

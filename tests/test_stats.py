@@ -7,28 +7,38 @@ import math
 import numpy as np
 import pytest
 
-from cmv_core import stats
+from cmv_core.stats.bradley_terry import bradley_terry_bootstrap
+from cmv_core.stats.comparisons import (
+    mcnemar_exact,
+    paired_accuracy_test,
+    paired_difference,
+    preference,
+    two_sample_difference,
+)
+from cmv_core.stats.logistic import cv_length_model, length_controlled_preference, logistic_fit, sigmoid
+from cmv_core.stats.resampling import cluster_bootstrap_ci, sign_flip_pvalue
+from cmv_core.stats.scoring import auc, brier, paired_auc
 
 
 def test_identical_items_in_a_thread_give_the_interval_of_one_item_per_thread():
     rng = np.random.default_rng(1)
     values = rng.normal(0.3, 1.0, 50).tolist()
-    independent = stats.cluster_bootstrap_ci(values, list(range(50)), n_boot=2000, seed=7)
+    independent = cluster_bootstrap_ci(values, list(range(50)), n_boot=2000, seed=7)
     copies = [v for v in values for _ in range(5)]
     threads = [t for t in range(50) for _ in range(5)]
-    clustered = stats.cluster_bootstrap_ci(copies, threads, n_boot=2000, seed=7)
+    clustered = cluster_bootstrap_ci(copies, threads, n_boot=2000, seed=7)
     assert clustered["n_threads"] == 50 and clustered["n_items"] == 250
     assert clustered["estimate"] == pytest.approx(independent["estimate"])
     assert clustered["ci95"] == pytest.approx(independent["ci95"])
     # Treating the 250 copies as independent would give an interval about sqrt(5) times narrower.
-    naive = stats.cluster_bootstrap_ci(copies, list(range(250)), n_boot=2000, seed=7)
+    naive = cluster_bootstrap_ci(copies, list(range(250)), n_boot=2000, seed=7)
     width = lambda r: r["ci95"][1] - r["ci95"][0]  # noqa: E731
     assert width(naive) < 0.6 * width(clustered)
 
 
 def test_threads_weigh_equally_whatever_their_number_of_items():
     # one thread with 9 items at 1.0, one with a single item at 0.0: the thread mean is 0.5
-    out = stats.cluster_bootstrap_ci([1.0] * 9 + [0.0], ["a"] * 9 + ["b"], n_boot=100)
+    out = cluster_bootstrap_ci([1.0] * 9 + [0.0], ["a"] * 9 + ["b"], n_boot=100)
     assert out["estimate"] == pytest.approx(0.5)
 
 
@@ -42,34 +52,34 @@ def test_cluster_bootstrap_covers_a_known_effect_about_95_percent():
         for t, (k, u) in enumerate(zip(sizes, thread_effect)):
             values += (true + u + rng.normal(0, 0.5, k)).tolist()
             clusters += [t] * int(k)
-        lo, hi = stats.cluster_bootstrap_ci(values, clusters, n_boot=1000, seed=rep)["ci95"]
+        lo, hi = cluster_bootstrap_ci(values, clusters, n_boot=1000, seed=rep)["ci95"]
         covered += lo <= true <= hi
     assert 0.89 <= covered / reps <= 0.99, covered
 
 
 def test_sign_flip_pvalue_exact_and_monte_carlo():
     # 10 threads all positive: only the all-plus and all-minus flips are as extreme: p = 2/1024
-    assert stats.sign_flip_pvalue([1.0] * 10, list(range(10))) == pytest.approx(2 / 1024)
-    assert stats.sign_flip_pvalue([1.0, -1.0] * 5, list(range(10))) == pytest.approx(1.0)
-    p = stats.sign_flip_pvalue([0.5] * 30, list(range(30)), n_perm=2000)
+    assert sign_flip_pvalue([1.0] * 10, list(range(10))) == pytest.approx(2 / 1024)
+    assert sign_flip_pvalue([1.0, -1.0] * 5, list(range(10))) == pytest.approx(1.0)
+    p = sign_flip_pvalue([0.5] * 30, list(range(30)), n_perm=2000)
     assert p == pytest.approx(1 / 2001)
     # identical items in a thread do not add evidence: 3 threads x 100 copies is still p = 2/8
-    assert stats.sign_flip_pvalue([1.0] * 300, [i // 100 for i in range(300)]) == pytest.approx(0.25)
+    assert sign_flip_pvalue([1.0] * 300, [i // 100 for i in range(300)]) == pytest.approx(0.25)
 
 
 def test_mcnemar_textbook_values():
     # b = 1, c = 9: 2 * P(X <= 1 | n = 10, 1/2) = 2 * 11 / 1024
-    assert stats.mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
-    assert stats.mcnemar_exact(9, 1) == pytest.approx(22 / 1024)
+    assert mcnemar_exact(1, 9) == pytest.approx(22 / 1024)
+    assert mcnemar_exact(9, 1) == pytest.approx(22 / 1024)
     # b = 2, c = 8: 2 * (1 + 10 + 45) / 1024 = 0.109375
-    assert stats.mcnemar_exact(2, 8) == pytest.approx(0.109375)
-    assert stats.mcnemar_exact(5, 5) == 1.0 and stats.mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(2, 8) == pytest.approx(0.109375)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
 
 
 def test_paired_accuracy_test_counts_discordant_pairs_on_the_same_pairs():
     judge = [1, 1, 1, 0, 1, 0.5, 1, 1]
     length = [1, 0, 0, 0, 0, 0.5, 0, 1]
-    out = stats.paired_accuracy_test(judge, length, list(range(8)), n_boot=200)
+    out = paired_accuracy_test(judge, length, list(range(8)), n_boot=200)
     assert out["discordant_first_better"] == 4 and out["discordant_second_better"] == 0
     assert out["p_value"] == pytest.approx(2 / 16)
     assert out["difference"] == pytest.approx(0.5)
@@ -79,38 +89,38 @@ def test_paired_difference_excludes_failures_from_both_sides():
     a = {"i1": 6.0, "i2": 5.0, "i3": None, "i4": 7.0}
     b = {"i1": 3.0, "i2": 4.0, "i3": 2.0, "i5": 1.0}
     clusters = {"i1": "t1", "i2": "t1", "i3": "t2", "i4": "t3", "i5": "t3"}
-    out = stats.paired_difference(a, b, clusters, n_boot=200)
+    out = paired_difference(a, b, clusters, n_boot=200)
     assert out["n_items"] == 2 and out["n_excluded"] == 3 and out["n_threads"] == 1
     assert out["estimate"] == pytest.approx(2.0)  # thread t1: mean of 3 and 1
 
 
 def test_preference_is_win_plus_half_tie():
-    out = stats.preference(["win", "win", "tie", "loss", None], ["a", "b", "c", "d", "e"], n_boot=200)
+    out = preference(["win", "win", "tie", "loss", None], ["a", "b", "c", "d", "e"], n_boot=200)
     assert out["estimate"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)
     assert out["n_excluded"] == 1 and out["null"] == 0.5
     assert 0 <= out["p_value"] <= 1
 
 
 def test_auc_and_brier_known_values():
-    assert stats.auc([3, 2], [1, 2]) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
-    assert stats.paired_auc([1, 1, 1]) == 1.0
-    assert stats.paired_auc([0, 0]) == 0.5
+    assert auc([3, 2], [1, 2]) == pytest.approx((1 + 1 + 1 + 0.5) / 4)
+    assert paired_auc([1, 1, 1]) == 1.0
+    assert paired_auc([0, 0]) == 0.5
     # d = [2, -1]: positives {2, -1}, negatives {-2, 1}: 2>-2, 2>1, -1>-2, -1<1 -> 3/4
-    assert stats.paired_auc([2, -1]) == pytest.approx(0.75)
-    assert stats.brier([1.0, 0.5, 0.0]) == pytest.approx((0 + 0.25 + 1) / 3)
+    assert paired_auc([2, -1]) == pytest.approx(0.75)
+    assert brier([1.0, 0.5, 0.0]) == pytest.approx((0 + 0.25 + 1) / 3)
 
 
 def test_logistic_fit_recovers_coefficients_and_clustered_se_grows_with_copies():
     rng = np.random.default_rng(0)
     x = rng.normal(size=4000)
-    y = (rng.random(4000) < stats.sigmoid(0.5 + 1.5 * x)).astype(float)
+    y = (rng.random(4000) < sigmoid(0.5 + 1.5 * x)).astype(float)
     X = np.column_stack([np.ones_like(x), x])
-    fit = stats.logistic_fit(X, y)
+    fit = logistic_fit(X, y)
     assert fit["coef"] == pytest.approx([0.5, 1.5], abs=0.15)
     # every row duplicated 4x within a cluster: same coefficients, clustered SE = the original's
     Xd, yd = np.repeat(X, 4, axis=0), np.repeat(y, 4)
-    clustered = stats.logistic_fit(Xd, yd, clusters=np.repeat(np.arange(4000), 4).tolist())
-    naive = stats.logistic_fit(Xd, yd)
+    clustered = logistic_fit(Xd, yd, clusters=np.repeat(np.arange(4000), 4).tolist())
+    naive = logistic_fit(Xd, yd)
     se = lambda f: math.sqrt(f["cov"][1, 1])  # noqa: E731
     assert clustered["coef"] == pytest.approx(fit["coef"], abs=1e-6)
     assert se(clustered) == pytest.approx(2 * se(naive), rel=0.1)
@@ -138,7 +148,7 @@ def test_length_controlled_preference_removes_a_pure_length_judge():
                         "truncated": 0,
                     }
                 )
-    out = stats.length_controlled_preference(rows, features=["length", "first", "truncated"])
+    out = length_controlled_preference(rows, features=["length", "first", "truncated"])
     base = out["by_group"]["ft_vs_base"]
     assert base["raw"] == 1.0 and base["one_sided_length"]
     assert not out["by_group"]["ft_vs_human"]["one_sided_length"]
@@ -150,7 +160,7 @@ def test_length_controlled_preference_removes_a_pure_length_judge():
 
 def test_cv_length_model_predicts_held_out_pairs():
     diffs = [50, 40, 30, -5, 20, 60, 10, -20]
-    p = stats.cv_length_model(diffs, list(range(8)), folds=4)
+    p = cv_length_model(diffs, list(range(8)), folds=4)
     assert len(p) == 8 and all(0 < x < 1 for x in p)
     assert all((x > 0.5) == (d > 0) for x, d in zip(p, diffs))
 
@@ -164,7 +174,7 @@ def test_bradley_terry_recovers_order_and_gap():
             p = 1 / (1 + math.exp(-(true[a] - true[b])))
             comps.append((a, b, float(rng.random() < p)))
             clusters.append(t)
-    out = stats.bradley_terry_bootstrap(comps, clusters, model="finetuned", base="base", reference="human", n_boot=100)
+    out = bradley_terry_bootstrap(comps, clusters, model="finetuned", base="base", reference="human", n_boot=100)
     s = out["strengths"]
     assert s["base"] == 0.0 and s["base"] < s["finetuned"] < s["human"]
     assert s["finetuned"] == pytest.approx(0.6, abs=0.15) and s["human"] == pytest.approx(1.2, abs=0.15)
@@ -175,36 +185,36 @@ def test_bradley_terry_recovers_order_and_gap():
 
 def test_two_sample_difference_exact_permutation_and_clusters():
     # 5 threads right, 5 wrong: only the two extreme splits of C(10, 5) = 252 are as far apart: p = 2/252
-    out = stats.two_sample_difference([1.0] * 5, list("abcde"), [0.0] * 5, list("fghij"), n_boot=500)
+    out = two_sample_difference([1.0] * 5, list("abcde"), [0.0] * 5, list("fghij"), n_boot=500)
     assert out["estimate"] == 1.0 and out["exact"] and out["p_value"] == pytest.approx(2 / 252)
     assert out["ci95"] == (1.0, 1.0) and out["n_threads_first"] == out["n_threads_second"] == 5
     # the same two groups: no difference, p = 1
-    same = stats.two_sample_difference([1, 0, 1, 0], [1, 2, 3, 4], [0, 1, 0, 1], [5, 6, 7, 8], n_boot=200)
+    same = two_sample_difference([1, 0, 1, 0], [1, 2, 3, 4], [0, 1, 0, 1], [5, 6, 7, 8], n_boot=200)
     assert same["estimate"] == 0.0 and same["p_value"] == pytest.approx(1.0)
     # copies of a pair in one thread add no evidence: 3 threads x 10 identical pairs is still 3 units
-    copies = stats.two_sample_difference(
+    copies = two_sample_difference(
         [1.0] * 30, [i // 10 for i in range(30)], [0.0] * 30, [100 + i // 10 for i in range(30)], n_boot=200
     )
     assert copies["n_items_first"] == 30 and copies["n_threads_first"] == 3
     assert copies["p_value"] == pytest.approx(2 / math.comb(6, 3))  # = 0.1: cannot tell
     # threads weigh equally within a group: thread x (9 pairs at 1) and y (1 pair at 0) average 0.5
-    weighted = stats.two_sample_difference([1.0] * 9 + [0.0], ["x"] * 9 + ["y"], [0.5], ["z"], n_boot=100)
+    weighted = two_sample_difference([1.0] * 9 + [0.0], ["x"] * 9 + ["y"], [0.5], ["z"], n_boot=100)
     assert weighted["estimate"] == pytest.approx(0.0)
-    empty = stats.two_sample_difference([], [], [1.0], ["a"])
+    empty = two_sample_difference([], [], [1.0], ["a"])
     assert empty["estimate"] is None and empty["p_value"] is None and empty["n_threads_second"] == 1
 
 
 def test_two_sample_difference_monte_carlo_matches_the_exact_tail_and_rejects_about_5_percent():
     # 16 threads right (1), against 8 right and 8 wrong: |diff| >= 0.5 iff the first group draws all its
     # 16 from the 24 ones or holds all 8 zeros: 2 * C(24, 16) / C(32, 16)
-    out = stats.two_sample_difference([1.0] * 16, range(16), [1.0, 0.0] * 8, range(16, 32), n_boot=500, seed=1)
+    out = two_sample_difference([1.0] * 16, range(16), [1.0, 0.0] * 8, range(16, 32), n_boot=500, seed=1)
     assert not out["exact"] and out["estimate"] == pytest.approx(0.5)
     assert out["p_value"] == pytest.approx(2 * math.comb(24, 16) / math.comb(32, 16), abs=0.002)
     assert out["ci95"][0] > 0
     # under the null (both groups the same coin), the test rejects at 5% about 5% of the time
     rng = np.random.default_rng(7)
     rejections = sum(
-        stats.two_sample_difference(
+        two_sample_difference(
             rng.integers(0, 2, 20).tolist(),
             range(20),
             rng.integers(0, 2, 20).tolist(),

@@ -19,7 +19,7 @@ from cmv_core.train.chat_template import (
     renders_identically,
     training_chat_template,
 )
-from cmv_core.train.sft import TrainDataError, load_split
+from cmv_core.train.data import TrainDataError, load_split
 
 TINY = str(CONFIGS / "tiny.yaml")
 
@@ -150,7 +150,7 @@ def test_label_mask_check_rejects_empty_and_prompt_masks(tokenizer):
 
 
 def test_unknown_template_falls_back_to_prompt_completion(tokenizer):
-    from cmv_core.train.sft import to_prompt_completion
+    from cmv_core.train.data import to_prompt_completion
 
     tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
     tok.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -337,7 +337,8 @@ def test_recipe_asking_for_missing_hardware_fails_early():
     import torch
 
     from cmv_core.config import ConfigError
-    from cmv_core.train.sft import TrainConfig, check_hardware
+    from cmv_core.train.config import TrainConfig
+    from cmv_core.train.launch import check_hardware
 
     if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
         pytest.skip("this machine can run QLoRA")

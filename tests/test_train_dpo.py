@@ -63,8 +63,7 @@ def test_completion_mask_is_exactly_the_chosen_and_rejected_replies(tokenizer, t
 
 
 def test_bad_preference_lines_name_file_and_line(tmp_path):
-    from cmv_core.train.dpo import load_preferences
-    from cmv_core.train.sft import TrainDataError
+    from cmv_core.train.data import TrainDataError, load_preferences
 
     good = preference(0, random.Random(0))
     path = tmp_path / "train_preferences.jsonl"
@@ -215,8 +214,8 @@ def test_full_dpo_from_base_loads_a_frozen_reference_copy(tmp_path):
 
 
 # ---------------------------------------------------------------- slow tier: kill/resume on S3, torchrun ZeRO-3
-# (SIGTERM -> checkpoint, exit 143, resume is the same code for SFT and DPO (cmv_core.train.checkpoints, training.
-# train_resumably): test_train_distributed covers it once.)
+# (SIGTERM -> checkpoint, exit 143, resume is the same code for SFT and DPO (cmv_core.train.checkpoints,
+# cmv_core.train.resumable.train_resumably): test_train_distributed covers it once.)
 
 
 def start_dpo(

@@ -1,4 +1,4 @@
-"""The delta rules of CMV_DATA.md, as pure functions over one rebuilt thread.
+"""The delta rules of docs/DATA.md, as pure functions over one rebuilt thread.
 
 Everything here works on comments in the clean stage's output schema
 (``id``, ``parent_id``, ``author``, ``body``, ``created_utc``; bodies already
@@ -58,7 +58,7 @@ class Delta:
     rejected_by_deltabot: bool = False
 
     def to_record(self) -> dict:
-        """The clean stage's `deltas` entry (DESIGN.md schema, nothing more)."""
+        """The clean stage's `deltas` entry (docs/ARCHITECTURE.md schema, nothing more)."""
         return {
             "awarding_comment_id": self.awarding_comment_id,
             "awarder": self.awarder,
@@ -173,7 +173,7 @@ def find_deltas(
     reply says "delta awarded to" the recipient.
 
     `candidates`: the comments whose body passed `might_contain_delta`, in the
-    order of `comments`, when the caller already looked (reddit.build_thread
+    order of `comments`, when the caller already looked (threads.build_thread
     does); candidates that are not in `comments` are ignored.
     """
     # Almost no comment has a token: filter first, index the thread only if needed.

@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from cmv_core.k8s.names import RUN_LABEL, STAGES
+
 ARGO_API = ("argoproj.io", "v1alpha1")
 # What the Job-level settings become in Argo: the DAG's deadline bounds the whole run.
 RUN_DEADLINE_S = 5 * 86400
@@ -71,11 +73,9 @@ def _resource_template(stage: str, workload: dict) -> dict:
 
 
 def workflow_template(run: Any, service_account: str | None = None) -> dict:
-    """The WorkflowTemplate of a rendered run (a :class:`cmv_core.k8s.submit.Plan` of the jobset overlay)."""
-    from cmv_core.k8s import submit as k8s
-
+    """The WorkflowTemplate of a rendered run (a :class:`cmv_core.k8s.render.Plan` of the jobset overlay)."""
     tasks, templates, previous = [], [], None
-    for stage in k8s.STAGES:
+    for stage in STAGES:
         workload = run.job(stage)
         if workload["kind"] == "JobSet":
             templates.append(_resource_template(stage, workload))
@@ -83,7 +83,7 @@ def workflow_template(run: Any, service_account: str | None = None) -> dict:
             templates.append(_container_template(stage, workload))
         tasks.append({"name": stage, "template": stage, **({"dependencies": [previous]} if previous else {})})
         previous = stage
-    labels = {"app.kubernetes.io/name": "cmv-persuasion", k8s.RUN_LABEL: run.run_id}
+    labels = {"app.kubernetes.io/name": "cmv-persuasion", RUN_LABEL: run.run_id}
     return {
         "apiVersion": "/".join(ARGO_API),
         "kind": "WorkflowTemplate",

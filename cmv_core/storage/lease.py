@@ -24,10 +24,11 @@ import time
 from dataclasses import dataclass, field
 
 from cmv_core.errors import LeaseHeld
+from cmv_core.storage.io import raw_get
+from cmv_core.storage.s3 import s3_client
+from cmv_core.storage.uris import LEASE, SUCCESS, is_s3, join, local_path, split_s3
 
 log = logging.getLogger(__name__)
-
-LEASE = "_LEASE"
 
 
 def ttl_s() -> float:
@@ -88,21 +89,19 @@ class Lease:
         ).encode()
 
     def _renew(self) -> None:
-        from cmv_core import storage
-
-        if storage.is_s3(self.uri):
+        if is_s3(self.uri):
             from botocore.exceptions import ClientError
 
-            bucket, key = storage._split_s3(self.uri)
+            bucket, key = split_s3(self.uri)
             try:
-                resp = storage.s3_client().put_object(Bucket=bucket, Key=key, Body=self.body(), IfMatch=self.etag)
+                resp = s3_client().put_object(Bucket=bucket, Key=key, Body=self.body(), IfMatch=self.etag)
                 self.etag = resp.get("ETag")
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "NoSuchKey", "404"):
                     self.lost = "another writer took the lease over"
                 raise
         else:
-            path = storage.local_path(self.uri)
+            path = local_path(self.uri)
             holder = json.loads(path.read_bytes())
             if holder.get("attempt") != self.attempt:
                 self.lost = f"the lease is now held by {describe(holder)}"
@@ -126,37 +125,33 @@ class Lease:
 
     def check(self) -> None:
         """Raise LeaseHeld when the lease is no longer this attempt's (say it expired during an outage)."""
-        from cmv_core import storage
-
         holder = _read(self.uri)
         if self.lost or holder is None or holder.get("attempt") != self.attempt:
             who = describe(holder) if holder else "nobody"
             raise LeaseHeld(
                 f"{self.output}: this attempt ({self.attempt}) lost its lease "
-                f"({self.lost or 'now held by ' + who}); no {storage.SUCCESS} written"
+                f"({self.lost or 'now held by ' + who}); no {SUCCESS} written"
             )
 
     def release(self) -> None:
-        from cmv_core import storage
-
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        with contextlib.suppress(Exception):
+        try:  # on S3 each call rides out the retry budget (README, "Inputs and outputs")
             holder = _read(self.uri)
             if holder and holder.get("attempt") == self.attempt:
-                if storage.is_s3(self.uri):
-                    bucket, key = storage._split_s3(self.uri)
-                    storage.s3_client().delete_object(Bucket=bucket, Key=key)
+                if is_s3(self.uri):
+                    bucket, key = split_s3(self.uri)
+                    s3_client().delete_object(Bucket=bucket, Key=key)
                 else:
-                    storage.local_path(self.uri).unlink()
+                    local_path(self.uri).unlink()
+        except Exception as exc:  # noqa: BLE001 - the store is away for good: the lease expires by itself
+            log.warning("could not release the lease %s (%s); it expires after %.0f s", self.uri, exc, self.ttl)
 
 
 def _read(uri: str) -> dict | None:
-    from cmv_core import storage
-
     try:
-        data = storage._raw_get(uri)
+        data = raw_get(uri)
     except FileNotFoundError:
         return None
     try:
@@ -167,9 +162,7 @@ def _read(uri: str) -> dict | None:
 
 def acquire(output: str, attempt: str) -> Lease:
     """Take ``<output>/_LEASE`` for this attempt, or raise LeaseHeld naming the live holder."""
-    from cmv_core import storage
-
-    lease = Lease(output=output, uri=storage.join(output, LEASE), attempt=attempt, ttl=ttl_s())
+    lease = Lease(output=output, uri=join(output, LEASE), attempt=attempt, ttl=ttl_s())
     for _ in range(5):
         if _try_create(lease):
             lease.start()
@@ -207,12 +200,10 @@ def _dies_unrenewed(uri: str, holder: dict) -> bool:
 
 
 def _read_with_etag(uri: str) -> tuple[dict | None, str | None]:
-    from cmv_core import storage
-
-    if storage.is_s3(uri):
-        bucket, key = storage._split_s3(uri)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
         try:
-            obj = storage.s3_client().get_object(Bucket=bucket, Key=key)
+            obj = s3_client().get_object(Bucket=bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
             if "NoSuchKey" in str(exc) or "404" in str(exc):
                 return None, None
@@ -225,21 +216,19 @@ def _read_with_etag(uri: str) -> tuple[dict | None, str | None]:
 
 
 def _try_create(lease: Lease) -> bool:
-    from cmv_core import storage
-
-    if storage.is_s3(lease.uri):
+    if is_s3(lease.uri):
         from botocore.exceptions import ClientError
 
-        bucket, key = storage._split_s3(lease.uri)
+        bucket, key = split_s3(lease.uri)
         try:
-            resp = storage.s3_client().put_object(Bucket=bucket, Key=key, Body=lease.body(), IfNoneMatch="*")
+            resp = s3_client().put_object(Bucket=bucket, Key=key, Body=lease.body(), IfNoneMatch="*")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 return False
             raise
         lease.etag = resp.get("ETag")
         return True
-    path = storage.local_path(lease.uri)
+    path = local_path(lease.uri)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -251,20 +240,18 @@ def _try_create(lease: Lease) -> bool:
 
 
 def _remove_stale(uri: str, etag: str | None, stale_attempt: str | None) -> None:
-    from cmv_core import storage
-
-    if storage.is_s3(uri):
+    if is_s3(uri):
         from botocore.exceptions import ClientError
 
-        bucket, key = storage._split_s3(uri)
+        bucket, key = split_s3(uri)
         try:
             # only the stale holder's object: a racing taker's fresh lease survives
-            storage.s3_client().delete_object(Bucket=bucket, Key=key, **({"IfMatch": etag} if etag else {}))
+            s3_client().delete_object(Bucket=bucket, Key=key, **({"IfMatch": etag} if etag else {}))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412", "NoSuchKey"):
                 raise
         return
-    path = storage.local_path(uri)
+    path = local_path(uri)
     grave = path.with_name(f".{LEASE}.stale.{os.getpid()}.tmp")
     try:
         os.rename(path, grave)  # atomic: of two takers only one moves it

@@ -1,6 +1,6 @@
 """Checkpoints at the output URI: mirrored as complete units, resumed after a kill, saved on SIGTERM.
 
-The Trainer saves ``checkpoint-N/`` in a node-local scratch directory; :func:`make_callbacks` mirrors it to
+The Trainer saves ``checkpoint-N/`` in a node-local scratch directory; :func:`mirror_checkpoint` mirrors it to
 ``<output>/checkpoints/checkpoint-N/`` (S3 too) and makes it complete with a ``_COMPLETE`` marker written after
 all its files. A restarted run resumes from the newest complete checkpoint of the same inputs and config
 (model, optimizer, scheduler, RNG, data position: :func:`fetch_resume_checkpoint`). SIGTERM saves a final
@@ -141,57 +141,72 @@ def fetch_resume_checkpoint(
 # ---------------------------------------------------------------- callbacks
 
 
+def write_checkpoint_marker(uri: str, step: int, fingerprint: str, world_size: int) -> list[dict]:
+    """Rank 0, once every node uploaded: the marker listing every file and its size makes the checkpoint complete."""
+    files = [
+        {"path": rel, "size": storage.size(storage.join(uri, rel))}
+        for rel in storage.list_files(uri)
+        if rel != CHECKPOINT_MARKER
+    ]
+    storage.write_json(
+        storage.join(uri, CHECKPOINT_MARKER),
+        {
+            "step": step,
+            "fingerprint": fingerprint,
+            "world_size": world_size,
+            "files": files,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    return files
+
+
+def mirror_checkpoint(
+    output: str, local: Path, step: int, fingerprint: str, world_size: int, save_total_limit: int
+) -> None:
+    """Upload the checkpoint-N every rank just saved locally, then (rank 0) mark it complete and prune."""
+    from accelerate import PartialState
+
+    uri = storage.join(checkpoints_uri(output), f"{CHECKPOINT_PREFIX}{step}")
+    dist = PartialState()
+    dist.wait_for_everyone()  # every rank finished writing its shards / RNG state
+    started = time.monotonic()
+    # One uploader per node: on several nodes each holds the shards of its own ranks.
+    if dist.is_local_main_process and local.is_dir():
+        storage.upload_dir(local, uri)
+    dist.wait_for_everyone()
+    if dist.is_main_process:
+        files = write_checkpoint_marker(uri, step, fingerprint, world_size)
+        prune_checkpoints(output, save_total_limit)
+        log.info("checkpoint-%d mirrored to %s (%d files, %.1f s)", step, uri, len(files), time.monotonic() - started)
+    dist.wait_for_everyone()
+
+
 def _trainer_callback_base():
     from transformers import TrainerCallback
 
     return TrainerCallback
 
 
-def make_callbacks(output: str, fingerprint: str, save_total_limit: int, world_size: int):
-    """The stage's TrainerCallbacks (classes built lazily: no transformers import at module load)."""
-    import torch
-    from accelerate import PartialState
+def mirror_checkpoints_callback(output: str, fingerprint: str, save_total_limit: int, world_size: int):
+    """A TrainerCallback that mirrors every checkpoint the Trainer saves to the output (:func:`mirror_checkpoint`)."""
 
-    base = _trainer_callback_base()
-
-    class MirrorCheckpoints(base):
+    class MirrorCheckpoints(_trainer_callback_base()):
         """After the Trainer saved checkpoint-N locally: upload it, then (rank 0) write its marker."""
 
         def on_save(self, args, state, control, **kwargs):
-            step = state.global_step
-            local = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-            uri = storage.join(checkpoints_uri(output), f"{CHECKPOINT_PREFIX}{step}")
-            dist = PartialState()
-            dist.wait_for_everyone()  # every rank finished writing its shards / RNG state
-            started = time.monotonic()
-            # One uploader per node: on several nodes each holds the shards of its own ranks.
-            if dist.is_local_main_process and local.is_dir():
-                storage.upload_dir(local, uri)
-            dist.wait_for_everyone()
-            if dist.is_main_process:
-                files = [
-                    {"path": rel, "size": storage.size(storage.join(uri, rel))}
-                    for rel in storage.list_files(uri)
-                    if rel != CHECKPOINT_MARKER
-                ]
-                storage.write_json(
-                    storage.join(uri, CHECKPOINT_MARKER),
-                    {
-                        "step": step,
-                        "fingerprint": fingerprint,
-                        "world_size": world_size,
-                        "files": files,
-                        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    },
-                )
-                prune_checkpoints(output, save_total_limit)
-                log.info(
-                    "checkpoint-%d mirrored to %s (%d files, %.1f s)", step, uri, len(files), time.monotonic() - started
-                )
-            dist.wait_for_everyone()
+            local = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            mirror_checkpoint(output, local, state.global_step, fingerprint, world_size, save_total_limit)
             return control
 
-    class StopOnSigterm(base):
+    return MirrorCheckpoints()
+
+
+def stop_on_sigterm_callback(world_size: int):
+    """A TrainerCallback that turns SIGTERM into a saved, mirrored checkpoint and a stop (installs the handler)."""
+    import torch
+
+    class StopOnSigterm(_trainer_callback_base()):
         """SIGTERM (pod eviction, preemption) -> save and mirror a checkpoint at the end of this step, stop.
 
         The flag is OR-reduced over all ranks every step, so that every rank stops at the same step even if
@@ -224,7 +239,14 @@ def make_callbacks(output: str, fingerprint: str, save_total_limit: int, world_s
                 control.should_training_stop = True
             return control
 
-    class Throughput(base):
+    return StopOnSigterm()
+
+
+def throughput_callback():
+    """A TrainerCallback that measures tokens/s (``tokens_per_second()``)."""
+    import torch
+
+    class Throughput(_trainer_callback_base()):
         """Tokens/s over the optimizer steps only (no eval, no checkpoint upload), first step excluded."""
 
         def __init__(self):
@@ -255,4 +277,14 @@ def make_callbacks(output: str, fingerprint: str, save_total_limit: int, world_s
         def tokens_per_second(self) -> float | None:
             return round(self.tokens / self.seconds, 2) if self.seconds > 0 else None
 
-    return MirrorCheckpoints(), StopOnSigterm(), Throughput()
+    return Throughput()
+
+
+def make_callbacks(output: str, fingerprint: str, save_total_limit: int, world_size: int):
+    """The stage's TrainerCallbacks: (mirror checkpoints, stop on SIGTERM, throughput). The classes are built
+    when called, so importing this module does not import transformers."""
+    return (
+        mirror_checkpoints_callback(output, fingerprint, save_total_limit, world_size),
+        stop_on_sigterm_callback(world_size),
+        throughput_callback(),
+    )

@@ -15,7 +15,8 @@ plus ``thread_id`` and metadata), starting from an earlier train output (the SFT
 - Loss on the completion tokens only: TRL's ``completion_mask`` marks the chosen and rejected replies; the stage
   checks it on a real collated batch (never a prompt token) before training.
 - Checkpoints, resume after SIGKILL/SIGTERM, DeepSpeed, torchrun, rank-0-only outputs: as SFT
-  (:mod:`cmv_core.train.checkpoints`, the shared steps in :mod:`cmv_core.train.sft`).
+  (:mod:`cmv_core.train.checkpoints`, the shared steps in :mod:`cmv_core.train.resumable` and
+  :mod:`cmv_core.train.outputs`).
 
 Outputs: ``model/`` (init model + DPO adapter, merged), ``adapter/`` (LoRA, on the init model),
 ``metrics.json`` (loss, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies per step and on
@@ -33,26 +34,17 @@ import gc
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 from cmv_core import stages, storage
-from cmv_core.config import ConfigError
+from cmv_core.config import ConfigError, section
 from cmv_core.train.chat_template import check_completion_mask, ensure_chat_template
 from cmv_core.train.checkpoints import make_callbacks, scratch_dir
-from cmv_core.train.sft import (
-    TrainConfig,
-    TrainDataError,
-    load_model,
-    load_validated,
-    lora_config,
-    open_stage,
-    preempted,
-    prepare_launch,
-    save_outputs,
-    stage_config_of,
-    train_resumably,
-    trainer_arguments,
-)
+from cmv_core.train.config import TrainConfig
+from cmv_core.train.data import TrainDataError, load_preferences
+from cmv_core.train.launch import prepare_launch, trainer_arguments
+from cmv_core.train.model import load_model, lora_config
+from cmv_core.train.outputs import save_outputs
+from cmv_core.train.resumable import open_stage, preempted, stage_config_of, train_resumably
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +57,6 @@ VAL_FILE = "val_preferences.jsonl"
 
 def dpo_section(recipe: dict) -> TrainConfig:
     """The recipe's ``dpo:`` section over its ``train:`` section (dpo wins), as a TrainConfig."""
-    from cmv_core.config import section
-
     if not isinstance(recipe.get("dpo"), dict):
         raise ConfigError(f"{recipe.get('_source', '<overrides>')}: no dpo: section (needed for --method dpo)")
     return section({**recipe, "dpo": stages.dpo_over_train(recipe)}, "dpo", TrainConfig)
@@ -86,34 +76,28 @@ def dpo_config(cfg: TrainConfig, scratch: Path, *, has_eval: bool):
         raise ConfigError(f"dpo.dpo_args: {exc} (see trl.DPOConfig)") from None
 
 
-# ---------------------------------------------------------------- data (pure)
+# ---------------------------------------------------------------- steps of the DPO stage
 
 
-def validate_preference(row: Any, where: str) -> dict:
-    """``{prompt, chosen, rejected}`` of one format-stage preference line, or a TrainDataError naming where."""
-    from cmv_core.train.sft import ROLES
-
-    if not isinstance(row, dict):
-        raise TrainDataError(f"{where}: expected an object with prompt, chosen and rejected")
-    out = {}
-    for key in ("prompt", "chosen", "rejected"):
-        messages = row.get(key)
-        if not isinstance(messages, list) or not messages:
-            raise TrainDataError(f"{where}: {key!r} must be a non-empty list of messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise TrainDataError(f"{where}: {key}[{i}] must be {{role: system|user|assistant, content: str}}")
-        out[key] = [{"role": m["role"], "content": m["content"]} for m in messages]
-    for key in ("chosen", "rejected"):
-        if len(out[key]) != 1 or out[key][0]["role"] != "assistant":
-            raise TrainDataError(f"{where}: {key!r} must be exactly one assistant message")
-    if out["prompt"][-1]["role"] != "user":
-        raise TrainDataError(f"{where}: the prompt must end with a user turn")
-    return out
+def dpo_stage_config(cfg: TrainConfig, model: str, init: str) -> dict:
+    """What the manifest records. ``model`` there is the weights adapter/ goes on (generate reads it): the init
+    train output's model/, or the base model."""
+    init_spec = model if init == "base" else storage.join(init, "model")
+    return stage_config_of(cfg, init_spec, method="dpo", init=init, base_model=model)
 
 
-def load_preferences(uri: str, limit: int | None = None) -> list[dict]:
-    return load_validated(uri, validate_preference, limit)
+def load_pairs(input: str, cfg: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """(train, val) preference pairs of the format output; no training pair is an error."""
+    train_rows = load_preferences(storage.join(input, TRAIN_FILE), cfg.max_train_examples)
+    val_rows = load_preferences(storage.join(input, VAL_FILE), cfg.max_eval_examples)
+    if not train_rows:
+        raise TrainDataError(f"{storage.join(input, TRAIN_FILE)}: no preference pairs")
+    return train_rows, val_rows
+
+
+def init_copy_dir(scratch: Path) -> Path:
+    """Where this node keeps its copy of an S3 init model (beside the scratch directory, which resume clears)."""
+    return scratch.parent / f"{scratch.name}-init"
 
 
 def init_model(init: str, model: str, scratch: Path) -> str:
@@ -127,7 +111,7 @@ def init_model(init: str, model: str, scratch: Path) -> str:
     uri = storage.join(init, "model")
     if not storage.is_s3(uri):
         return str(storage.local_path(uri))
-    local = scratch.parent / f"{scratch.name}-init"
+    local = init_copy_dir(scratch)
     dist = PartialState()
     if dist.is_local_main_process:
         shutil.rmtree(local, ignore_errors=True)
@@ -148,6 +132,34 @@ def base_weight_copies() -> int:
         return sum(1 for o in gc.get_objects() if isinstance(o, PreTrainedModel) and hasattr(o, "lm_head"))
 
 
+def dpo_trainer(init_path: str, cfg: TrainConfig, args, train_ds, eval_ds, tokenizer, callbacks: list):
+    """TRL's DPOTrainer on the init model. LoRA: ``ref_model=None`` makes the reference the same weights with the
+    adapter disabled (no second copy); full: TRL loads a frozen copy as the reference."""
+    from trl import DPOTrainer
+
+    return DPOTrainer(
+        model=load_model(init_path, cfg),
+        ref_model=None,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg) if cfg.method == "lora" else None,
+        callbacks=callbacks,
+    )
+
+
+def reference_weight_copies(trainer) -> int:
+    """Which reference the trainer uses and how many copies of the weights are in memory (logged); the copies."""
+    copies = base_weight_copies()
+    log.info(
+        "dpo: reference = %s; %d copy(ies) of the weights in memory",
+        "init weights, adapter disabled" if trainer.ref_model is None else "a frozen copy",
+        copies,
+    )
+    return copies
+
+
 def pairs_dropped(given: int, kept: int, uri: str, cfg: TrainConfig) -> int:
     """TRL drops the pairs whose prompt alone fills max_length: count them, refuse when none is left."""
     if kept == 0:
@@ -160,6 +172,21 @@ def pairs_dropped(given: int, kept: int, uri: str, cfg: TrainConfig) -> int:
             cfg.max_length,
         )
     return given - kept
+
+
+def checked_completion_mask(trainer, tokenizer, cfg: TrainConfig) -> dict:
+    """:func:`check_completion_mask` on the first collated training pairs; its counts."""
+    n_check = min(cfg.label_check_examples, len(trainer.train_dataset))
+    mask_stats = check_completion_mask(
+        trainer.data_collator([trainer.train_dataset[i] for i in range(n_check)]), tokenizer
+    )
+    log.info(
+        "completion mask OK: %d of %d tokens trained (%.1f%%)",
+        mask_stats["trained_tokens"],
+        mask_stats["tokens"],
+        100 * mask_stats["trained_fraction"],
+    )
+    return mask_stats
 
 
 # ---------------------------------------------------------------- the stage
@@ -180,7 +207,6 @@ def run_dpo(
     """
     from accelerate import PartialState
     from datasets import Dataset
-    from trl import DPOTrainer
 
     from cmv_core.models import load_tokenizer
 
@@ -193,24 +219,12 @@ def run_dpo(
     args = dpo_config(cfg, scratch, has_eval=True)  # initializes the process group
     if init == "train":
         raise ConfigError("dpo.init=train: pass the SFT train output with --init (cmv run does)")
-    # config.model = the weights adapter/ goes on (generate reads it): the init train output's model/
-    init_spec = model if init == "base" else storage.join(init, "model")
     inputs = [input] + ([] if init == "base" else [init])
-    opened = open_stage(
-        output,
-        inputs,
-        stage_config_of(cfg, init_spec, method="dpo", init=init, base_model=model),
-        scratch,
-        run_id,
-        force,
-    )
+    opened = open_stage(output, inputs, dpo_stage_config(cfg, model, init), scratch, run_id, force)
     if opened is None:
         return None
     run, fingerprint = opened
-    train_rows = load_preferences(storage.join(input, TRAIN_FILE), cfg.max_train_examples)
-    val_rows = load_preferences(storage.join(input, VAL_FILE), cfg.max_eval_examples)
-    if not train_rows:
-        raise TrainDataError(f"{storage.join(input, TRAIN_FILE)}: no preference pairs")
+    train_rows, val_rows = load_pairs(input, cfg)
     log.info("dpo: %d train pairs, %d val pairs (from %s), init %s", len(train_rows), len(val_rows), input, init)
     init_path = init_model(init, model, scratch)
     tokenizer = load_tokenizer(init_path)
@@ -226,63 +240,30 @@ def run_dpo(
     mirror, stopper, throughput = make_callbacks(
         output, fingerprint, cfg.save_total_limit, PartialState().num_processes
     )
-    trainer = DPOTrainer(
-        model=load_model(init_path, cfg),
-        ref_model=None,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg) if cfg.method == "lora" else None,
-        callbacks=[mirror, stopper, throughput],
-    )
+    trainer = dpo_trainer(init_path, cfg, args, train_ds, eval_ds, tokenizer, [mirror, stopper, throughput])
     dropped = pairs_dropped(len(train_ds), len(trainer.train_dataset), storage.join(input, TRAIN_FILE), cfg)
-    copies = base_weight_copies()
-    log.info(
-        "dpo: reference = %s; %d copy(ies) of the weights in memory",
-        "init weights, adapter disabled" if trainer.ref_model is None else "a frozen copy",
-        copies,
-    )
-    n_check = min(cfg.label_check_examples, len(trainer.train_dataset))
-    mask_stats = check_completion_mask(
-        trainer.data_collator([trainer.train_dataset[i] for i in range(n_check)]), tokenizer
-    )
-    log.info(
-        "completion mask OK: %d of %d tokens trained (%.1f%%)",
-        mask_stats["trained_tokens"],
-        mask_stats["tokens"],
-        100 * mask_stats["trained_fraction"],
-    )
+    copies = reference_weight_copies(trainer)
+    mask_stats = checked_completion_mask(trainer, tokenizer, cfg)
     trained = train_resumably(trainer, output, fingerprint, cfg, stopper, scratch)
     if trained["stopped_at"] is not None:
         return preempted(trained, output)
 
     # Save: merged model/ (init + adapter), adapter/, metrics with the reward curves, _SUCCESS
-    summary = save_outputs(
-        trainer,
-        cfg,
-        run,
-        init_path,
-        output,
-        scratch,
-        tokenizer,
-        throughput,
-        trained,
-        extra={
-            "objective": "dpo",
-            "init": init,
-            "reference_model": "adapter_disabled" if trainer.ref_model is None else "frozen_copy",
-            "base_weight_copies": copies,
-            "label_mask": mask_stats,
-            "dpo_args": dict(cfg.dpo_args or {}),
-            "beta": args.beta,
-            "loss_type": list(args.loss_type),
-            "train_examples": len(train_rows),
-            "pairs_dropped_prompt_too_long": dropped,
-            "val_examples": len(val_rows),
-            "model": model,
-        },
-    )
+    extra = {
+        "objective": "dpo",
+        "init": init,
+        "reference_model": "adapter_disabled" if trainer.ref_model is None else "frozen_copy",
+        "base_weight_copies": copies,
+        "label_mask": mask_stats,
+        "dpo_args": dict(cfg.dpo_args or {}),
+        "beta": args.beta,
+        "loss_type": list(args.loss_type),
+        "train_examples": len(train_rows),
+        "pairs_dropped_prompt_too_long": dropped,
+        "val_examples": len(val_rows),
+        "model": model,
+    }
+    summary = save_outputs(trainer, cfg, run, init_path, output, scratch, tokenizer, throughput, trained, extra=extra)
     if PartialState().is_local_main_process:
-        shutil.rmtree(scratch.parent / f"{scratch.name}-init", ignore_errors=True)  # an S3 init model's copy
+        shutil.rmtree(init_copy_dir(scratch), ignore_errors=True)  # an S3 init model's copy
     return summary

@@ -5,7 +5,7 @@ The train Job's ``podFailurePolicy`` (and the JobSet's ``failurePolicy``) read t
 - **143: stopped on SIGTERM, checkpoint saved, resume me** (a disruption, not the stage's fault). On the
   drained node torchrun itself gets SIGTERM, forwards it to its workers, waits up to
   ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` and raises ``SignalException``. On every *other* node the workers
-  learn of the stop through the OR-reduced stop flag (cmv_core/train/sft.py), save the same step and exit
+  learn of the stop through the OR-reduced stop flag (cmv_core/train/checkpoints.py), save the same step and exit
   143 themselves; torchrun then raises ``ChildFailedError``. Plain ``torchrun`` exits 1 in both cases,
   the same status as a crash; this entry exits 143 in both.
 - **2: the stage cannot succeed on a retry** (bad recipe, bad input, upstream ``_SUCCESS`` never came):

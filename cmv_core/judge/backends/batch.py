@@ -1,0 +1,150 @@
+"""The judge backend of OpenAI's Batch API: the synchronous requests, sent as batches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from cmv_core import storage
+from cmv_core.judge.backends.openai import OpenAIBackend, completion_record, request_body
+from cmv_core.judge.cache import ResponseCache, cache_key, key_backend
+from cmv_core.judge.calls import next_uncached
+from cmv_core.judge.config import JudgeCallError, JudgeConfig, JudgeConfigError
+
+log = logging.getLogger(__name__)
+
+
+class BatchBackend:
+    """OpenAI's Batch API (half price, results within 24 h) for the same requests.
+
+    ``prefetch`` runs before the ordinary call path: each round writes the asks the cache cannot
+    answer to a JSONL file (``custom_id`` = cache key, body = the synchronous request), uploads
+    it (``files.create(purpose="batch")``), creates a batch on ``/v1/chat/completions`` with
+    ``completion_window="24h"``, polls it with progress and loads every answer into the cache;
+    asks that follow an unparseable answer go in the next round. The batch id is stored under the
+    cache before the first poll, so a stage killed while the batch runs resumes by polling that
+    batch, never by submitting it again. Afterwards every judge call is answered from the cache;
+    ``complete`` is only reached for a request the batch failed, and reports that failure."""
+
+    def __init__(self, cfg: JudgeConfig):
+        # the same endpoint, key handling and request parameters as the synchronous path
+        self.api = OpenAIBackend(cfg)
+        self.cfg, self.client, self._redact = cfg, self.api.client, self.api._redact
+        self.errors: dict[str, str] = {}
+        self.stats = {"batches": 0, "resumed": 0, "requests": 0, "rounds": 0}
+
+    def params(self) -> dict:
+        return self.api.params()
+
+    async def aclose(self) -> None:
+        await self.api.aclose()
+
+    async def complete(self, messages: list[dict], form: dict) -> dict:
+        key = cache_key(key_backend(self.cfg), self.cfg.model, messages, form, self.params())
+        raise JudgeCallError(self.errors.get(key, "no answer from the batch for this request"))
+
+    def _state_uri(self, cache: ResponseCache) -> str:
+        return storage.join(cache.uri, "batch_state.json")
+
+    async def prefetch(self, calls: list[tuple[list[dict], dict]], cache: ResponseCache) -> None:
+        import openai
+
+        params = self.params()
+        try:
+            for round_no in range(1, self.cfg.parse_retries + 3):
+                state_uri = self._state_uri(cache)
+                if storage.exists(state_uri):
+                    state = storage.read_json(state_uri)
+                    log.info(
+                        "batch %s of an earlier run is still open: polling it, not resubmitting", state["batch_id"]
+                    )
+                    self.stats["resumed"] += 1
+                    await self._finish(state, cache)
+                    continue
+                todo: dict[str, list[dict]] = {}
+                for messages, form in calls:
+                    nxt = next_uncached(messages, form, cache, self.cfg, params)
+                    if nxt is not None and nxt[1] not in self.errors:
+                        todo.setdefault(nxt[1], request_body(self.cfg, nxt[0], form))
+                if not todo:
+                    return
+                lines = [
+                    json.dumps(
+                        {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body},
+                        ensure_ascii=False,
+                    )
+                    for key, body in todo.items()
+                ]
+                upload = await self.client.files.create(
+                    file=(f"cmv-judge-{round_no}.jsonl", ("\n".join(lines) + "\n").encode("utf-8")), purpose="batch"
+                )
+                batch = await self.client.batches.create(
+                    input_file_id=upload.id,
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                    metadata={"source": "cmv-persuasion judge"},
+                )
+                state = {
+                    "batch_id": batch.id,
+                    "input_file_id": upload.id,
+                    "requests": len(todo),
+                    "round": round_no,
+                    "submitted_at": time.time(),
+                }
+                storage.write_json(state_uri, state)  # before the first poll: a killed stage resumes here
+                self.stats["batches"] += 1
+                self.stats["requests"] += len(todo)
+                log.info("batch %s submitted: %d request(s) (round %d)", batch.id, len(todo), round_no)
+                await self._finish(state, cache)
+        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
+            raise JudgeConfigError(
+                self._redact(f"batch endpoint refused the call: {type(exc).__name__}: {exc}")
+            ) from None
+        except openai.APIError as exc:
+            raise JudgeCallError(self._redact(f"batch: {type(exc).__name__}: {exc}")) from None
+
+    async def _finish(self, state: dict, cache: ResponseCache) -> None:
+        """Poll the batch to an end state, load its answers into the cache, forget the state."""
+        from tqdm import tqdm
+
+        self.stats["rounds"] += 1
+        bar = tqdm(total=state["requests"], desc=f"batch {state['batch_id']}", unit="req", mininterval=2.0)
+        try:
+            while True:
+                batch = await self.client.batches.retrieve(state["batch_id"])
+                counts = batch.request_counts
+                if counts is not None:
+                    bar.n = counts.completed + counts.failed
+                    bar.refresh()
+                if batch.status in ("completed", "failed", "expired", "cancelled"):
+                    break
+                await asyncio.sleep(self.cfg.batch_poll_s)
+        finally:
+            bar.close()
+        if batch.status == "failed":
+            errors = getattr(batch, "errors", None)
+            raise JudgeCallError(f"batch {batch.id} failed: {errors}")
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            content = await self.client.files.content(file_id)
+            for line in content.content.decode("utf-8").splitlines():
+                if not line.strip():
+                    continue
+                entry = json.loads(line)
+                key, response = entry.get("custom_id"), entry.get("response") or {}
+                if response.get("status_code") == 200 and not entry.get("error"):
+                    cache.put(key, completion_record(response["body"], self.cfg, redact=self._redact))
+                    cache.batch_loaded.add(key)
+                else:
+                    err = entry.get("error") or (response.get("body") or {}).get("error") or response
+                    self.errors[key] = self._redact(f"batch request failed: {json.dumps(err)[:300]}")
+        storage.delete(self._state_uri(cache))
+        log.info(
+            "batch %s %s: answers loaded into the cache (%d failed request(s) so far)",
+            batch.id,
+            batch.status,
+            len(self.errors),
+        )

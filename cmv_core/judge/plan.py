@@ -1,0 +1,161 @@
+"""What the judge calls are (the plan), what the new ones would cost, and which backend answers them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+from cmv_core.judge.backends.batch import BatchBackend
+from cmv_core.judge.backends.local import LocalBackend, local_dtype
+from cmv_core.judge.backends.openai import OpenAIBackend
+from cmv_core.judge.cache import ResponseCache, cache_key, key_backend
+from cmv_core.judge.config import HUMAN, JudgeConfig, price_name
+from cmv_core.judge.prompts import (
+    CALIBRATION_FORM,
+    CALIBRATION_INSTRUCTIONS,
+    PAIRWISE_FORM,
+    PAIRWISE_INSTRUCTIONS,
+    single_form,
+    single_messages,
+    two_reply_messages,
+)
+from cmv_core.judge.rows import word_count
+
+log = logging.getLogger(__name__)
+
+
+def trimmed(text: str, keep: float = 0.6) -> str:
+    """The first ``keep`` share of a reply's sentences (at least one, one fewer than all): the
+    same content, shorter, for the length probe."""
+    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
+    if len(sentences) < 2:
+        words = text.split()
+        return " ".join(words[: max(1, int(len(words) * keep))])
+    n = min(len(sentences) - 1, max(1, round(len(sentences) * keep)))
+    return " ".join(sentences[:n])
+
+
+def plan_calls(items: list[dict], pairs: list[dict], cfg: JudgeConfig) -> tuple[list, list, dict]:
+    """Every judge call (messages, form) and how its results map back to judgment rows."""
+    calls: list[tuple[list[dict], dict]] = []
+    builders = []  # (kind, context, start, n) so results map back in order
+    sform = single_form(cfg.criteria)
+    skipped: dict[str, int] = {}
+
+    def two(instructions, form, prompt, x, y):
+        calls.append((two_reply_messages(instructions, form, prompt, x, y, cfg.max_text_chars), form))
+        calls.append((two_reply_messages(instructions, form, prompt, y, x, cfg.max_text_chars), form))
+
+    if cfg.single:
+        variants = sorted({v for i in items for v in i["replies"] if not v.startswith(HUMAN) or cfg.grade_human})
+        for variant in variants:
+            for item in items:
+                if variant in item["replies"]:
+                    builders.append(("single", (item, variant), len(calls), 1))
+                    calls.append(
+                        (
+                            single_messages(item["prompt"], item["replies"][variant], cfg.criteria, cfg.max_text_chars),
+                            sform,
+                        )
+                    )
+    if cfg.pairwise:
+        present = {v for i in items for v in i["replies"]}
+        for a, b in cfg.comparisons:
+            comparison = f"{a}_vs_{b}"
+            if a not in present or b not in present:
+                log.info(
+                    "pairwise %s: no replies of %s in the generations; comparison left out",
+                    comparison,
+                    " or ".join(v for v in (a, b) if v not in present),
+                )
+                continue
+            for item in items:
+                if a not in item["replies"] or b not in item["replies"]:
+                    skipped[comparison] = skipped.get(comparison, 0) + 1
+                    continue
+                builders.append(("pairwise", (comparison, item, a, b), len(calls), 2))
+                two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], item["replies"][a], item["replies"][b])
+        # The length probe: a model's reply against its own trimmed version (same content, shorter).
+        probe_variant = next((a for a, _ in cfg.comparisons if not a.startswith(HUMAN)), None)
+        probed = [i for i in items if probe_variant in i["replies"]][: max(0, cfg.length_probe_items)]
+        for item in probed:
+            full = item["replies"][probe_variant]
+            short = trimmed(full)
+            if word_count(short) >= word_count(full):
+                continue
+            probe_item = {
+                **item,
+                "replies": {"full": full, "trimmed": short},
+                "finish": {"full": item["finish"].get(probe_variant), "trimmed": "stop"},
+            }
+            builders.append(("length_probe", ("full_vs_trimmed", probe_item, "full", "trimmed"), len(calls), 2))
+            two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, item["prompt"], full, short)
+    for pair in pairs:
+        builders.append(("calibration", (pair,), len(calls), 2))
+        two(CALIBRATION_INSTRUCTIONS, CALIBRATION_FORM, pair["prompt"], pair["winner"], pair["loser"])
+    if cfg.validate_instruments:
+        for pair in pairs:
+            if cfg.pairwise:
+                builders.append(("validation_pairwise", (pair,), len(calls), 2))
+                two(PAIRWISE_INSTRUCTIONS, PAIRWISE_FORM, pair["prompt"], pair["winner"], pair["loser"])
+            if cfg.single:
+                builders.append(("validation_single", (pair,), len(calls), 2))
+                for text in (pair["winner"], pair["loser"]):
+                    calls.append((single_messages(pair["prompt"], text, cfg.criteria, cfg.max_text_chars), sform))
+    return calls, builders, skipped
+
+
+def estimate_cost(
+    calls: list[tuple[list[dict], dict]], cfg: JudgeConfig, cache: ResponseCache | None, params: dict
+) -> dict:
+    """Calls not in the cache, their estimated tokens (prompt: characters / 4; completion: up to
+    max_tokens, estimated at a third) and cost at the configured price (batch price for the Batch
+    backend). Re-asks after unparseable answers come on top."""
+    new = [
+        (m, f)
+        for m, f in calls
+        if cache is None or cache.get(cache_key(key_backend(cfg), cfg.model, m, f, params)) is None
+    ]
+    prompt = sum(len(json.dumps(m, ensure_ascii=False)) // 4 for m, _ in new)
+    completion = len(new) * max(1, cfg.max_tokens // 3)
+    price = cfg.prices.get(price_name(cfg))
+    cost = None if price is None else (prompt * price["input"] + completion * price["output"]) / 1e6
+    if cfg.backend == "local":
+        cost = 0.0
+    return {
+        "calls": len(calls),
+        "new_calls": len(new),
+        "cached_calls": len(calls) - len(new),
+        "est_prompt_tokens": prompt,
+        "est_completion_tokens": completion,
+        "est_cost_usd": cost,
+        "price": price_name(cfg) if price else None,
+    }
+
+
+def planned_params(cfg: JudgeConfig) -> dict:
+    """The backend's params() without building a client (the dry run needs no key or model)."""
+    if cfg.backend == "local":
+        return {"rationale_tokens": cfg.local_rationale_tokens, "dtype": local_dtype(cfg.local_dtype)}
+    base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
+    return {
+        "temperature": cfg.temperature,
+        cfg.token_limit_param: cfg.max_tokens,
+        "response_format": cfg.response_format,
+        "logprobs": cfg.logprobs,
+        "top_logprobs": cfg.top_logprobs if cfg.logprobs else None,
+        "seed": cfg.api_seed,
+        "base_url": base_url.rstrip("/"),
+    }
+
+
+def make_backend(cfg: JudgeConfig):
+    if cfg.backend == "openai":
+        return OpenAIBackend(cfg)
+    if cfg.backend == "openai-batch":
+        return BatchBackend(cfg)
+    if cfg.backend == "local":
+        return LocalBackend(cfg)
+    raise ValueError(f"judge.backend must be 'openai', 'openai-batch' or 'local', got {cfg.backend!r}")

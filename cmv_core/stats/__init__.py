@@ -1,0 +1,1 @@
+"""Statistics for the judge report, over threads: resampling, comparisons, scoring rules, models."""
