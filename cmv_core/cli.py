@@ -6,7 +6,7 @@ image (no torch) can run ``cmv clean`` and ``cmv --help`` stays fast.
 One error path: an expected fault is a ``cmv_core.errors.CmvError`` (or an S3
 error that outlived botocore's retries), caught here once and printed as one
 line on stderr: exit 2 for bad input or settings, 1 for a failure after
-retries, 143 for SIGTERM. No traceback for any of them.
+retries, 143 for SIGTERM, 129 for SIGHUP. No traceback for any of them.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def _run_stage_process(cmd: list[str]) -> int:
         with contextlib.suppress(ProcessLookupError):
             child.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         rc = child.wait()
         return 128 - rc if rc < 0 else rc  # killed by a signal: the shell's convention
@@ -194,10 +194,18 @@ def _wait_for_inputs(args: argparse.Namespace) -> None:
                 storage.wait_for_success(uri, timeout_s=args.wait_for_input)
 
 
+# Signals that stop a stage the way SIGTERM does: its finally blocks run, its lease is released
+# (README, "Inputs and outputs"). SIGHUP is a closed terminal or ssh session; only SIGKILL skips this.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _on_sigterm(signum, frame):
     from cmv_core.errors import Terminated
 
-    raise Terminated("stopped by SIGTERM; no _SUCCESS written, rerun the same command to resume or start over")
+    name = signal.Signals(signum).name
+    exc = Terminated(f"stopped by {name}; no _SUCCESS written, rerun the same command to resume or start over")
+    exc.exit_code = 128 + signum  # the shell's convention: 143 for SIGTERM, 129 for SIGHUP
+    raise exc
 
 
 def _one_line(exc: BaseException) -> str:
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from cmv_core import errors, storage
 
     rerun = shlex.join(["cmv", *argv])
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {s: signal.signal(s, _on_sigterm) for s in STOP_SIGNALS}
     try:
         if args.command in STAGE_MODULES:
             if args.run_id is not None:
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "wait_for_input", 0) and args.command in STAGE_MODULES and args.command != "clean":
             _wait_for_inputs(args)
         return int(args.func(args) or 0)
-    except errors.CmvError as exc:
+    except (errors.CmvError, errors.Terminated) as exc:
         hint = f"; rerun: {rerun}" if exc.exit_code == errors.EXIT_FAILURE else ""
         print(f"cmv {args.command}: error: {_one_line(exc)}{hint}", file=sys.stderr, flush=True)
         return exc.exit_code
@@ -242,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         storage.release_all()
 
 
