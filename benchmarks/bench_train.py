@@ -134,8 +134,12 @@ def write_data(uri: str, n_train: int, n_val: int, mean_words: float, seed: int 
     return uri
 
 
-def run_variant(fmt: str, work: Path, name: str, model: str, train: dict, timeout: float, dpo: bool = False) -> dict:
-    """One ``cmv train`` process (``--method dpo --init base`` when ``dpo``); returns its metrics.json."""
+def run_variant(
+    fmt: str, work: Path, name: str, model: str, train: dict, timeout: float, dpo: bool = False, keep: bool = False
+) -> dict:
+    """One ``cmv train`` process (``--method dpo --init base`` when ``dpo``); returns its metrics.json.
+
+    Its output (``work/name``) is deleted unless ``keep`` (tests/test_gpu.py reads the trained model)."""
     import yaml
 
     recipe = work / f"{name}.yaml"
@@ -167,7 +171,8 @@ def run_variant(fmt: str, work: Path, name: str, model: str, train: dict, timeou
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["wall_s"] = round(time.monotonic() - started, 1)
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     return metrics
 
 
@@ -219,13 +224,11 @@ def cpu_main(args) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def build_random_1b(target: Path, tokenizer_dir: str) -> int:
-    """Llama-3.2-1B architecture with random bf16 weights + a tokenizer, saved for from_pretrained."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def llama_1b_config(tokenizer) -> object:
+    """The Llama-3.2-1B ``LlamaConfig`` with the special tokens of ``tokenizer`` (the one saved beside it)."""
+    from transformers import LlamaConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
+    return LlamaConfig(
         **{
             **LLAMA_32_1B,
             "bos_token_id": tokenizer.bos_token_id,
@@ -233,6 +236,54 @@ def build_random_1b(target: Path, tokenizer_dir: str) -> int:
             "pad_token_id": tokenizer.pad_token_id,
         }
     )
+
+
+def peak_tflops(device_name: str, override: float | None = None) -> float | None:
+    """Dense bf16 peak of a device by its CUDA name (None: unknown, pass --peak-tflops)."""
+    return override or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+
+
+def mfu(k: int, n_params: int, tokens_per_second: float, peak: float) -> float:
+    """Model FLOPs utilization: k * N * tokens/s over the peak (k = 6 full, 4 LoRA, 6 LoRA DPO)."""
+    return k * n_params * tokens_per_second / (peak * 1e12)
+
+
+def gpu_train_settings(steps: int, batch_size: int, max_length: int, attn: str = "sdpa", compile: bool = False) -> dict:
+    """The train: section every GPU variant shares: bf16, packing, no checkpoints or evaluation to speak of."""
+    return {
+        "max_steps": steps,
+        "per_device_train_batch_size": batch_size,
+        "max_length": max_length,
+        "precision": "bf16",
+        "attn_implementation": attn,
+        "packing": True,
+        "gradient_checkpointing": False,
+        "learning_rate": 1.0e-5,
+        "warmup_steps": 0,
+        "save_steps": 100_000,
+        "eval_steps": None,
+        "max_eval_examples": 8,
+        "per_device_eval_batch_size": 8,
+        "keep_checkpoints": False,
+        "logging_steps": 5,
+        "torch_compile": compile,
+        "dataloader_num_workers": 2,
+    }
+
+
+def gpu_data_size(steps: int, batch_size: int, max_length: int, mean_words: int) -> int:
+    """Synthetic threads enough for every packed step: steps * batch * max_length tokens, ~1.3 tokens per word."""
+    words_needed = steps * batch_size * max_length / 1.3
+    return int(words_needed / mean_words * 1.3) + 64
+
+
+def build_random_1b(target: Path, tokenizer_dir: str) -> int:
+    """Llama-3.2-1B architecture with random bf16 weights + a tokenizer, saved for from_pretrained."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = llama_1b_config(tokenizer)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -249,7 +300,7 @@ def gpu_main(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--gpu-1b needs a CUDA GPU")
     name = torch.cuda.get_device_name(0)
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = peak_tflops(name, args.peak_tflops)
     if peak is None:
         raise SystemExit(f"unknown peak bf16 TFLOP/s for {name!r}: pass --peak-tflops")
     tokenizer_dir = args.tokenizer
@@ -260,33 +311,13 @@ def gpu_main(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-train-gpu-"))
     t0 = time.monotonic()
     n_params = build_random_1b(work / "llama-3.2-1b-random", tokenizer_dir)
-    # enough packed sequences for every step: steps * batch * max_length tokens, ~1.3 tokens per word
-    words_needed = args.steps * args.batch_size * args.max_length / 1.3
-    n_train = int(words_needed / args.mean_words * 1.3) + 64
+    n_train = gpu_data_size(args.steps, args.batch_size, args.max_length, args.mean_words)
     fmt = write_data(str(work / "format"), n_train=n_train, n_val=8, mean_words=args.mean_words)
     print(
         f"{name}: peak bf16 {peak:.0f} TFLOP/s; Llama-3.2-1B random init, N = {n_params / 1e9:.3f} B parameters; "
         f"{n_train} synthetic threads (~{args.mean_words} words); setup {time.monotonic() - t0:.0f} s\n"
     )
-    base = {
-        "max_steps": args.steps,
-        "per_device_train_batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "precision": "bf16",
-        "attn_implementation": args.attn,
-        "packing": True,
-        "gradient_checkpointing": False,
-        "learning_rate": 1.0e-5,
-        "warmup_steps": 0,
-        "save_steps": 100_000,
-        "eval_steps": None,
-        "max_eval_examples": 8,
-        "per_device_eval_batch_size": 8,
-        "keep_checkpoints": False,
-        "logging_steps": 5,
-        "torch_compile": args.compile,
-        "dataloader_num_workers": 2,
-    }
+    base = gpu_train_settings(args.steps, args.batch_size, args.max_length, args.attn, args.compile)
     lora = {"method": "lora", "lora_r": 64, "lora_alpha": 128, "learning_rate": 2.0e-4}
     # (label, settings, k for MFU, DPO?). DPO: unpacked; its k adds the reference forward (2 N per token)
     variants = [
@@ -313,9 +344,9 @@ def gpu_main(args) -> None:
             dpo=dpo,
         )
         tps = m["tokens_per_second"]
-        mfu = k * n_params * tps / (peak * 1e12)
+        util = mfu(k, n_params, tps, peak)
         print(
-            f"{label:<26} {tps:>10.0f} {100 * mfu:>6.1f}% {m['peak_memory_bytes'] / 2**30:>8.1f}G {m['wall_s']:>7.0f}",
+            f"{label:<26} {tps:>10.0f} {100 * util:>6.1f}% {m['peak_memory_bytes'] / 2**30:>8.1f}G {m['wall_s']:>7.0f}",
             flush=True,
         )
     shutil.rmtree(work, ignore_errors=True)

@@ -44,7 +44,11 @@ class LeaseHeld(StageFailed):
     """Another live attempt holds the output's lease."""
 
 
-class Terminated(CmvError):
-    """SIGTERM arrived; raised from the signal handler so ``finally`` blocks still run."""
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived; raised from the signal handler so ``finally`` blocks still run.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: a signal that lands while a library runs code under
+    ``except Exception`` (logging's ``emit`` prints "--- Logging error ---" and carries on) must not be
+    swallowed there. The CLI catches it beside :class:`CmvError` and prints the same one line."""
 
     exit_code = EXIT_SIGTERM

@@ -24,7 +24,9 @@ Fault injection, the way real API servers fail:
 
 Each Job runs a script chosen by its ``cmv.io/stage`` label (:class:`Script`):
 its pods are Running for ``run_s`` seconds, then Succeeded (exit 0) or Failed,
-and print ``log`` lines (``{index}`` becomes the pod's completion index). ``on_success(job)`` lets a test
+and print ``log`` lines (``{index}`` becomes the pod's completion index). A script with ``pods`` (a list of
+:class:`fake_k8s_pods.PodRun`) instead runs one pod after another, each failed pod judged by the Job's own
+``podFailurePolicy`` and ``backoffLimit`` (tests/fake_k8s_pods.py). ``on_success(job)`` lets a test
 write the stage's ``_SUCCESS`` the way the real stage would. Every request is recorded in
 ``calls`` with a monotonic timestamp, for order and waiting assertions.
 """
@@ -42,6 +44,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+import fake_k8s_pods
+
 
 @dataclass
 class Script:
@@ -49,6 +53,11 @@ class Script:
     run_s: float = 0.3
     log: list[str] = field(default_factory=lambda: ["working", "done"])
     exit_code: int = 1
+    # One pod at a time, each ending as listed (then success), judged by the Job's podFailurePolicy (one completion).
+    pods: list[fake_k8s_pods.PodRun] | None = None
+    # A Job applied by hand before the submitter looks: its run starts at the first GET of it, so the
+    # submitter finds it running however long its own rendering took on a loaded machine.
+    start_when_read: bool = False
 
 
 @dataclass
@@ -159,6 +168,15 @@ class FakeK8s:
         elapsed = time.monotonic() - job["_created"]
         if job.get("kind") == "JobSet":
             return self._jobset_view(job, script, elapsed)
+        if script.pods is not None:
+            view = {k: v for k, v in job.items() if not k.startswith("_")}
+            fate = self._advance(job)
+            view["status"] = fake_k8s_pods.job_status(fate, job["metadata"]["creationTimestamp"])
+            if fate.state == "succeeded" and not job.get("_success_called"):
+                job["_success_called"] = True
+                if self.on_success:
+                    self.on_success(job)
+            return view
         status: dict = {"startTime": job["metadata"]["creationTimestamp"]}
         if elapsed < script.run_s:
             status.update(active=completions, ready=completions)
@@ -241,11 +259,42 @@ class FakeK8s:
         view["status"] = status
         return view
 
+    def _advance(self, job: dict) -> fake_k8s_pods.Fate:
+        """A Job with ``pods``: its fate by now, and a pod record for each pod started so far."""
+        script, ns = self._script(job), job["metadata"]["namespace"]
+        finished = int((time.monotonic() - job["_created"]) // script.run_s)
+        names = job.setdefault("_pod_names", [])
+        while True:
+            fate = fake_k8s_pods.fate(self._job_spec(job), script.pods, min(finished, len(names)), ns, names)
+            if len(names) >= fate.started:
+                return fate
+            k = len(names)
+            names.append(f"{job['metadata']['name']}-0-{len(self.pods):05d}")
+            run = script.pods[k] if k < len(script.pods) else fake_k8s_pods.PodRun()
+            labels = {**self._job_spec(job)["template"]["metadata"].get("labels", {})}
+            labels.update(
+                {"batch.kubernetes.io/job-name": job["metadata"]["name"], "job-name": job["metadata"]["name"]}
+            )
+            self.pods[(ns, names[-1])] = {
+                "metadata": {"name": names[-1], "namespace": ns, "labels": labels, "creationTimestamp": _now_iso()},
+                "_job": job,
+                "_index": 0,
+                "_run": run,
+                "_start": job["_created"] + k * script.run_s,
+                "_started": dt.datetime.now(dt.UTC).replace(microsecond=0),
+            }
+
+    def _pod_end(self, pod: dict) -> float:
+        return pod.get("_start", pod["_job"]["_created"]) + self._script(pod["_job"]).run_s
+
     def _pod_view(self, pod: dict) -> dict:
         job = pod["_job"]
         script = self._script(job)
         elapsed = time.monotonic() - job["_created"]
-        if elapsed < script.run_s:
+        conditions: list[dict] = []
+        if "_run" in pod:
+            phase, state, conditions = fake_k8s_pods.pod_status(pod["_run"], time.monotonic() < self._pod_end(pod))
+        elif elapsed < script.run_s:
             phase, state = "Running", {"running": {"startedAt": pod["metadata"]["creationTimestamp"]}}
         else:
             code = 0 if script.succeed else script.exit_code
@@ -258,6 +307,7 @@ class FakeK8s:
             "spec": {"containers": [{"name": "main", "image": "fake"}], "restartPolicy": "Never"},
             "status": {
                 "phase": phase,
+                "conditions": conditions,
                 "containerStatuses": [
                     {
                         "name": "main",
@@ -282,6 +332,10 @@ class FakeK8s:
         job["metadata"]["creationTimestamp"] = _now_iso()
         job["metadata"]["uid"] = f"uid-{len(self.objects)}"
         name = job["metadata"]["name"]
+        if job.get("kind") != "JobSet" and self._script(job).pods is not None:
+            assert (self._job_spec(job).get("completions") or 1) == 1, "Script.pods simulates one-pod Jobs"
+            self._advance(job)  # its first pod
+            return
         spec = self._job_spec(job)
         template_labels = dict(spec["template"]["metadata"].get("labels", {}))
         for index in range(spec.get("completions") or 1):
@@ -316,7 +370,9 @@ class FakeK8s:
 
     def _log(self, pod: dict) -> list[str]:
         script = self._script(pod["_job"])
-        return [line.replace("{index}", str(pod["_index"])) for line in script.log]
+        run = pod.get("_run")
+        lines = run.log if run is not None and run.log is not None else script.log
+        return [line.replace("{index}", str(pod["_index"])) for line in lines]
 
     def _log_stamps(self, pod: dict) -> list[str]:
         """One RFC3339Nano timestamp per line: a few lines per second, so that a second holds several."""
@@ -331,6 +387,9 @@ class FakeK8s:
     def _reap(self) -> None:
         """The garbage collector: pods of deleted Jobs go delete_delay_s later; a Foreground-deleted Job after them."""
         now = time.monotonic()
+        for job in [p["_job"] for p in self.pods.values() if "_run" in p]:  # later pods of a Job with pods
+            if "_deleting_at" not in job:
+                self._advance(job)
         for key, pod in list(self.pods.items()):
             job = pod["_job"]
             since = pod.get("_deleting_at", job.get("_deleting_at"))
@@ -442,6 +501,9 @@ class FakeK8s:
                 if job is None:
                     return self._status(h, 404, "NotFound", f'{plural} "{name}" not found')
                 if method == "GET":
+                    if self._script(job).start_when_read and not job.get("_read"):
+                        job["_read"] = True
+                        job["_created"] = time.monotonic()
                     return self._send(h, 200, self._job_view(job))
                 if method == "DELETE":
                     self.delete_bodies.append(body)
@@ -509,7 +571,7 @@ class FakeK8s:
                 h.connection.shutdown(socket.SHUT_RDWR)
                 return None
             if follow:  # like a real follow: the stream ends when the container does
-                remaining = job["_created"] + self._script(job).run_s - time.monotonic()
+                remaining = self._pod_end(pod) - time.monotonic()
                 time.sleep(max(0.0, min(remaining, 30)))
             return self._send(h, 200, body, "text/plain")
         m = re.fullmatch(

@@ -11,7 +11,13 @@ The Batch API too: ``POST /v1/files`` (multipart upload), ``POST /v1/batches``,
 ``GET /v1/batches/{id}`` and ``GET /v1/files/{id}/content``. A batch runs every line of its
 input file through the same handler as the synchronous endpoint once it has been polled
 ``batch_polls`` times (``hold_batches = True`` keeps it running until released); every created
-batch is in ``server.batches``.
+batch is in ``server.batches``. As the real API does, answers with status 200 go to the batch's
+output file and every other line (the handler's non-200 reply) to its error file
+(``failed_lines_to = "output"`` puts them in the output file instead). ``batch_script`` scripts
+how the n-th created batch ends (a list, consumed in order; past its end a batch completes):
+``{"status": "failed", "errors": {...}}`` (no file, as when the input is refused),
+``{"status": "expired", "answered": k}`` (the first k lines answered, every other line in the
+error file with code ``batch_expired``) or ``{"status": "cancelled", "answered": k}``.
 
 Run as a script for the benchmark: ``python tests/fake_openai_server.py --latency-ms 100``
 prints ``PORT <n>`` and answers every request with a valid verdict after the latency.
@@ -150,6 +156,8 @@ class FakeOpenAI:
         self.batches: dict[str, dict] = {}
         self.batch_polls = 1
         self.hold_batches = False
+        self.batch_script: list[dict] = []
+        self.failed_lines_to = "error_file"
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -300,48 +308,71 @@ class FakeOpenAI:
             batch = self.batches[batch_id]
             batch["_polls"] += 1
             ready = batch["status"] == "in_progress" and batch["_polls"] >= self.batch_polls and not self.hold_batches
+            script = self.batch_script[int(batch_id.split("_")[1]) - 1 : int(batch_id.split("_")[1])]
         if ready:
-            out, failed = [], 0
-            for n, line in enumerate(batch["_lines"], 1):
-                with self._lock:
-                    self.count += 1
-                    count = self.count
-                    if self.record:
-                        self.requests.append(line["body"])
-                reply = self.handler(line["body"], count)
-                if reply.status == 200 and reply.raw is None:
-                    out.append(
-                        {
-                            "id": f"batch_req_{n}",
-                            "custom_id": line["custom_id"],
-                            "response": {"status_code": 200, "request_id": f"req_{n}", "body": reply.body},
-                            "error": None,
-                        }
-                    )
-                else:
-                    failed += 1
-                    out.append(
-                        {
-                            "id": f"batch_req_{n}",
-                            "custom_id": line["custom_id"],
-                            "response": {
-                                "status_code": reply.status,
-                                "request_id": f"req_{n}",
-                                "body": reply.body or {},
-                            },
-                            "error": None,
-                        }
-                    )
-            with self._lock:
-                file_id = f"file-{len(self.files) + 1}"
-                self.files[file_id] = ("\n".join(json.dumps(o) for o in out) + "\n").encode()
-                batch.update(
-                    status="completed",
-                    output_file_id=file_id,
-                    request_counts={"total": len(out), "completed": len(out) - failed, "failed": failed},
-                )
+            self._end_batch(batch, script[0] if script else {"status": "completed"})
         with self._lock:
             return self._public(batch_id)
+
+    def _run_line(self, n: int, line: dict) -> dict:
+        """One input line through the handler: its output-file entry."""
+        with self._lock:
+            self.count += 1
+            count = self.count
+            if self.record:
+                self.requests.append(line["body"])
+        reply = self.handler(line["body"], count)
+        status = reply.status if reply.raw is None else 500
+        return {
+            "id": f"batch_req_{n}",
+            "custom_id": line["custom_id"],
+            "response": {"status_code": status, "request_id": f"req_{n}", "body": reply.body or {}},
+            "error": None,
+        }
+
+    def _end_batch(self, batch: dict, outcome: dict) -> None:
+        """Run the batch's lines (all, or the first ``answered`` of them) and end it as scripted."""
+        status = outcome.get("status", "completed")
+        if status == "failed":
+            with self._lock:
+                batch.update(status="failed", errors=outcome.get("errors") or {"object": "list", "data": []})
+            return
+        lines = batch["_lines"][: outcome.get("answered", len(batch["_lines"]))]
+        out = [self._run_line(n, line) for n, line in enumerate(lines, 1)]
+        ok = [o for o in out if o["response"]["status_code"] == 200]
+        bad = [o for o in out if o["response"]["status_code"] != 200]
+        for n, line in enumerate(batch["_lines"][len(lines) :], len(lines) + 1):
+            code = "batch_expired" if status == "expired" else "batch_cancelled"
+            bad.append(
+                {
+                    "id": f"batch_req_{n}",
+                    "custom_id": line["custom_id"],
+                    "response": None,
+                    "error": {
+                        "code": code,
+                        "message": f"This request could not be executed before the batch {status}.",
+                    },
+                }
+            )
+        if self.failed_lines_to == "output":
+            ok, bad = out, bad[len(out) - len(ok) :]
+        with self._lock:
+            files = {}
+            for name, entries in (("output_file_id", ok), ("error_file_id", bad)):
+                if entries:
+                    file_id = f"file-{len(self.files) + 1}"
+                    self.files[file_id] = ("\n".join(json.dumps(o) for o in entries) + "\n").encode()
+                    files[name] = file_id
+            failed = len(batch["_lines"]) - sum(1 for o in out if o["response"]["status_code"] == 200)
+            batch.update(
+                status=status,
+                **files,
+                request_counts={
+                    "total": len(batch["_lines"]),
+                    "completed": len(batch["_lines"]) - failed,
+                    "failed": failed,
+                },
+            )
 
     def stop(self) -> None:
         if self._httpd is not None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
 
 import pytest
 
-from cmv_core import config, stages
+from cmv_core import config, errors
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -39,12 +38,38 @@ def test_every_shipped_recipe_loads(path):
     assert first.startswith("#"), f"{path.name} must start with a comment saying how to run it"
     recipe = config.load_recipe(str(path))
     assert recipe.get("model")
-    # every section a recipe may have, through the same check the stages run (cmv_core/stages.py)
-    for stage in stages.PIPELINE:
-        module_name, cls_name = stage.config.split(":")
-        module = importlib.import_module(module_name)
-        cfg = config.section(recipe, stage.name, getattr(module, cls_name))
-        assert dataclasses.is_dataclass(cfg)
+    full_check(recipe)
+
+
+def full_check(recipe: dict) -> None:
+    """Every section through the checks the stages run before any work: ``cmv run``'s
+    validate_recipe (unknown sections and keys, types, each config's own __post_init__), then the
+    value checks a stage makes when it starts (generate's check_config, judge's _validate)."""
+    from cmv_core.generate.config import GenerateConfig, check_config
+    from cmv_core.judge import stage as judge_stage
+    from cmv_core.judge.config import JudgeConfig
+
+    config.validate_recipe(recipe)
+    generate = config.section(recipe, "generate", GenerateConfig)
+    # the variants come from the command line (--trained...) when a recipe does not list them
+    check_config(dataclasses.replace(generate, variants=generate.variants or [{"name": "base", "model": "m"}]))
+    judge_stage._validate(config.section(recipe, "judge", JudgeConfig))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("judge.response_format=xml", "response_format"),
+        ("judge.criteria=[charm]", "unknown"),
+        ("generate.top_p=0", "top_p"),
+        ("generate.backend=telepathy", "generate.backend"),
+        ("trian.max_steps=1", "unknown section"),
+        ("train.max_stpes=1", "unknown key"),
+    ],
+)
+def test_the_full_check_refuses_a_bad_value_in_a_shipped_recipe(override, message):
+    with pytest.raises(errors.InputError, match=message):
+        full_check(config.load_recipe(str(CONFIGS[0]), [override]))
 
 
 def test_override_into_empty_section(tmp_path):

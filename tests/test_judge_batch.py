@@ -11,13 +11,14 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import CONFIGS, REPO
 from fake_openai_server import FakeOpenAI, Reply, completion
 from test_judge import make_inputs, replies_shown, smart_judge
 
 from cmv_core import storage
 from cmv_core.judge import stage as judging
-from cmv_core.judge.config import JudgeConfig
+from cmv_core.judge.config import JudgeConfig, JudgeFailed
 
 PRICES = {"gpt-4o-mini": {"input": 0.15, "output": 0.60}, "gpt-4o-mini@batch": {"input": 0.15, "output": 0.60}}
 
@@ -172,3 +173,98 @@ def test_killed_while_the_batch_runs_resumes_by_polling_never_resubmits(tmp_path
     assert (out / "judgments.jsonl").read_bytes() == (tmp_path / "sync" / "judgments.jsonl").read_bytes()
     report = storage.read_json(str(out / "report.json"))
     assert report["usage"]["new_calls"] > 0 and report["failures"]["failed_calls"] == 0
+
+
+# ---------------------------------------------------------------- failure paths, counted as online
+
+SINGLES = dict(grade_human=False, pairwise=False, calibration=False, comparisons=[])
+
+
+def broken_judge(state):
+    """smart_judge, except that while ``state["broken"]`` FT reply 0 gets a 500 and FT reply 1 a 400."""
+
+    def handler(body, n):
+        shown = replies_shown(body)
+        if state["broken"] and shown == ("FT reply 0",):
+            return Reply(status=500, body={"error": {"message": "boom"}})
+        if state["broken"] and shown == ("FT reply 1",):
+            return Reply(status=400, body={"error": {"message": "bad line"}})
+        return smart_judge(body, n)
+
+    return handler
+
+
+@pytest.mark.parametrize("failed_lines_to", ["error_file", "output"])
+def test_non_200_lines_are_failed_calls_counted_and_asked_again_by_a_rerun(tmp_path, failed_lines_to):
+    gen, fmt = make_inputs(tmp_path)
+    out = str(tmp_path / "batch")
+    state = {"broken": True}
+    with FakeOpenAI(broken_judge(state)) as srv:
+        srv.failed_lines_to = failed_lines_to
+        c = cfg(srv, "openai-batch", max_failed_fraction=0.2, **SINGLES)
+        with pytest.raises(JudgeFailed, match="2 of 6 judge calls failed"):
+            judging.run_judge(gen, fmt, out, c)
+        # one batch of the six calls; a failed line is not sent again in this run (nor online)
+        assert len(srv.batches) == 1 and srv.count == 6
+        assert not storage.exists(storage.join(out, "_SUCCESS"))
+        rows = {r["id"]: r for r in storage.read_jsonl(storage.join(out, "judgments.jsonl"))}
+        assert rows["single:finetuned:t0:c0"]["status"] == "error"
+        assert "(500)" in rows["single:finetuned:t0:c0"]["error"] and "boom" in rows["single:finetuned:t0:c0"]["error"]
+        assert (
+            rows["single:finetuned:t1:c1"]["status"] == "error" and "(400)" in rows["single:finetuned:t1:c1"]["error"]
+        )
+        assert [r["status"] for r in rows.values()].count("ok") == 4
+        rep = storage.read_json(storage.join(out, "report.json"))
+        assert rep["failures"]["failed_calls"] == 2 and rep["failures"]["errors"] == 2
+
+        # The server recovers: a rerun sends only the two failed calls, in a new batch.
+        state["broken"] = False
+        judging.run_judge(gen, fmt, out, c)
+        assert len(srv.batches) == 2 and srv.batches["batch_2"]["request_counts"]["total"] == 2
+        assert srv.count == 8
+        assert storage.exists(storage.join(out, "_SUCCESS"))
+
+
+def test_a_failed_batch_counts_every_request_failed_and_a_rerun_submits_again(tmp_path):
+    gen, fmt = make_inputs(tmp_path)
+    out = tmp_path / "batch"
+    with FakeOpenAI(smart_judge) as srv:
+        srv.batch_script = [{"status": "failed", "errors": {"object": "list", "data": [{"code": "invalid_model"}]}}]
+        c = cfg(srv, "openai-batch", max_failed_fraction=0.2, **SINGLES)
+        with pytest.raises(JudgeFailed, match="6 of 6 judge calls failed"):
+            judging.run_judge(gen, fmt, str(out), c)
+        assert len(srv.batches) == 1 and srv.count == 0
+        rows = list(storage.read_jsonl(str(out / "judgments.jsonl")))
+        assert [r["status"] for r in rows] == ["error"] * 6
+        assert all("batch_1 failed" in r["error"] and "invalid_model" in r["error"] for r in rows)
+        # the failed batch is forgotten: the rerun submits a new one instead of polling it again
+        assert not (out / "cache" / "batch_state.json").exists()
+        judging.run_judge(gen, fmt, str(out), c)
+        assert len(srv.batches) == 2 and srv.batches["batch_2"]["request_counts"]["total"] == 6
+        assert [r["status"] for r in storage.read_jsonl(str(out / "judgments.jsonl"))] == ["ok"] * 6
+
+
+def test_an_expired_batch_asks_its_unanswered_requests_again_in_a_new_batch(tmp_path):
+    gen, fmt = make_inputs(tmp_path)
+    out = str(tmp_path / "batch")
+    with FakeOpenAI(smart_judge) as srv:
+        srv.batch_script = [{"status": "expired", "answered": 2}]
+        judging.run_judge(gen, fmt, out, cfg(srv, "openai-batch", **SINGLES))
+        assert [b["status"] for b in srv.batches.values()] == ["expired", "completed"]
+        assert srv.batches["batch_2"]["request_counts"]["total"] == 4 and srv.count == 6
+        rep = storage.read_json(storage.join(out, "report.json"))
+        assert rep["failures"]["failed_calls"] == 0 and rep["usage"]["new_calls"] == 6
+
+
+def test_a_batch_that_always_expires_ends_in_failed_calls_not_a_loop(tmp_path):
+    gen, fmt = make_inputs(tmp_path)
+    out = str(tmp_path / "batch")
+    with FakeOpenAI(smart_judge) as srv:
+        srv.batch_script = [{"status": "expired", "answered": 0}] * 10
+        c = cfg(srv, "openai-batch", parse_retries=1, max_failed_fraction=1.0, **SINGLES)
+        judging.run_judge(gen, fmt, out, c)
+        # 1 + parse_retries + 1 rounds, each asking all six again; then each call is a failure
+        assert len(srv.batches) == 3 and srv.count == 0
+        rows = list(storage.read_jsonl(storage.join(out, "judgments.jsonl")))
+        assert [r["status"] for r in rows] == ["error"] * 6
+        assert all("no answer from the batch" in r["error"] for r in rows)

@@ -268,8 +268,8 @@ def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
 
     gen, fmt = make_inputs(tmp_path, 3, lambda v, i: f"{v} reply {i}", lambda i: (f"WIN {i}", f"LOSE {i}"))
     out = tmp_path / "judge"
-    with FakeOpenAI(longer_judge) as srv:
-        proc = run_cmv(
+    with FakeOpenAI() as srv:  # a valid verdict for every ask: no re-asks, which the dry run leaves out
+        argv = [
             "judge",
             "--generations",
             gen,
@@ -277,7 +277,6 @@ def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
             fmt,
             "--output",
             str(out),
-            "--dry-run",
             "--config",
             str(CONFIGS / "tiny.yaml"),
             "--set",
@@ -286,13 +285,24 @@ def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
             "judge.model=gpt-4o-mini",
             "--set",
             f"judge.base_url={srv.base_url}",
-            env={"OPENAI_API_KEY": "sk-dry"},
-        )
+        ]
+        proc = run_cmv(*argv, "--dry-run", env={"OPENAI_API_KEY": "sk-dry"})
         assert srv.count == 0
-    assert "dry run:" in proc.stdout and "estimated cost $" in proc.stdout
-    est = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert est["calls"] > 0 and est["new_calls"] == est["calls"] and est["est_cost_usd"] > 0
-    assert not (out / "_SUCCESS").exists() and not (out / "judgments.jsonl").exists()
+        assert "dry run:" in proc.stdout and "estimated cost $" in proc.stdout
+        est = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert not (out / "_SUCCESS").exists() and not (out / "judgments.jsonl").exists()
+
+        # The plan is the run: the real run (every answer parses, so no re-asks) makes exactly the
+        # calls the dry run counted and sends exactly the new ones (a prompt asked twice in the plan,
+        # e.g. by two instruments, is sent once and then read from the cache).
+        run_cmv(*argv, env={"OPENAI_API_KEY": "sk-dry"})
+        summary = storage.require_success(str(out))["summary"]
+        assert est["calls"] == summary["calls"] and est["cached_calls"] == summary["cached_calls"]
+        assert est["new_calls"] == summary["new_calls"] == srv.count
+        assert est["est_cost_usd"] > 0
+        # and a second dry run sees every call in the cache
+        again = json.loads(run_cmv(*argv, "--dry-run", env={"OPENAI_API_KEY": "sk-dry"}).stdout.splitlines()[-1])
+        assert (again["calls"], again["cached_calls"], again["new_calls"]) == (est["calls"], est["calls"], 0)
 
 
 def test_max_cost_stops_before_any_call(tmp_path):

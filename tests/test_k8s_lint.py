@@ -26,9 +26,8 @@ def checkov_bin() -> str:
     if not Path(found).exists():
         found = shutil.which("checkov") or ""
     if not found:
-        if os.environ.get("CMV_REQUIRE_LINT"):
-            pytest.fail("checkov is missing: make lint-tools")
-        pytest.skip("checkov not installed (make lint-tools; make test installs it and requires it)")
+        # Required in every run, not skipped: a skip here let a plain `pytest` pass without linting.
+        pytest.fail("checkov is missing: run `make lint-tools` (installs it into .venv-lint), or set $CHECKOV")
     return found
 
 

@@ -176,7 +176,7 @@ def test_resume_trusts_the_jobs_when_the_store_is_not_checked(fake, capsys):
 
 
 def test_a_stage_whose_job_is_running_is_waited_for_not_recreated(fake, capsys):
-    fake.scripts["clean"] = Script(run_s=1.0, log=["slow clean"])
+    fake.scripts["clean"] = Script(run_s=1.0, log=["slow clean"], start_when_read=True)
     # Someone applied the clean stage by hand (kubectl apply -k k8s/overlays/gpu/clean) just before.
     run = k8s_render.plan(k8s_render.render_objects("gpu", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store)}))
     cluster = k8s_api.connect()
@@ -387,7 +387,7 @@ def test_the_train_service_is_owned_by_the_train_job(fake):
 def test_jobs_applied_from_cmv_k8s_render_are_adopted_by_submit(fake, capsys):
     import yaml
 
-    fake.scripts["clean"] = Script(run_s=1.0, log=["applied by hand"])
+    fake.scripts["clean"] = Script(run_s=1.0, log=["applied by hand"], start_when_read=True)
     text = k8s_render.render("gpu", stage="clean", settings={"RUN_ID": "t1", "ARTIFACT_ROOT": str(fake.store)})
     docs = [d for d in yaml.safe_load_all(text) if d]
     job = next(d for d in docs if d["kind"] == "Job")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
+
 import pytest
 
 from cmv_core.report.build import build_report
@@ -95,22 +98,53 @@ def cal(pid, v_winner_first, v_loser_first, winner_words, loser_words):
     }
 
 
-def test_bootstrap_ci_contains_mean_and_is_seeded():
+def test_bootstrap_ci_is_the_known_percentile_interval_and_is_seeded():
     values = [1, 2, 2, 3, 5, 6, 7, 7, 4, 4]
     ci = bootstrap_mean_ci(values, n_boot=1000, seed=3)
-    mean = sum(values) / len(values)
-    assert ci[0] < mean < ci[1]
     assert ci == bootstrap_mean_ci(values, n_boot=1000, seed=3)
     assert ci != bootstrap_mean_ci(values, n_boot=1000, seed=4)
+    # Known answer: resampling 40 values, 20 of them 1, gives a mean of Binomial(40, 1/2) / 40. Its
+    # 2.5% quantile is 14/40 (P(X <= 13) = 0.019 < 0.025 < P(X <= 14) = 0.040) and its 97.5% quantile
+    # 26/40, each over 5 standard errors of 20,000 resamples from the next value (a 90% interval
+    # would be (15/40, 25/40)).
+    assert bootstrap_mean_ci([0, 1] * 20, n_boot=20000, seed=0) == (0.35, 0.65)
     assert bootstrap_mean_ci([], n_boot=10) is None
     assert bootstrap_mean_ci([5.0], n_boot=10) == (5.0, 5.0)
 
 
+def test_cluster_bootstrap_ci_is_the_known_interval_of_thread_means():
+    from cmv_core.stats.resampling import cluster_bootstrap_ci
+
+    # 40 threads of 3 identical items each, half of them 1: the interval of 40 independent 0/1 values
+    # (above), not the narrower one of 120
+    values = [v for v in [0.0, 1.0] * 20 for _ in range(3)]
+    threads = [t for t in range(40) for _ in range(3)]
+    out = cluster_bootstrap_ci(values, threads, n_boot=20000, seed=0)
+    assert out["estimate"] == 0.5 and out["ci95"] == (0.35, 0.65)
+
+
+def _wilson(k: int, n: int, z: float) -> tuple[float, float]:
+    """The Wilson score interval, textbook form: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)."""
+    p = k / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (5, 10), (1, 10), (3, 7), (37, 100), (1, 1000)])
+def test_wilson_interval_matches_the_95_percent_closed_form(k, n):
+    z = NormalDist().inv_cdf(0.975)
+    lo, hi = wilson_ci(k, n)
+    assert (lo, hi) == pytest.approx(_wilson(k, n, z), abs=1e-6)
+
+
 def test_wilson_interval_bounds():
     lo, hi = wilson_ci(0, 10)
-    assert lo == 0.0 and 0.2 < hi < 0.35  # not the useless [0, 0] of the normal approximation
+    # not the useless [0, 0] of the normal approximation; z^2 / (n + z^2) at the 95% z (the 90% z
+    # would give 0.2130)
+    assert lo == 0.0 and hi == pytest.approx(0.277533, abs=1e-6)
     lo, hi = wilson_ci(5, 10)
-    assert lo < 0.5 < hi and abs((lo + hi) / 2 - 0.5) < 1e-9
+    assert (lo, hi) == pytest.approx((0.236593, 0.763407), abs=1e-6)
     assert wilson_ci(0, 0) is None
 
 

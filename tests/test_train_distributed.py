@@ -89,17 +89,20 @@ def test_torchrun_two_processes_zero3_lora_saves_loadable_adapter(tmp_path, tiny
 
 
 def start_training(
-    fmt: str, out: str, max_steps: int, save_steps: int, log_path: Path, torchrun: bool = False
+    fmt: str, out: str, max_steps: int, save_steps: int, log_path: Path, torchrun: bool = False, hold: bool = False
 ) -> subprocess.Popen:
-    # torchrun: launched as the training Job launches it (cmv_core.train.torchrun as the main process), one worker
+    """``cmv train`` in the background. torchrun: launched as the training Job launches it
+    (cmv_core.train.torchrun as the main process), one worker. hold: the worker waits at its first
+    mirrored checkpoint until SIGTERM or SIGKILL (tests/train_hold.py), so that a test that stops it
+    there cannot lose the race to a training run that finishes first."""
     launcher = (
         ["-m", "cmv_core.train.torchrun", "--nproc-per-node=1", f"--master-port={free_port()}"] if torchrun else []
     )
+    entry = [str(Path(__file__).parent / "train_hold.py")] if hold else ["-m", "cmv_core.cli"]
     cmd = [
         sys.executable,
         *launcher,
-        "-m",
-        "cmv_core.cli",
+        *entry,
         "train",
         "--input",
         fmt,
@@ -144,16 +147,16 @@ def test_killed_run_resumes_from_newest_s3_checkpoint(tmp_path, s3_bucket):
     fmt = write_format_output(str(tmp_path / "format"))
     out = f"{s3_bucket}/run/train"
     max_steps = 8
-    proc = start_training(fmt, out, max_steps, save_steps=2, log_path=tmp_path / "first.log")
+    proc = start_training(fmt, out, max_steps, save_steps=2, log_path=tmp_path / "first.log", hold=True)
     try:
-        wait_for_checkpoint(proc, out)
+        wait_for_checkpoint(proc, out)  # held there until killed
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     resumable = complete_steps(out)[-1]  # frozen now that the process is dead
-    assert 2 <= resumable < max_steps
+    assert resumable == 2
     assert not storage.exists(storage.join(out, "_SUCCESS"))
 
     second = start_training(fmt, out, max_steps, save_steps=2, log_path=tmp_path / "second.log")
@@ -189,9 +192,9 @@ def test_sigterm_saves_a_final_checkpoint_then_resume_finishes(tmp_path, s3_buck
     fmt = write_format_output(str(tmp_path / "format"))
     out = f"{s3_bucket}/run/train"
     max_steps = 12
-    proc = start_training(fmt, out, max_steps, save_steps=4, log_path=tmp_path / "first.log", torchrun=True)
+    proc = start_training(fmt, out, max_steps, save_steps=4, log_path=tmp_path / "first.log", torchrun=True, hold=True)
     try:
-        first = wait_for_checkpoint(proc, out)
+        first = wait_for_checkpoint(proc, out)  # held there until the SIGTERM
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=300)
     finally:
@@ -201,7 +204,7 @@ def test_sigterm_saves_a_final_checkpoint_then_resume_finishes(tmp_path, s3_buck
     assert rc == 143, log[-4000:]
     assert "stopped on SIGTERM at step" in log
     stopped_at = int(log.split("stopped on SIGTERM at step ")[1].split(";")[0])
-    assert first <= stopped_at < max_steps
+    assert first == 4 and stopped_at == first + 1  # released by the SIGTERM, stopped at the next step's end
     assert complete_steps(out)[-1] == stopped_at  # the extra checkpoint, complete at the output
     assert not storage.exists(storage.join(out, "_SUCCESS"))
 

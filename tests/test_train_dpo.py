@@ -219,18 +219,27 @@ def test_full_dpo_from_base_loads_a_frozen_reference_copy(tmp_path):
 
 
 def start_dpo(
-    fmt: str, init: str, out: str, log_path: Path, max_steps: int = 6, save_steps: int = 2, extra: tuple[str, ...] = ()
+    fmt: str,
+    init: str,
+    out: str,
+    log_path: Path,
+    max_steps: int = 6,
+    save_steps: int = 2,
+    extra: tuple[str, ...] = (),
+    hold: bool = False,
 ):
+    """DPO training in the background; hold: wait at the first mirrored checkpoint until killed
+    (tests/train_hold.py), so that the kill cannot come after training finished."""
     import os
     import subprocess
     import sys
 
     from conftest import REPO
 
+    entry = [str(Path(__file__).parent / "train_hold.py")] if hold else ["-m", "cmv_core.cli"]
     cmd = [
         sys.executable,
-        "-m",
-        "cmv_core.cli",
+        *entry,
         "train",
         "--method",
         "dpo",
@@ -278,16 +287,16 @@ def test_killed_dpo_run_resumes_from_newest_s3_checkpoint_bit_identical(tmp_path
         "train.max_length=256",
     )
     out, max_steps = f"{s3_bucket}/run/dpo", 6
-    proc = start_dpo(fmt, sft, out, tmp_path / "first.log")
+    proc = start_dpo(fmt, sft, out, tmp_path / "first.log", hold=True)
     try:
-        wait_for_checkpoint(proc, out)
+        wait_for_checkpoint(proc, out)  # held there until killed
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
     resumable = complete_steps(out)[-1]
-    assert 2 <= resumable < max_steps and not storage.exists(storage.join(out, "_SUCCESS"))
+    assert resumable == 2 and not storage.exists(storage.join(out, "_SUCCESS"))
 
     second = start_dpo(fmt, sft, out, tmp_path / "second.log")
     assert second.wait(timeout=900) == 0, (tmp_path / "second.log").read_text()[-4000:]

@@ -113,11 +113,13 @@ def estimate_cost(
     """Calls not in the cache, their estimated tokens (prompt: characters / 4; completion: up to
     max_tokens, estimated at a third) and cost at the configured price (batch price for the Batch
     backend). Re-asks after unparseable answers come on top."""
-    new = [
-        (m, f)
-        for m, f in calls
-        if cache is None or cache.get(cache_key(key_backend(cfg), cfg.model, m, f, params)) is None
-    ]
+    new, planned = [], set()
+    for m, f in calls:
+        key = cache_key(key_backend(cfg), cfg.model, m, f, params)
+        # A prompt the plan asks twice (two instruments on one pair) is sent once, then cached.
+        if key not in planned and (cache is None or cache.get(key) is None):
+            new.append((m, f))
+        planned.add(key)
     prompt = sum(len(json.dumps(m, ensure_ascii=False)) // 4 for m, _ in new)
     completion = len(new) * max(1, cfg.max_tokens // 3)
     price = cfg.prices.get(price_name(cfg))

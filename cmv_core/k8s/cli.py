@@ -150,7 +150,8 @@ def _cluster_command(args: argparse.Namespace) -> int:
         _print(f"{'stage':<10} {'job':<32} {'state':<10} {'_SUCCESS':<9} pods")
         for r in rows:
             success = {True: "yes", False: "no", None: "?"}[r.success]
-            _print(f"{r.stage:<10} {r.job:<32} {r.state:<10} {success:<9} {r.pods}")
+            stale = f"  (to run again: {r.stale})" if r.stale else ""
+            _print(f"{r.stage:<10} {r.job:<32} {r.state:<10} {success:<9} {r.pods}{stale}")
         return 0
     if args.engine == "argo":
         return submit_argo(cluster, run, out=_print)

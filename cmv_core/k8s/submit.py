@@ -44,12 +44,20 @@ log = logging.getLogger(__name__)
 
 
 def status(cluster: Cluster, run: Plan, check_store: bool = True) -> list[StageStatus]:
+    """Each stage's state; a stage is not done when a stage it reads is not, as submit would run it again after."""
     out = []
     store_ok = check_store
+    redo: set[str] = set()
     for stage in run.order:
         st = stage_status(cluster, run, stage, store_ok)
         if st.success is None:
             store_ok = False  # unreachable once: do not wait on it for every stage
+        # Its _SUCCESS matches its inputs as they are now, but submit remakes an input first, and then it.
+        upstream_redo = [u for u in run.upstream(stage) if u in redo]
+        if st.done and upstream_redo:
+            st.stale = f"its input stage {', '.join(upstream_redo)} runs again first"
+        if not st.done:
+            redo.add(stage)
         out.append(st)
     return out
 

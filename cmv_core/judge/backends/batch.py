@@ -123,24 +123,23 @@ class BatchBackend:
                 await asyncio.sleep(self.cfg.batch_poll_s)
         finally:
             bar.close()
-        if batch.status == "failed":
-            errors = getattr(batch, "errors", None)
-            raise JudgeCallError(f"batch {batch.id} failed: {errors}")
+        answered: set[str] = set()
         for file_id in (batch.output_file_id, batch.error_file_id):
-            if not file_id:
-                continue
-            content = await self.client.files.content(file_id)
-            for line in content.content.decode("utf-8").splitlines():
-                if not line.strip():
-                    continue
-                entry = json.loads(line)
-                key, response = entry.get("custom_id"), entry.get("response") or {}
-                if response.get("status_code") == 200 and not entry.get("error"):
-                    cache.put(key, completion_record(response["body"], self.cfg, redact=self._redact))
-                    cache.batch_loaded.add(key)
-                else:
-                    err = entry.get("error") or (response.get("body") or {}).get("error") or response
-                    self.errors[key] = self._redact(f"batch request failed: {json.dumps(err)[:300]}")
+            if file_id:
+                answered |= await self._load(file_id, cache)
+        if batch.status in ("failed", "cancelled"):
+            # Every request the batch did not answer is a failed call, counted against
+            # max_failed_fraction as the online path counts a call its retries did not cure (and,
+            # not cached, asked again by a rerun). Not an exception for the whole stage: that left
+            # the state behind, so every rerun polled the same failed batch again and never recovered.
+            why = self._redact(
+                f"batch {batch.id} {batch.status}: {json.dumps(_plain(getattr(batch, 'errors', None)))[:300]}"
+            )
+            for key in await self._input_keys(state["input_file_id"]):
+                if key not in answered:
+                    self.errors[key] = why
+        # An expired batch's unanswered requests are neither answered nor errors: the next round
+        # asks them again in a new batch (after the last round they are failed calls).
         storage.delete(self._state_uri(cache))
         log.info(
             "batch %s %s: answers loaded into the cache (%d failed request(s) so far)",
@@ -148,3 +147,35 @@ class BatchBackend:
             batch.status,
             len(self.errors),
         )
+
+    async def _load(self, file_id: str, cache: ResponseCache) -> set[str]:
+        """Load one output or error file: answers into the cache, failed lines into the errors;
+        the keys it settled (a ``batch_expired`` line settles nothing: it is asked again)."""
+        content = await self.client.files.content(file_id)
+        settled = set()
+        for line in content.content.decode("utf-8").splitlines():
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            key, response, error = entry.get("custom_id"), entry.get("response") or {}, entry.get("error")
+            if response.get("status_code") == 200 and not error:
+                cache.put(key, completion_record(response["body"], self.cfg, redact=self._redact))
+                cache.batch_loaded.add(key)
+            elif (error or {}).get("code") == "batch_expired":
+                continue
+            else:
+                err = error or (response.get("body") or {}).get("error") or response
+                status = response.get("status_code")
+                self.errors[key] = self._redact(f"batch request failed ({status}): {json.dumps(err)[:300]}")
+            settled.add(key)
+        return settled
+
+    async def _input_keys(self, input_file_id: str) -> list[str]:
+        """The custom_ids of a batch's input file (a resumed run has only the state, not the plan)."""
+        content = await self.client.files.content(input_file_id)
+        return [json.loads(x)["custom_id"] for x in content.content.decode("utf-8").splitlines() if x.strip()]
+
+
+def _plain(obj):
+    """The batch's ``errors`` (a pydantic object or None) as JSON-able data for the message."""
+    return obj.model_dump() if hasattr(obj, "model_dump") else obj
