@@ -152,6 +152,69 @@ def judgments(out: str) -> list[dict]:
     return list(storage.read_jsonl(storage.join(out, "judgments.jsonl")))
 
 
+SECTIONS = [
+    "# CMV persuasion: judge report",
+    "## How far to trust the judge (calibration on human pairs)",
+    "## Single-answer grades (mean, 95% CI)",
+    "## Every instrument on real delta pairs",
+    "## Paired score differences (a - b on the same prompts; per-thread means)",
+    "## Pairwise (each pair judged in both orders; disagreement counts as a tie)",
+    "## Length and style control",
+    "## A scale anchored on people (Bradley-Terry over every pairwise verdict)",
+    "## Failures (excluded from every score, never scored as a number)",
+    "## Usage",
+    "## Plots",
+]
+
+
+def assert_report_counts(md: str, rows: list[dict], requests: int) -> None:
+    """report.md has every section of a full run, in order, and each shows the counts that
+    judgments.jsonl gives (counted here, not read from report.json)."""
+    assert [line for line in md.splitlines() if line.startswith("#")] == SECTIONS
+    body = dict(zip(SECTIONS, re.split(r"^#.*$", md, flags=re.M)[1:]))
+
+    def has(section: str, *lines: str) -> None:
+        for line in lines:
+            assert line in body[section].splitlines(), (section, line)
+
+    calls = [r for r in rows if r["kind"] == "single"] + [o for r in rows for o in r.get("orders", [])]
+    failed_calls = sum(c["status"] != "ok" for c in calls)
+    kind = {k: [r for r in rows if r["kind"] == k] for k in ("single", "pairwise", "calibration")}
+    ok = {k: sum(r["status"] == "ok" for r in v) for k, v in kind.items()}
+    has(
+        SECTIONS[1], f"| pairs judged / failed | {ok['calibration']} / {len(kind['calibration']) - ok['calibration']} |"
+    )
+    n_cal = ok["calibration"]
+    assert any(line.startswith(f"| forced_choice | {n_cal} (0 failed) |") for line in body[SECTIONS[3]].splitlines())
+    for variant in sorted({r["variant"] for r in kind["single"]}):
+        v_rows = [r for r in kind["single"] if r["variant"] == variant]
+        n_ok = sum(r["status"] == "ok" for r in v_rows)
+        assert f"| {variant} | {n_ok} / {len(v_rows) - n_ok} |" in body[SECTIONS[2]], variant
+    for comparison in sorted({r["comparison"] for r in kind["pairwise"]}):
+        c_rows = [r for r in kind["pairwise"] if r["comparison"] == comparison]
+        a, b = c_rows[0]["a"], c_rows[0]["b"]
+        n_ok, threads = sum(r["status"] == "ok" for r in c_rows), len({r["thread_id"] for r in c_rows})
+        pairwise = [line for line in body[SECTIONS[5]].splitlines() if line.startswith(f"| {a} vs {b} |")]
+        assert len(pairwise) == 2, comparison  # the outcome table and the preference table
+        assert pairwise[0].startswith(f"| {a} vs {b} | {n_ok} |") and pairwise[0].endswith(f"| {len(c_rows) - n_ok} |")
+        assert pairwise[1].endswith(f"| {threads} |")
+        diffs = [line for line in body[SECTIONS[4]].splitlines() if line.startswith(f"| {a} - {b} |")]
+        assert len(diffs) == len(CRITERIA) and all(d.endswith(f"| {threads} | 0 |") for d in diffs)
+    has(
+        SECTIONS[8],
+        f"- judge calls that failed: {failed_calls} (unparseable after retries: 0, refusals: 0, transport errors: 0)",
+        f"- judgments excluded: {sum(r['status'] != 'ok' for r in rows)}",
+    )
+    assert len(calls) == requests
+    has(
+        SECTIONS[9],
+        f"- judge calls: {len(calls)} (0 from cache, {len(calls)} new this run)",
+        f"- tokens: {sum(c['prompt_tokens'] for c in calls)} prompt, "
+        f"{sum(c['completion_tokens'] for c in calls)} completion",
+    )
+    has(SECTIONS[10], "![pairwise.png](pairwise.png)", "![scores_histogram.png](scores_histogram.png)")
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -216,7 +279,7 @@ def test_judge_end_to_end_swap_calibration_report_and_cache(tmp_path, inputs, mo
 
         for name in ("report.md", "scores_histogram.png", "pairwise.png", "_SUCCESS"):
             assert storage.exists(storage.join(out, name)), name
-        assert "finetuned vs base" in storage.read_text(storage.join(out, "report.md"))
+        assert_report_counts(storage.read_text(storage.join(out, "report.md")), rows, planned)
 
         # Rerun with the same inputs and config: skipped by its _SUCCESS, no request.
         judging.run_judge(gen, fmt, out, cfg, run_id="r1")
@@ -560,7 +623,20 @@ def test_local_backend_tiny_model(tmp_path, inputs, tiny_model_dir):
     cfg = JudgeConfig(
         backend="local", model=tiny_model_dir, local_rationale_tokens=3, max_calibration_pairs=2, bootstrap_samples=100
     )
+    est = judging.dry_run(gen, fmt, out, cfg)
     judging.run_judge(gen, fmt, out, cfg)
+    summary = storage.require_success(out)["summary"]
+    usage = storage.read_json(storage.join(out, "report.json"))["usage"]
+    # The dry run counts prompts with the judge's own tokenizer, as the backend does: as many calls
+    # as the real run, its prompt tokens within 10% of the run's, and exactly those of the distinct
+    # prompts the run answered (one cache entry each). The run answered 2 prompts twice (both
+    # instruments' asks were in flight at once), which the dry run counts once.
+    assert est["est_prompt_tokens_by"] == "judge tokenizer" and est["calls"] == summary["calls"]
+    assert abs(est["est_prompt_tokens"] - usage["prompt_tokens"]) <= 0.1 * usage["prompt_tokens"]
+    cache = [json.loads(line) for f in sorted(Path(out, "cache").glob("*.jsonl")) for line in f.open()]
+    assert len({e["key"] for e in cache}) == est["new_calls"]
+    distinct = {e["key"]: e["completion"]["prompt_tokens"] for e in cache}
+    assert est["est_prompt_tokens"] == sum(distinct.values())
     rows = judgments(out)
     assert rows and all(r["status"] == "ok" for r in rows)
     for r in (r for r in rows if r["kind"] == "single"):

@@ -20,6 +20,30 @@ from cmv_core import storage
 TINY = str(CONFIGS / "tiny.yaml")
 
 
+AUDIT = Path(__file__).parent / "write_audit"
+
+
+def audited_env(out: Path, log: Path) -> dict:
+    """The environment for a torchrun that logs, per process, every file it writes under ``out``
+    (tests/write_audit/sitecustomize.py)."""
+    path = os.pathsep.join(p for p in (str(AUDIT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "CMV_AUDIT_ROOT": str(out), "CMV_AUDIT_LOG": str(log)}
+
+
+def assert_one_writer(out: Path, log: Path) -> None:
+    """Every file the output's _SUCCESS lists (model/, adapter/, metrics.json, loss.png...) and the
+    _SUCCESS itself were renamed into place once, by rank 0; rank 1 (watched too) wrote nothing there,
+    not even a checkpoint shard (rank 0 mirrors the checkpoints)."""
+    events = [line.split(" ", 2) for line in log.read_text().splitlines()]
+    assert {rank for rank, event, _ in events if event == "start"} == {"-", "0", "1"}
+    listed = [f["path"] for f in storage.require_success(str(out))["files"]] + ["_SUCCESS"]
+    assert {"metrics.json", "loss.png", "model/config.json", "adapter/adapter_model.safetensors"} <= set(listed)
+    published = [(rank, os.path.relpath(path, out)) for rank, event, path in events if event == "rename"]
+    for rel in listed:
+        assert [rank for rank, r in published if r == rel] == ["0"], rel
+    assert [path for rank, event, path in events if rank != "0" and event != "start"] == []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -60,8 +84,10 @@ def test_torchrun_two_processes_zero3_lora_saves_loadable_adapter(tmp_path, tiny
         "--set",
         "train.max_length=256",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    writes = tmp_path / "writes.log"
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=audited_env(out, writes))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_one_writer(out, writes)
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["deepspeed"] == "zero3.json" and metrics["global_step"] == 2

@@ -321,7 +321,7 @@ def test_torchrun_two_processes_zero3_dpo_saves_loadable_adapter(tmp_path, tiny_
 
     from conftest import REPO
     from peft import PeftModel
-    from test_train_distributed import free_port
+    from test_train_distributed import assert_one_writer, audited_env, free_port
     from transformers import AutoModelForCausalLM
 
     fmt = write_format_output(str(tmp_path / "format"), n_train=16, n_val=4)
@@ -354,8 +354,10 @@ def test_torchrun_two_processes_zero3_dpo_saves_loadable_adapter(tmp_path, tiny_
         "--set",
         "dpo.max_length=256",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    writes = tmp_path / "writes.log"
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=audited_env(out, writes))
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_one_writer(out, writes)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["deepspeed"] == "zero3.json" and metrics["global_step"] == 2
     assert metrics["reference_model"] == "adapter_disabled"

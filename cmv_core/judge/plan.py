@@ -107,10 +107,27 @@ def plan_calls(items: list[dict], pairs: list[dict], cfg: JudgeConfig) -> tuple[
     return calls, builders, skipped
 
 
+def prompt_counter(cfg: JudgeConfig):
+    """How to count a call's prompt tokens, and its name: the local judge's own tokenizer, applied as
+    the local backend applies it (chat template + generation prompt); an API model's tokenizer is
+    not at hand, so characters / 4 there."""
+    if cfg.backend != "local":
+        return (lambda messages: len(json.dumps(messages, ensure_ascii=False)) // 4), "characters/4"
+    from cmv_core.models import load_tokenizer
+
+    tok = load_tokenizer(cfg.model)
+
+    def count(messages: list[dict]) -> int:
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return len(tok.encode(text, add_special_tokens=False))
+
+    return count, "judge tokenizer"
+
+
 def estimate_cost(
     calls: list[tuple[list[dict], dict]], cfg: JudgeConfig, cache: ResponseCache | None, params: dict
 ) -> dict:
-    """Calls not in the cache, their estimated tokens (prompt: characters / 4; completion: up to
+    """Calls not in the cache, their estimated tokens (prompt: see prompt_counter; completion: up to
     max_tokens, estimated at a third) and cost at the configured price (batch price for the Batch
     backend). Re-asks after unparseable answers come on top."""
     new, planned = [], set()
@@ -120,7 +137,8 @@ def estimate_cost(
         if key not in planned and (cache is None or cache.get(key) is None):
             new.append((m, f))
         planned.add(key)
-    prompt = sum(len(json.dumps(m, ensure_ascii=False)) // 4 for m, _ in new)
+    count, counted_by = prompt_counter(cfg)
+    prompt = sum(count(m) for m, _ in new)
     completion = len(new) * max(1, cfg.max_tokens // 3)
     price = cfg.prices.get(price_name(cfg))
     cost = None if price is None else (prompt * price["input"] + completion * price["output"]) / 1e6
@@ -131,6 +149,7 @@ def estimate_cost(
         "new_calls": len(new),
         "cached_calls": len(calls) - len(new),
         "est_prompt_tokens": prompt,
+        "est_prompt_tokens_by": counted_by,
         "est_completion_tokens": completion,
         "est_cost_usd": cost,
         "price": price_name(cfg) if price else None,

@@ -344,7 +344,8 @@ def cli_main(args: argparse.Namespace) -> int:
         cost = "unpriced" if est["est_cost_usd"] is None else f"${est['est_cost_usd']:.4f}"
         print(
             f"dry run: {est['calls']} judge call(s), {est['new_calls']} new ({est['cached_calls']} cached); "
-            f"estimated {est['est_prompt_tokens']} prompt + {est['est_completion_tokens']} completion tokens; "
+            f"estimated {est['est_prompt_tokens']} prompt tokens (by {est['est_prompt_tokens_by']}) + "
+            f"{est['est_completion_tokens']} completion tokens (a third of max_tokens per call); "
             f"estimated cost {cost} (re-asks after unparseable answers not included)"
         )
         print(json.dumps(est))
