@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -203,6 +204,14 @@ def test_multinode_train_waits_for_all_its_pods(fake, capsys):
     out = capsys.readouterr().out
     for index in range(3):
         assert f"rank {index} finished" in out
+
+
+def test_status_leaves_the_callers_s3_retries_as_they_were(fake, monkeypatch, capsys):
+    # status/submit check the store with 2 attempts (fail fast), for that command only: an in-process
+    # caller that goes on (a notebook, the next test) keeps its own retry budget.
+    monkeypatch.delenv("CMV_S3_MAX_ATTEMPTS", raising=False)
+    assert cli.main(["k8s", "status", "--overlay", "gpu", "--run-id", "t1", "--artifact-root", str(fake.store)]) == 0
+    assert "CMV_S3_MAX_ATTEMPTS" not in os.environ
 
 
 def test_status_shows_each_stage(fake, capsys):

@@ -6,6 +6,7 @@ Heavy imports (``kubernetes``, ``yaml``) happen inside functions: the clean imag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -138,10 +139,27 @@ def _render_command(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _fast_store_checks():
+    """The store check is a convenience: a store unreachable from here should fail fast, not retry for a
+    minute. Only for this command: the process's environment is restored after it (a caller that goes on,
+    a notebook or a test, keeps its own S3 retries)."""
+    before = os.environ.get("CMV_S3_MAX_ATTEMPTS")
+    os.environ.setdefault("CMV_S3_MAX_ATTEMPTS", "2")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CMV_S3_MAX_ATTEMPTS", None)
+
+
 def _cluster_command(args: argparse.Namespace) -> int:
     """``status`` or ``submit``: render the run, connect, and run the command."""
-    # The store check is a convenience: a store unreachable from here should fail fast, not retry for a minute.
-    os.environ.setdefault("CMV_S3_MAX_ATTEMPTS", "2")
+    with _fast_store_checks():
+        return _run_cluster_command(args)
+
+
+def _run_cluster_command(args: argparse.Namespace) -> int:
     run = _plan_from_args(args)
     cluster = connect(args.namespace, args.context)
     if args.k8s_command == "status":
