@@ -144,6 +144,7 @@ def config(server: FakeOpenAI, **kw) -> JudgeConfig:
         validate_instruments=False,
         length_probe_items=0,
         nondelta_reference=False,
+        human_replies=0,  # the percentile's human grades: tests/test_percentile.py
     )
     return JudgeConfig(**{**base, **kw})
 
@@ -621,7 +622,12 @@ def test_local_backend_tiny_model(tmp_path, inputs, tiny_model_dir):
     gen, fmt = inputs
     out = str(tmp_path / "judge")
     cfg = JudgeConfig(
-        backend="local", model=tiny_model_dir, local_rationale_tokens=3, max_calibration_pairs=2, bootstrap_samples=100
+        backend="local",
+        model=tiny_model_dir,
+        local_rationale_tokens=3,
+        max_calibration_pairs=2,
+        bootstrap_samples=100,
+        human_replies=0,  # the percentile's human grades: tests/test_percentile.py
     )
     est = judging.dry_run(gen, fmt, out, cfg)
     judging.run_judge(gen, fmt, out, cfg)

@@ -44,6 +44,7 @@ def cfg(srv, backend, **kw):
         validate_instruments=False,
         length_probe_items=0,
         nondelta_reference=False,
+        human_replies=0,  # the percentile's human grades: tests/test_percentile.py
         **kw,
     )
 

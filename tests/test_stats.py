@@ -102,10 +102,19 @@ def test_preference_is_win_plus_half_tie():
     assert out["estimate"] == pytest.approx((1 + 1 + 0.5 + 0) / 4)
     assert out["n_excluded"] == 1 and out["null"] == 0.5
     # per-thread d = [.5, .5, 0, -.5]: every one of the 16 sign flips is at least as extreme
-    assert out["p_value"] == 1.0
+    assert out["p_value_sign_flip"] == 1.0
+    # the t test (the report's p-value, dual of its interval): mean 1/8, s^2 = 11/48, t = 0.522 on 3 df,
+    # two-sided p = 1 - (2/pi)(theta + sin theta cos theta), theta = atan(t / sqrt(3)) (A&S 26.7.3)
+    t = 0.125 / math.sqrt(11 / 48 / 4)
+    theta = math.atan(t / math.sqrt(3))
+    assert out["p_value"] == pytest.approx(1 - 2 / math.pi * (theta + math.sin(theta) * math.cos(theta)), abs=1e-12)
     # 5 wins and 1 loss in 6 threads: the sign flip is the exact binomial 2 * (1 + 6) / 64
     out = preference(["win"] * 5 + ["loss"], list("abcdef"), n_boot=200)
-    assert out["p_value"] == pytest.approx(14 / 64, abs=1e-12)
+    assert out["p_value_sign_flip"] == pytest.approx(14 / 64, abs=1e-12)
+    # t = (1/3) / sqrt((1/6) / 6) = 2 on 5 df: p = 1 - (2/pi)(theta + sin theta (cos theta + 2/3 cos^3 theta))
+    theta = math.atan(2 / math.sqrt(5))
+    c = math.cos(theta)
+    assert out["p_value"] == pytest.approx(1 - 2 / math.pi * (theta + math.sin(theta) * (c + 2 / 3 * c**3)), abs=1e-12)
 
 
 @pytest.mark.parametrize("k, n", [(0, 1), (0, 10), (1, 10), (3, 10), (5, 10), (7, 20), (12, 30), (40, 100)])

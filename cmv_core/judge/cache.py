@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from cmv_core import storage
 from cmv_core.judge.config import RUBRIC_VERSION, JudgeConfig
@@ -51,6 +52,7 @@ class ResponseCache:
         self.flush_every = flush_every
         self.entries: dict[str, dict] = {}
         self.batch_loaded: set[str] = set()  # keys the Batch backend put in this run, not yet read
+        self.in_flight: dict[str, Any] = {}  # key -> the asyncio future of the one ask for it now in flight
         self._pending: list[dict] = []
         self._lock = threading.Lock()
         self._name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

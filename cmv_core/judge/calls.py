@@ -36,6 +36,32 @@ def next_uncached(
     return None
 
 
+async def _ask_once(key: str, convo: list[dict], form: dict, backend, cache: ResponseCache) -> tuple[dict, bool]:
+    """The backend's answer for ``key`` and whether another call of this run paid for it: a prompt that two
+    calls ask at the same time (two instruments grading the same reply, say) is sent once, as the dry run
+    counts it; the second call reads the first one's answer, as it would from the cache a moment later."""
+    pending = cache.in_flight.get(key)
+    if pending is not None:
+        completion = await asyncio.shield(pending)  # a waiter cancelled must not cancel the one ask
+        if completion is not None:
+            return completion, True
+        # the first ask failed: this call asks itself (a transient error need not fail both)
+    future = asyncio.get_running_loop().create_future()
+    cache.in_flight[key] = future
+    try:
+        completion = await backend.complete(convo, form)
+    except BaseException:
+        if not future.done():
+            future.set_result(None)
+        raise
+    finally:
+        cache.in_flight.pop(key, None)
+    cache.put(key, completion)
+    if not future.done():
+        future.set_result(completion)
+    return completion, False
+
+
 async def judge_call(messages: list[dict], form: dict, *, backend, cache: ResponseCache, cfg: JudgeConfig) -> dict:
     """Ask until the verdict parses (at most 1 + parse_retries asks), through the cache.
 
@@ -61,11 +87,10 @@ async def judge_call(messages: list[dict], form: dict, *, backend, cache: Respon
         cached = completion is not None and not cache.take_batch_loaded(key)
         if completion is None:
             try:
-                completion = await backend.complete(convo, form)
+                completion, cached = await _ask_once(key, convo, form, backend, cache)
             except JudgeCallError as exc:
                 # Not cached: a rerun tries again.
                 return {**result, "status": "error", "error": str(exc), "raw": raw}
-            cache.put(key, completion)
         cost = call_cost(cfg, completion["prompt_tokens"], completion["completion_tokens"])
         result["attempts"] += 1
         result["cached_calls" if cached else "new_calls"] += 1

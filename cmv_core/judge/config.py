@@ -98,6 +98,12 @@ class JudgeConfig:
     # answer OP turns the judge never sees (unfair to the human side).
     human_reference: str = "depth1"
     nondelta_reference: bool = True  # add variant human_nondelta: the matched reply that won no delta
+    # Percentile vs humans (README, "Reading the report"): up to this many human replies of each test thread
+    # (the delta winners and matched losers of pairs.jsonl) are graded like the variants' replies, which are
+    # ranked among them. 10: the format stage gives two per winning branch, so it rarely binds and only caps
+    # the calls on threads with many winning branches; most are the validation rubric's own calls (cached).
+    # 0: off. Needs single: true.
+    human_replies: int = 10
     calibration: bool = True
     validate_instruments: bool = True  # also run the pairwise prompt and the rubric on the delta pairs
     length_probe_items: int = 20  # prompts whose reply is judged against its own trimmed version
@@ -109,6 +115,11 @@ class JudgeConfig:
     batch_poll_s: float = 30.0  # openai-batch: seconds between polls of a running batch
     max_items: int | None = None  # cap on test prompts judged (seeded sample)
     max_calibration_pairs: int | None = None  # cap on calibration pairs (seeded sample)
+    # Published pair sets judged by every instrument beside the format stage's pairs (README "Reading the
+    # report"): paths or URIs of Tan et al.'s *_pair_data.jsonlist[.bz2] or of a ConvoKit winning-args
+    # corpus directory, told apart by content; max_pair_file_pairs: seeded sample per file (None: all).
+    pair_files: list[str] = field(default_factory=list)
+    max_pair_file_pairs: int | None = None
     max_text_chars: int = 6000  # longer post/reply texts are cut (and marked) in prompts
     local_rationale_tokens: int = 0  # local backend: greedy rationale tokens before scores
     local_batch_size: int = 8  # local backend: calls answered together (1 = one at a time)

@@ -3,11 +3,14 @@ the format stage."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 from typing import Any
 
 from cmv_core import storage
+from cmv_core.cmv import pairs as pairs_mod
 from cmv_core.judge.config import HUMAN, HUMAN_NONDELTA, InputError, JudgeConfig
 
 log = logging.getLogger(__name__)
@@ -101,6 +104,38 @@ def add_nondelta_replies(items: list[dict], pairs: list[dict], human_reference: 
     return n
 
 
+def thread_human_replies(
+    pairs: list[dict], thread_ids: set[str], k: int, seed: int, human_reference: str = "all"
+) -> dict[str, list[dict]]:
+    """Up to ``k`` human replies per thread in ``thread_ids``, for the percentile vs humans: each pair's
+    delta winner (``delta: True``) and matched loser, distinct by comment ids (by text where a pair has
+    none), depth-1 only under ``human_reference: depth1`` (the judge sees all they answered); a seeded
+    sample of ``k`` where a thread has more. The format stage writes no other reply of a thread."""
+    found: dict[str, dict[str, dict]] = {}
+    for p in pairs:
+        thread = str(p.get("thread_id"))
+        if thread not in thread_ids:
+            continue
+        for text, ids, delta in (
+            (p["winner"], p.get("winner_comment_ids"), True),
+            (p["loser"], p.get("loser_comment_ids"), False),
+        ):
+            if human_reference == "depth1" and len(ids or [None]) != 1:
+                continue
+            key = "/".join(map(str, ids)) if ids else "text:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+            reply = found.setdefault(thread, {}).setdefault(
+                key, {"reply_id": key, "text": text, "delta": delta, "prompt": p["prompt"]}
+            )
+            reply["delta"] = reply["delta"] or delta
+    out = {}
+    for thread, replies in found.items():
+        keys = sorted(replies)
+        if len(keys) > k:
+            keys = sorted(random.Random(f"{seed}:{thread}").sample(keys, k))
+        out[thread] = [replies[key] for key in keys]
+    return out
+
+
 def _pair_prompt(row: dict) -> list[dict]:
     prompt = row["prompt"]
     if isinstance(prompt, str):
@@ -135,6 +170,7 @@ def load_pairs(pairs_uri: str, instruction: str | None = None, split: str = "tes
                 "prompt": strip_instruction(_pair_prompt(row), instruction),
                 "winner": _text(winner),
                 "loser": _text(loser),
+                "winner_comment_ids": row.get("winner_comment_ids"),
                 "loser_comment_ids": row.get("loser_comment_ids"),
                 "created_utc": row.get("created_utc"),
                 "split": row.get("split") or split,
@@ -149,6 +185,53 @@ def _sample(rows: list, n: int | None, seed: int) -> list:
         return rows
     keep = sorted(random.Random(seed).sample(range(len(rows)), n))
     return [rows[i] for i in keep]
+
+
+def _read_records(uri: str) -> list[dict]:
+    """A JSON-lines file as records, bz2 or gzip inflated by content (cmv.pairs.decompress)."""
+    text = pairs_mod.decompress(storage.read_bytes(uri)).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_pair_file(uri: str, cap: int | None, seed: int) -> list[dict]:
+    """A published pair set (Tan et al.'s jsonlist[.bz2] or a ConvoKit winning-args directory, told apart
+    by content) as delta pairs tagged with their source, then one ``{"skip": reason}`` entry per pair left
+    out (the plan judges none of those; the report counts them)."""
+    utterances = storage.join(uri, "utterances.jsonl")
+    records = _read_records(utterances if storage.exists(utterances) else uri)
+    try:
+        kind = pairs_mod.detect_format(records[0]) if records else pairs_mod.TAN
+    except ValueError as e:
+        raise InputError(f"{uri}: {e}") from None
+    source = uri.rstrip("/").rsplit("/", 1)[-1]
+    if kind == pairs_mod.TAN:
+        pairs, skipped = pairs_mod.tan_pairs(records, source)
+    else:
+        conversations = storage.join(uri if storage.exists(utterances) else uri.rsplit("/", 1)[0], "conversations.json")
+        if not storage.exists(conversations):
+            raise InputError(f"{uri}: a ConvoKit corpus needs conversations.json beside utterances.jsonl")
+        pairs, skipped = pairs_mod.convokit_pairs(records, storage.read_json(conversations), source)
+    kept = _sample(pairs, cap, seed)
+    skipped = {**skipped, "over_max_pair_file_pairs": len(pairs) - len(kept)} if len(kept) < len(pairs) else skipped
+    log.info("%s: %s, %d pair(s) to judge, skipped %s", uri, kind, len(kept), skipped or "none")
+    marks = [
+        {"source": source, "uri": uri, "format": kind, "skip": r} for r, n in sorted(skipped.items()) for _ in range(n)
+    ]
+    return [{**p, "uri": uri, "format": kind} for p in kept] + marks
+
+
+def pair_files_summary(pairs: list[dict]) -> dict[str, dict]:
+    """Per published pair source: its uri and format, the pairs judged and those skipped, by reason."""
+    out: dict[str, dict] = {}
+    for p in pairs:
+        if p.get("split") != pairs_mod.SPLIT and "skip" not in p:
+            continue
+        s = out.setdefault(p["source"], {"uri": p["uri"], "format": p["format"], "n_judged": 0, "skipped": {}})
+        if "skip" in p:
+            s["skipped"][p["skip"]] = s["skipped"].get(p["skip"], 0) + 1
+        else:
+            s["n_judged"] += 1
+    return out
 
 
 def load_inputs(generations: str, data: str, config: JudgeConfig) -> tuple[list[dict], list[dict]]:
@@ -166,6 +249,12 @@ def load_inputs(generations: str, data: str, config: JudgeConfig) -> tuple[list[
     all_pairs = load_pairs(pairs_uri, instruction) if pairs_uri else []
     if config.nondelta_reference:
         add_nondelta_replies(items, all_pairs, config.human_reference)
+    if config.single and config.human_replies > 0:
+        humans = thread_human_replies(
+            all_pairs, {i["thread_id"] for i in items}, config.human_replies, config.seed, config.human_reference
+        )
+        for item in items:
+            item["thread_humans"] = humans.get(item["thread_id"], [])
     pairs: list[dict] = []
     before: list[dict] = []
     if config.calibration:
@@ -179,6 +268,7 @@ def load_inputs(generations: str, data: str, config: JudgeConfig) -> tuple[list[
             before = _sample(
                 load_pairs(before_uri, instruction, split="train"), before_pairs_cap(config, len(pairs)), config.seed
             )
+    external = [p for uri in config.pair_files for p in load_pair_file(uri, config.max_pair_file_pairs, config.seed)]
     log.info(
         "loaded %d prompt(s) with variants %s, %d calibration pair(s)%s",
         len(items),
@@ -186,7 +276,7 @@ def load_inputs(generations: str, data: str, config: JudgeConfig) -> tuple[list[
         len(pairs),
         f" and {len(before)} train-period pair(s) for the time split" if before else "",
     )
-    return items, pairs + before
+    return items, pairs + before + external
 
 
 def before_pairs_cap(config: JudgeConfig, n_test_pairs: int) -> int:

@@ -37,12 +37,25 @@ def trimmed(text: str, keep: float = 0.6) -> str:
     return " ".join(sentences[:n])
 
 
+def thread_humans(items: list[dict]) -> list[tuple[dict, dict]]:
+    """(item, human reply) for the human replies of each item's thread (``thread_humans``, set by
+    inputs.load_inputs), once per thread: the replies each variant's reply is ranked among."""
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        if item["thread_id"] not in seen:
+            seen.add(item["thread_id"])
+            out += [(item, human) for human in item.get("thread_humans") or []]
+    return out
+
+
 def plan_calls(items: list[dict], pairs: list[dict], cfg: JudgeConfig) -> tuple[list, list, dict]:
     """Every judge call (messages, form) and how its results map back to judgment rows."""
     calls: list[tuple[list[dict], dict]] = []
     builders = []  # (kind, context, start, n) so results map back in order
     sform = single_form(cfg.criteria)
     skipped: dict[str, int] = {}
+    pairs = [p for p in pairs if "skip" not in p]  # a published pair left out (inputs.load_pair_file): counted only
 
     def two(instructions, form, prompt, x, y):
         calls.append((two_reply_messages(instructions, form, prompt, x, y, cfg.max_text_chars), form))
@@ -60,6 +73,10 @@ def plan_calls(items: list[dict], pairs: list[dict], cfg: JudgeConfig) -> tuple[
                             sform,
                         )
                     )
+        # The thread's human replies, graded in the same single-reply form, once per thread.
+        for item, human in thread_humans(items):
+            builders.append(("human_reply", (item, human), len(calls), 1))
+            calls.append((single_messages(human["prompt"], human["text"], cfg.criteria, cfg.max_text_chars), sform))
     if cfg.pairwise:
         present = {v for i in items for v in i["replies"]}
         for a, b in cfg.comparisons:

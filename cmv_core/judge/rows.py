@@ -97,7 +97,9 @@ def _length(pair: dict) -> dict:
 def pair_tags(pair: dict) -> dict:
     """The split and period of a delta pair, kept on its judgment rows: the report's headline
     calibration uses the test pairs, the time-split view all of them."""
-    return {"split": pair.get("split", "test"), "period": pair.get("period")}
+    tags = {"split": pair.get("split", "test"), "period": pair.get("period")}
+    # a published pair set's (inputs.load_pair_file): its own block in the report, never the headline
+    return {**tags, "source": pair["source"]} if pair.get("source") else tags
 
 
 def calibration_row(pair: dict, wl: dict, lw: dict, kind: str = "calibration", instrument: str | None = None) -> dict:
@@ -144,6 +146,21 @@ def single_row(item: dict, variant: str, r: dict, criteria: list[str]) -> dict:
     }
 
 
+def human_reply_row(item: dict, human: dict, r: dict, criteria: list[str]) -> dict:
+    """The grade of one human reply of the item's thread (the percentile vs humans ranks each
+    variant's reply among these); ``delta`` marks a reply that won the OP's delta."""
+    row = single_row({"item_id": item["item_id"], "thread_id": item["thread_id"]}, "human_reply", r, criteria)
+    del row["item_id"], row["variant"], row["truncated"]
+    return {
+        **row,
+        "kind": "human_reply",
+        "id": f"human_reply:{item['thread_id']}:{human['reply_id']}",
+        "reply_id": human["reply_id"],
+        "delta": human["delta"],
+        "words": word_count(human["text"]),
+    }
+
+
 def validation_single_row(pair: dict, rw: dict, rl: dict, criteria: list[str]) -> dict:
     """The rubric run on the delta winner and on its matched loser (two calls, as ``orders``)."""
     grades = []
@@ -181,6 +198,8 @@ def assemble_rows(builders: list, results: list[dict], cfg: JudgeConfig) -> list
             rows.append(single_row(ctx[0], ctx[1], res[0], cfg.criteria))
         elif kind == "pairwise":
             rows.append(pairwise_row(*ctx, res[0], res[1]))
+        elif kind == "human_reply":
+            rows.append(human_reply_row(ctx[0], ctx[1], res[0], cfg.criteria))
         elif kind == "length_probe":
             rows.append(pairwise_row(*ctx, res[0], res[1], kind="length_probe"))
         elif kind == "calibration":

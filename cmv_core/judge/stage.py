@@ -62,7 +62,7 @@ from cmv_core.judge.config import (
     JudgeFailed,
     price_name,
 )
-from cmv_core.judge.inputs import load_inputs, time_split_utc
+from cmv_core.judge.inputs import load_inputs, pair_files_summary, time_split_utc
 from cmv_core.judge.plan import estimate_cost, make_backend, plan_calls, planned_params
 from cmv_core.judge.rows import assemble_rows
 
@@ -117,7 +117,11 @@ def plan_and_judge(
             await backend.aclose()
 
     results = asyncio.run(go())
-    return assemble_rows(builders, results, cfg), {"calls": len(calls), "skipped_pairwise": skipped}
+    return assemble_rows(builders, results, cfg), {
+        "calls": len(calls),
+        "skipped_pairwise": skipped,
+        "pair_files": pair_files_summary(pairs),
+    }
 
 
 def dry_run(generations: str, data: str, output: str, config: JudgeConfig) -> dict:
@@ -128,7 +132,8 @@ def dry_run(generations: str, data: str, output: str, config: JudgeConfig) -> di
     cache_uri = config.cache or storage.join(output, "cache")
     # Reading the cache writes nothing (a cache file is only opened on the first put).
     cache = ResponseCache(cache_uri, config.cache_flush_every)
-    return estimate_cost(calls, config, cache, planned_params(config))
+    estimate = estimate_cost(calls, config, cache, planned_params(config))
+    return {**estimate, "pair_files": pair_files_summary(pairs)} if config.pair_files else estimate
 
 
 HUMAN_REFERENCE_TEXT = {
@@ -237,6 +242,7 @@ def report_meta(
         "n_prompts": len(items),
         "calls_planned": plan["calls"],
         "skipped_pairwise": plan["skipped_pairwise"],
+        **({"pair_files": plan["pair_files"]} if plan.get("pair_files") else {}),
         "prices_usd_per_mtok": config.prices.get(price_name(config)),
         "comparisons": [list(c) for c in config.comparisons],
         "base_variant": "base",

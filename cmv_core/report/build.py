@@ -12,8 +12,9 @@ the numbers support, or that they cannot tell. numpy and matplotlib are imported
 from __future__ import annotations
 
 from cmv_core.report.accounting import summarize_failures, summarize_truncation, summarize_usage
-from cmv_core.report.calibration import summarize_calibration, summarize_instruments
+from cmv_core.report.calibration import summarize_calibration, summarize_instruments, summarize_pair_files
 from cmv_core.report.conclusion import conclusion_lines
+from cmv_core.report.percentile import headline_criterion, headline_rows, headline_sentence, summarize_percentile
 from cmv_core.report.units import is_headline
 from cmv_core.report.variants import (
     summarize_length_control,
@@ -28,7 +29,7 @@ def build_report(rows: list[dict], *, criteria: list[str], meta: dict, n_boot: i
     """The whole report.json object."""
     kinds = {
         k: [r for r in rows if r["kind"] == k]
-        for k in ("single", "pairwise", "calibration", "validation", "length_probe")
+        for k in ("single", "pairwise", "calibration", "validation", "length_probe", "human_reply")
     }
     comparisons = [tuple(c) for c in meta.get("comparisons") or sorted({(r["a"], r["b"]) for r in kinds["pairwise"]})]
     report = {
@@ -57,9 +58,22 @@ def build_report(rows: list[dict], *, criteria: list[str], meta: dict, n_boot: i
             n_boot=n_boot,
             seed=seed,
         ),
+        "percentile": summarize_percentile(
+            kinds["single"],
+            kinds["human_reply"],
+            headline_criterion(criteria),
+            base=meta.get("base_variant", "base"),
+            n_boot=n_boot,
+            seed=seed,
+        ),
         "truncated_generations": summarize_truncation(rows),
         "failures": summarize_failures(rows),
         "usage": summarize_usage(rows),
     }
+    report["headline"] = {"rows": headline_rows(report), "sentence": headline_sentence(report)}
+    if meta.get("pair_files"):
+        report["pair_files"] = summarize_pair_files(
+            kinds["calibration"], kinds["validation"], meta["pair_files"], criteria, n_boot=n_boot, seed=seed
+        )
     report["conclusion"] = conclusion_lines(report, criteria)
     return report

@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from cmv_core.report.intervals import ALPHA, MIN_THREADS, rate_with_ci
-from cmv_core.report.units import is_headline, pair_units, single_units
+from cmv_core.report.units import is_headline, pair_units, single_units, thread_of
 from cmv_core.stats.comparisons import paired_accuracy_test, two_sample_difference
 from cmv_core.stats.logistic import cv_length_model
-from cmv_core.stats.resampling import cluster_bootstrap_ci, mean_or_none
+from cmv_core.stats.resampling import cluster_mean_ci, mean_or_none
 from cmv_core.stats.scoring import brier, paired_auc
 
 # Published numbers for the CMV pair task (see docs/DATA.md), shown beside the judge's
@@ -31,7 +31,7 @@ def _accuracy_block(units: list[dict], *, n_boot: int, seed: int, folds: int = 5
     same pairs, each with a paired exact test of the judge against it."""
     threads = [u["thread"] for u in units]
     scores = [u["score"] for u in units]
-    acc = cluster_bootstrap_ci(scores, threads, n_boot=n_boot, seed=seed)
+    acc = cluster_mean_ci(scores, threads, bounds=(0.0, 1.0))
     cv = cv_length_model([u["length_diff"] for u in units], threads, folds=folds, seed=seed)
     cv_scores = [1.0 if p > 0.5 else 0.0 if p < 0.5 else 0.5 for p in cv]
     probs = [u["p_winner"] for u in units if u["p_winner"] is not None]
@@ -110,17 +110,10 @@ def summarize_instruments(
     accuracy on pairs of threads created before that date (with the format stage's time split: its
     train-period pairs) with the accuracy on those after it (:func:`summarize_time_split`)."""
     out: dict[str, dict] = {}
-    sources = {
-        "forced_choice": (pair_units(calibration_rows), calibration_rows),
-        "pairwise": (
-            pair_units([r for r in validation_rows if r["instrument"] == "pairwise"]),
-            [r for r in validation_rows if r["instrument"] == "pairwise"],
-        ),
-        "single": (
-            single_units([r for r in validation_rows if r["instrument"] == "single"], criteria),
-            [r for r in validation_rows if r["instrument"] == "single"],
-        ),
-    }
+    # a published pair set's rows have their own blocks (summarize_pair_files), outside the time split too
+    calibration_rows = [r for r in calibration_rows if not r.get("source")]
+    validation_rows = [r for r in validation_rows if not r.get("source")]
+    sources = _instrument_units(calibration_rows, validation_rows, criteria)
     for name, (all_units, all_rows) in sources.items():
         units = [u for u in all_units if u["headline"]]
         rows = [r for r in all_rows if is_headline(r)]
@@ -135,6 +128,64 @@ def summarize_instruments(
         if split_utc is not None:
             block["time_split"] = summarize_time_split(all_units, split_utc, n_boot=n_boot, seed=seed)
         out[name] = block
+    return out
+
+
+def _instrument_units(calibration_rows: list[dict], validation_rows: list[dict], criteria: list[str]) -> dict:
+    """Per instrument, the units of the rows given (as in summarize_instruments)."""
+    pairwise = [r for r in validation_rows if r["instrument"] == "pairwise"]
+    single = [r for r in validation_rows if r["instrument"] == "single"]
+    return {
+        "forced_choice": (pair_units(calibration_rows), calibration_rows),
+        "pairwise": (pair_units(pairwise), pairwise),
+        "single": (single_units(single, criteria), single),
+    }
+
+
+def summarize_pair_files(
+    calibration_rows: list[dict],
+    validation_rows: list[dict],
+    sources: dict[str, dict],
+    criteria: list[str],
+    *,
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """Every instrument on each published pair set (Tan et al. 2016's pair task, ConvoKit's
+    winning-args corpus; judge.pair_files), beside the published accuracies: per instrument, the
+    accuracy (pair = unit, tie = 1/2) with an interval over original posts, the AUC (of P(winner) for
+    a two-reply prompt, of the persuasiveness difference for the rubric, of the word difference for
+    length), and the paired exact test against length on the same pairs; per source, the pairs
+    judged and those skipped, by reason (``sources``: the judge's summary of its pair files)."""
+    out: dict[str, dict] = {}
+    for source, info in sources.items():
+        cal = [r for r in calibration_rows if r.get("source") == source]
+        val = [r for r in validation_rows if r.get("source") == source]
+        block: dict[str, Any] = {**info, "references": dict(REFERENCE_ACCURACY), "instruments": {}}
+        for name, (units, rows) in _instrument_units(cal, val, criteria).items():
+            if not rows:
+                continue
+            acc = _accuracy_block(units, n_boot=n_boot, seed=seed)
+            acc["n_failed"] = len(rows) - len(units)
+            if name == "single":
+                acc["auc"] = paired_auc([u["weighted_diff"][criteria[0]] for u in units])
+            else:
+                probs = [u["p_winner"] for u in units if u["p_winner"] is not None]
+                acc["auc"] = paired_auc([p - 0.5 for p in probs]) if len(probs) == len(units) else None
+            block["instruments"][name] = acc
+        # length needs no judge: every pair of the source (longer wins, tie = 1/2)
+        pairs = list({r["pair_id"]: r for r in cal + val}.values())
+        length = cluster_mean_ci(
+            [r["length"]["score"] for r in pairs], [thread_of(r) for r in pairs], bounds=(0.0, 1.0)
+        )
+        block["instruments"]["length"] = {
+            "n_pairs": len(pairs),
+            "n_threads": length["n_threads"],
+            "accuracy": length["estimate"],
+            "accuracy_ci95": length["ci95"],
+            "auc": paired_auc([r["length"]["winner_words"] - r["length"]["loser_words"] for r in pairs]),
+        }
+        out[source] = block
     return out
 
 
@@ -160,7 +211,7 @@ def summarize_time_split(units: list[dict], split_utc: float, *, n_boot: int, se
         "min_threads": MIN_THREADS,
     }
     for name, us in groups.items():
-        acc = cluster_bootstrap_ci([u["score"] for u in us], [u["thread"] for u in us], n_boot=n_boot, seed=seed)
+        acc = cluster_mean_ci([u["score"] for u in us], [u["thread"] for u in us], bounds=(0.0, 1.0))
         out[name] = {
             "n_pairs": len(us),
             "n_threads": acc["n_threads"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cmv_core.report.intervals import ALPHA, MIN_THREADS
+from cmv_core.report.intervals import ALPHA, MIN_THREADS, resolution
 from cmv_core.report.text import fmt_ci, fmt_p, time_split_reading
 
 
@@ -13,11 +13,12 @@ def _judge_line(report: dict) -> tuple[str | None, bool | None]:
     if not cal or not cal["vs_length"] or cal["accuracy"]["rate"] is None:
         return None, None
     vs = cal["vs_length"]
-    lo, hi = cal["accuracy"]["ci95"]
+    ci = cal["accuracy"]["ci95"]  # None with one thread: no spread to measure
+    ci_text = "[n/a]" if ci is None else f"[{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
     beats = vs["p_value"] < ALPHA and vs["difference"] > 0
     text = (
-        f"judge agreement with real deltas {100 * cal['accuracy']['rate']:.0f}% [{100 * lo:.0f}, "
-        f"{100 * hi:.0f}] vs length {100 * vs['second']:.0f}% on the same {vs['n']} pairs "
+        f"judge agreement with real deltas {100 * cal['accuracy']['rate']:.0f}% {ci_text} vs length "
+        f"{100 * vs['second']:.0f}% on the same {vs['n']} pairs "
         f"(exact paired test p = {fmt_p(vs['p_value'])})"
     )
     return text, beats
@@ -71,8 +72,8 @@ def _comparison_line(report: dict, comp: str, crit: str | None) -> str:
     line = f"**{a} vs {b}**: " + ", ".join(parts)
     if n_threads < MIN_THREADS:
         verdict = f"{n_threads} thread(s) are too few to tell {a} from {b} (at least {MIN_THREADS} needed)."
-    elif pref["p_value"] is None or pref["p_value"] >= ALPHA:
-        verdict = f"the data cannot tell {a} from {b} apart."
+    elif not (res := resolution(pref["estimate"], pref["ci95"], null=0.5, n_threads=n_threads)) or not res["tells"]:
+        verdict = f"the data cannot tell {a} from {b} apart{_too_small(res, n_threads)}."
     else:
         better = a if pref["estimate"] > 0.5 else b
         worse = b if better == a else a
@@ -86,6 +87,20 @@ def _comparison_line(report: dict, comp: str, crit: str | None) -> str:
             "rests on the length effect measured in the other comparisons.)"
         )
     return f"{line}. Conclusion: {verdict}"
+
+
+def _too_small(res: dict | None, n_threads: int) -> str:
+    """Why the data cannot tell, from the preference's interval (README "Reading the report"): it
+    contains 1/2, so its half-width is at least the effect seen."""
+    if not res:
+        return ""
+    if res["threads_needed"] is None:
+        return f" (no preference seen; the interval reaches {res['half_width']:.2f} either side of 1/2)"
+    return (
+        f": {n_threads} threads are too few to tell a preference of {0.5 + res['effect']:.2f} from 1/2 (the "
+        f"interval reaches {res['half_width']:.2f} either side, more than the {abs(res['effect']):.2f} seen; "
+        f"about {res['threads_needed']} threads would be needed)"
+    )
 
 
 def _time_split_line(split: dict) -> str:

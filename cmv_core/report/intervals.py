@@ -14,7 +14,10 @@ ALPHA = 0.05
 def bootstrap_mean_ci(
     values: list[float], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float] | None:
-    """Percentile bootstrap interval of the mean; seeded, so a rerun gives the same numbers."""
+    """Percentile bootstrap interval of the mean of independent values; seeded, so a rerun gives the
+    same numbers. Not for thread-clustered means: the report's intervals on a mean or a paired
+    difference are t intervals on thread means (``cmv_core.stats.resampling.cluster_mean_ci``),
+    which hold with few threads where a percentile bootstrap under-covers."""
     if not values:
         return None
     import numpy as np
@@ -28,6 +31,27 @@ def bootstrap_mean_ci(
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return (float(lo), float(hi))
+
+
+def resolution(
+    estimate: float | None, ci: tuple[float, float] | None, *, null: float, n_threads: int
+) -> dict[str, Any] | None:
+    """Can the interval tell the effect seen from none? ``tells`` is False when the interval contains
+    ``null``: then its half-width is at least the effect seen (for the symmetric t interval), and
+    ``threads_needed`` is about how many threads the same spread would need for an interval whose
+    half-width is the effect seen (the half-width shrinks as 1 / sqrt(threads)); None when the
+    effect seen is zero or there is no interval."""
+    if estimate is None or ci is None:
+        return None
+    lo, hi = ci
+    effect, half = estimate - null, (hi - lo) / 2.0
+    tells = not lo <= null <= hi
+    return {
+        "effect": effect,
+        "half_width": half,
+        "tells": tells,
+        "threads_needed": math.ceil(n_threads * (half / effect) ** 2) if effect != 0 and not tells else None,
+    }
 
 
 def wilson_ci(successes: float, n: int) -> tuple[float, float] | None:

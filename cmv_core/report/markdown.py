@@ -13,6 +13,7 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
     lines += _calibration_section(report)
     lines += _single_section(report)
     lines += _instruments_section(report)
+    lines += _pair_files_section(report)
     lines += _differences_section(report)
     lines += _pairwise_section(report)
     lines += _length_control_section(report)
@@ -24,9 +25,57 @@ def render_markdown(report: dict, plots: list[str] = ()) -> str:
     return "\n".join(lines)
 
 
+def _headline_cell(x: dict | None, scale: float = 1.0, digits: int = 2) -> str:
+    """An estimate with its interval and threads, or a dash where the run has none."""
+    if not x or x.get("estimate") is None:
+        return "-"
+    ci = x.get("ci95")
+    ci_txt = fmt_ci(None if ci is None else [scale * v for v in ci], digits)
+    return f"{fmt_num(scale * x['estimate'], digits)} {ci_txt} ({x.get('n_threads')} threads)"
+
+
+def _headline_lines(report: dict) -> list[str]:
+    """Table 1: per variant, the percentile of its reply among the thread's human replies, P(preferred
+    over base) and the Bradley-Terry strength, each with a 95% interval and its threads; one sentence."""
+    head = report.get("headline") or {}
+    if not head.get("rows"):
+        return []
+    pct = report.get("percentile") or {}
+    lines = [
+        f"**Table 1.** Percentile vs humans: the reply's rank among its thread's human replies graded by the "
+        f"same judge on {pct.get('criterion', 'persuasiveness')} (0-100, ties half; the delta winners' row ranks "
+        "each winner among the other humans); win rate: P(preferred over base) in the pairwise judgments; "
+        "strength: Bradley-Terry, base = 0. Intervals 95% over threads.",
+        "",
+        "| variant | percentile vs humans | win rate vs base | Bradley-Terry strength |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in head["rows"]:
+        lines.append(
+            f"| {row['variant']} | {_headline_cell(row['percentile'], digits=1)} | "
+            f"{_headline_cell(row['win_vs_base'])} | {_headline_cell(row['strength'])} |"
+        )
+    lines += ["", head["sentence"]]
+    gap = pct.get("gap_closed") or {}
+    for v, g in gap.items():
+        lines.append(
+            f"- {v}: share of the base-to-delta-winner percentile gap closed {fmt_num(g['estimate'])} "
+            f"{'[unbounded: the gap is not told from zero]' if g['ci95'] is None else fmt_ci(g['ci95'])} "
+            f"({g['n_threads']} threads)"
+        )
+    if pct.get("n_human_replies"):
+        lines.append(
+            f"- human replies graded: {pct['n_human_replies']} ({pct['n_human_failed']} failed, left out) in "
+            f"{pct['n_threads_with_humans']} threads: the delta winners and matched losers of the format "
+            "stage's pairs.jsonl, the only human replies it writes"
+        )
+    return lines + [""]
+
+
 def _summary_lines(report: dict) -> list[str]:
     """The conclusion, then who judged what and how the intervals were made."""
     lines = [f"- {c}" for c in report.get("conclusion") or []] + [""]
+    lines += _headline_lines(report)
     lines += [
         f"- judge: `{report.get('judge_model')}` via `{report.get('backend')}` backend, "
         f"rubric `{report.get('rubric_version')}`",
@@ -144,6 +193,30 @@ def _instruments_section(report: dict) -> list[str]:
     splits = {n: b["time_split"] for n, b in inst.items() if "time_split" in b}
     if splits:
         lines += _time_split_table(splits)
+    return lines
+
+
+def _pair_files_section(report: dict) -> list[str]:
+    """Every instrument on each published pair set (judge.pair_files), beside the published accuracies."""
+    lines = []
+    for source, s in (report.get("pair_files") or {}).items():
+        refs = ", ".join(f"{k} {v:.2f}" for k, v in s["references"].items())
+        skipped = ", ".join(f"{k} {n}" for k, n in sorted(s["skipped"].items())) or "none"
+        lines += [
+            f"## Every instrument on {source} ({s['format']})",
+            "",
+            f"- pairs judged: {s['n_judged']}; skipped: {sum(s['skipped'].values())} ({skipped})",
+            f"- published accuracies: {refs}; intervals resample original posts",
+            "",
+            "| instrument | pairs (failed) | posts | accuracy | AUC | vs length on the same pairs |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, b in s["instruments"].items():
+            lines.append(
+                f"| {name} | {b['n_pairs']} ({b.get('n_failed', 0)}) | {b['n_threads']} | {fmt_num(b['accuracy'])} "
+                f"{fmt_ci(b['accuracy_ci95'])} | {fmt_num(b['auc'])} | {fmt_vs_length(b.get('vs_length'))} |"
+            )
+        lines.append("")
     return lines
 
 

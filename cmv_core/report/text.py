@@ -29,6 +29,8 @@ def fmt_vs_length(v: dict | None) -> str:
 def fmt_pct(r: dict) -> str:
     if r["rate"] is None:
         return "n/a"
+    if r["ci95"] is None:  # a thread-clustered rate from one thread has no interval
+        return f"{100 * r['rate']:.1f}% [n/a]"
     lo, hi = r["ci95"]
     return f"{100 * r['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
 

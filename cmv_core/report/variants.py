@@ -10,33 +10,28 @@ from cmv_core.report.units import LIKERT, length_control_rows, score_of, thread_
 from cmv_core.stats.bradley_terry import bradley_terry_bootstrap
 from cmv_core.stats.comparisons import OUTCOME_SCORE, paired_difference, preference
 from cmv_core.stats.logistic import length_controlled_preference
-from cmv_core.stats.resampling import cluster_bootstrap_ci
+from cmv_core.stats.resampling import cluster_mean_ci
 
 LC_FEATURES = ("length", "shown_first", "truncated", "preamble")
 HUMAN_PREFIX = "human"
 
 
 def summarize_single(rows: list[dict], criteria: list[str], *, n_boot: int, seed: int) -> dict:
-    """Per variant and criterion: the mean of per-thread means with a thread-cluster bootstrap
-    interval, of parsed scores (and of the probability-weighted scores where the judge gave
-    log-probabilities), plus a histogram of the parsed scores."""
+    """Per variant and criterion: the mean of per-thread means with a t interval on thread means
+    (``cmv_core.stats.small_sample``), of parsed scores (and of the probability-weighted scores where the judge gave
+    log-probabilities), plus a histogram of the parsed scores. (``n_boot`` and ``seed`` are unused:
+    the interval is analytic.)"""
+    del n_boot, seed
     variants: dict[str, dict] = {}
     for variant in sorted({r["variant"] for r in rows}):
         vrows = [r for r in rows if r["variant"] == variant]
         ok = [r for r in vrows if r["status"] == "ok"]
         per_crit = {}
-        for ci, crit in enumerate(criteria):
+        for crit in criteria:
             scored = [r for r in ok if r["scores"].get(crit) is not None]
             wrows = [r for r in ok if (r.get("weighted_scores") or {}).get(crit) is not None]
-            parsed = cluster_bootstrap_ci(
-                [r["scores"][crit] for r in scored], [thread_of(r) for r in scored], n_boot=n_boot, seed=seed + ci
-            )
-            weighted = cluster_bootstrap_ci(
-                [r["weighted_scores"][crit] for r in wrows],
-                [thread_of(r) for r in wrows],
-                n_boot=n_boot,
-                seed=seed + ci,
-            )
+            parsed = cluster_mean_ci([r["scores"][crit] for r in scored], [thread_of(r) for r in scored])
+            weighted = cluster_mean_ci([r["weighted_scores"][crit] for r in wrows], [thread_of(r) for r in wrows])
             per_crit[crit] = {
                 "n": len(scored),
                 "n_threads": parsed["n_threads"],
@@ -55,7 +50,7 @@ def summarize_single_differences(
     rows: list[dict], criteria: list[str], comparisons: list[tuple[str, str]], *, n_boot: int, seed: int
 ) -> dict:
     """Per comparison (a, b) and criterion: the paired per-thread difference of a's and b's scores
-    on the same prompts (probability-weighted where available), interval and sign-flip p-value.
+    on the same prompts (probability-weighted where available), t interval and t-test p-value.
     Prompts where either side failed are excluded from both and counted."""
     by_variant: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -82,8 +77,8 @@ def summarize_single_differences(
 def summarize_pairwise(rows: list[dict], *, n_boot: int = 2000, seed: int = 0) -> dict:
     """Win/tie/loss of side ``a`` per comparison. A pair whose two orders disagree counts as a
     tie (MT-Bench's convention) and is also counted as inconsistent, so it is never hidden.
-    ``preference`` is P(a beats b) = win + tie/2, thread-weighted, with a thread-cluster interval
-    and a sign-flip p-value against 1/2; failed pairs are excluded and counted."""
+    ``preference`` is P(a beats b) = win + tie/2, thread-weighted, with a t interval on thread
+    means and the t test's p-value against 1/2 (sign-flip p-value beside it); failed pairs are excluded and counted."""
     out: dict[str, dict] = {}
     for comp in sorted({r["comparison"] for r in rows}):
         crows = [r for r in rows if r["comparison"] == comp]

@@ -10,7 +10,8 @@ import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-from cmv_core.stats.resampling import cluster_bootstrap_ci, mean_or_none, mean_with_test, thread_means
+from cmv_core.stats.resampling import cluster_mean_ci, mean_or_none, mean_with_test, thread_means
+from cmv_core.stats.small_sample import welch_interval
 
 # ---------------------------------------------------------------- paired comparisons
 
@@ -24,7 +25,8 @@ def paired_difference(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Mean of a - b over items (by item id) where both sides have a value, averaged within a
-    thread first; interval and sign-flip p-value over threads. Items where either side is missing
+    thread first; t interval on the threads' mean differences and the t test's p-value (sign-flip
+    p-value beside it: ``mean_with_test``). Items where either side is missing
     or failed are left out of both sides and counted in ``n_excluded``."""
     ids = sorted(set(a) | set(b))
     both = [i for i in ids if a.get(i) is not None and b.get(i) is not None]
@@ -40,9 +42,11 @@ def preference(
     outcomes: Sequence[str | None], clusters: Sequence[Hashable], *, n_boot: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
     """P(a beats b) = win + tie/2 over pairwise outcomes ("win"/"tie"/"loss" for side a; None =
-    failed, left out and counted), thread-weighted, with interval and p-value against 0.5."""
+    failed, left out and counted), thread-weighted, with t interval and p-value against 0.5."""
     keep = [(OUTCOME_SCORE[o], c) for o, c in zip(outcomes, clusters) if o is not None]
-    out = mean_with_test([s for s, _ in keep], [c for _, c in keep], null=0.5, n_boot=n_boot, seed=seed)
+    out = mean_with_test(
+        [s for s, _ in keep], [c for _, c in keep], null=0.5, n_boot=n_boot, seed=seed, bounds=(0.0, 1.0)
+    )
     out["n_excluded"] = len(outcomes) - len(keep)
     return out
 
@@ -66,13 +70,15 @@ def paired_accuracy_test(
     first: Sequence[float], second: Sequence[float], clusters: Sequence[Hashable], *, n_boot: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
     """Two scorers of the same pairs (1 right, 0 wrong, 1/2 undecided): the difference in accuracy
-    with a thread-clustered interval, and an exact sign test on the discordant pairs (McNemar when
-    both are 0/1): b = pairs where the first scores higher, c = where the second does."""
+    with a thread-clustered interval (t on the threads' mean differences), and an exact sign test
+    on the discordant pairs (McNemar when both are 0/1): b = pairs where the first scores
+    higher, c = where the second does."""
     if not (len(first) == len(second) == len(clusters)):
         raise ValueError("paired scores need the same pairs on both sides")
     b = sum(1 for x, y in zip(first, second) if x > y)
     c = sum(1 for x, y in zip(first, second) if x < y)
-    diff = cluster_bootstrap_ci([x - y for x, y in zip(first, second)], clusters, n_boot=n_boot, seed=seed)
+    del n_boot, seed  # the interval is analytic; kept so callers need not change
+    diff = cluster_mean_ci([x - y for x, y in zip(first, second)], clusters)
     return {
         "n": len(first),
         "first": mean_or_none(first),
@@ -102,15 +108,17 @@ def two_sample_difference(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Two independent groups of items (e.g. calibration pairs before and after a date): the
-    difference first - second of their thread-weighted means, a percentile interval from
-    resampling threads within each group, and a two-sided permutation p-value.
+    difference first - second of their thread-weighted means, Welch's t interval on the two groups'
+    thread means (``cmv_core.stats.small_sample``: a bootstrap under-covers with few threads), and
+    a two-sided permutation p-value.
 
     The unit is the thread: each group's items are averaged within a thread first (a thread's
     pairs share a post), and the permutation test reassigns whole threads between the groups,
     keeping the groups' thread counts (every split enumerated when there are at most
     ``EXACT_PERMUTATIONS``, else ``n_perm`` seeded draws). A label present in both groups is two
     units, one in each (it cannot happen when the groups are cut by a thread's creation time).
-    With an empty group there is nothing to compare: estimate, interval and p-value are None."""
+    With an empty group there is nothing to compare: estimate, interval and p-value are None; with
+    one thread in a group its spread is unknown and the interval is None. ``n_boot`` is unused."""
     import numpy as np
 
     a, _ = thread_means(first, first_clusters)
@@ -133,11 +141,7 @@ def two_sample_difference(
     obs = float(xa.mean() - xb.mean())
     out["estimate"] = obs
     rng = np.random.default_rng(seed)
-    boot = xa[rng.integers(0, len(xa), size=(n_boot, len(xa)))].mean(axis=1) - xb[
-        rng.integers(0, len(xb), size=(n_boot, len(xb)))
-    ].mean(axis=1)
-    lo, hi = np.quantile(boot, [0.025, 0.975])
-    out["ci95"] = (float(lo), float(hi))
+    out["ci95"] = welch_interval(a, b)["ci95"]
 
     out["p_value"], out["exact"] = _thread_permutation_pvalue(xa, xb, obs, rng, n_perm=n_perm)
     return out
