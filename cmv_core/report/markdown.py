@@ -80,8 +80,8 @@ def _summary_lines(report: dict) -> list[str]:
         f"- judge: `{report.get('judge_model')}` via `{report.get('backend')}` backend, "
         f"rubric `{report.get('rubric_version')}`",
         f"- run: `{report.get('run_id')}`; scores are 1-7 Likert; intervals are 95%: means and "
-        "preferences resample threads (a thread's examples share a prompt), per-order rates are Wilson; "
-        "p-values are sign-flip tests over threads or exact paired (McNemar) tests",
+        "preferences are t intervals on thread means (a thread's examples share a prompt; they hold at 10 "
+        "threads), per-order rates are Wilson; p-values are t tests over threads or exact paired (McNemar) tests",
     ]
     if report.get("human_reference"):
         lines.append(f"- human reference: {report['human_reference']}")
