@@ -9,7 +9,7 @@ import re
 
 from cmv_core.judge.backends.batch import BatchBackend
 from cmv_core.judge.backends.local import LocalBackend, local_dtype
-from cmv_core.judge.backends.openai import OpenAIBackend
+from cmv_core.judge.backends.openai import OpenAIBackend, request_params
 from cmv_core.judge.cache import ResponseCache, cache_key, key_backend
 from cmv_core.judge.config import HUMAN, JudgeConfig, price_name
 from cmv_core.judge.prompts import (
@@ -177,16 +177,7 @@ def planned_params(cfg: JudgeConfig) -> dict:
     """The backend's params() without building a client (the dry run needs no key or model)."""
     if cfg.backend == "local":
         return {"rationale_tokens": cfg.local_rationale_tokens, "dtype": local_dtype(cfg.local_dtype)}
-    base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-    return {
-        "temperature": cfg.temperature,
-        cfg.token_limit_param: cfg.max_tokens,
-        "response_format": cfg.response_format,
-        "logprobs": cfg.logprobs,
-        "top_logprobs": cfg.top_logprobs if cfg.logprobs else None,
-        "seed": cfg.api_seed,
-        "base_url": base_url.rstrip("/"),
-    }
+    return request_params(cfg, cfg.base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
 
 
 def make_backend(cfg: JudgeConfig):

@@ -12,6 +12,21 @@ from cmv_core.judge.config import JudgeCallError, JudgeConfig, JudgeConfigError
 from cmv_core.judge.prompts import json_schema
 
 
+def request_params(c: JudgeConfig, base_url: str) -> dict:
+    """Everything besides the prompt that decides the answer (part of the cache key): the endpoint
+    too, since two servers can serve different models under one name. The dry run computes the same
+    without a client (plan.planned_params)."""
+    return {
+        "temperature": c.temperature,
+        c.token_limit_param: c.max_tokens,
+        "response_format": c.response_format,
+        "logprobs": c.logprobs,
+        "top_logprobs": c.top_logprobs if c.logprobs else None,
+        "seed": c.api_seed,
+        "base_url": base_url.rstrip("/"),
+    }
+
+
 class OpenAIBackend:
     """Any OpenAI-compatible chat endpoint. Retries with backoff are the client's (max_retries,
     timeout); concurrency is bounded by the caller."""
@@ -49,18 +64,7 @@ class OpenAIBackend:
         return text.replace(self._secret, "***") if self._secret else text
 
     def params(self) -> dict:
-        """Everything besides the prompt that decides the answer (part of the cache key): the
-        endpoint too, since two servers can serve different models under one name."""
-        c = self.cfg
-        return {
-            "temperature": c.temperature,
-            c.token_limit_param: c.max_tokens,
-            "response_format": c.response_format,
-            "logprobs": c.logprobs,
-            "top_logprobs": c.top_logprobs if c.logprobs else None,
-            "seed": c.api_seed,
-            "base_url": self.base_url.rstrip("/"),
-        }
+        return request_params(self.cfg, self.base_url)
 
     async def complete(self, messages: list[dict], form: dict) -> dict:
         import openai
