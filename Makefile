@@ -28,7 +28,7 @@ install: $(VENV)/.installed ## create .venv with every CPU extra and the test to
 demo: install ## run the whole pipeline locally on the embedded default model (minutes on CPU)
 	$(VENV)/bin/cmv run --config $(RECIPE) --root $(RUN_ROOT) --run-id $(RUN_ID)
 
-test: install lint-tools ## every CPU test: unit, integration, and the slow tier (torchrun, kill/resume, Jobs executed), lint and layout rules; ~12-20 min on 2 cores
+test: install lint-tools ## every CPU test: unit, integration, and the slow tier (torchrun, kill/resume, Jobs executed), lint and layout rules; ~22 min on 2 cores
 	$(VENV)/bin/pytest -m "not gpu" -q --durations=15
 
 test-fast: install lint-tools ## unit + integration only (skips the slow tier); ~2 min
