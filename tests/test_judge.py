@@ -129,6 +129,29 @@ def inputs(tmp_path):
     return make_inputs(tmp_path)
 
 
+def judge_argv(gen: str, fmt: str, out, srv: FakeOpenAI) -> list[str]:
+    """``cmv judge`` of the test inputs with the tiny recipe, against the fake OpenAI server."""
+    from conftest import CONFIGS
+
+    return [
+        "judge",
+        "--generations",
+        gen,
+        "--data",
+        fmt,
+        "--output",
+        str(out),
+        "--config",
+        str(CONFIGS / "tiny.yaml"),
+        "--set",
+        "judge.backend=openai",
+        "--set",
+        "judge.model=gpt-4o-mini",
+        "--set",
+        f"judge.base_url={srv.base_url}",
+    ]
+
+
 def config(server: FakeOpenAI, **kw) -> JudgeConfig:
     # The original three kinds of judgment only; the validation, probe and reference defaults are
     # tested on their own below.
@@ -485,27 +508,13 @@ def test_s3_output_cache_survives_a_rerun(s3_bucket, tmp_path, inputs):
 
 
 def test_cli_judge_against_fake_server(tmp_path, inputs):
-    from conftest import CONFIGS, run_cmv
+    from conftest import run_cmv
 
     gen, fmt = inputs
     out = tmp_path / "judge"
     with FakeOpenAI(smart_judge) as srv:
         proc = run_cmv(
-            "judge",
-            "--generations",
-            gen,
-            "--data",
-            fmt,
-            "--output",
-            str(out),
-            "--config",
-            str(CONFIGS / "tiny.yaml"),
-            "--set",
-            "judge.backend=openai",
-            "--set",
-            "judge.model=gpt-4o-mini",
-            "--set",
-            f"judge.base_url={srv.base_url}",
+            *judge_argv(gen, fmt, out, srv),
             "--set",
             "judge.max_calibration_pairs=2",
             env={"OPENAI_API_KEY": "sk-test-secret"},
@@ -524,7 +533,7 @@ def test_cli_judge_against_fake_server(tmp_path, inputs):
 def test_refused_key_stops_the_stage_and_is_never_echoed(tmp_path, inputs):
     """A 401 is a configuration error: one clear line, exit 1, no _SUCCESS, and the key is redacted
     even from a server message that echoes it back."""
-    from conftest import CONFIGS, run_cmv
+    from conftest import run_cmv
 
     gen, fmt = inputs
     out = tmp_path / "judge"
@@ -537,21 +546,7 @@ def test_refused_key_stops_the_stage_and_is_never_echoed(tmp_path, inputs):
 
     with FakeOpenAI(refuse) as srv:
         proc = run_cmv(
-            "judge",
-            "--generations",
-            gen,
-            "--data",
-            fmt,
-            "--output",
-            str(out),
-            "--config",
-            str(CONFIGS / "tiny.yaml"),
-            "--set",
-            "judge.backend=openai",
-            "--set",
-            "judge.model=gpt-4o-mini",
-            "--set",
-            f"judge.base_url={srv.base_url}",
+            *judge_argv(gen, fmt, out, srv),
             env={"OPENAI_API_KEY": secret},
             check=False,
         )

@@ -15,7 +15,7 @@ import math
 
 import pytest
 from fake_openai_server import FakeOpenAI, Reply, completion, token_logprobs, verdict_fields, verdict_json
-from test_judge import INSTRUCTION, replies_shown, write_stage_outputs
+from test_judge import INSTRUCTION, judge_argv, replies_shown, write_stage_outputs
 
 from cmv_core import storage
 from cmv_core.judge import stage as judging
@@ -264,28 +264,12 @@ def test_exact_brier_and_auc_from_logprobs(tmp_path):
 
 
 def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
-    from conftest import CONFIGS, run_cmv
+    from conftest import run_cmv
 
     gen, fmt = make_inputs(tmp_path, 3, lambda v, i: f"{v} reply {i}", lambda i: (f"WIN {i}", f"LOSE {i}"))
     out = tmp_path / "judge"
     with FakeOpenAI() as srv:  # a valid verdict for every ask: no re-asks, which the dry run leaves out
-        argv = [
-            "judge",
-            "--generations",
-            gen,
-            "--data",
-            fmt,
-            "--output",
-            str(out),
-            "--config",
-            str(CONFIGS / "tiny.yaml"),
-            "--set",
-            "judge.backend=openai",
-            "--set",
-            "judge.model=gpt-4o-mini",
-            "--set",
-            f"judge.base_url={srv.base_url}",
-        ]
+        argv = judge_argv(gen, fmt, out, srv)
         proc = run_cmv(*argv, "--dry-run", env={"OPENAI_API_KEY": "sk-dry"})
         assert srv.count == 0
         assert "dry run:" in proc.stdout and "estimated cost $" in proc.stdout
