@@ -29,10 +29,10 @@ demo: install ## run the whole pipeline locally on the embedded default model (m
 	$(VENV)/bin/cmv run --config $(RECIPE) --root $(RUN_ROOT) --run-id $(RUN_ID)
 
 test: install lint-tools ## every CPU test: unit, integration, and the slow tier (torchrun, kill/resume, Jobs executed), lint and layout rules; ~22 min on 2 cores
-	$(VENV)/bin/pytest -m "not gpu" -q --durations=15
+	$(VENV)/bin/pytest -m "not gpu and not engines and not images" -q --durations=15
 
 test-fast: install lint-tools ## unit + integration only (skips the slow tier); ~2 min
-	$(VENV)/bin/pytest -m "not slow and not gpu" -q
+	$(VENV)/bin/pytest -m "not slow and not gpu and not engines and not images" -q
 
 test-gpu: install ## the gpu tier (tests/test_gpu.py): 1B train tokens/s + MFU, vLLM with LoRA, ZeRO-3 on 2 GPUs; each skips with its reason without CUDA
 	# -rs: the reason of every skip; pytest's last line counts passed and skipped (exit 0 when all skip)
