@@ -64,8 +64,9 @@ clean-runs: ## delete local run artifacts
 	rm -rf $(RUN_ROOT)
 
 # --- images (k8s helper) ---
-# One image per stage (images/<stage>.Dockerfile), built from the repository root with docker or podman
-# (DOCKER=podman); `docker buildx bake -f images/docker-bake.hcl` builds them all in parallel instead.
+# One image per stage (images/<stage>.Dockerfile), built from the repository root with docker, podman or
+# buildah (DOCKER=podman, DOCKER=buildah: no daemon); `docker buildx bake -f images/docker-bake.hcl` builds
+# them all in parallel instead.
 REGISTRY ?= localhost:5000
 # The tag names the exact tree: a build from uncommitted changes is tagged <rev>-dirty, never as the commit.
 TAG ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
@@ -73,7 +74,7 @@ PLATFORM ?= linux/amd64
 DOCKER ?= docker
 # One image per stage command, as the stage graph lists them (cmv_core/stages.py: plain data, no dependencies).
 STAGE_IMAGES := $(shell $(PYTHON) -c 'from cmv_core.stages import COMMANDS; print(*COMMANDS)')
-.PHONY: images push build-and-push images-constraints docker-check \
+.PHONY: images push build-and-push images-constraints docker-check images-tools images-base test-images \
 	image-clean image-format image-train image-generate image-judge \
 	push-clean push-format push-train push-generate push-judge
 
@@ -86,21 +87,48 @@ build-and-push: ## build, then push, every stage image
 	$(MAKE) push
 
 image-clean: docker-check ## build the clean image (python slim, core deps only)
-	$(DOCKER) build --platform $(PLATFORM) -f images/clean.Dockerfile -t $(REGISTRY)/cmv-clean:$(TAG) .
+	$(call build_image,clean)
 image-format: docker-check ## build the format image (python slim, tokenizer, no torch)
-	$(DOCKER) build --platform $(PLATFORM) -f images/format.Dockerfile -t $(REGISTRY)/cmv-format:$(TAG) .
+	$(call build_image,format)
 image-train: docker-check ## build the train image (CUDA PyTorch base, TRL, PEFT, DeepSpeed)
-	$(DOCKER) build --platform $(PLATFORM) -f images/train.Dockerfile -t $(REGISTRY)/cmv-train:$(TAG) .
+	$(call build_image,train)
 image-generate: docker-check ## build the generate image (vLLM base)
-	$(DOCKER) build --platform $(PLATFORM) -f images/generate.Dockerfile -t $(REGISTRY)/cmv-generate:$(TAG) .
+	$(call build_image,generate)
 image-judge: docker-check ## build the judge image (python slim, CPU torch, openai)
-	$(DOCKER) build --platform $(PLATFORM) -f images/judge.Dockerfile -t $(REGISTRY)/cmv-judge:$(TAG) .
+	$(call build_image,judge)
 
+# buildah/podman: push over plain HTTP to a local registry with TLS_VERIFY=false
+TLS_VERIFY ?= true
+IMAGES_WORK ?= build/images
+# IMAGES_CPU=1: every image from the debootstrap CPU bases (make images-base), train and generate as their CPU
+# variants (CPU torch, no CUDA check, no vLLM: the transformers backend); 0: the Dockerfiles' stock bases.
+IMAGES_CPU ?= 0
+CPU_BASE_NAME ?= localhost/cmv-base
+DEBIAN_SNAPSHOT ?= 20250520T000000Z
+TORCH_REQ := $(shell $(PYTHON) images/pyproject_deps.py judge --only torch)
+CPU_BASE := $(CPU_BASE_NAME):bookworm-$(DEBIAN_SNAPSHOT)
+CPU_TORCH_BASE := $(CPU_BASE_NAME)-torch:bookworm-$(DEBIAN_SNAPSHOT)-$(subst ==,,$(TORCH_REQ))
+ifeq ($(IMAGES_CPU),1)
+ARGS_clean := --build-arg PYTHON_IMAGE=$(CPU_BASE)
+ARGS_format := --build-arg PYTHON_IMAGE=$(CPU_BASE)
+ARGS_judge := --build-arg PYTHON_IMAGE=$(CPU_TORCH_BASE)
+ARGS_train := --build-arg TORCH_IMAGE=$(CPU_TORCH_BASE) --build-arg CUDA_MAJOR=cpu
+ARGS_generate := --build-arg VLLM_IMAGE=$(CPU_TORCH_BASE) --build-arg CUDA_MAJOR=cpu
+endif
+# Daemonless builders: cached layers, chroot isolation (no user namespaces needed), and the host's pip mirror
+# and CA bundle as read-only mounts (images/build_mounts.py), never copied into a layer.
+DAEMONLESS := $(filter buildah podman,$(notdir $(DOCKER)))
+BUILD_ISOLATION ?= chroot
+BUILD_FLAGS ?=
+BUILDER_FLAGS = $(if $(DAEMONLESS),--layers --isolation $(BUILD_ISOLATION) $$($(PYTHON) images/build_mounts.py $(IMAGES_WORK)/pip)) $(BUILD_FLAGS)
+PUSH_FLAGS = $(if $(DAEMONLESS),--tls-verify=$(TLS_VERIFY) --digestfile $(IMAGES_WORK)/digests/cmv-$*)
+build_image = $(strip $(DOCKER) build $(BUILDER_FLAGS)) --platform $(PLATFORM) -f images/$(1).Dockerfile $(strip -t $(REGISTRY)/cmv-$(1):$(TAG) $(ARGS_$(1))) .
 push-clean push-format push-train push-generate push-judge: push-%: docker-check
-	$(DOCKER) push $(REGISTRY)/cmv-$*:$(TAG)
+	$(if $(DAEMONLESS),@mkdir -p $(IMAGES_WORK)/digests)
+	$(strip $(DOCKER) push $(PUSH_FLAGS)) $(REGISTRY)/cmv-$*:$(TAG)
 
 docker-check: ## check that $(DOCKER) exists and its engine answers (docker info)
-	@command -v $(DOCKER) >/dev/null || { echo "make images needs $(DOCKER) (a Docker engine, buildx or podman: DOCKER=podman)" >&2; exit 1; }
+	@command -v $(DOCKER) >/dev/null || { echo "make images needs $(DOCKER) (a Docker engine, buildx, podman or buildah: DOCKER=buildah; make images-tools installs buildah)" >&2; exit 1; }
 	@$(DOCKER) info >/dev/null 2>&1 || { echo "$(DOCKER) is installed but its engine does not answer ($(DOCKER) info failed): start it, or check DOCKER_HOST / permissions" >&2; exit 1; }
 
 images-constraints: install ## re-pin images/constraints.txt to the versions installed in .venv
@@ -116,3 +144,19 @@ $(LINT_VENV)/.installed: tests/lint-requirements.txt
 	touch $@
 .PHONY: lint-tools
 # --- end images ---
+IMAGES_APT := buildah docker-registry debootstrap curl
+images-tools: ## apt-get install what the daemonless builds need (buildah, docker-registry, debootstrap) when missing
+	@missing=$$(for p in $(IMAGES_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt-get install $$missing"; \
+		if [ "$$(id -u)" != 0 ]; then echo "run as root, or: sudo apt-get install -y $$missing" >&2; exit 1; fi; \
+		{ apt-get install -y -q $$missing || { apt-get update -q && apt-get install -y -q $$missing; }; } >/dev/null; \
+	fi
+
+images-base: images-tools ## the CPU base images from Debian packages (debootstrap, DEBIAN_SNAPSHOT; a venv at /opt/venv on PATH), plain and with CPU torch
+	DEBIAN_SNAPSHOT=$(DEBIAN_SNAPSHOT) BASE_WORK=$(IMAGES_WORK)/base images/cpu-base.sh $(CPU_BASE_NAME) $(TORCH_REQ) \
+		$$($(PYTHON) images/build_mounts.py $(IMAGES_WORK)/pip)
+
+test-images: install images-base ## build, push, pull and run every stage image as a chain of containers over a loopback registry and S3 (buildah, no daemon; tests marked images)
+	$(VENV)/bin/pytest -m images -q -rs -s --durations=10 tests/test_images_build.py
+

