@@ -19,6 +19,14 @@ how the n-th created batch ends (a list, consumed in order; past its end a batch
 ``{"status": "expired", "answered": k}`` (the first k lines answered, every other line in the
 error file with code ``batch_expired``) or ``{"status": "cancelled", "answered": k}``.
 
+A server of limited throughput, as a real one (``tokens_per_s``): every answer's completion tokens
+are generated at that rate shared among the answers in progress (processor sharing, as a batching
+engine), and an answer whose client hung up is dropped (vLLM aborts it), so a client that times out
+and sends again pays for both. ``max_active``: more answers in progress than that are refused with
+``overload_status`` (429 or 503) and a Retry-After. ``reject_params``: a request that carries one of
+these parameters gets a 400 naming it, as an older server answers ``max_completion_tokens``.
+``version`` (and ``models_owner``): ``GET /version`` and ``GET /v1/models`` answer as vLLM's do.
+
 Run as a script for the benchmark: ``python tests/fake_openai_server.py --latency-ms 100``
 prints ``PORT <n>`` and answers every request with a valid verdict after the latency.
 """
@@ -29,6 +37,8 @@ import argparse
 import json
 import math
 import re
+import select
+import socket
 import sys
 import threading
 import time
@@ -158,6 +168,16 @@ class FakeOpenAI:
         self.hold_batches = False
         self.batch_script: list[dict] = []
         self.failed_lines_to = "error_file"
+        self.tokens_per_s: float | None = None
+        self.max_active: int | None = None
+        self.overload_status = 503
+        self.reject_params: set[str] = set()
+        self.version: str | None = None
+        self.models_owner = "vllm"
+        self.active = 0  # answers in progress (tokens_per_s)
+        self.peak_active = 0
+        self.aborted = 0  # answers dropped because their client hung up
+        self.refused = 0  # overload and parameter refusals
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -199,6 +219,11 @@ class FakeOpenAI:
 
             def do_GET(self):
                 path = self.path.split("?")[0].rstrip("/")
+                if path.endswith("/version") and fake.version:
+                    return self._send(Reply(body={"version": fake.version}))
+                if path.endswith("/models") and fake.version:
+                    model = {"id": "fake-judge", "object": "model", "owned_by": fake.models_owner}
+                    return self._send(Reply(body={"object": "list", "data": [model]}))
                 m = re.search(r"/files/([^/]+)/content$", path)
                 if m and m.group(1) in fake.files:
                     return self._send(Reply(raw=fake.files[m.group(1)]), "application/octet-stream")
@@ -232,9 +257,14 @@ class FakeOpenAI:
                             body={"error": {"message": f"handler failed: {exc!r}"}},
                             headers={"x-should-retry": "false"},
                         )
+                refusal = fake._refusal(body)
+                if refusal is not None:
+                    return self._send(refusal)
                 delay = fake.latency_s + reply.delay_s
                 if delay:
                     time.sleep(delay)
+                if fake.tokens_per_s and reply.status == 200 and reply.body and not fake._generate(self, reply.body):
+                    return  # the client hung up: nothing to answer
                 self._send(reply)
 
         class Server(ThreadingHTTPServer):
@@ -250,6 +280,48 @@ class FakeOpenAI:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
+
+    # ------------------------------------------------------------ a server of limited throughput
+
+    def _refusal(self, body: dict) -> Reply | None:
+        bad = sorted(p for p in self.reject_params if p in body)
+        if bad:
+            with self._lock:
+                self.refused += 1
+            message = f"Unrecognized request argument supplied: {bad[0]}"
+            return Reply(
+                status=400, body={"error": {"message": message, "type": "invalid_request_error", "param": bad[0]}}
+            )
+        if self.max_active is not None and self.active >= self.max_active:
+            with self._lock:
+                self.refused += 1
+            return Reply(
+                status=self.overload_status,
+                body={"error": {"message": "the server is overloaded", "type": "overloaded"}},
+                headers={"retry-after-ms": "50"},
+            )
+        return None
+
+    def _generate(self, handler, body: dict) -> bool:
+        """Hold the answer while its completion tokens are generated at ``tokens_per_s`` shared by every
+        answer in progress; False (dropped) when its client hung up first."""
+        tick = 0.02
+        left = float((body.get("usage") or {}).get("completion_tokens") or 1)
+        with self._lock:
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
+        try:
+            while left > 0:
+                time.sleep(tick)
+                left -= self.tokens_per_s * tick / max(1, self.active)
+                if _hung_up(handler.connection):
+                    with self._lock:
+                        self.aborted += 1
+                    return False
+            return True
+        finally:
+            with self._lock:
+                self.active -= 1
 
     # ------------------------------------------------------------ Batch API
 
@@ -385,6 +457,15 @@ class FakeOpenAI:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether the client closed its connection (it sends nothing while it waits for an answer)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 # Reusable replies for tests.

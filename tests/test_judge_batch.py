@@ -269,3 +269,52 @@ def test_a_batch_that_always_expires_ends_in_failed_calls_not_a_loop(tmp_path):
         rows = list(storage.read_jsonl(storage.join(out, "judgments.jsonl")))
         assert [r["status"] for r in rows] == ["error"] * 6
         assert all("no answer from the batch" in r["error"] for r in rows)
+
+
+def run_batch_file(inp: str, out: str, handler) -> int:
+    """A batch runner of one's own (as vLLM's run_batch): each input line through ``handler``, one
+    output line per answer in the Batch API's format. Returns the lines run."""
+    lines = [x for x in storage.read_text(inp).splitlines() if x.strip()]
+    entries = []
+    for n, line in enumerate(lines, 1):
+        req = __import__("json").loads(line)
+        reply = handler(req["body"], n)
+        entries.append(
+            {
+                "id": f"vllm-{n}",
+                "custom_id": req["custom_id"],
+                "response": {"status_code": reply.status, "request_id": f"r{n}", "body": reply.body},
+                "error": None,
+            }
+        )
+    storage.write_jsonl(out, entries)
+    return len(lines)
+
+
+def test_batch_files_for_a_runner_of_ones_own_give_the_online_judgments(tmp_path):
+    """judge.batch_runner=files: the stage writes the batch input file and stops, saying what to run;
+    once the runner's output file is beside it, a rerun reads it (a re-ask goes in a second file) and
+    the judgments are the online path's, byte for byte."""
+    from cmv_core.judge.config import JudgeBatchPending
+
+    gen, fmt = make_inputs(tmp_path)
+    with FakeOpenAI(flaky_judge) as srv:
+        judging.run_judge(gen, fmt, str(tmp_path / "sync"), cfg(srv, "openai"))
+        srv.reset()
+        out = str(tmp_path / "files")
+        rounds = []
+        for _ in range(4):
+            try:
+                judging.run_judge(gen, fmt, out, cfg(srv, "openai-batch", batch_runner="files"))
+                break
+            except JudgeBatchPending as exc:
+                inp = str(exc).split(" written to ")[1].split(";")[0]
+                assert "vllm.entrypoints.openai.run_batch" in str(exc) and not storage.exists(
+                    storage.join(out, "_SUCCESS")
+                )
+                rounds.append(run_batch_file(inp, inp.replace(".input.jsonl", ".output.jsonl"), flaky_judge))
+        assert srv.count == 0  # nothing went to the server: the runner answered every request
+    # round 1: every call; round 2: the one re-ask after the unparseable answer
+    assert len(rounds) == 2 and rounds[1] == 1
+    sync = storage.read_bytes(storage.join(str(tmp_path / "sync"), "judgments.jsonl"))
+    assert storage.read_bytes(storage.join(out, "judgments.jsonl")) == sync

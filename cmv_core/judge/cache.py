@@ -60,7 +60,7 @@ class ResponseCache:
         self._file = None
         torn = 0
         for rel in storage.list_files(uri):
-            if not rel.endswith(".jsonl"):
+            if not rel.endswith(".jsonl") or rel.startswith("batch/"):  # batch/: judge.batch_runner=files' files
                 continue
             for line in storage.read_bytes(storage.join(uri, rel)).splitlines():
                 try:
@@ -91,6 +91,17 @@ class ResponseCache:
                 self._file = open(path, "a", encoding="utf-8")
             self._file.write(line + "\n")
             self._file.flush()
+
+    def put_loaded(self, key: str, completion: dict, persist: bool = True) -> None:
+        """An answer the Batch backend loaded: new for the first call of this run that reads it. Not
+        persisted (``persist=False``) when the batch's output file stays the record of it (batch_runner=files:
+        every run reads that file again, so its answers are this run's as in one uninterrupted run)."""
+        if persist:
+            self.put(key, completion)
+        else:
+            with self._lock:
+                self.entries[key] = completion
+        self.batch_loaded.add(key)
 
     def take_batch_loaded(self, key: str) -> bool:
         with self._lock:

@@ -140,7 +140,9 @@ async def run_calls(
     """All calls, at most ``concurrency`` in flight; results in the order of ``calls``."""
     from tqdm import tqdm
 
-    sem = asyncio.Semaphore(max(1, cfg.concurrency))
+    # An adaptive window where the backend has one (the OpenAI-compatible server: flow.py), else a fixed bound.
+    flow = getattr(backend, "flow", None)
+    sem = flow or _Fixed(max(1, cfg.concurrency))
     bar = tqdm(total=len(calls), desc="judge", unit="call", mininterval=2.0)
     results: list[dict] = [{}] * len(calls)
     # The order calls start in (the semaphore is first come, first served) is the backend's choice:
@@ -149,8 +151,11 @@ async def run_calls(
 
     async def one(i: int) -> None:
         messages, form = calls[i]
-        async with sem:
+        await sem.acquire()
+        try:
             results[i] = await judge_call(messages, form, backend=backend, cache=cache, cfg=cfg)
+        finally:
+            sem.release()
         bar.update(1)
 
     try:
@@ -158,3 +163,7 @@ async def run_calls(
         return results
     finally:
         bar.close()
+
+
+class _Fixed(asyncio.Semaphore):
+    """A fixed bound with the Flow's interface (acquire, release)."""

@@ -113,6 +113,10 @@ class JudgeConfig:
     max_before_pairs: int | None = None
     max_cost_usd: float | None = None  # stop before planned new calls would cost more than this
     batch_poll_s: float = 30.0  # openai-batch: seconds between polls of a running batch
+    # openai-batch: "api" (OpenAI's Batch API: upload, create, poll) | "files": the batch input file is written
+    # under the cache for a batch runner of one's own (vLLM's `python -m vllm.entrypoints.openai.run_batch`),
+    # and its output file, once there beside it, is read back (README, "Judging on a self-hosted server")
+    batch_runner: str = "api"
     max_items: int | None = None  # cap on test prompts judged (seeded sample)
     max_calibration_pairs: int | None = None  # cap on calibration pairs (seeded sample)
     # Published pair sets judged by every instrument beside the format stage's pairs (README "Reading the
@@ -126,6 +130,10 @@ class JudgeConfig:
     # local backend: auto = bfloat16 where the CPU multiplies it natively (AMX or AVX512-BF16: its matmuls
     # ~2.8x, the judge stage ~1.4x faster), else float32 | float32 | bfloat16. Part of the cache key.
     local_dtype: str = "auto"
+    # The dry run counts prompt tokens with this tokenizer (a Hugging Face name or directory, chat template
+    # applied as the server applies it): the served model's own, for a self-hosted server. None: characters / 4
+    # for an API model; the local backend always counts with its model's.
+    tokenizer: str | None = None
     max_failed_fraction: float = 0.2  # more failed calls than this fails the stage
     cache: str | None = None  # cache URI (default: <output>/cache)
     cache_flush_every: int = 50  # S3 cache: entries per uploaded shard
@@ -152,6 +160,10 @@ class JudgeConfigError(errors.StageFailed):
 
 class JudgeBudgetError(errors.StageFailed):
     """The planned calls would cost more than judge.max_cost_usd: nothing is sent."""
+
+
+class JudgeBatchPending(errors.StageFailed):
+    """judge.batch_runner=files: a batch input file waits for its runner (the message says how)."""
 
 
 class JudgeFailed(errors.StageFailed):

@@ -125,14 +125,15 @@ def plan_calls(items: list[dict], pairs: list[dict], cfg: JudgeConfig) -> tuple[
 
 
 def prompt_counter(cfg: JudgeConfig):
-    """How to count a call's prompt tokens, and its name: the local judge's own tokenizer, applied as
-    the local backend applies it (chat template + generation prompt); an API model's tokenizer is
-    not at hand, so characters / 4 there."""
-    if cfg.backend != "local":
+    """How to count a call's prompt tokens, and its name: the local judge's own tokenizer (or
+    judge.tokenizer, a served model's), applied as the local backend and an OpenAI-compatible server
+    apply it (chat template + generation prompt); an API model's tokenizer is not at hand, so
+    characters / 4 there."""
+    if cfg.backend != "local" and not cfg.tokenizer:
         return (lambda messages: len(json.dumps(messages, ensure_ascii=False)) // 4), "characters/4"
     from cmv_core.models import load_tokenizer
 
-    tok = load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model if cfg.backend == "local" else cfg.tokenizer)
 
     def count(messages: list[dict]) -> int:
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -82,6 +82,8 @@ def _validate(cfg: JudgeConfig) -> None:
             raise errors.InputError(f"judge.comparisons: each entry is two different variants, got {comp!r}")
     if cfg.human_reference not in ("depth1", "all"):
         raise errors.InputError(f"judge.human_reference must be depth1 or all, got {cfg.human_reference!r}")
+    if cfg.batch_runner not in ("api", "files"):
+        raise errors.InputError(f"judge.batch_runner must be api or files, got {cfg.batch_runner!r}")
     if cfg.token_limit_param not in ("max_completion_tokens", "max_tokens"):
         raise errors.InputError(
             f"judge.token_limit_param must be max_completion_tokens or max_tokens, got {cfg.token_limit_param!r}"
@@ -112,15 +114,20 @@ def plan_and_judge(
         try:
             if hasattr(backend, "prefetch"):
                 await backend.prefetch(calls, cache)
-            return await run_calls(calls, backend=backend, cache=cache, cfg=cfg)
+            results = await run_calls(calls, backend=backend, cache=cache, cfg=cfg)
+            # after the calls: the parameters the server rejected on the way are part of what it is
+            return results, (await backend.describe() if hasattr(backend, "describe") else None)
         finally:
             await backend.aclose()
 
-    results = asyncio.run(go())
+    results, server = asyncio.run(go())
+    flow = getattr(backend, "flow", None)
     return assemble_rows(builders, results, cfg), {
         "calls": len(calls),
         "skipped_pairwise": skipped,
         "pair_files": pair_files_summary(pairs),
+        "server": server,
+        "transport": flow.summary() if flow is not None else None,
     }
 
 
@@ -251,6 +258,8 @@ def report_meta(
         + (f" Every text passes the same cut rule: at most {config.max_text_chars} characters, marked '[...cut]'."),
         "time_split_utc": time_split_utc(data, config),
         "provenance": provenance(rows, config),
+        "judge_server": plan.get("server"),
+        "transport": plan.get("transport"),
         "judge_seconds": round(time.monotonic() - started, 1),
         "train_seconds": training_seconds(generations),
     }
@@ -324,6 +333,9 @@ def run_summary(report: dict, meta: dict, rows: list[dict]) -> dict:
         "cost_usd": usage["cost_usd"],
         "cost_usd_this_run": usage["cost_usd_this_run"],
     }
+    if meta.get("transport"):
+        # calls sent more than once (a timeout, a 429/5xx, a rejected parameter), and the window's range
+        summary["transport"] = meta["transport"]
     if report["calibration"]:
         summary["calibration_accuracy"] = report["calibration"]["accuracy"]["rate"]
     return summary

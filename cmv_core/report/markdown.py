@@ -94,6 +94,14 @@ def _summary_lines(report: dict) -> list[str]:
             + (", ".join(f"`{f}`" for f in prov.get("system_fingerprints") or []) or "none")
             + f"; seed {prov.get('seed')}"
         )
+    server = report.get("judge_server") or {}
+    if server.get("version") or server.get("models"):
+        lines.append(
+            f"- judge server: {server.get('server') or 'unknown'} {server.get('version') or '(version not reported)'}"
+            f" at `{server.get('base_url')}`, serving "
+            + (", ".join(f"`{m['id']}`" for m in server.get("models") or []) or "(no model list)")
+            + "".join(f"; rejected `{k}`, sent {v}" for k, v in (server.get("adapted") or {}).items())
+        )
     lines.append("")
     return lines
 

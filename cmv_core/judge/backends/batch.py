@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -11,7 +12,7 @@ from cmv_core import storage
 from cmv_core.judge.backends.openai import OpenAIBackend, completion_record, request_body
 from cmv_core.judge.cache import ResponseCache, cache_key, key_backend
 from cmv_core.judge.calls import next_uncached
-from cmv_core.judge.config import JudgeCallError, JudgeConfig, JudgeConfigError
+from cmv_core.judge.config import JudgeBatchPending, JudgeCallError, JudgeConfig, JudgeConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,10 @@ class BatchBackend:
                         todo.setdefault(nxt[1], request_body(self.cfg, nxt[0], form))
                 if not todo:
                     return
-                lines = [
-                    json.dumps(
-                        {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body},
-                        ensure_ascii=False,
-                    )
-                    for key, body in todo.items()
-                ]
+                if self.cfg.batch_runner == "files":
+                    await self._files_round(todo, cache)
+                    continue
+                lines = [batch_line(key, body) for key, body in todo.items()]
                 upload = await self.client.files.create(
                     file=(f"cmv-judge-{round_no}.jsonl", ("\n".join(lines) + "\n").encode("utf-8")), purpose="batch"
                 )
@@ -148,19 +146,44 @@ class BatchBackend:
             len(self.errors),
         )
 
+    async def _files_round(self, todo: dict[str, dict], cache: ResponseCache) -> None:
+        """judge.batch_runner=files: the round's output file, when a runner has written it beside the
+        input file, is loaded; else the input file is written and the stage stops, saying what to run.
+        Files are named by the round's requests, so a rerun finds the output of exactly this round."""
+        name = hashlib.sha256("\n".join(sorted(todo)).encode()).hexdigest()[:16]
+        inp, out = (storage.join(cache.uri, "batch", f"{name}.{kind}.jsonl") for kind in ("input", "output"))
+        if storage.exists(out):
+            settled = self._load_lines(storage.read_bytes(out).decode("utf-8"), cache)
+            for key in set(todo) - settled:
+                self.errors[key] = f"no line for this request in {out}"
+            self.stats["rounds"] += 1
+            log.info("batch output %s: %d answer(s) loaded into the cache", out, len(settled))
+            return
+        storage.write_text(inp, "".join(batch_line(key, body) + "\n" for key, body in todo.items()))
+        self.stats["requests"] += len(todo)
+        raise JudgeBatchPending(
+            f"{len(todo)} request(s) written to {inp}; run them with a batch runner, e.g. vLLM's "
+            f"`python -m vllm.entrypoints.openai.run_batch -i {inp} -o {out} --model <model dir> "
+            f"--served-model-name {self.cfg.model}`, then run cmv judge again (it reads {out})"
+        )
+
     async def _load(self, file_id: str, cache: ResponseCache) -> set[str]:
-        """Load one output or error file: answers into the cache, failed lines into the errors;
-        the keys it settled (a ``batch_expired`` line settles nothing: it is asked again)."""
+        """Load one output or error file (see _load_lines)."""
         content = await self.client.files.content(file_id)
+        return self._load_lines(content.content.decode("utf-8"), cache)
+
+    def _load_lines(self, text: str, cache: ResponseCache) -> set[str]:
+        """Answers into the cache, failed lines into the errors; the keys it settled (a
+        ``batch_expired`` line settles nothing: it is asked again)."""
         settled = set()
-        for line in content.content.decode("utf-8").splitlines():
+        for line in text.splitlines():
             if not line.strip():
                 continue
             entry = json.loads(line)
             key, response, error = entry.get("custom_id"), entry.get("response") or {}, entry.get("error")
             if response.get("status_code") == 200 and not error:
-                cache.put(key, completion_record(response["body"], self.cfg, redact=self._redact))
-                cache.batch_loaded.add(key)
+                record = completion_record(response["body"], self.cfg, redact=self._redact)
+                cache.put_loaded(key, record, persist=self.cfg.batch_runner != "files")
             elif (error or {}).get("code") == "batch_expired":
                 continue
             else:
@@ -174,6 +197,13 @@ class BatchBackend:
         """The custom_ids of a batch's input file (a resumed run has only the state, not the plan)."""
         content = await self.client.files.content(input_file_id)
         return [json.loads(x)["custom_id"] for x in content.content.decode("utf-8").splitlines() if x.strip()]
+
+
+def batch_line(key: str, body: dict) -> str:
+    """One line of a batch input file: the cache key as custom_id, the synchronous request as body."""
+    return json.dumps(
+        {"custom_id": key, "method": "POST", "url": "/v1/chat/completions", "body": body}, ensure_ascii=False
+    )
 
 
 def _plain(obj):

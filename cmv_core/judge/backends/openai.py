@@ -3,13 +3,22 @@ that the Batch API backend shares with it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from cmv_core.judge.config import JudgeCallError, JudgeConfig, JudgeConfigError
+from cmv_core.judge.flow import Flow
 from cmv_core.judge.prompts import json_schema
+
+log = logging.getLogger(__name__)
+EXTENSIONS = 3  # a late call waits at most 1 + 1 + 2 + 4 = 8 timeouts while the load can still drop
+# The call an HTTP answer belongs to (its epoch, whether it was retried), for the client's event hook.
+_CALL: ContextVar[dict | None] = ContextVar("judge_call", default=None)
 
 
 def request_params(c: JudgeConfig, base_url: str) -> dict:
@@ -28,11 +37,14 @@ def request_params(c: JudgeConfig, base_url: str) -> dict:
 
 
 class OpenAIBackend:
-    """Any OpenAI-compatible chat endpoint. Retries with backoff are the client's (max_retries,
-    timeout); concurrency is bounded by the caller."""
+    """Any OpenAI-compatible chat endpoint. The calls in flight and each call's timeout are the
+    ``Flow``'s (flow.py: they adapt to what the server sustains); 429/5xx answers and connection
+    errors are retried by the client itself (max_retries, with its backoff and Retry-After), and a
+    429/503 it sees also halves the window. A parameter the server rejects is detected once
+    (``adapted``) and every later call is sent without it."""
 
     def __init__(self, cfg: JudgeConfig):
-        from openai import AsyncOpenAI, DefaultAioHttpClient
+        from openai import AsyncOpenAI, DefaultAioHttpClient, DefaultAsyncHttpxClient
 
         base_url = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or None
         api_key = os.environ.get(cfg.api_key_env)
@@ -49,14 +61,18 @@ class OpenAIBackend:
         self._secret = api_key if api_key != "EMPTY" else None
         if cfg.http_transport not in ("aiohttp", "httpx"):
             raise JudgeConfigError(f"judge.http_transport must be 'aiohttp' or 'httpx', got {cfg.http_transport!r}")
-        # The client's own transport choice (openai[aiohttp]); its retries and timeouts are the same.
-        http_client = DefaultAioHttpClient(timeout=cfg.timeout_s) if cfg.http_transport == "aiohttp" else None
+        self.flow = Flow(cfg.concurrency, cfg.timeout_s, cfg.max_tokens)
+        self.adapted: dict[str, str] = {}  # parameter -> what is sent instead, once the server rejected it
+        # No transport timeout: a call's deadline is the flow's (sized per call, see complete); a fixed
+        # one here would cut every slow answer at the same point and the client would resend it as is.
+        hooks = {"response": [self._on_response]}
+        http_client = (
+            DefaultAioHttpClient(timeout=None, event_hooks=hooks)
+            if cfg.http_transport == "aiohttp"
+            else DefaultAsyncHttpxClient(timeout=None, event_hooks=hooks)
+        )
         self.client = AsyncOpenAI(
-            api_key=api_key,
-            base_url=base_url,
-            max_retries=cfg.max_retries,
-            timeout=cfg.timeout_s,
-            http_client=http_client,
+            api_key=api_key, base_url=base_url, max_retries=cfg.max_retries, timeout=None, http_client=http_client
         )
 
     def _redact(self, text: str) -> str:
@@ -66,31 +82,167 @@ class OpenAIBackend:
     def params(self) -> dict:
         return request_params(self.cfg, self.base_url)
 
+    async def _on_response(self, response) -> None:
+        """Every HTTP answer the client gets, its own retries included (an httpx event hook, run in the
+        task of the call that sent it): a 429/503 halves the window; an error answer is a retry."""
+        self.flow.stats["requests"] += 1
+        status = response.status_code
+        if status >= 400:
+            state = _CALL.get(None)
+            if state is not None:
+                state["retried"] = True
+            if status in (429, 503):
+                self.flow.congestion(state["epoch"] if state else self.flow.epoch, "overloaded")
+                if state is not None:
+                    # The client resends after its backoff; first this call gives up its slot and waits for
+                    # room in the smaller window, so that the resend does not go out at the same load.
+                    self.flow.release()
+                    await self.flow.acquire(first=True)
+                    state["epoch"] = self.flow.epoch
+
     async def complete(self, messages: list[dict], form: dict) -> dict:
         import openai
 
-        c = self.cfg
-        kwargs = request_body(c, messages, form)
-        # The same JSON on the wire, but the messages and the schema go in as extra_body, which the
-        # client merges into the body as it is (over the required, here empty, `messages`): its
-        # type-directed transform of them was 40% of its CPU per call (benchmarks/bench_judge.py).
-        extra = {k: kwargs.pop(k) for k in ("messages", "response_format") if k in kwargs}
+        c, flow = self.cfg, self.flow
+        body = request_body(c, messages, form)
+        loop = asyncio.get_running_loop()
+        timeout, resends = flow.timeout_for(), 0
+        state = {"epoch": flow.epoch, "retried": False}
+        _CALL.set(state)
         try:
-            # The raw body, not the client's pydantic objects: building those was most of the
-            # client's CPU per call, which bounds throughput at high concurrency.
-            raw = await self.client.chat.completions.with_raw_response.create(**kwargs, messages=[], extra_body=extra)
-            resp = json.loads(raw.content)
-        except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
-            # Configuration errors: every call would fail the same way, so stop the stage. The
-            # message is redacted and the original exception (which holds it verbatim) not chained.
-            raise JudgeConfigError(
-                self._redact(f"judge endpoint refused the call: {type(exc).__name__}: {exc}")
-            ) from None
-        except (openai.APIError, ValueError) as exc:
-            raise JudgeCallError(self._redact(f"{type(exc).__name__}: {exc}")) from None
-        if not isinstance(resp, dict):
-            raise JudgeCallError("the response is not a JSON object")
-        return completion_record(resp, c, redact=self._redact)
+            while True:
+                kwargs = self._adapt(body)
+                # The same JSON on the wire, but the messages and the schema go in as extra_body, which the
+                # client merges into the body as it is (over the required, here empty, `messages`): its
+                # type-directed transform of them was 40% of its CPU per call (benchmarks/bench_judge.py).
+                extra = {k: kwargs.pop(k) for k in ("messages", "response_format") if k in kwargs}
+                state["epoch"], load, t0 = flow.epoch, flow.in_flight, loop.time()
+                try:
+                    # The raw body, not the client's pydantic objects: building those was most of the
+                    # client's CPU per call, which bounds throughput at high concurrency.
+                    raw = await self._send(kwargs, extra, timeout, state["epoch"])
+                    resp = json.loads(raw.content)
+                except TimeoutError:
+                    resends += 1
+                    if resends > c.max_retries:
+                        raise JudgeCallError(f"no answer within {timeout:.0f} s, {resends} tries") from None
+                    # Sent again only once the window has room for it (the load has dropped), with a
+                    # longer deadline: never the same doomed request at the same load.
+                    state["retried"] = True
+                    flow.stats["resent_after_timeout"] += 1
+                    flow.release()
+                    await flow.acquire(first=True)
+                    timeout = max(2 * timeout, flow.timeout_for())
+                    continue
+                except openai.BadRequestError as exc:
+                    if not self._rejected(exc, {**kwargs, **extra}):
+                        raise JudgeCallError(self._redact(f"{type(exc).__name__}: {exc}")) from None
+                    state["retried"] = True
+                    continue
+                except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as exc:
+                    # Configuration errors: every call would fail the same way, so stop the stage. The
+                    # message is redacted and the original exception (which holds it verbatim) not chained.
+                    raise JudgeConfigError(
+                        self._redact(f"judge endpoint refused the call: {type(exc).__name__}: {exc}")
+                    ) from None
+                except (openai.APIError, ValueError) as exc:
+                    raise JudgeCallError(self._redact(f"{type(exc).__name__}: {exc}")) from None
+                if not isinstance(resp, dict):
+                    raise JudgeCallError("the response is not a JSON object")
+                record = completion_record(resp, c, redact=self._redact)
+                flow.success(loop.time() - t0, record["completion_tokens"], load)
+                return record
+        finally:
+            if state["retried"]:
+                flow.stats["retried_calls"] += 1
+
+    async def _send(self, kwargs: dict, extra: dict, timeout: float, epoch: int):
+        """One request (the client's own retries of 429/5xx included) under the call's deadline. At the
+        deadline the server is taken to be overloaded (the window halves); while other calls are in
+        flight the load can still drop, so the call keeps waiting, each time as long again as it has
+        waited (up to ``EXTENSIONS`` times); alone or past that it is cut (TimeoutError)."""
+        loop = asyncio.get_running_loop()
+        flow, waited = self.flow, [timeout, 0]
+        async with asyncio.timeout(None) as deadline:
+
+            def overdue() -> None:
+                flow.congestion(epoch, "timeout")
+                if flow.can_drop() and waited[1] < EXTENSIONS:
+                    waited[1] += 1
+                    handle[0] = loop.call_later(waited[0], overdue)
+                    waited[0] *= 2
+                else:
+                    deadline.reschedule(loop.time())
+
+            handle = [loop.call_later(timeout, overdue)]
+            try:
+                return await self.client.chat.completions.with_raw_response.create(
+                    **kwargs, messages=[], extra_body=extra
+                )
+            finally:
+                handle[0].cancel()
+
+    def _adapt(self, body: dict) -> dict:
+        """The request as this server takes it (after the rejections detected so far)."""
+        kwargs = dict(body)
+        if "max_completion_tokens" in self.adapted and "max_completion_tokens" in kwargs:
+            kwargs["max_tokens"] = kwargs.pop("max_completion_tokens")
+        if "seed" in self.adapted:
+            kwargs.pop("seed", None)
+        if "logprobs" in self.adapted:
+            kwargs.pop("logprobs", None)
+            kwargs.pop("top_logprobs", None)
+        fmt = self.adapted.get("response_format")
+        if fmt == "json_object" and "response_format" in kwargs:
+            kwargs["response_format"] = {"type": "json_object"}
+        elif fmt == "dropped":
+            kwargs.pop("response_format", None)
+        return kwargs
+
+    def _rejected(self, exc, sent: dict) -> bool:
+        """Whether a 400 names a parameter the judge can do without (or say otherwise); if so it is
+        recorded once, logged once, and the call is sent again without it."""
+        body = exc.body if isinstance(exc.body, dict) else {}
+        param = body.get("param") or (body.get("error") or {}).get("param")
+        message = str(getattr(exc, "message", exc)).lower()
+        for name in ("max_completion_tokens", "seed", "top_logprobs", "logprobs", "response_format"):
+            if name not in sent or (param != name and name not in message):
+                continue
+            key = "logprobs" if name == "top_logprobs" else name
+            if key == "response_format":
+                fmt = sent["response_format"].get("type")
+                instead = "json_object" if fmt == "json_schema" else "dropped"
+            else:
+                instead = {"max_completion_tokens": "max_tokens"}.get(key, "dropped")
+            if self.adapted.get(key) != instead:
+                self.adapted[key] = instead
+                how = "without it" if instead == "dropped" else f"as {instead}"
+                log.warning("the judge server rejected %s (%s); sending it %s from now on", name, message[:200], how)
+            return True
+        return False
+
+    async def describe(self) -> dict:
+        """What serves the judge, for the report: the server's own version (vLLM's /version) and the
+        models it lists (/v1/models); what it does not answer is left out."""
+        out: dict = {"base_url": self.base_url}
+        quick = self.client.with_options(max_retries=0, timeout=10.0)
+        try:
+            models = await quick.models.list()
+            out["models"] = [{"id": m.id, "owned_by": getattr(m, "owned_by", None)} for m in models.data]
+        except Exception:  # noqa: BLE001 - an endpoint without /models only means "not known"
+            pass
+        root = self.base_url.rstrip("/").removesuffix("/v1")
+        try:
+            version = await quick.get(f"{root}/version", cast_to=object)
+            if isinstance(version, dict) and version.get("version"):
+                owners = {m.get("owned_by") for m in out.get("models", [])}
+                out["server"] = "vLLM" if "vllm" in owners else "unknown"
+                out["version"] = str(version["version"])
+        except Exception:  # noqa: BLE001
+            pass
+        if self.adapted:
+            out["adapted"] = dict(self.adapted)
+        return out
 
     async def aclose(self) -> None:
         await self.client.close()
