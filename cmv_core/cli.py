@@ -144,6 +144,7 @@ def run_local(args: argparse.Namespace) -> int:
     validate_recipe(recipe, [s for s in args.stages if s != "dpo" or dpo])
     raw = args.input or [bundled_sample()]
     started = time.monotonic()
+    walls: list[tuple[str, float]] = []
     for stage in args.stages:
         if stage == "dpo" and not dpo:
             continue
@@ -153,12 +154,16 @@ def run_local(args: argparse.Namespace) -> int:
             argv.append("--force")
         cmd = [sys.executable, "-m", "cmv_core.cli", *argv]
         print(f"\n=== {stage}: {shlex.join(['cmv', *argv])}", flush=True)
+        stage_started = time.monotonic()
         rc = _run_stage_process(cmd)
+        walls.append((stage, time.monotonic() - stage_started))
         if rc != 0:
             print(f"stage {stage} failed with exit code {rc}; later stages not run", file=sys.stderr)
             return rc
     artifacts = stage_uri(args.root, args.run_id, "")
     print(f"\npipeline finished in {time.monotonic() - started:.0f} s; artifacts under {artifacts}")
+    # each stage is its own process: its wall time includes interpreter start, imports and model loading
+    print("stage wall times: " + ", ".join(f"{name} {s:.1f} s" for name, s in walls))
     if "judge" in args.stages:
         print(f"report: {stage_uri(args.root, args.run_id, 'judge')}/report.md")
     return 0

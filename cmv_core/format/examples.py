@@ -11,7 +11,7 @@ from cmv_core.cmv.deltas import has_delta_token
 from cmv_core.format.branches import branch_turns, losing_candidates, match_loser
 from cmv_core.format.config import FormatConfig
 from cmv_core.format.text import comments_text, is_deleted, normalize, strip_edits, tidy
-from cmv_core.format.tokens import rendered_lengths, text_lengths
+from cmv_core.format.tokens import conversation_lengths, text_lengths
 
 # ---------------------------------------------------------------- SFT examples
 
@@ -159,16 +159,19 @@ def preference_rows(pairs: list[dict], tokenizer, cfg: FormatConfig) -> tuple[li
     """
     rows, dropped = [], {"delta_token": 0, "too_long": 0, "length_ratio": 0}
     diffs_before: list[int] = []
-    for p in pairs:
-        if has_delta_token(p["winner"]) or has_delta_token(p["loser"]):
-            dropped["delta_token"] += 1
-            continue
-        chosen, rejected = (
-            [{"role": "assistant", "content": p["winner"]}],
-            [{"role": "assistant", "content": p["loser"]}],
-        )
-        totals = rendered_lengths(tokenizer, p["prompt"], (chosen, rejected))
-        n_chosen, n_rejected = text_lengths(tokenizer, (p["winner"], p["loser"]))
+    clean = [p for p in pairs if not (has_delta_token(p["winner"]) or has_delta_token(p["loser"]))]
+    dropped["delta_token"] = len(pairs) - len(clean)
+    replies = [
+        ([{"role": "assistant", "content": p["winner"]}], [{"role": "assistant", "content": p["loser"]}]) for p in clean
+    ]
+    # every length in a few large batches (one tokenizer call per batch, on every core), not two calls per pair
+    rendered = conversation_lengths(
+        tokenizer, [p["prompt"] + reply for p, both in zip(clean, replies) for reply in both], cfg.token_batch_size
+    )
+    alone = text_lengths(tokenizer, [t for p in clean for t in (p["winner"], p["loser"])], cfg.token_batch_size)
+    for i, (p, (chosen, rejected)) in enumerate(zip(clean, replies)):
+        totals = rendered[2 * i : 2 * i + 2]
+        n_chosen, n_rejected = alone[2 * i : 2 * i + 2]
         if max(totals) > cfg.max_tokens:
             dropped["too_long"] += 1
             continue

@@ -8,6 +8,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import orjson
+
 from cmv_core import storage
 from cmv_core.format.config import DROP_REASONS, FormatConfig, FormatInputError
 from cmv_core.format.examples import build_example, build_pairs, tag_pairs
@@ -23,13 +25,21 @@ def read_threads(uri: str) -> Iterator[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                thread = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FormatInputError(f"{uri}:{lineno}: not valid JSON ({exc.msg})") from None
+                thread = orjson.loads(line)  # ~3x json's speed; the same objects for any JSON clean writes
+            except orjson.JSONDecodeError:
+                thread = _json_loads(uri, lineno, line)
             missing = [k for k in REQUIRED_THREAD_KEYS if k not in thread] if isinstance(thread, dict) else ["*"]
             if missing:
                 raise FormatInputError(f"{uri}:{lineno}: not a clean-stage thread (missing {', '.join(missing)})")
             yield lineno, thread
+
+
+def _json_loads(uri: str, lineno: int, line: bytes):
+    """What orjson refused: the json module's reading (it takes integers beyond 64 bits), or its error."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise FormatInputError(f"{uri}:{lineno}: not valid JSON ({exc.msg})") from None
 
 
 def check_branches(uri: str, lineno: int, thread: dict, by_id: dict) -> None:

@@ -35,21 +35,29 @@ def token_lengths(tokenizer, examples: list[dict], batch_size: int) -> Iterator[
             bar.update(len(batch))
 
 
-def rendered_lengths(tokenizer, prompt: list[dict], replies: Sequence[list[dict]]) -> list[int]:
-    """Tokens of ``prompt`` + each reply rendered as one conversation (the message contents joined by a
-    blank line when the tokenizer has no chat template)."""
-    if getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template(prompt + reply, tokenize=False) for reply in replies]
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    return [
-        len(tokenizer("\n\n".join(m["content"] for m in prompt + reply), add_special_tokens=False)["input_ids"])
-        for reply in replies
-    ]
+def conversation_lengths(tokenizer, conversations: Sequence[list[dict]], batch_size: int) -> list[int]:
+    """Tokens of each conversation rendered with the chat template (the message contents joined by a blank
+    line when the tokenizer has no chat template); rendered and tokenized in batches, so that the fast
+    tokenizer encodes each batch on every core."""
+    lengths: list[int] = []
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    for start in range(0, len(conversations), batch_size):
+        batch = list(conversations[start : start + batch_size])
+        if has_template:
+            texts = list(tokenizer.apply_chat_template(batch, tokenize=False))
+        else:
+            texts = ["\n\n".join(m["content"] for m in conv) for conv in batch]
+        lengths.extend(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"]))
+    return lengths
 
 
-def text_lengths(tokenizer, texts: Sequence[str]) -> list[int]:
-    """Tokens of each text alone, without special tokens."""
-    return [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+def text_lengths(tokenizer, texts: Sequence[str], batch_size: int = 256) -> list[int]:
+    """Tokens of each text alone, without special tokens (tokenized in batches)."""
+    lengths: list[int] = []
+    for start in range(0, len(texts), batch_size):
+        batch = list(texts[start : start + batch_size])
+        lengths.extend(map(len, tokenizer(batch, add_special_tokens=False)["input_ids"]))
+    return lengths
 
 
 @dataclass
