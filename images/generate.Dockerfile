@@ -5,7 +5,7 @@
 # minimum for the GPU pool, README "Images"); then core + the `generate` extra, under vLLM's versions.
 # Pin the base by digest where you can: VLLM_IMAGE=vllm/vllm-openai:v0.30.0@sha256:<digest of your pull>.
 # Build (from the repository root): make image-generate   (or: docker build -f images/generate.Dockerfile .)
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.30.0
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 FROM ${VLLM_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

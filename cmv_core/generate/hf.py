@@ -58,6 +58,7 @@ def generation_config(config: GenerateConfig, stop_ids: list[int], pad_token_id:
         top_p=config.top_p if sampling else None,
         top_k=0 if sampling else None,  # off, as in vLLM
         repetition_penalty=1.0,
+        num_return_sequences=config.n,
         eos_token_id=stop_ids,
         pad_token_id=pad_token_id,
     )
@@ -99,7 +100,8 @@ def open_transformers(variant: Variant, config: GenerateConfig) -> Iterator[Gene
         encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         # Longest first: similar lengths share a batch, and an out-of-memory shows up at once.
         order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
-        replies: list[Reply | None] = [None] * len(prompts)
+        n = config.n
+        replies: list[Reply | None] = [None] * (len(prompts) * n)  # sample j of prompt i at i * n + j
         for b, start in enumerate(range(0, len(order), config.batch_size)):
             idx = order[start : start + config.batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt")
@@ -107,8 +109,10 @@ def open_transformers(variant: Variant, config: GenerateConfig) -> Iterator[Gene
             with torch.inference_mode():
                 out = model.generate(**batch.to(device), generation_config=gen_config)
             new = out[:, batch["input_ids"].shape[1] :].tolist()
-            for row, i in zip(new, idx):
-                replies[i] = reply_from_ids(row, stop_ids, len(encoded[i]), _decoder(tokenizer))
+            # generate() returns the n sequences of each input together
+            for r, row in enumerate(new):
+                i = idx[r // n]
+                replies[i * n + r % n] = reply_from_ids(row, stop_ids, len(encoded[i]), _decoder(tokenizer))
         return replies
 
     try:

@@ -31,8 +31,9 @@ def shard_seed(seed: int, variant: str, k: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def generation_row(prompt: Prompt, variant: Variant, reply: Reply) -> dict:
-    return {
+def generation_row(prompt: Prompt, variant: Variant, reply: Reply, sample: int | None = None) -> dict:
+    """One output line; ``sample`` (0..n-1) and ``adapter_stacked_on`` only where they apply."""
+    row = {
         "id": prompt.id,
         "thread_id": prompt.thread_id,
         "model": variant.name,
@@ -44,6 +45,11 @@ def generation_row(prompt: Prompt, variant: Variant, reply: Reply) -> dict:
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
     }
+    if variant.stacked_on:
+        row["adapter_stacked_on"] = variant.stacked_on
+    if sample is not None:
+        row["sample"] = sample
+    return row
 
 
 def write_shard(shards: str, variant: Variant, k: int, rows: list[dict], seconds: float) -> None:
@@ -70,9 +76,18 @@ def prepare_shards(shards: str, run: storage.StageRun) -> set[str]:
 
 
 def write_outputs(
-    output: str, shards: str, variants: list[Variant], n_shards: int, config: GenerateConfig, resumed: int
+    output: str,
+    shards: str,
+    variants: list[Variant],
+    n_shards: int,
+    config: GenerateConfig,
+    resumed: int,
+    engines: list[dict] = (),
 ) -> dict:
-    """Concatenate the shards into ``generations.jsonl`` (variant order, then shard order); write ``stats.json``."""
+    """Concatenate the shards into ``generations.jsonl`` (variant order, then shard order); write ``stats.json``.
+
+    ``engines``: what each engine opened by this run said of itself (none when every shard was resumed).
+    """
     per_variant = {}
     total = 0
     with storage.open_write(storage.join(output, GENERATIONS), "wb") as out:
@@ -81,8 +96,10 @@ def write_outputs(
             total += per_variant[v.name]["prompts"]
     stats = {
         "backend": config.backend,
+        "engines": list(engines),
         "generations": total,
-        "prompts": total // max(1, len(variants)),
+        "prompts": total // max(1, len(variants) * config.n),
+        "samples_per_prompt": config.n,
         "variants": per_variant,
         "shards": n_shards * len(variants),
         "shards_resumed": resumed,

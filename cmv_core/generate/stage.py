@@ -37,7 +37,15 @@ from collections.abc import Callable
 from cmv_core import storage
 from cmv_core.config import load_recipe, model_spec, section
 from cmv_core.generate.backends import engine_groups, open_backend
-from cmv_core.generate.config import GENERATIONS, SHARDS, GenerateConfig, Prompt, Variant, check_config
+from cmv_core.generate.config import (
+    GENERATIONS,
+    SHARDS,
+    GenerateConfig,
+    Prompt,
+    Variant,
+    check_config,
+    finetuned_weights_for,
+)
 from cmv_core.generate.prompts import load_prompts
 from cmv_core.generate.shards import (
     generation_row,
@@ -89,7 +97,7 @@ def cli_main(args: argparse.Namespace) -> int:
             adapter=args.adapter,
             dpo=args.dpo,
             variant_args=args.variant,
-            finetuned_weights=config.finetuned_weights,
+            finetuned_weights=finetuned_weights_for(config),
         )
         config = dataclasses.replace(config, variants=[dataclasses.asdict(v) for v in variants])
     run_generate(args.data, args.output, config, run_id=args.run_id, force=args.force)
@@ -139,10 +147,10 @@ def run_generate(
     )
 
     # Generate: one loaded model (or vLLM engine) per group of variants
-    _make_shards(prompts, ranges, variants, todo, shards, config, after_shard)
+    engines = _make_shards(prompts, ranges, variants, todo, shards, config, after_shard)
 
     # Write: concatenate in a fixed order, then the stats, then _SUCCESS
-    stats = write_outputs(output, shards, variants, len(ranges), config, resumed=len(done))
+    stats = write_outputs(output, shards, variants, len(ranges), config, resumed=len(done), engines=engines)
     storage.delete_prefix(shards)
     log.info("wrote %d generations to %s", stats["generations"], storage.join(output, GENERATIONS))
     return storage.finish_stage(run, stats, declared=True)
@@ -156,27 +164,35 @@ def _make_shards(
     shards: str,
     config: GenerateConfig,
     after_shard: Callable[[str, int], None] | None,
-) -> None:
-    """Write each shard in ``todo`` (variant, k), opening one backend per group of variants that has work."""
+) -> list[dict]:
+    """Write each shard in ``todo`` (variant, k), opening one backend per group of variants that has work.
+
+    Returns what each opened engine says of itself (backend, version, start seconds, LoRA adapters).
+    """
     from tqdm.auto import tqdm
 
     progress = tqdm(total=sum(len(ranges[k]) for _, k in todo), desc="generate", unit="prompt")
+    engines = []
     for group in engine_groups(variants, config.backend):
         group_todo = [(v, k) for v, k in todo if v in group]
         if not group_todo:
             continue
         with open_backend(group, config) as generate:
+            engines.append(getattr(generate, "engine", None) or {"backend": config.backend})
             for v, k in group_todo:
                 batch = [prompts[i] for i in ranges[k]]
                 started = time.perf_counter()
                 replies = generate(v, batch, shard_seed(config.seed, v.name, k))
                 seconds = time.perf_counter() - started
-                rows = [generation_row(p, v, r) for p, r in zip(batch, replies, strict=True)]
+                # n samples per prompt come back prompt by prompt: sample j of prompt i at i * n + j
+                samples = [(p, j if config.n > 1 else None) for p in batch for j in range(config.n)]
+                rows = [generation_row(p, v, r, j) for (p, j), r in zip(samples, replies, strict=True)]
                 write_shard(shards, v, k, rows, seconds)
                 progress.update(len(batch))
                 if after_shard is not None:
                     after_shard(v.name, k)
     progress.close()
+    return engines
 
 
 def _stage_roots(v: Variant) -> list[str]:

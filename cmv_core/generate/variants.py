@@ -36,10 +36,14 @@ def trained_variant(name: str, trained: str, base_model: str, finetuned_weights:
     has_model = "model/config.json" in files
     has_adapter = "adapter/adapter_config.json" in files
     # An adapter goes on the model it was trained from, as the train manifest records it.
-    trained_from = (manifest.get("config") or {}).get("model")
+    recorded = manifest.get("config") or {}
+    trained_from = recorded.get("model")
     if isinstance(trained_from, str) and trained_from:
         base_model = trained_from
     if finetuned_weights == "adapter" and has_adapter:
+        stacked = _stacked_on_init(name, trained, recorded)
+        if stacked is not None:
+            return stacked
         return Variant(name, base_model, storage.join(trained, "adapter"))
     if has_model:
         if finetuned_weights == "adapter":
@@ -48,6 +52,18 @@ def trained_variant(name: str, trained: str, base_model: str, finetuned_weights:
     if has_adapter:
         return Variant(name, base_model, storage.join(trained, "adapter"))
     raise InputError(f"{trained}: the train output has neither model/config.json nor adapter/adapter_config.json")
+
+
+def _stacked_on_init(name: str, trained: str, recorded: dict) -> Variant | None:
+    """DPO trained a LoRA on the SFT output's merged model/: when that SFT output has its own adapter on the
+    base model, the DPO adapter goes on the base model stacked on the SFT adapter (one engine for all)."""
+    init = recorded.get("init")
+    if not isinstance(init, str) or init == "base" or not is_train_output(init):
+        return None
+    sft = trained_variant(name, init, recorded.get("base_model") or "", "adapter")
+    if not sft.adapter or sft.stacked_on:
+        return None
+    return Variant(name, sft.model, storage.join(trained, "adapter"), stacked_on=sft.adapter)
 
 
 def variants_from_args(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -24,6 +25,31 @@ log = logging.getLogger(__name__)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Engine arguments this module sets itself; set them through the generate section, not vllm_engine_args.
 VLLM_RESERVED_ENGINE_ARGS = ("model", "tokenizer", "tensor_parallel_size", "seed", "enable_lora")
+
+
+def node_gpus() -> int:
+    """CUDA devices this process sees (1 without any: vLLM's CPU build takes tensor_parallel_size 1)."""
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:
+        return 1
+
+
+def check_engine_args(engine_args: dict, known: set[str]) -> None:
+    """Every recipe engine argument must be a field of ``vllm.EngineArgs`` (a typo would be ignored otherwise)."""
+    unknown = sorted(set(engine_args) - known)
+    if unknown:
+        raise InputError(
+            f"generate.vllm_engine_args: unknown vLLM engine argument(s) {', '.join(unknown)} "
+            f"(not fields of vllm.EngineArgs in this vLLM)"
+        )
+
+
+def lora_int_id(path: str) -> int:
+    """A LoRARequest id from the adapter's path: vLLM caches adapters by id, so one id must mean one adapter."""
+    return 1 + int(hashlib.sha256(path.encode()).hexdigest()[:7], 16)
 
 
 def adapter_rank(adapter_dir: str) -> int:
@@ -51,9 +77,13 @@ def vllm_engine_kwargs(model_path: str, ranks: list[int], config: GenerateConfig
         )
     kwargs: dict[str, Any] = {
         "model": model_path,
-        "tensor_parallel_size": config.tensor_parallel_size,
+        "tensor_parallel_size": config.tensor_parallel_size or node_gpus(),
         "seed": config.seed,
     }
+    if config.max_model_len:
+        if "max_model_len" in config.vllm_engine_args:
+            raise InputError("generate.max_model_len and generate.vllm_engine_args.max_model_len: set one")
+        kwargs["max_model_len"] = config.max_model_len
     if ranks:
         kwargs.update(enable_lora=True, max_lora_rank=vllm_lora_rank(max(ranks)), max_loras=len(ranks))
     kwargs.update(config.vllm_engine_args)
@@ -64,7 +94,7 @@ def vllm_sampling_kwargs(config: GenerateConfig, n: int, seed: int, stop_ids: li
     """One ``SamplingParams`` per prompt; a seed per request makes sampling independent of batching."""
     return [
         {
-            "n": 1,
+            "n": config.n,
             "max_tokens": config.max_new_tokens,
             "temperature": config.temperature,
             "top_p": config.top_p if config.temperature > 0 else 1.0,
@@ -77,43 +107,59 @@ def vllm_sampling_kwargs(config: GenerateConfig, n: int, seed: int, stop_ids: li
 
 
 def reply_from_vllm(output) -> Reply:
-    """A ``vllm.RequestOutput`` -> Reply."""
-    completion = output.outputs[0]
-    if completion.finish_reason not in ("stop", "length"):
-        raise RuntimeError(f"vLLM request {output.request_id} ended with {completion.finish_reason!r}")
-    return Reply(
-        response=completion.text.strip(),
-        finish_reason=completion.finish_reason,
-        prompt_tokens=len(output.prompt_token_ids),
-        completion_tokens=len(completion.token_ids),
-    )
+    """A ``vllm.RequestOutput`` -> Reply (its first completion)."""
+    return replies_from_vllm(output)[0]
+
+
+def replies_from_vllm(output) -> list[Reply]:
+    """A ``vllm.RequestOutput`` -> one Reply per completion (``n`` of them), in vLLM's order."""
+    replies = []
+    for completion in output.outputs:
+        if completion.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM request {output.request_id} ended with {completion.finish_reason!r}")
+        replies.append(
+            Reply(
+                response=completion.text.strip(),
+                finish_reason=completion.finish_reason,
+                prompt_tokens=len(output.prompt_token_ids),
+                completion_tokens=len(completion.token_ids),
+            )
+        )
+    return replies
 
 
 def _lora_requests(variants: list[Variant]) -> dict:
-    """A ``LoRARequest`` per variant with an adapter, by variant name (ids from 1, in variant order)."""
+    """A ``LoRARequest`` per variant with an adapter, by variant name."""
     from vllm.lora.request import LoRARequest
 
     lora: dict[str, LoRARequest] = {}
-    for i, v in enumerate(x for x in variants if x.adapter):
+    for v in (x for x in variants if x.adapter):
         path = storage.materialize_dir(v.adapter)
-        lora[v.name] = LoRARequest(lora_name=v.name, lora_int_id=i + 1, lora_path=path)
+        lora[v.name] = LoRARequest(lora_name=v.name, lora_int_id=lora_int_id(path), lora_path=path)
     return lora
+
+
+def start_engine(kwargs: dict):
+    """``vllm.LLM(**kwargs)`` (the engines tests share one per session by replacing this function)."""
+    import vllm
+
+    return vllm.LLM(**kwargs)
 
 
 @contextlib.contextmanager
 def open_vllm(variants: list[Variant], config: GenerateConfig) -> Iterator[GenerateFn]:
+    """The group's generate function; ``generate.engine`` says backend, vLLM version, start seconds, LoRA."""
     import vllm
 
-    known = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
-    unknown = sorted(set(config.vllm_engine_args) - known)
-    if unknown:
-        raise InputError(f"generate.vllm_engine_args: unknown vLLM engine argument(s) {', '.join(unknown)}")
+    check_engine_args(config.vllm_engine_args, {f.name for f in dataclasses.fields(vllm.EngineArgs)})
     base = models.resolve_model(variants[0].model)
     lora = _lora_requests(variants)
     ranks = [adapter_rank(r.lora_path) for r in lora.values()]
     started = time.perf_counter()
-    llm = vllm.LLM(**vllm_engine_kwargs(base, ranks, config))
-    log.info("vLLM engine for %s ready in %.1f s (LoRA: %s)", base, time.perf_counter() - started, list(lora) or "none")
+    kwargs = vllm_engine_kwargs(base, ranks, config)
+    llm = start_engine(kwargs)
+    start_s = time.perf_counter() - started
+    log.info("vLLM %s engine for %s ready in %.1f s (LoRA: %s)", vllm.__version__, base, start_s, list(lora) or "none")
     stop_ids = end_of_turn_ids(llm.get_tokenizer())
 
     def generate(v: Variant, prompts: list[Prompt], seed: int) -> list[Reply]:
@@ -125,8 +171,17 @@ def open_vllm(variants: list[Variant], config: GenerateConfig) -> Iterator[Gener
             lora_request=lora.get(v.name),
             add_generation_prompt=True,
         )
-        return [reply_from_vllm(o) for o in outputs]
+        return [r for o in outputs for r in replies_from_vllm(o)]
 
+    generate.engine = {
+        "backend": "vllm",
+        "version": vllm.__version__,
+        "model": base,
+        "variants": [v.name for v in variants],
+        "lora_adapters": list(lora),
+        "tensor_parallel_size": kwargs["tensor_parallel_size"],
+        "start_seconds": round(start_s, 1),
+    }
     try:
         yield generate
     finally:
