@@ -82,7 +82,8 @@ def under_base(reqs: list[str], base: dict[str, str], constraints: dict[str, str
         if name in base:
             pinned = re.search(r"==\s*([^;,\s]+)", req)
             have = base[name].split("==", 1)[1]
-            if pinned and pinned.group(1) != have:
+            # PEP 440: ==2.13.0 matches the local version 2.13.0+cpu (a CPU base's torch)
+            if pinned and pinned.group(1) not in (have, have.split("+", 1)[0]):
                 conflicts.append(f"{req} (the base image has {name}=={have})")
             out.append(base[name])
         else:
