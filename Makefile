@@ -9,7 +9,7 @@ RUN_ID ?= demo
 RECIPE ?= configs/demo.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-gpu lint bench bench-clean bench-train bench-judge bench-judge-local bench-generate clean-runs
+.PHONY: help install demo test test-fast test-gpu lint bench bench-clean bench-train bench-judge bench-judge-local bench-judge-vllm bench-generate clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-22s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench-train: install ## training tokens/s on CPU, tiny and demo recipes: SFT pac
 
 bench-judge: install ## 500 judgments against a local server with 100 ms latency vs the ideal
 	$(PY) benchmarks/bench_judge.py
+
+bench-judge-vllm: ## the judge's client vs vLLM's bench serve, same prompts and concurrency, one real vLLM server (.venv-engines)
+	$(ENGINES_VENV)/bin/python benchmarks/bench_judge_vllm.py
 
 bench-judge-local: install ## the local (demo) judge: one call at a time vs batched vs batched by shared post
 	$(PY) benchmarks/bench_judge_local.py
