@@ -297,6 +297,19 @@ def log_usage(rows: list[dict], report: dict, meta: dict, started: float) -> Non
         usage["cost_usd_this_run"],
         time.monotonic() - started,
     )
+    if meta.get("transport"):
+        t = meta["transport"]
+        log.info(
+            "judge transport: %d request(s), %d call(s) sent again, %d timeout(s), %d 429/503, "
+            "calls in flight at least %d, at the end %d, %s tokens/s",
+            t["requests"],
+            t["retried_calls"],
+            t["timeouts"],
+            t["overloaded"],
+            t["min_window"],
+            t["final_window"],
+            t["tokens_per_s"],
+        )
     train_s = meta["train_seconds"]
     print(
         f"judge time {meta['judge_seconds']:.0f} s" + (f" (training took {train_s:.0f} s)" if train_s else ""),
