@@ -148,6 +148,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--output-len", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--base-url", help="a vLLM server already running (its /v1 URL), instead of starting one")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="with --base-url: its served model name")
     args = parser.parse_args()
 
     from cmv_core.models import resolve_model
@@ -159,10 +161,15 @@ def main() -> int:
         dataset = Path(tmp) / "prompts.jsonl"
         dataset.write_text("".join(json.dumps({"prompt": t, "output_tokens": args.output_len}) + "\n" for t in texts))
         t0 = time.monotonic()
-        server = engines.start_vllm_server(
-            model_dir, Path(tmp) / "server.log", extra_args=("--no-enable-prefix-caching",)
-        )
-        print(f"vLLM {server.version} server ready in {time.monotonic() - t0:.0f} s", flush=True)
+        if args.base_url:
+            import vllm
+
+            server = engines.VLLMServer(args.base_url, args.model, vllm.__version__, Path(tmp) / "none", None)
+        else:
+            server = engines.start_vllm_server(
+                model_dir, Path(tmp) / "server.log", extra_args=("--no-enable-prefix-caching",)
+            )
+            print(f"vLLM {server.version} server ready in {time.monotonic() - t0:.0f} s", flush=True)
         port = int(server.base_url.rsplit(":", 1)[1].split("/")[0])
         try:
             # one short pass first: the engine's first requests compile and warm caches for whoever comes first
@@ -175,7 +182,8 @@ def main() -> int:
                 )
                 print(f"  round: judge {judge[-1]:.3f} req/s, vLLM bench serve {vllm[-1]:.3f} req/s", flush=True)
         finally:
-            server.stop()
+            if server.process is not None:
+                server.stop()
     j, v = statistics.median(judge), statistics.median(vllm)
     print(
         f"{args.n} prompts, concurrency {args.concurrency}, {args.output_len} completion tokens, greedy, "
