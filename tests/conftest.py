@@ -33,6 +33,17 @@ def run_cmv(
     return proc
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test` runs 2 workers, --dist loadgroup): a module's tests go to one worker,
+    so that its module fixtures (servers, trained models) are built once, and every test of the one
+    `cmv run` (tiny_pipeline_run) goes to the same worker, so that the run is made once."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "tiny_pipeline_run" if "tiny_pipeline_run" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     from cmv_core.models import TINY_RANDOM, resolve_model
@@ -96,3 +107,16 @@ def format_output(clean_output, tiny_model_dir) -> str:
     out = Path(clean_output).parent / "format"
     run_cmv("format", "--input", clean_output, "--output", str(out), "--config", str(CONFIGS / "tiny.yaml"))
     return str(out)
+
+
+TINY_RUN_ID = "real"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_run(tmp_path_factory) -> tuple[Path, str]:
+    """(root, stdout) of one `cmv run` of configs/tiny.yaml, every stage (dpo included): <root>/real/<stage>/.
+    One run per session because it is the suite's most expensive fixture; the tests that read it each assert
+    something else, and a test that changes an output puts it back before it ends."""
+    root = tmp_path_factory.mktemp("tiny-run")
+    proc = run_cmv("run", "--config", str(CONFIGS / "tiny.yaml"), "--root", str(root), "--run-id", TINY_RUN_ID)
+    return root, proc.stdout

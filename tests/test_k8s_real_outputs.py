@@ -16,7 +16,7 @@ import yaml
 
 pytest.importorskip("kubernetes")
 
-from conftest import CONFIGS, REPO, run_cmv  # noqa: E402
+from conftest import CONFIGS, REPO, TINY_RUN_ID  # noqa: E402
 from test_k8s_submit import fake  # noqa: E402,F401  (the fake API fixture)
 
 from cmv_core import cli  # noqa: E402
@@ -26,17 +26,16 @@ from cmv_core.k8s.submit import status  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-RUN_ID = "real"
+RUN_ID = TINY_RUN_ID  # conftest.tiny_pipeline_run's
 ALL = ["clean", "format", "train", "dpo", "generate", "judge"]
 SAMPLE = str(REPO / "cmv_core" / "data" / "sample_cmv.jsonlist")  # what `cmv run` gives clean by default
 MODEL = "embedded:tiny-random-llama"  # configs/tiny.yaml's model
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory) -> Path:
-    """<root>/real/<stage>/ as `cmv run` leaves them: the real manifests of every stage."""
-    root = tmp_path_factory.mktemp("real-run")
-    run_cmv("run", "--config", str(CONFIGS / "tiny.yaml"), "--root", str(root), "--run-id", RUN_ID, timeout=600)
+def real_run(tiny_pipeline_run) -> Path:
+    """<root>/real/<stage>/ as `cmv run` leaves them: the real manifests of every stage (conftest's one run)."""
+    root, _ = tiny_pipeline_run
     assert sorted(p.name for p in (root / RUN_ID).iterdir() if (p / "_SUCCESS").is_file()) == sorted(ALL)
     return root
 

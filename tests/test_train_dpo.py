@@ -386,24 +386,21 @@ def test_shipped_recipes_have_a_dpo_section_trl_accepts(name):
 
 
 @pytest.mark.slow
-def test_cmv_run_trains_dpo_after_sft_and_the_report_compares_it(tmp_path, clean_output, format_output):
-    """The local pipeline on the tiny recipe: SFT, then DPO from it, three variants generated, dpo judged."""
-    import shutil
+def test_cmv_run_trains_dpo_after_sft_and_the_report_compares_it(tiny_pipeline_run):
+    """The local pipeline on the tiny recipe: SFT, then DPO from it, three variants generated, dpo judged
+    (conftest's one `cmv run` of the recipe, which tests/test_k8s_real_outputs.py reads too)."""
+    from conftest import TINY_RUN_ID
 
-    root = tmp_path / "runs"
-    for stage, done in (("clean", clean_output), ("format", format_output)):  # the same recipe's, already run
-        shutil.copytree(done, root / "r" / stage)
-    proc = run_cmv(
-        "run", "--config", TINY, "--root", str(root), "--run-id", "r", "--stages", "train", "dpo", "generate", "judge"
-    )
-    assert "=== dpo: cmv train --method dpo" in proc.stdout
-    dpo = storage.require_success(str(root / "r" / "dpo"))
-    assert {i["uri"] for i in dpo["inputs"]} == {str(root / "r" / "format"), str(root / "r" / "train")}
-    models = {g["model"] for g in storage.read_jsonl(str(root / "r" / "generate" / "generations.jsonl"))}
+    root, stdout = tiny_pipeline_run
+    run = root / TINY_RUN_ID
+    assert "=== dpo: cmv train --method dpo" in stdout
+    dpo = storage.require_success(str(run / "dpo"))
+    assert {i["uri"] for i in dpo["inputs"]} == {str(run / "format"), str(run / "train")}
+    models = {g["model"] for g in storage.read_jsonl(str(run / "generate" / "generations.jsonl"))}
     assert models == {"base", "finetuned", "dpo"}
-    report = json.loads((root / "r" / "judge" / "report.json").read_text())
+    report = json.loads((run / "judge" / "report.json").read_text())
     text = json.dumps(report)
     for comparison in ("dpo_vs_finetuned", "dpo_vs_base", "dpo_vs_human", "finetuned_vs_base"):
         assert comparison in text, comparison
-    md = (root / "r" / "judge" / "report.md").read_text()
+    md = (run / "judge" / "report.md").read_text()
     assert "dpo vs finetuned" in md and "dpo vs base" in md and "dpo vs human" in md
