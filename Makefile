@@ -101,6 +101,34 @@ REGISTRY ?= localhost:5000
 TAG ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 PLATFORM ?= linux/amd64
 DOCKER ?= docker
+# buildah/podman: push over plain HTTP to a local registry with TLS_VERIFY=false
+TLS_VERIFY ?= true
+IMAGES_WORK ?= build/images
+# IMAGES_CPU=1: every image from the debootstrap CPU bases (make images-base), train and generate as their CPU
+# variants (CPU torch, no CUDA check, no vLLM: the transformers backend); 0: the Dockerfiles' stock bases.
+IMAGES_CPU ?= 0
+CPU_BASE_NAME ?= localhost/cmv-base
+DEBIAN_SNAPSHOT ?= 20250520T000000Z
+TORCH_REQ := $(shell $(PYTHON) images/pyproject_deps.py judge --only torch)
+CPU_BASE := $(CPU_BASE_NAME):bookworm-$(DEBIAN_SNAPSHOT)
+CPU_TORCH_BASE := $(CPU_BASE_NAME)-torch:bookworm-$(DEBIAN_SNAPSHOT)-$(subst ==,,$(TORCH_REQ))
+ifeq ($(IMAGES_CPU),1)
+ARGS_clean := --build-arg PYTHON_IMAGE=$(CPU_BASE)
+# format on the torch base too: the embedded models' tokenizer is read from a GGUF file, and transformers' GGUF
+# reader imports torch (a model from the Hub needs no torch here); the torch layer is the judge's, shared
+ARGS_format := --build-arg PYTHON_IMAGE=$(CPU_TORCH_BASE)
+ARGS_judge := --build-arg PYTHON_IMAGE=$(CPU_TORCH_BASE)
+ARGS_train := --build-arg TORCH_IMAGE=$(CPU_TORCH_BASE) --build-arg CUDA_MAJOR=cpu
+ARGS_generate := --build-arg VLLM_IMAGE=$(CPU_TORCH_BASE) --build-arg CUDA_MAJOR=cpu
+endif
+# Daemonless builders: cached layers, chroot isolation (no user namespaces needed), and the host's pip mirror
+# and CA bundle as read-only mounts (images/build_mounts.py), never copied into a layer.
+DAEMONLESS := $(filter buildah podman,$(notdir $(DOCKER)))
+BUILD_ISOLATION ?= chroot
+BUILD_FLAGS ?=
+BUILDER_FLAGS = $(if $(DAEMONLESS),--layers --isolation $(BUILD_ISOLATION) $$($(PYTHON) images/build_mounts.py $(IMAGES_WORK)/pip)) $(BUILD_FLAGS)
+PUSH_FLAGS = $(if $(DAEMONLESS),--tls-verify=$(TLS_VERIFY) --digestfile $(IMAGES_WORK)/digests/cmv-$*)
+build_image = $(strip $(DOCKER) build $(BUILDER_FLAGS)) --platform $(PLATFORM) -f images/$(1).Dockerfile $(strip -t $(REGISTRY)/cmv-$(1):$(TAG) $(ARGS_$(1))) .
 # One image per stage command, as the stage graph lists them (cmv_core/stages.py: plain data, no dependencies).
 STAGE_IMAGES := $(shell $(PYTHON) -c 'from cmv_core.stages import COMMANDS; print(*COMMANDS)')
 .PHONY: images push build-and-push images-constraints docker-check images-tools images-base test-images \
@@ -126,32 +154,6 @@ image-generate: docker-check ## build the generate image (vLLM base)
 image-judge: docker-check ## build the judge image (python slim, CPU torch, openai)
 	$(call build_image,judge)
 
-# buildah/podman: push over plain HTTP to a local registry with TLS_VERIFY=false
-TLS_VERIFY ?= true
-IMAGES_WORK ?= build/images
-# IMAGES_CPU=1: every image from the debootstrap CPU bases (make images-base), train and generate as their CPU
-# variants (CPU torch, no CUDA check, no vLLM: the transformers backend); 0: the Dockerfiles' stock bases.
-IMAGES_CPU ?= 0
-CPU_BASE_NAME ?= localhost/cmv-base
-DEBIAN_SNAPSHOT ?= 20250520T000000Z
-TORCH_REQ := $(shell $(PYTHON) images/pyproject_deps.py judge --only torch)
-CPU_BASE := $(CPU_BASE_NAME):bookworm-$(DEBIAN_SNAPSHOT)
-CPU_TORCH_BASE := $(CPU_BASE_NAME)-torch:bookworm-$(DEBIAN_SNAPSHOT)-$(subst ==,,$(TORCH_REQ))
-ifeq ($(IMAGES_CPU),1)
-ARGS_clean := --build-arg PYTHON_IMAGE=$(CPU_BASE)
-ARGS_format := --build-arg PYTHON_IMAGE=$(CPU_BASE)
-ARGS_judge := --build-arg PYTHON_IMAGE=$(CPU_TORCH_BASE)
-ARGS_train := --build-arg TORCH_IMAGE=$(CPU_TORCH_BASE) --build-arg CUDA_MAJOR=cpu
-ARGS_generate := --build-arg VLLM_IMAGE=$(CPU_TORCH_BASE) --build-arg CUDA_MAJOR=cpu
-endif
-# Daemonless builders: cached layers, chroot isolation (no user namespaces needed), and the host's pip mirror
-# and CA bundle as read-only mounts (images/build_mounts.py), never copied into a layer.
-DAEMONLESS := $(filter buildah podman,$(notdir $(DOCKER)))
-BUILD_ISOLATION ?= chroot
-BUILD_FLAGS ?=
-BUILDER_FLAGS = $(if $(DAEMONLESS),--layers --isolation $(BUILD_ISOLATION) $$($(PYTHON) images/build_mounts.py $(IMAGES_WORK)/pip)) $(BUILD_FLAGS)
-PUSH_FLAGS = $(if $(DAEMONLESS),--tls-verify=$(TLS_VERIFY) --digestfile $(IMAGES_WORK)/digests/cmv-$*)
-build_image = $(strip $(DOCKER) build $(BUILDER_FLAGS)) --platform $(PLATFORM) -f images/$(1).Dockerfile $(strip -t $(REGISTRY)/cmv-$(1):$(TAG) $(ARGS_$(1))) .
 push-clean push-format push-train push-generate push-judge: push-%: docker-check
 	$(if $(DAEMONLESS),@mkdir -p $(IMAGES_WORK)/digests)
 	$(strip $(DOCKER) push $(PUSH_FLAGS)) $(REGISTRY)/cmv-$*:$(TAG)
@@ -160,19 +162,6 @@ docker-check: ## check that $(DOCKER) exists and its engine answers (docker info
 	@command -v $(DOCKER) >/dev/null || { echo "make images needs $(DOCKER) (a Docker engine, buildx, podman or buildah: DOCKER=buildah; make images-tools installs buildah)" >&2; exit 1; }
 	@$(DOCKER) info >/dev/null 2>&1 || { echo "$(DOCKER) is installed but its engine does not answer ($(DOCKER) info failed): start it, or check DOCKER_HOST / permissions" >&2; exit 1; }
 
-images-constraints: install ## re-pin images/constraints.txt to the versions installed in .venv
-	{ sed -n '1,3p' images/constraints.txt; $(PIP) freeze --exclude-editable | grep -viE '^(#|torch|nvidia-|triton|cmv-persuasion)|\+|@ '; } > images/constraints.txt.new
-	mv images/constraints.txt.new images/constraints.txt
-
-# checkov in a venv of its own: its dependencies pin boto3/packaging below the project's (tests/test_k8s_lint.py)
-LINT_VENV ?= .venv-lint
-lint-tools: $(LINT_VENV)/.installed ## install checkov (pinned, own venv) for the manifest/Dockerfile checks of make test
-$(LINT_VENV)/.installed: tests/lint-requirements.txt
-	$(PYTHON) -m venv $(LINT_VENV)
-	$(LINT_VENV)/bin/pip install -q -r tests/lint-requirements.txt
-	touch $@
-.PHONY: lint-tools
-# --- end images ---
 IMAGES_APT := buildah docker-registry debootstrap curl
 images-tools: ## apt-get install what the daemonless builds need (buildah, docker-registry, debootstrap) when missing
 	@missing=$$(for p in $(IMAGES_APT); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -189,3 +178,16 @@ images-base: images-tools ## the CPU base images from Debian packages (debootstr
 test-images: install images-base ## build, push, pull and run every stage image as a chain of containers over a loopback registry and S3 (buildah, no daemon; tests marked images)
 	$(VENV)/bin/pytest -m images -q -rs -s --durations=10 tests/test_images_build.py
 
+images-constraints: install ## re-pin images/constraints.txt to the versions installed in .venv
+	{ sed -n '1,3p' images/constraints.txt; $(PIP) freeze --exclude-editable | grep -viE '^(#|torch|nvidia-|triton|cmv-persuasion)|\+|@ '; } > images/constraints.txt.new
+	mv images/constraints.txt.new images/constraints.txt
+
+# checkov in a venv of its own: its dependencies pin boto3/packaging below the project's (tests/test_k8s_lint.py)
+LINT_VENV ?= .venv-lint
+lint-tools: $(LINT_VENV)/.installed ## install checkov (pinned, own venv) for the manifest/Dockerfile checks of make test
+$(LINT_VENV)/.installed: tests/lint-requirements.txt
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install -q -r tests/lint-requirements.txt
+	touch $@
+.PHONY: lint-tools
+# --- end images ---

