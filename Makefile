@@ -9,7 +9,7 @@ RUN_ID ?= demo
 RECIPE ?= configs/demo.yaml
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-fast test-gpu lint bench bench-clean bench-train bench-judge bench-judge-local bench-judge-vllm bench-generate clean-runs
+.PHONY: help install demo test test-fast test-gpu lint bench bench-clean bench-format bench-train bench-judge bench-judge-local bench-judge-vllm bench-generate clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-22s %s\n", $$1, $$2}'
@@ -43,13 +43,18 @@ lint: install ## ruff check, ruff format --check and the import contracts (lint-
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
-bench: bench-clean ## benchmark the clean stage on a dump of the real data's size
+bench: bench-clean bench-format ## benchmark clean and format on a dump of the real data's size, against their floors
 
 bench-clean: install
 	$(PY) benchmarks/bench_clean.py
 
+bench-format: install ## format vs its tokenizer floor (read + parse + chat template + encode_batch) and its verification cost
+	$(PY) benchmarks/bench_format.py
+
 bench-train: install ## training tokens/s on CPU, tiny and demo recipes: SFT packing on/off, and DPO beside SFT
 	$(PY) benchmarks/bench_train.py
+	# TRL's SFT step vs a bare PyTorch loop, same batches and model, one process (target: TRL >= 0.85x)
+	$(PY) benchmarks/train_vs_bare.py
 
 bench-judge: install ## 500 judgments against a local server with 100 ms latency vs the ideal
 	$(PY) benchmarks/bench_judge.py
