@@ -16,7 +16,7 @@ from cmv_core.judge.flow import Flow
 from cmv_core.judge.prompts import json_schema
 
 log = logging.getLogger(__name__)
-EXTENSIONS = 3  # a late call waits at most 1 + 1 + 2 + 4 = 8 timeouts while the load can still drop
+EXTENSIONS = 3  # a late call's deadline is moved at most 3 times (each at least doubling its wait)
 # The call an HTTP answer belongs to (its epoch, whether it was retried), for the client's event hook.
 _CALL: ContextVar[dict | None] = ContextVar("judge_call", default=None)
 
@@ -152,18 +152,22 @@ class OpenAIBackend:
     async def _send(self, body: dict, timeout: float, epoch: int) -> bytes:
         """One request (the client's own retries of 429/5xx included) under the call's deadline. At the
         deadline the server is taken to be overloaded (the window halves); while other calls are in
-        flight the load can still drop, so the call keeps waiting, each time as long again as it has
-        waited (up to ``EXTENSIONS`` times); alone or past that it is cut (TimeoutError)."""
+        flight the load can still drop, and while the throughput seen since says its budget needs longer,
+        the call keeps waiting (as long again as it has waited, or until that size; up to ``EXTENSIONS``
+        times); else it is cut (TimeoutError) and sent again by complete()."""
         loop = asyncio.get_running_loop()
-        flow, waited = self.flow, [timeout, 0]
+        flow, start, extensions = self.flow, loop.time(), [0]
         async with asyncio.timeout(None) as deadline:
 
             def overdue() -> None:
                 flow.congestion(epoch, "timeout")
-                if flow.can_drop() and waited[1] < EXTENSIONS:
-                    waited[1] += 1
-                    handle[0] = loop.call_later(waited[0], overdue)
-                    waited[0] *= 2
+                waited = loop.time() - start
+                # what the budget takes at the load and throughput seen now (the first answers may have
+                # come in since the call was sent, with the measure of a slow server)
+                sized = flow.timeout_for()
+                if (flow.can_drop() or sized > waited) and extensions[0] < EXTENSIONS:
+                    extensions[0] += 1
+                    handle[0] = loop.call_later(max(waited, sized - waited), overdue)
                 else:
                     deadline.reschedule(loop.time())
 
