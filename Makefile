@@ -94,7 +94,34 @@ $(ENGINES_VENV)/.installed: tests/engines/requirements.txt images/constraints.tx
 	touch $@
 
 test-engines: $(ENGINES_VENV)/.installed ## the engines tier: vLLM generation, LoRA, the judge against a real vLLM server (tests marked engines); ~15 min on 2 cores
-	$(ENGINES_VENV)/bin/pytest -m engines -q -rs --durations=10 tests/engines
+	# CMV_ENGINES_REQUIRED: a vLLM that does not import fails the tier instead of skipping it
+	CMV_ENGINES_REQUIRED=1 $(ENGINES_VENV)/bin/pytest -m engines -q -rs --durations=10 --timeout=1800 tests/engines
+
+bench-engines: $(ENGINES_VENV)/.installed ## generation tokens/s, vLLM vs the transformers backend, same prompts, base and LoRA, one run
+	$(EPY) benchmarks/bench_engines.py --lora
+
+# The demo with generate on vLLM (base, SFT and DPO adapters from one engine) and the judge on a local
+# OpenAI-compatible vLLM server of the judge model, started here and stopped on exit (also on failure).
+VLLM_PORT ?= 8011
+JUDGE_SERVED_MODEL ?= smollm2-135m-instruct
+demo-vllm: $(ENGINES_VENV)/.installed ## the demo with generate on vLLM and the judge on a local vLLM server (started and stopped here); needs make engines-venv
+	@set -euo pipefail; mkdir -p $(RUN_ROOT); log=$(RUN_ROOT)/$(RUN_ID)-vllm-server.log; \
+	model=$$($(EPY) -c 'from cmv_core.models import resolve_model; print(resolve_model("embedded:smollm2-135m-instruct"))'); \
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(EPY) -m vllm.entrypoints.openai.api_server --model "$$model" \
+	  --served-model-name $(JUDGE_SERVED_MODEL) --host 127.0.0.1 --port $(VLLM_PORT) --max-model-len 4096 >"$$log" 2>&1 & server=$$!; \
+	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null || true' EXIT; \
+	echo "vLLM server (pid $$server, log $$log) starting on 127.0.0.1:$(VLLM_PORT)"; \
+	until curl -sf http://127.0.0.1:$(VLLM_PORT)/v1/models >/dev/null; do \
+	  kill -0 $$server 2>/dev/null || { echo "the vLLM server exited; its log:" >&2; tail -30 "$$log" >&2; exit 1; }; \
+	  sleep 3; done; \
+	OPENAI_BASE_URL=http://127.0.0.1:$(VLLM_PORT)/v1 OPENAI_API_KEY=local-vllm \
+	  $(ENGINES_VENV)/bin/cmv run --config $(RECIPE) --root $(RUN_ROOT) --run-id $(RUN_ID)-vllm \
+	  --set generate.backend=vllm --set judge.backend=openai --set judge.model=$(JUDGE_SERVED_MODEL)
+.PHONY: bench-engines demo-vllm
+
+images-check: install ## resolve each stage image's requirement set for its Python and platform (pip --dry-run, wheels only); fails naming the conflicts
+	$(PY) images/images_check.py
+.PHONY: images-check
 # --- end engines ---
 
 # --- images (k8s helper) ---
