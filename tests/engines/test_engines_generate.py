@@ -245,7 +245,8 @@ def test_n_seeded_samples_per_prompt(trained, shared_vllm_engines, tmp_path):
         outs.append(read_rows(out))
     rows = outs[0]
     assert len(rows) == 3 * 1 * 3  # variants x prompts x samples
-    assert [r["sample"] for r in rows] == [0, 1, 2] * 3 and [r["model"] for r in rows[::3]] == ["base", "finetuned", "dpo"]
+    assert [r["sample"] for r in rows] == [0, 1, 2] * 3
+    assert [r["model"] for r in rows[::3]] == ["base", "finetuned", "dpo"]
     # seeded per shard and request: the same samples again, and the n samples of a prompt differ
     assert [r["response"] for r in outs[1]] == [r["response"] for r in rows]
     assert len({r["response"] for r in rows[:3]}) > 1
