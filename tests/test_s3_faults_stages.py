@@ -17,7 +17,7 @@ import pytest
 import test_s3_faults as faults
 from conftest import REPO
 from s3_fault_proxy import FaultProxy
-from test_s3_faults import BUDGET_S, CREDS, PART_BYTES, TINY, cmv, ok, report, stage_args
+from test_s3_faults import BUDGET_S, CREDS, PART_BYTES, TINY, cmv, ok, report
 
 from cmv_core import storage
 
@@ -68,9 +68,10 @@ def train_args(bucket: str) -> list[str]:
     return ["train", "--input", f"s3://{bucket}/r/format", "--output", f"s3://{bucket}/r/train", "--config", TINY]
 
 
-def prepare_format(proxy: FaultProxy, bucket: str, sample_dump: str) -> None:
-    ok(cmv(proxy, *stage_args("clean", bucket, sample_dump)))
-    ok(cmv(proxy, *stage_args("format", bucket, sample_dump)))
+def prepare_format(bucket: str, format_output: str) -> None:
+    """train's input in the store: conftest's format output of the bundled sample (the store's S3 faults are
+    tested on clean and format in tests/test_s3_faults.py; here they hit train alone)."""
+    storage.upload_dir(format_output, f"s3://{bucket}/r/format")
 
 
 def checkpoint_puts(proxy: FaultProxy, step: int, since: int = 0) -> int:
@@ -78,9 +79,9 @@ def checkpoint_puts(proxy: FaultProxy, step: int, since: int = 0) -> int:
 
 
 @pytest.mark.slow
-def test_train_rides_out_an_outage_during_a_checkpoint_upload(store, sample_dump, tiny_model_dir):
+def test_train_rides_out_an_outage_during_a_checkpoint_upload(store, format_output, tiny_model_dir):
     proxy, bucket = store
-    prepare_format(proxy, bucket, sample_dump)
+    prepare_format(bucket, format_output)
     proxy.outage_at(BUDGET_S / 2, "PUT", "/checkpoint-2/")
     proc = ok(cmv(proxy, *train_args(bucket)))
     report("outage 4 s at checkpoint-2 upload (budget 8 s)", "train", "completes", proxy, time.monotonic())
@@ -93,11 +94,11 @@ def test_train_rides_out_an_outage_during_a_checkpoint_upload(store, sample_dump
 
 @pytest.mark.slow
 def test_train_beyond_the_budget_fails_clean_and_resumes_from_the_last_mirrored_checkpoint(
-    store, sample_dump, tiny_model_dir
+    store, format_output, tiny_model_dir
 ):
     proxy, bucket = store
     out = f"s3://{bucket}/r/train"
-    prepare_format(proxy, bucket, sample_dump)
+    prepare_format(bucket, format_output)
     proxy.outage_at(LONG_S, "PUT", "/checkpoint-4/")  # checkpoint-2 is mirrored and complete by then
     rc, stderr, gave_up = cmv_store_back_after_error(proxy, *train_args(bucket))
     report("outage beyond the budget at checkpoint-4 upload", "train", "exit 1, clean", proxy, gave_up)
