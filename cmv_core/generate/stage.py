@@ -16,8 +16,9 @@ Two backends, one output schema, chosen by ``generate.backend``:
 - ``transformers``: batched ``generate()`` on CPU or GPU; prompts sorted by
   length so a batch wastes little padding, left padding, the model's chat
   template, stop at the end-of-turn token(s), only the new tokens decoded.
-- ``vllm`` (GPU image only, imported lazily): ``LLM.chat`` over a whole shard,
-  LoRA adapters through ``LoRARequest`` so base and fine-tuned share one engine.
+- ``vllm`` (GPU image, or vLLM's CPU build: make test-engines; imported lazily): ``LLM.chat`` over a whole
+  shard, LoRA adapters through ``LoRARequest`` so base, fine-tuned and DPO share one engine
+  (``finetuned_weights: adapter``, the default on this backend).
 
 Work is cut into shards (``shards/<variant>-<k>.jsonl``, each written
 atomically). A rerun after a kill keeps the shards already written and makes

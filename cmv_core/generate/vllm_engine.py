@@ -1,7 +1,8 @@
-"""The vLLM backend (GPU image only, imported lazily): ``LLM.chat`` over a whole shard.
+"""The vLLM backend (the GPU generate image, or vLLM's CPU build in .venv-engines; imported lazily):
+``LLM.chat`` over a whole shard.
 
-LoRA adapters go through ``LoRARequest``, so base and fine-tuned variants on
-the same base model share one engine.
+LoRA adapters go through ``LoRARequest``, so base, fine-tuned and DPO variants on the same base model share
+one engine (a DPO adapter trained on the SFT model arrives stacked on the SFT adapter: stacked.py).
 """
 
 from __future__ import annotations
