@@ -102,12 +102,14 @@ bench-engines: $(ENGINES_VENV)/.installed ## generation tokens/s, vLLM vs the tr
 
 # The demo with generate on vLLM (base, SFT and DPO adapters from one engine) and the judge on a local
 # OpenAI-compatible vLLM server of the judge model, started here and stopped on exit (also on failure).
+# VLLM_CPU_KVCACHE_SPACE (GiB, both engines): vLLM's CPU build otherwise claims 92% of the machine's memory.
 VLLM_PORT ?= 8011
 JUDGE_SERVED_MODEL ?= smollm2-135m-instruct
 demo-vllm: $(ENGINES_VENV)/.installed ## the demo with generate on vLLM and the judge on a local vLLM server (started and stopped here); needs make engines-venv
 	@set -euo pipefail; mkdir -p $(RUN_ROOT); log=$(RUN_ROOT)/$(RUN_ID)-vllm-server.log; \
 	model=$$($(EPY) -c 'from cmv_core.models import resolve_model; print(resolve_model("embedded:smollm2-135m-instruct"))'); \
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(EPY) -m vllm.entrypoints.openai.api_server --model "$$model" \
+	export VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1}; \
+	$(EPY) -m vllm.entrypoints.openai.api_server --model "$$model" \
 	  --served-model-name $(JUDGE_SERVED_MODEL) --host 127.0.0.1 --port $(VLLM_PORT) --max-model-len 4096 >"$$log" 2>&1 & server=$$!; \
 	trap 'kill $$server 2>/dev/null; wait $$server 2>/dev/null || true' EXIT; \
 	echo "vLLM server (pid $$server, log $$log) starting on 127.0.0.1:$(VLLM_PORT)"; \

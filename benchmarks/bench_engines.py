@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -79,6 +80,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", help="both backends (vLLM's CPU build: float32 or bfloat16)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    # vLLM's CPU backend otherwise reserves gpu_memory_utilization (0.92) of the machine's memory for itself
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
     model_dir = resolve_model(EMBEDDED_DEFAULT)
     variants = [Variant("base", EMBEDDED_DEFAULT)]
