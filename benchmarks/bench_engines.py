@@ -5,9 +5,8 @@ SmolLM2-135M-Instruct: the base model, then (``--lora``) a LoRA adapter served t
 and merged on transformers. Throughput is completion tokens per second of generation (engine start and model
 load excluded, printed apart). Needs vLLM: run from .venv-engines (make bench-engines).
 
-On a CPU, vLLM is the correctness path, not the speed path: its CPU backend keeps a core for its own
-scheduler process and prefers tcmalloc and Intel OpenMP preloaded (see its CPU install docs); on a GPU the
-ratio turns around.
+On a CPU the ratio depends on the load: vLLM's CPU backend keeps a core for its own scheduler process and
+prefers tcmalloc and Intel OpenMP preloaded (its CPU install docs); on a GPU vLLM is the speed path.
 
     make bench-engines
     .venv-engines/bin/python benchmarks/bench_engines.py --prompts 8 --max-new-tokens 32 --lora
