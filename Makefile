@@ -28,7 +28,7 @@ install: $(VENV)/.installed ## create .venv with every CPU extra and the test to
 demo: install ## run the whole pipeline locally on the embedded default model (minutes on CPU)
 	$(VENV)/bin/cmv run --config $(RECIPE) --root $(RUN_ROOT) --run-id $(RUN_ID)
 
-test: install lint-tools ## every CPU test: unit, integration, and the slow tier (torchrun, kill/resume, Jobs executed), lint and layout rules; ~22 min on 2 cores
+test: install lint-tools ## every CPU test: unit, integration, and the slow tier (torchrun, kill/resume, Jobs executed), lint and layout rules; ~25 min on 2 cores
 	$(VENV)/bin/pytest -m "not gpu and not engines and not images" -q --durations=15
 
 test-fast: install lint-tools ## unit + integration only (skips the slow tier); ~2 min
@@ -105,6 +105,10 @@ bench-engines: $(ENGINES_VENV)/.installed ## generation tokens/s, vLLM vs the tr
 # VLLM_CPU_KVCACHE_SPACE (GiB, both engines): vLLM's CPU build otherwise claims 92% of the machine's memory.
 VLLM_PORT ?= 8011
 JUDGE_SERVED_MODEL ?= smollm2-135m-instruct
+# The embedded 135M model as a prompted judge: about a quarter of its answers loop in the rationale until
+# max_tokens (a demo on 2 cores, 2026-12-06: 38 of 148 calls, none lost in transport). They are counted as
+# failed in the report, never scored; the default limit (0.2) would refuse the stage for the model's sake.
+DEMO_VLLM_MAX_FAILED ?= 0.4
 demo-vllm: $(ENGINES_VENV)/.installed ## the demo with generate on vLLM and the judge on a local vLLM server (started and stopped here); needs make engines-venv
 	@set -euo pipefail; mkdir -p $(RUN_ROOT); log=$(RUN_ROOT)/$(RUN_ID)-vllm-server.log; \
 	model=$$($(EPY) -c 'from cmv_core.models import resolve_model; print(resolve_model("embedded:smollm2-135m-instruct"))'); \
@@ -118,7 +122,8 @@ demo-vllm: $(ENGINES_VENV)/.installed ## the demo with generate on vLLM and the 
 	  sleep 3; done; \
 	OPENAI_BASE_URL=http://127.0.0.1:$(VLLM_PORT)/v1 OPENAI_API_KEY=local-vllm \
 	  $(ENGINES_VENV)/bin/cmv run --config $(RECIPE) --root $(RUN_ROOT) --run-id $(RUN_ID)-vllm \
-	  --set generate.backend=vllm --set judge.backend=openai --set judge.model=$(JUDGE_SERVED_MODEL)
+	  --set generate.backend=vllm --set judge.backend=openai --set judge.model=$(JUDGE_SERVED_MODEL) \
+	  --set judge.max_failed_fraction=$(DEMO_VLLM_MAX_FAILED)
 .PHONY: bench-engines demo-vllm
 
 images-check: install ## resolve each stage image's requirement set for its Python and platform (pip --dry-run, wheels only); fails naming the conflicts
